@@ -1,0 +1,59 @@
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+
+class Model(Module, ABC):
+    """Interface of a RIM backbone: forward(x, y, score, h) -> (g, h'), and its initial hidden state."""
+
+    #: rim_fast models accept the ``zero_state`` hint (see GRUBlock); a RIM passes it only to these
+    supports_zero_state_hint = False
+
+    @abstractmethod
+    def initalize_hidden_states(self, dimensions: Sequence[int], batch_size: int) -> Tensor:
+        raise NotImplementedError("")
+
+    def initialize_hidden_states(self, dimensions: Sequence[int], batch_size: int) -> Tensor:
+        """Correctly spelt alias of ``initalize_hidden_states`` (torch_rim's name)."""
+        return self.initalize_hidden_states(dimensions, batch_size)
+
+
+class EncoderDecoder(Model):
+    """Shared checks of the Hourglass and the Unet: spatial sizes must survive len(ch_mult) halvings."""
+
+    dimensions: int
+    num_resolutions: int
+    hidden_units: int
+    channels: int
+
+    def _check_spatial(self, spatial: Sequence[int], what: str) -> None:
+        spatial = tuple(int(n) for n in spatial)
+        if len(spatial) != self.dimensions:
+            raise ValueError(f"{what}: {type(self).__name__}(dimensions={self.dimensions}) needs "
+                             f"{self.dimensions} spatial sizes, got {spatial}")
+        step = 2 ** self.num_resolutions
+        if any(n < step or n % step for n in spatial):
+            raise ValueError(f"{what}: {type(self).__name__} with len(ch_mult)={self.num_resolutions} needs every "
+                             f"spatial size to be a positive multiple of {step} (it halves them "
+                             f"{self.num_resolutions} times and doubles them back), got {spatial}")
+
+    def _check_inputs(self, x: Tensor, score: Tensor) -> None:
+        if x.dim() != self.dimensions + 2 or x.shape[1] != self.channels:
+            raise ValueError(f"x must be [B, {self.channels}, *spatial] with {self.dimensions} spatial dims, got "
+                             f"shape {tuple(x.shape)}")
+        if score.shape != x.shape:
+            raise ValueError(f"score must have the shape of x {tuple(x.shape)}, got {tuple(score.shape)}")
+        self._check_spatial(x.shape[2:], "x")
+
+    def initalize_hidden_states(self, dimensions: Sequence[int], batch_size: int, device=None,
+                                dtype=torch.float32) -> Tensor:
+        """Zero state [batch_size, hidden_units, *(n // 2**len(ch_mult) for n in dimensions)].
+
+        torch_rim used dimensions[0] for every axis (non-square inputs crashed); equal for square inputs."""
+        self._check_spatial(dimensions, "dimensions")
+        step = 2 ** self.num_resolutions
+        return torch.zeros(batch_size, self.hidden_units, *[int(n) // step for n in dimensions], device=device,
+                           dtype=dtype)

@@ -1,0 +1,157 @@
+"""score_models' Conv{1,2,3}dSame / ConvTransposed{1,2,3}dSame, and plain "same" convolutions, through ops.
+
+Parameter names match score_models (``conv.weight``, ``conv.bias``; with spectral_norm ``conv.module.*``)
+so checkpoints load unchanged."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .spectral_norm import SpectralNorm
+
+_NN_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_NN_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def _check_kernel_size(kernel_size, stride, dilation):
+    for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int (square kernels only), got {value!r}")
+
+
+class _SameConvMixin:
+    """nn.ConvNd whose forward goes through ``ops.conv`` (state_dict keys unchanged: weight, bias)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return super().forward(x)
+        return ops.conv(x, self.weight, self.bias, self.stride[0], self.padding, self.dilation[0], self.groups)
+
+
+class SameConv1d(_SameConvMixin, nn.Conv1d):
+    pass
+
+
+class SameConv2d(_SameConvMixin, nn.Conv2d):
+    pass
+
+
+class SameConv3d(_SameConvMixin, nn.Conv3d):
+    pass
+
+
+class SameLinear(nn.Linear):
+    """nn.Linear through ``ops.conv`` (a 0-dimensional convolution)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.conv(x, self.weight, self.bias, 1, "same", 1, 1)
+
+
+_SAME = {0: SameLinear, 1: SameConv1d, 2: SameConv2d, 3: SameConv3d}
+
+
+def same_conv(dimensions: int, in_ch: int, out_ch: int, kernel_size: int, bias: bool = True) -> nn.Module:
+    """torch_rim's ``nn.Conv{N}d(in, out, k, padding="same")`` (``nn.Linear`` for dimensions 0)."""
+    if dimensions == 0:
+        return SameLinear(in_ch, out_ch, bias=bias)
+    _check_kernel_size(kernel_size, 1, 1)
+    return _SAME[dimensions](in_ch, out_ch, kernel_size, padding="same", bias=bias)
+
+
+class _ConvNdSame(nn.Module):
+    _dims = 0
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=0,
+                 dilation: int = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 spectral_norm: bool = False, device=None, dtype=None, *, axis_swap: bool = True):
+        super().__init__()
+        _check_kernel_size(kernel_size, stride, dilation)
+        conv = _NN_CONV[self._dims](in_channels, out_channels, kernel_size, stride=stride,
+                                    padding="valid" if stride > 1 else "same", dilation=dilation, groups=groups,
+                                    bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
+        self.conv = SpectralNorm(conv) if spectral_norm else conv
+        self.stride = stride
+        self.dilation = dilation
+        self.kernel_size = kernel_size
+        #: score_models pads the last axis with the first axis' amount (see compat.Compat.conv_same_axis_swap)
+        self.axis_swap = axis_swap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self._dims + 2:
+            raise ValueError(f"{type(self).__name__} expects a [B, C, *spatial] tensor with {self._dims} spatial "
+                             f"dims, got shape {tuple(x.shape)}")
+        if isinstance(self.conv, SpectralNorm):
+            if self.stride > 1:
+                x = torch.nn.functional.pad(x, ops.reference.conv_same_pads(
+                    tuple(x.shape[2:]), self.kernel_size, self.stride, self.dilation, self.axis_swap))
+            return self.conv(x)
+        if self.stride > 1:
+            return ops.conv_same(x, self.conv.weight, self.conv.bias, self.kernel_size, self.stride,
+                                 self.dilation, self.conv.groups, self.axis_swap)
+        if self.conv.padding_mode != "zeros":
+            return self.conv(x)
+        return ops.conv(x, self.conv.weight, self.conv.bias, 1, "same", self.dilation, self.conv.groups)
+
+
+class _ConvTransposedNdSame(nn.Module):
+    _dims = 0
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=0,
+                 dilation: int = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 spectral_norm: bool = False, device=None, dtype=None, *, crop_to_stride_multiple: bool = False):
+        super().__init__()
+        _check_kernel_size(kernel_size, stride, dilation)
+        conv = _NN_CONV_T[self._dims](in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
+                                      groups=groups, bias=bias, padding=dilation * (kernel_size - 1) // 2 + padding,
+                                      output_padding=stride - 1, padding_mode=padding_mode, device=device,
+                                      dtype=dtype)
+        self.conv = SpectralNorm(conv) if spectral_norm else conv
+        self.stride = stride
+        self.dilation = dilation
+        self.kernel_size = kernel_size
+        #: score_models returns stride*n + 1 samples for even kernels; True crops to stride*n (TF "same")
+        self.crop_to_stride_multiple = crop_to_stride_multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self._dims + 2:
+            raise ValueError(f"{type(self).__name__} expects a [B, C, *spatial] tensor with {self._dims} spatial "
+                             f"dims, got shape {tuple(x.shape)}")
+        spatial = x.shape[2:]
+        if isinstance(self.conv, SpectralNorm):
+            out = self.conv(x)
+        else:
+            c = self.conv
+            out = ops.conv_transpose(x, c.weight, c.bias, self.stride, c.padding[0], c.output_padding[0],
+                                     c.groups, self.dilation)
+        if self.crop_to_stride_multiple:
+            out = out[(slice(None), slice(None)) + tuple(slice(0, n * self.stride) for n in spatial)]
+        return out
+
+
+class Conv1dSame(_ConvNdSame):
+    _dims = 1
+
+
+class Conv2dSame(_ConvNdSame):
+    _dims = 2
+
+
+class Conv3dSame(_ConvNdSame):
+    _dims = 3
+
+
+class ConvTransposed1dSame(_ConvTransposedNdSame):
+    _dims = 1
+
+
+class ConvTransposed2dSame(_ConvTransposedNdSame):
+    _dims = 2
+
+
+class ConvTransposed3dSame(_ConvTransposedNdSame):
+    _dims = 3
+
+
+CONV_SAME = {1: Conv1dSame, 2: Conv2dSame, 3: Conv3dSame}
+CONV_TRANSPOSED_SAME = {1: ConvTransposed1dSame, 2: ConvTransposed2dSame, 3: ConvTransposed3dSame}

@@ -1,0 +1,57 @@
+"""Convolutional GRU (torch_rim.layers.GRU): same parameters, computed with merged convolutions and the
+fused gate ops (``ops.gru_gates_*``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..definitions import DTYPE
+from .conv_same import same_conv
+
+
+def _check_dimensions(dimensions):
+    if dimensions not in (0, 1, 2, 3):
+        raise ValueError(f"The dimensions {dimensions} is not supported. Only 0, 1, 2 and 3 dimensional input "
+                         f"(not including channels) are.")
+
+
+class GRU(nn.Module):
+    """Gated Recurrent Unit with convolutional layers (linear layers for dimensions 0).
+
+    z = sigmoid(W_z x + U_z h + b_z), r = sigmoid(W_r x + U_r h + b_r),
+    h' = (1 - z) h + z tanh(W_h x + U_h (r h) + b_h). forward(x, h) -> (h', h')."""
+
+    def __init__(self, in_ch: int, hidden_units: int = 32, kernel_size: int = 5, dimensions: int = 0):
+        super().__init__()
+        _check_dimensions(dimensions)
+        self.dimensions = dimensions
+        self.bias_broadcast = [1, -1] + [1] * dimensions
+        layer = lambda i, o: same_conv(dimensions, i, o, kernel_size, bias=False)  # noqa: E731
+        self.w_z = layer(in_ch, hidden_units)
+        self.u_z = layer(hidden_units, hidden_units)
+        self.bias_z = nn.Parameter(torch.zeros(hidden_units, dtype=DTYPE))
+        self.w_r = layer(in_ch, hidden_units)
+        self.u_r = layer(hidden_units, hidden_units)
+        self.bias_r = nn.Parameter(torch.zeros(hidden_units, dtype=DTYPE))
+        self.w_h = layer(in_ch, hidden_units)
+        self.u_h = layer(hidden_units, hidden_units)
+        self.bias_h = nn.Parameter(torch.zeros(hidden_units, dtype=DTYPE))
+
+    def _conv(self, x, weight):
+        return ops.conv(x, weight, None, 1, "same", 1, 1)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor):
+        """x: [B, in_ch, *S], h: [B, H, *S] -> (h', h')."""
+        # [B, 3H, *S] and [B, 2H, *S]: one convolution per input instead of five
+        wx = self._conv(x, torch.cat([self.w_z.weight, self.w_r.weight, self.w_h.weight]))
+        uzr = self._conv(h, torch.cat([self.u_z.weight, self.u_r.weight]))
+        z, rh = ops.gru_gates_zr(wx, uzr, h, self.bias_z, self.bias_r)
+        new_state = ops.gru_gates_h(wx, self._conv(rh, self.u_h.weight), z, h, self.bias_h)
+        return new_state, new_state
+
+    def forward_zero_state(self, x: torch.Tensor) -> torch.Tensor:
+        """The cell for an incoming state that is exactly zero: the three U convolutions and the reset gate
+        drop out (h' = z tanh(W_h x + b_h)). Equal to ``forward(x, 0)[0]``."""
+        wzh = self._conv(x, torch.cat([self.w_z.weight, self.w_h.weight]))
+        return ops.gru_gates_zero_state(wzh, self.bias_z, self.bias_h)

@@ -1,0 +1,54 @@
+"""torch_rim.layers.GRUBlock: two stacked ConvGRUs with a hidden layer between them."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..compat import CompatLike, resolve
+from .conv_same import same_conv
+from .gru import GRU, _check_dimensions
+
+#: values of the ``zero_state`` hint a RIM passes down: the whole state is zero, or its first half is
+ZERO_STATE_HINTS = (None, "all", "first")
+
+
+class GRUBlock(nn.Module):
+    """Recurrent block with two hidden states (Morningstar et al. 2019), state h = [h_1 | h_2] on channels.
+
+    In compat mode (default) the returned state keeps the *incoming* h_1 (torch_rim bug 1: the first GRU is
+    stateless); ``compat="fixed"`` (or ``{"stale_gru_state": False}``) returns the updated one.
+    ``zero_state`` is a promise by the caller: ``"all"`` = h is exactly zero, ``"first"`` = h_1 is; cells whose
+    state is known to be zero skip their U convolutions (bit-identical)."""
+
+    def __init__(self, in_ch: int, hidden_units: int = 32, kernel_size: int = 5, dimensions: int = 0,
+                 conv_kernel_size: int = 11, compat: CompatLike = None):
+        super().__init__()
+        _check_dimensions(dimensions)
+        if isinstance(hidden_units, bool) or not isinstance(hidden_units, int) or hidden_units < 2 \
+                or hidden_units % 2 != 0:
+            raise ValueError(f"hidden units {hidden_units} must be divisible by 2")
+        self.dimensions = dimensions
+        self.compat = resolve(compat)
+        half = hidden_units // 2
+        self.gru1 = GRU(in_ch, half, kernel_size, dimensions)
+        self.gru2 = GRU(half, half, kernel_size, dimensions)
+        self.hidden_layer = same_conv(dimensions, half, half, conv_kernel_size, bias=False)
+        self.reshape_layer = same_conv(dimensions, half, in_ch, conv_kernel_size, bias=False)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, zero_state: Optional[str] = None):
+        """x: [B, in_ch, *S], h: [B, hidden_units, *S] -> (out [B, in_ch, *S], h' [B, hidden_units, *S])."""
+        h_1, h_2 = torch.tensor_split(h, 2, dim=1)
+        if zero_state in ("all", "first"):
+            h1 = self.gru1.forward_zero_state(x)
+        else:
+            h1, _ = self.gru1(x, h_1)
+        pre_h2 = torch.tanh(self.hidden_layer(h1))
+        if zero_state == "all":
+            h_2 = self.gru2.forward_zero_state(pre_h2)
+        else:
+            h_2, _ = self.gru2(pre_h2, h_2)
+        x = self.reshape_layer(h_2)
+        h = torch.cat([h_1 if self.compat.stale_gru_state else h1, h_2], dim=1)
+        return x, h

@@ -1,0 +1,162 @@
+"""Pure-PyTorch references of every rim_fast op.
+
+They are the specification (tests compare kernels against them), the CPU fallback, and the benchmark
+baseline. Each reproduces torch_rim 0.2.9 / score_models 0.5.11 operation for operation, so that the
+reference path is bit-identical to torch_rim where the computation is the same.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _bias(b: Tensor, ndim: int) -> Tensor:
+    # [H] -> [1, H, 1, ...] to broadcast over [B, H, *spatial]
+    return b.view(1, -1, *[1] * (ndim - 2))
+
+
+# ---- convolutions -------------------------------------------------------------------------------------
+
+def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, padding="same",
+         dilation: int = 1, groups: int = 1) -> Tensor:
+    """N-d convolution (N = x.dim() - 2; N = 0 is a linear layer on [B, C]). x: [B, C_in, *S]."""
+    n = x.dim() - 2
+    if n == 0:
+        return F.linear(x, weight, bias)
+    return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
+
+
+def conv_same_pads(spatial: tuple, kernel_size: int, stride: int, dilation: int, axis_swap: bool) -> list:
+    """F.pad argument of score_models' Conv*dSame for stride > 1.
+
+    p_i = ((n_i // s - 1) * s + 1 + d (k - 1) - n_i) // 2 for each spatial size n_i (H, W, D order), applied
+    as F.pad(x, (p_0, p_0 + 1, p_1, p_1 + 1, ...)). F.pad pairs start at the *last* dim, so score_models pads
+    the last axis with p_0 (the "axis swap"); ``axis_swap=False`` pads every axis with its own p."""
+    ps = [((n // stride - 1) * stride + 1 + dilation * (kernel_size - 1) - n) // 2 for n in spatial]
+    if not axis_swap:
+        ps = ps[::-1]
+    pads = []
+    for p in ps:
+        pads += [p, p + 1]
+    return pads
+
+
+def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int, stride: int,
+              dilation: int, groups: int, axis_swap: bool = True) -> Tensor:
+    """score_models Conv*dSame with stride > 1: asymmetric zero pad (can crop), then a valid conv."""
+    x = F.pad(x, conv_same_pads(tuple(x.shape[2:]), kernel_size, stride, dilation, axis_swap))
+    return _CONV[x.dim() - 2](x, weight, bias, stride, 0, dilation, groups)
+
+
+def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
+                   output_padding: int, groups: int, dilation: int) -> Tensor:
+    """N-d transposed convolution, x: [B, C_in, *S], weight: [C_in, C_out / groups, k, ...]."""
+    return _CONV_T[x.dim() - 2](x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def upfirdn(x: Tensor, kernel: Tensor, up: int, down: int, pad0: int, pad1: int) -> Tensor:
+    """score_models' native upfirdn, per channel, same pads on every axis, x: [B, C, *S], kernel: [k]*N.
+
+    (1) zero insertion (each sample followed by up-1 zeros), (2) zero pad pad0/pad1 (negative crops),
+    (3) true convolution (kernel flipped; in 3D only axes 0 and 1, as score_models does), valid,
+    (4) every down-th sample from index 0."""
+    n = x.dim() - 2
+    B, C = x.shape[:2]
+    spatial = x.shape[2:]
+    out = x.reshape(B * C, 1, *spatial)
+    if up > 1:
+        # zero insertion: every sample followed by up - 1 zeros along each axis
+        stuffed = out.new_zeros(B * C, 1, *[s * up for s in spatial])
+        stuffed[(slice(None), slice(None)) + (slice(None, None, up),) * n] = out
+        out = stuffed
+    out = F.pad(out, [max(pad0, 0), max(pad1, 0)] * n)
+    slices = [slice(None), slice(None)]
+    for size in out.shape[2:]:
+        slices.append(slice(max(-pad0, 0), size - max(-pad1, 0)))
+    out = out[tuple(slices)]
+    w = torch.flip(kernel, [0] if n == 1 else [0, 1]).to(out.dtype).view(1, 1, *kernel.shape)
+    out = _CONV[n](out, w)
+    out = out[(slice(None), slice(None)) + (slice(None, None, down),) * n]
+    return out.reshape(B, C, *out.shape[2:])
+
+
+# ---- ConvGRU gates ------------------------------------------------------------------------------------
+
+def gru_gates_zr(wx: Tensor, uzr: Tensor, h: Tensor, bias_z: Tensor, bias_r: Tensor):
+    """First gate stage of a ConvGRU cell.
+
+    wx: [B, 3H, *S] = [W_z*x; W_r*x; W_h*x], uzr: [B, 2H, *S] = [U_z*h; U_r*h], h: [B, H, *S],
+    bias_z, bias_r: [H]. Returns z = sigmoid(W_z x + U_z h + b_z) and rh = sigmoid(W_r x + U_r h + b_r) * h,
+    both [B, H, *S]."""
+    H = h.shape[1]
+    z = torch.sigmoid(wx[:, :H] + uzr[:, :H] + _bias(bias_z, h.dim()))
+    r = torch.sigmoid(wx[:, H:2 * H] + uzr[:, H:] + _bias(bias_r, h.dim()))
+    return z, r * h
+
+
+def gru_gates_h(wx: Tensor, uh: Tensor, z: Tensor, h: Tensor, bias_h: Tensor) -> Tensor:
+    """Second gate stage: h' = (1 - z) h + z tanh(W_h x + U_h (r h) + b_h).
+
+    wx: [B, 3H, *S] (only the last H channels are read), uh: [B, H, *S] = U_h*(r h), z, h: [B, H, *S]."""
+    H = h.shape[1]
+    h_tilde = torch.tanh(wx[:, 2 * H:] + uh + _bias(bias_h, h.dim()))
+    return (1 - z) * h + z * h_tilde
+
+
+def gru_gates_zero_state(wzh: Tensor, bias_z: Tensor, bias_h: Tensor) -> Tensor:
+    """A ConvGRU cell whose incoming state is exactly zero: h' = z tanh(W_h x + b_h), z = sigmoid(W_z x + b_z).
+
+    wzh: [B, 2H, *S] = [W_z*x; W_h*x]. Equal, bit for bit, to the full cell with h = 0 (U*0 = 0 exactly)."""
+    H = wzh.shape[1] // 2
+    z = torch.sigmoid(wzh[:, :H] + _bias(bias_z, wzh.dim()))
+    return z * torch.tanh(wzh[:, H:] + _bias(bias_h, wzh.dim()))
+
+
+# ---- RIM update step ---------------------------------------------------------------------------------
+
+PREPROCESSING = ("identity", "arcsinh", "adam", "rmsprop", "rmsprop_fixed")
+
+
+def preprocess_score(score: Tensor, m: Optional[Tensor], v: Optional[Tensor], t: int, method: str,
+                     beta_1: float, beta_2: float, epsilon: float):
+    """Score preprocessing at step t (0-based) as torch_rim does it; returns (out, m', v').
+
+    adam: m' = b1 m + (1 - b1) s, v' = b2 v + (1 - b2) s^2, out = (m'/(1-b1^(t+1))) / (sqrt(v'/(1-b2^(t+1))) + eps).
+    rmsprop (torch_rim compat): m' as adam, v' = v (never updated), out = s / (sqrt(v'/(1-b2^(t+1))) + eps),
+    i.e. s / eps from a zero start. rmsprop_fixed: v' = b2 v + (1 - b2) s^2, out as rmsprop.
+    arcsinh / identity: stateless (m, v returned unchanged)."""
+    if method == "identity":
+        return score, m, v
+    if method == "arcsinh":
+        return torch.arcsinh(score), m, v
+    if method == "adam":
+        m = beta_1 * m + (1 - beta_1) * score
+        v = beta_2 * v + (1 - beta_2) * score ** 2
+        m_hat = m / (1 - beta_1 ** (t + 1))
+        v_hat = v / (1 - beta_2 ** (t + 1))
+        return m_hat / (torch.sqrt(v_hat) + epsilon), m, v
+    if method in ("rmsprop", "rmsprop_fixed"):
+        m = beta_1 * m + (1 - beta_1) * score
+        if method == "rmsprop_fixed":
+            v = beta_2 * v + (1 - beta_2) * score ** 2
+        v_hat = v / (1 - beta_2 ** (t + 1))
+        return score / (torch.sqrt(v_hat) + epsilon), m, v
+    raise ValueError(f"unknown preprocessing method {method!r}; expected one of {PREPROCESSING}")
+
+
+def update_state(x: Tensor, g: Tensor, x_true: Optional[Tensor] = None, w: Optional[Tensor] = None):
+    """x' = x + g; with x_true, also this step's loss term sum(w (x' - x_true)^2) (w = 1 when None).
+
+    Returns (x', loss term or None). All tensors [B, C, *S]; the loss term is a 0-dim tensor."""
+    x = x + g
+    if x_true is None:
+        return x, None
+    err = (x - x_true) ** 2
+    return x, (err if w is None else w * err).sum()

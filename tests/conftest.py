@@ -1,0 +1,35 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+# One dtype -> (rtol, atol) table for kernel-vs-reference comparisons.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def tol(dtype):
+    rtol, atol = TOLERANCES[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if CUDA else []))
+def device(request):
+    return torch.device(request.param)
