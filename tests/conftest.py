@@ -1,6 +1,15 @@
 import os
 import random
 
+# Triton kernels run on CPU tensors through the interpreter; it must be chosen before triton is imported.
+if os.environ.get("RIM_FAST_NO_INTERPRET") != "1":
+    try:
+        import torch as _torch
+        if not _torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:
+        pass
+
 import numpy as np
 import pytest
 import torch
