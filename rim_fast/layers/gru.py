@@ -54,4 +54,10 @@ class GRU(nn.Module):
         """The cell for an incoming state that is exactly zero: the three U convolutions and the reset gate
         drop out (h' = z tanh(W_h x + b_h)). Equal to ``forward(x, 0)[0]``."""
         wzh = self._conv(x, torch.cat([self.w_z.weight, self.w_h.weight]))
-        return ops.gru_gates_zero_state(wzh, self.bias_z, self.bias_h)
+        bias_z = self.bias_z
+        if torch.is_grad_enabled() and self.bias_r.requires_grad:
+            # keep W_r, U_z, U_r, U_h and b_r in the graph with exact zero gradients, as the full cell gives them:
+            # optimizers and DDP must see the same parameters used (a term on [H] vectors, not on activations)
+            unused = self.bias_r.sum() + sum(m.weight.sum() for m in (self.w_r, self.u_z, self.u_r, self.u_h))
+            bias_z = bias_z + 0.0 * unused
+        return ops.gru_gates_zero_state(wzh, bias_z, self.bias_h)
