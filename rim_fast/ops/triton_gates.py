@@ -1,0 +1,211 @@
+"""The Triton ConvGRU gate kernels as torch.compile-visible ops: ``rim_fast::gru_gates_zr``,
+``rim_fast::gru_gates_h``, ``rim_fast::gru_gates_zero_state`` (and their ``*_backward`` ops).
+
+Each op is a ``torch.library.triton_op`` whose body launches the kernels of ``rim_fast.kernels.gru_gates``
+through ``wrap_triton``, so Inductor sees (and schedules) the kernels; fakes come from ``new_empty``;
+autograd (``register_autograd``) calls the backward triton ops, so the compiled backward sees them too.
+
+Importing this module never fails: without Triton (or with a torch older than 2.6) no op is registered and
+``missing()`` says why.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _import_kernels():
+    """``rim_fast.kernels.gru_gates``: installed (setup.py maps ``rim_fast.kernels`` to ``kernels/``), or, in
+    a source tree, ``<repo>/kernels`` mounted as the ``rim_fast.kernels`` package (never a top-level
+    ``kernels`` module: that name belongs to another project)."""
+    try:
+        return importlib.import_module("rim_fast.kernels.gru_gates")
+    except ModuleNotFoundError as err:
+        if err.name not in ("rim_fast.kernels", "rim_fast.kernels.gru_gates"):
+            raise
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "kernels")
+    init = os.path.join(root, "__init__.py")
+    if "rim_fast.kernels" not in sys.modules and os.path.isfile(init):
+        spec = importlib.util.spec_from_file_location("rim_fast.kernels", init, submodule_search_locations=[root])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["rim_fast.kernels"] = package
+        try:
+            spec.loader.exec_module(package)
+        except BaseException:
+            del sys.modules["rim_fast.kernels"]
+            raise
+    return importlib.import_module("rim_fast.kernels.gru_gates")
+
+
+_MISSING: Optional[str] = None
+K = None
+try:
+    if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
+        raise ImportError(f"torch {torch.__version__} has no torch.library.triton_op/wrap_triton (needs >= 2.6)")
+    K = _import_kernels()
+except Exception as err:  # noqa: BLE001 - any failure to load Triton only disables these kernels
+    _MISSING = f"Triton gate kernels unavailable ({type(err).__name__}: {err})"
+
+
+def missing() -> Optional[str]:
+    """None when the Triton gate kernels are installed, else why not."""
+    return _MISSING
+
+
+def _tensors(args):
+    return [a for a in args if isinstance(a, Tensor)]
+
+
+def usable(*args) -> bool:
+    """The kernels can run these arguments: CUDA tensors, or CPU fp32 tensors through the Triton interpreter
+    (eager only: the interpreter cannot run on torch.compile's fake tensors); fp32/fp16/bf16, one device."""
+    if _MISSING is not None:
+        return False
+    tensors = _tensors(args)
+    device = tensors[0].device
+    if any(t.device != device or t.dtype not in _DTYPES for t in tensors):
+        return False
+    if device.type == "cuda":
+        return not K.INTERPRETED
+    if device.type == "cpu" and K.INTERPRETED:
+        return not torch.compiler.is_compiling() and all(t.dtype == torch.float32 for t in tensors)
+    return False
+
+
+def auto(*args) -> bool:
+    """``auto`` prefers the kernels for CUDA tensors of a supported dtype (on CPU the reference is faster)."""
+    tensors = _tensors(args)
+    return all(t.is_cuda and t.dtype in _DTYPES for t in tensors)
+
+
+def _pad_channels(g: Tensor, before: int, after: int) -> Tensor:
+    # grad of a channel slice of wx: zeros elsewhere (torch ops, so Inductor can fuse it with the
+    # accumulation of the two gate ops' contributions)
+    return F.pad(g, [0, 0] * (g.dim() - 2) + [before, after])
+
+
+if _MISSING is None:
+    from torch.library import triton_op
+
+    @triton_op("rim_fast::gru_gates_zr", mutates_args=())
+    def _zr(wx: Tensor, uzr: Tensor, h: Tensor, bias_z: Tensor, bias_r: Tensor) -> tuple[Tensor, Tensor]:
+        return K.gru_gates_zr_fwd(wx, uzr, h, bias_z, bias_r)
+
+    @triton_op("rim_fast::gru_gates_h", mutates_args=())
+    def _h(wx: Tensor, uh: Tensor, z: Tensor, h: Tensor, bias_h: Tensor) -> Tensor:
+        return K.gru_gates_h_fwd(wx, uh, z, h, bias_h)
+
+    @triton_op("rim_fast::gru_gates_zero_state", mutates_args=())
+    def _zero_state(wzh: Tensor, bias_z: Tensor, bias_h: Tensor) -> Tensor:
+        return K.gru_gates_zero_state_fwd(wzh, bias_z, bias_h)
+
+    @triton_op("rim_fast::gru_gates_zr_backward", mutates_args=())
+    def _zr_backward(gz: Tensor, grh: Tensor, wx: Tensor, uzr: Tensor, h: Tensor, z: Tensor,
+                     bias_r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return K.gru_gates_zr_bwd(gz, grh, wx, uzr, h, z, bias_r)
+
+    @triton_op("rim_fast::gru_gates_h_backward", mutates_args=())
+    def _h_backward(g: Tensor, wx: Tensor, uh: Tensor, z: Tensor, h: Tensor,
+                    bias_h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return K.gru_gates_h_bwd(g, wx, uh, z, h, bias_h)
+
+    @triton_op("rim_fast::gru_gates_zero_state_backward", mutates_args=())
+    def _zero_state_backward(g: Tensor, wzh: Tensor, bias_z: Tensor, bias_h: Tensor) -> tuple[Tensor, Tensor]:
+        return K.gru_gates_zero_state_bwd(g, wzh, bias_z, bias_h)
+
+    # fakes: contiguous outputs, dtypes as the launchers (and the references) promote them
+    def _like(t: Tensor, shape, *others) -> Tensor:
+        return t.new_empty(shape, dtype=K._dtype(t, *others))
+
+    @_zr.register_fake
+    def _(wx, uzr, h, bias_z, bias_r):
+        return _like(h, h.shape, wx, uzr, bias_z), _like(h, h.shape, wx, uzr, bias_r)
+
+    @_h.register_fake
+    def _(wx, uh, z, h, bias_h):
+        return _like(h, h.shape, z, wx, uh, bias_h)
+
+    @_zero_state.register_fake
+    def _(wzh, bias_z, bias_h):
+        return _like(wzh, (wzh.shape[0], wzh.shape[1] // 2, *wzh.shape[2:]), bias_z, bias_h)
+
+    @_zr_backward.register_fake
+    def _(gz, grh, wx, uzr, h, z, bias_r):
+        H = h.shape[1]
+        return (_like(wx, (h.shape[0], 2 * H, *h.shape[2:]), uzr), h.new_empty(h.shape),
+                h.new_empty(2 * H, dtype=torch.float32))
+
+    @_h_backward.register_fake
+    def _(g, wx, uh, z, h, bias_h):
+        return (_like(wx, h.shape, uh), z.new_empty(h.shape), h.new_empty(h.shape),
+                h.new_empty(h.shape[1], dtype=torch.float32))
+
+    @_zero_state_backward.register_fake
+    def _(g, wzh, bias_z, bias_h):
+        return wzh.new_empty(wzh.shape), wzh.new_empty(wzh.shape[1], dtype=torch.float32)
+
+    # autograd: saved are the inputs and z (the backward kernels recompute r and tanh, see the kernel module)
+    def _zr_setup(ctx, inputs, output):
+        wx, uzr, h, bias_z, bias_r = inputs
+        ctx.save_for_backward(wx, uzr, h, output[0], bias_r)
+        ctx.bias_z_dtype = bias_z.dtype
+
+    def _zr_grad(ctx, gz, grh):
+        wx, uzr, h, z, bias_r = ctx.saved_tensors
+        gz = torch.zeros_like(z) if gz is None else gz
+        grh = torch.zeros_like(h) if grh is None else grh
+        g_zr, g_h, g_b = torch.ops.rim_fast.gru_gates_zr_backward(gz, grh, wx, uzr, h, z, bias_r)
+        H = h.shape[1]
+        return (_pad_channels(g_zr, 0, H).to(wx.dtype), g_zr.to(uzr.dtype), g_h,
+                g_b[:H].to(ctx.bias_z_dtype), g_b[H:].to(bias_r.dtype))
+
+    _zr.register_autograd(_zr_grad, setup_context=_zr_setup)
+
+    def _h_setup(ctx, inputs, output):
+        wx, uh, z, h, bias_h = inputs
+        ctx.save_for_backward(wx, uh, z, h, bias_h)
+
+    def _h_grad(ctx, g):
+        wx, uh, z, h, bias_h = ctx.saved_tensors
+        g_a, g_z, g_h, g_b = torch.ops.rim_fast.gru_gates_h_backward(g, wx, uh, z, h, bias_h)
+        H = h.shape[1]
+        return (_pad_channels(g_a, 2 * H, 0).to(wx.dtype), g_a.to(uh.dtype), g_z, g_h, g_b.to(bias_h.dtype))
+
+    _h.register_autograd(_h_grad, setup_context=_h_setup)
+
+    def _zero_state_setup(ctx, inputs, output):
+        wzh, bias_z, bias_h = inputs
+        ctx.save_for_backward(wzh, bias_z, bias_h)
+
+    def _zero_state_grad(ctx, g):
+        wzh, bias_z, bias_h = ctx.saved_tensors
+        g_w, g_b = torch.ops.rim_fast.gru_gates_zero_state_backward(g, wzh, bias_z, bias_h)
+        H = wzh.shape[1] // 2
+        return g_w, g_b[:H].to(bias_z.dtype), g_b[H:].to(bias_h.dtype)
+
+    _zero_state.register_autograd(_zero_state_grad, setup_context=_zero_state_setup)
+
+
+def gru_gates_zr(wx: Tensor, uzr: Tensor, h: Tensor, bias_z: Tensor, bias_r: Tensor):
+    """``reference.gru_gates_zr`` through the Triton kernels: (z, rh), [B, H, *S]."""
+    return torch.ops.rim_fast.gru_gates_zr(wx, uzr, h, bias_z, bias_r)
+
+
+def gru_gates_h(wx: Tensor, uh: Tensor, z: Tensor, h: Tensor, bias_h: Tensor) -> Tensor:
+    """``reference.gru_gates_h`` through the Triton kernels: h', [B, H, *S]."""
+    return torch.ops.rim_fast.gru_gates_h(wx, uh, z, h, bias_h)
+
+
+def gru_gates_zero_state(wzh: Tensor, bias_z: Tensor, bias_h: Tensor) -> Tensor:
+    """``reference.gru_gates_zero_state`` through the Triton kernels: h', [B, H, *S]."""
+    return torch.ops.rim_fast.gru_gates_zero_state(wzh, bias_z, bias_h)
