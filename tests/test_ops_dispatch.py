@@ -1,0 +1,102 @@
+"""The op layer: backend switch, trace(), fallbacks and errors."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import rim_fast
+from rim_fast import ops
+from rim_fast.ops import Impl, Op
+
+
+def test_trace_counts_every_eager_op_call_of_a_rim():
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
+    r = rim_fast.RIM((16,), net, score_fn=lambda x, y: y - x, T=3, score_preprocessing_method="ADAM", device="cpu")
+    with ops.trace() as calls:
+        r.loss_fn(torch.randn(2, 1, 16), torch.randn(2, 1, 16))
+    per_op = {}
+    for (op, impl), n in calls.items():
+        per_op[op] = per_op.get(op, 0) + n
+    assert per_op["preprocess_score"] == 3
+    assert per_op["update_state"] == 3
+    # step 0: both cells take the zero-state path; steps 1-2: gru1 zero-state (compat), gru2 full
+    assert per_op["gru_gates_zero_state"] == 2 + 2
+    assert per_op["gru_gates_zr"] == per_op["gru_gates_h"] == 2
+    assert per_op["conv_same"] == 3 * 2 and per_op["conv_transpose"] == 3 * 2
+    with ops.trace() as outside:
+        pass
+    assert not outside
+
+
+def test_zero_state_hint_is_not_taken_without_a_promise():
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
+    x = torch.randn(2, 1, 16)
+    h = torch.randn(2, 6, 4)
+    with ops.trace() as calls:
+        net(x, None, x, h)
+    assert not any(op == "gru_gates_zero_state" for op, _ in calls)
+
+
+def _fake_op():
+    op = Op("fake_double", lambda x: 2 * x)
+    op.register(Impl("fast", lambda x: x + x, usable=lambda x: x.dtype == torch.float32,
+                     auto=lambda x: True))
+    return op
+
+
+def test_backend_selection_and_errors():
+    op = _fake_op()
+    x32, x64 = torch.ones(3), torch.ones(3, dtype=torch.float64)
+    with ops.use_backend("auto"), ops.trace() as calls:
+        op(x32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            op(x64)
+            op(x64)
+    assert calls[("fake_double", "fast")] == 1 and calls[("fake_double", "reference")] == 2
+    assert len([w for w in caught if "falls back" in str(w.message)]) == 1  # warned once
+    with ops.use_backend("reference"), ops.trace() as calls:
+        op(x32)
+    assert calls == {("fake_double", "reference"): 1}
+    with ops.use_backend("kernels"):
+        assert torch.equal(op(x32), 2 * x32)
+        with pytest.raises(RuntimeError, match="no kernel of op 'fake_double'"):
+            op(x64)
+    with pytest.raises(ValueError, match="not one of"):
+        with ops.use_backend("fastest"):
+            pass
+
+
+def _run(env_backend):
+    env = dict(os.environ, RIM_FAST_BACKEND=env_backend)
+    return subprocess.run([sys.executable, "-c", "import rim_fast; print(rim_fast.ops.backend())"],
+                          capture_output=True, text=True, env=env)
+
+
+def test_environment_switch_is_read_and_validated():
+    ok = _run("reference")
+    assert ok.returncode == 0 and ok.stdout.strip() == "reference"
+    bad = _run("bogus")
+    assert bad.returncode != 0 and "RIM_FAST_BACKEND='bogus' is not one of" in bad.stderr
+
+
+def test_reference_gradcheck_float64():
+    B, H = 2, 3
+    wx = torch.randn(B, 3 * H, 5, dtype=torch.float64, requires_grad=True)
+    uzr = torch.randn(B, 2 * H, 5, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(B, H, 5, dtype=torch.float64, requires_grad=True)
+    b = [torch.randn(H, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(lambda *a: ops.reference.gru_gates_zr(*a), (wx, uzr, h, b[0], b[1]))
+    uh = torch.randn(B, H, 5, dtype=torch.float64, requires_grad=True)
+    z = torch.rand(B, H, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.reference.gru_gates_h, (wx, uh, z, h, b[2]))
+    x = torch.randn(B, 1, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(B, 1, 7, dtype=torch.float64, requires_grad=True)
+    xt = torch.randn(B, 1, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.reference.update_state(*a)[1], (x, g, xt))
+    k = torch.rand(4, dtype=torch.float64)
+    xs = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: ops.reference.upfirdn(v, torch.outer(k, k), 2, 1, 2, 1), (xs,))
