@@ -1,0 +1,453 @@
+"""Fused Triton ConvGRU gate kernels (rim_fast.kernels.gru_gates, ops rim_fast::gru_gates_*) against the
+references of rim_fast.ops.reference: forward and every gradient, 0-3 spatial dims, odd and non-power-of-two
+sizes, batch 1 and more, contiguous and strided inputs, NaN-poisoned outputs; opcheck; gradcheck of the
+references; the zero-state shortcut; a whole RIM on the kernels. On CPU the kernels run in the Triton
+interpreter (conftest sets TRITON_INTERPRET=1); the GPU-only tests run on CUDA machines."""
+import math
+
+import pytest
+import torch
+
+import rim_fast
+from rim_fast import ops
+from rim_fast.ops import reference, triton_gates
+from rim_fast.ops._dispatch import Op
+
+from conftest import CUDA, requires_cuda, tol
+
+K = triton_gates.K
+requires_kernels = pytest.mark.skipif(K is None or not (CUDA or K.INTERPRETED),
+                                      reason=f"Triton gate kernels cannot run here: {triton_gates.missing()}")
+pytestmark = requires_kernels
+
+GATE_OPS = ("gru_gates_zr", "gru_gates_h", "gru_gates_zero_state")
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every kernel output (and bias partial-sum buffer) starts as NaN: an element a kernel does not write
+    makes the comparison fail."""
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if K is not None:
+        monkeypatch.setattr(K, "_empty", nan_empty)
+
+
+# ---- inputs -------------------------------------------------------------------------------------------
+
+# (B, H, spatial): 1x1, dims 0-3, odd sizes, H not a power of two, batch 1 and more
+SHAPES = [
+    (1, 1, ()), (3, 5, ()), (1, 6, ()),
+    (2, 3, (7,)), (1, 5, (1,)), (3, 6, (17,)),
+    (1, 5, (5, 3)), (2, 3, (9, 7)), (2, 1, (4, 4)),
+    (2, 5, (3, 4, 5)), (1, 3, (3, 1, 2)),
+]
+LAYOUTS = ("contig", "strided")
+
+
+def shape_id(B, H, S):
+    return f"B{B}-H{H}-S" + ("x".join(map(str, S)) if S else "0")
+
+
+CASES = [pytest.param(B, H, S, layout, id=f"{shape_id(B, H, S)}-{layout}")
+         for (B, H, S) in SHAPES for layout in LAYOUTS]
+
+
+def strided(t: torch.Tensor, kind: int) -> torch.Tensor:
+    """The same values in a non-contiguous layout; kind picks channel slice / step-2 / permuted storage."""
+    if kind % 3 == 0:
+        # a channel slice of a wider tensor: batch and channel strides of the parent
+        big = torch.randn(t.shape[0], t.shape[1] + 3, *t.shape[2:], dtype=t.dtype, device=t.device)
+        out = big[:, 2:2 + t.shape[1]]
+    elif kind % 3 == 1:
+        # every other element along the last dim (a step along the merged spatial axis, or the channels)
+        big = torch.randn(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        out = big[..., ::2]
+    else:
+        # reversed dim order in memory: spatial dims cannot merge (the launcher copies), [B, C] is column-major
+        out = t.permute(*reversed(range(t.dim()))).contiguous().permute(*reversed(range(t.dim())))
+        return out
+    return out.copy_(t)
+
+
+def make_inputs(B, H, S, layout, device="cpu", dtype=torch.float32, seed=0):
+    """wx, uzr, uh, h, z (in (0,1)), bias_z, bias_r, bias_h with values on the scale a GRU sees."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+                                     ).to(device=device, dtype=dtype)
+    wx, uzr, uh, h = rnd(B, 3 * H, *S, scale=1.5), rnd(B, 2 * H, *S), rnd(B, H, *S), rnd(B, H, *S)
+    z = torch.rand(B, H, *S, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    biases = [rnd(H, scale=0.5) for _ in range(3)]
+    if layout == "strided":
+        wx, uzr, uh, h, z = (strided(t, k) for k, t in enumerate((wx, uzr, uh, h, z)))
+        assert not (wx.is_contiguous() and uzr.is_contiguous() and uh.is_contiguous())
+    return wx, uzr, uh, h, z, *biases
+
+
+def leaves(*ts):
+    return [t.detach().requires_grad_() for t in ts]
+
+
+def compare(fn_ref, fn_new, inputs, n_out, dtype=torch.float32, cotangent_seed=1):
+    """Forward outputs and the gradients of every input under one random cotangent per output."""
+    ref_in, new_in = leaves(*inputs), leaves(*inputs)
+    out_ref, out_new = fn_ref(*ref_in), fn_new(*new_in)
+    if n_out == 1:
+        out_ref, out_new = (out_ref,), (out_new,)
+    g = torch.Generator().manual_seed(cotangent_seed)
+    cots = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in out_ref]
+    for i, (a, b) in enumerate(zip(out_new, out_ref)):
+        assert b.dtype == a.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **tol(dtype), msg=lambda m: f"output {i}: {m}")
+    grads_ref = torch.autograd.grad(out_ref, ref_in, cots, allow_unused=True)
+    grads_new = torch.autograd.grad(out_new, new_in, cots, allow_unused=True)
+    for i, (a, b, x) in enumerate(zip(grads_new, grads_ref, ref_in)):
+        assert a is not None, f"grad {i} missing"
+        # an input the reference's graph does not reach (h when only z is used) has a zero gradient
+        b = torch.zeros_like(x) if b is None else b
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **tol(dtype), msg=lambda m: f"grad of input {i}: {m}")
+    return out_new, grads_new
+
+
+# ---- forward and backward against the references --------------------------------------------------------
+
+@pytest.mark.parametrize("B,H,S,layout", CASES)
+def test_zr(B, H, S, layout):
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(B, H, S, layout)
+    compare(reference.gru_gates_zr, triton_gates.gru_gates_zr, (wx, uzr, h, bz, br), 2)
+
+
+@pytest.mark.parametrize("B,H,S,layout", CASES)
+def test_h(B, H, S, layout):
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(B, H, S, layout)
+    compare(reference.gru_gates_h, triton_gates.gru_gates_h, (wx, uh, z, h, bh), 1)
+
+
+@pytest.mark.parametrize("B,H,S,layout", CASES)
+def test_zero_state(B, H, S, layout):
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(B, H, S, layout)
+    wzh = uzr * 1.5 if layout == "contig" else strided(uzr * 1.5, 1)
+    compare(reference.gru_gates_zero_state, triton_gates.gru_gates_zero_state, (wzh, bz, bh), 1)
+
+
+@pytest.mark.parametrize("which", ["z_only", "rh_only"])
+def test_zr_one_output_used(which):
+    """Autograd hands the backward an undefined (or zero) grad for the unused output."""
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 5, (6,), "contig")
+
+    def pick(fn):
+        return lambda *a: fn(*a)[0 if which == "z_only" else 1]
+    compare(pick(reference.gru_gates_zr), pick(triton_gates.gru_gates_zr), (wx, uzr, h, bz, br), 1)
+
+
+def test_full_cell_chain():
+    """zr -> U_h conv -> h as the GRU chains them: wx feeds both ops, its two gradient halves accumulate."""
+    B, H, S = 2, 5, (7, 6)
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(B, H, S, "contig")
+    u_h = torch.randn(H, H, 3, 3, dtype=torch.float32) * 0.3
+
+    def cell(gates_zr, gates_h):
+        def f(wx, uzr, h, bz, br, bh):
+            z, rh = gates_zr(wx, uzr, h, bz, br)
+            return gates_h(wx, torch.nn.functional.conv2d(rh, u_h, padding=1), z, h, bh)
+        return f
+    compare(cell(reference.gru_gates_zr, reference.gru_gates_h),
+            cell(triton_gates.gru_gates_zr, triton_gates.gru_gates_h), (wx, uzr, h, bz, br, bh), 1)
+
+
+def test_tanh_accuracy_small_and_saturated():
+    """Relative accuracy of the in-kernel tanh near 0 (where 2 sigmoid(2x) - 1 cancels) and saturation."""
+    H, N = 4, 64
+    x = torch.cat([torch.logspace(-9, 0, N // 2), -torch.logspace(-9, 1.5, N // 2)]).repeat(H, 1)
+    wzh = torch.cat([torch.full((H, N), 30.0), x]).unsqueeze(0)  # z = sigmoid(30) = 1 in fp32
+    zeros = torch.zeros(H)
+    out = triton_gates.gru_gates_zero_state(wzh, zeros, zeros)
+    expected = reference.gru_gates_zero_state(wzh.double(), zeros.double(), zeros.double()).float()
+    torch.testing.assert_close(out, expected, rtol=2e-6, atol=0)
+    # and the tanh/sigmoid extremes do not produce NaN/inf in the backward
+    big = torch.cat([torch.full((1, H, N), -80.0), torch.full((1, H, N), 80.0)], 1)
+    compare(reference.gru_gates_zero_state, triton_gates.gru_gates_zero_state, (big, zeros, zeros), 1)
+
+
+# ---- the tests can fail --------------------------------------------------------------------------------
+
+def test_poison_detects_unwritten_elements(monkeypatch):
+    """A launch that skips one program leaves NaN in the output (so the comparisons above would fail)."""
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 5, (7,), "contig")
+    full = K._Launch.__init__
+
+    def short_grid(self, *args):
+        full(self, *args)
+        self.grid = (self.grid[0] - 1, self.grid[1])
+    monkeypatch.setattr(K._Launch, "__init__", short_grid)
+    out = triton_gates.gru_gates_h(wx, uh, z, h, bh)
+    assert torch.isnan(out).any() and not torch.isnan(out).all()
+
+
+def test_outputs_not_zero_and_not_constant():
+    """Guards against interpreter/numpy pairs that return all-zero outputs (triton #4440)."""
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(3, 5, (9,), "contig")
+    z_new, rh = triton_gates.gru_gates_zr(wx, uzr, h, bz, br)
+    outs = [z_new, rh, triton_gates.gru_gates_h(wx, uh, z, h, bh),
+            triton_gates.gru_gates_zero_state(uzr, bz, bh)]
+    for o in outs:
+        assert torch.isfinite(o).all() and (o != 0).float().mean() > 0.99 and o.std() > 0.05
+    g_zr, g_h, g_b = torch.ops.rim_fast.gru_gates_zr_backward(torch.randn_like(h), torch.randn_like(h), wx, uzr,
+                                                               h, z_new, br)
+    for o in (g_zr, g_h, g_b):
+        assert torch.isfinite(o).all() and (o != 0).float().mean() > 0.99
+
+
+# ---- op registration ----------------------------------------------------------------------------------
+
+def _opcheck_utils(device):
+    # the Triton interpreter cannot run under AOT dispatch (fake/functional tensors): those two checks need CUDA
+    if device == "cuda":
+        return ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    return ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("S", [(), (5,), (3, 4)], ids=["S0", "S5", "S3x4"])
+def test_opcheck(device, S):
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 3, S, "contig", device=device)
+    calls = [
+        (torch.ops.rim_fast.gru_gates_zr.default, leaves(wx, uzr, h, bz, br)),
+        (torch.ops.rim_fast.gru_gates_h.default, leaves(wx, uh, z, h, bh)),
+        (torch.ops.rim_fast.gru_gates_zero_state.default, leaves(uzr, bz, bh)),
+        (torch.ops.rim_fast.gru_gates_zr_backward.default, [h, uh, wx, uzr, h, z, br]),
+        (torch.ops.rim_fast.gru_gates_h_backward.default, [uh, wx, uh, z, h, bh]),
+        (torch.ops.rim_fast.gru_gates_zero_state_backward.default, [h, uzr, bz, bh]),
+    ]
+    for op, args in calls:
+        torch.library.opcheck(op, args, test_utils=_opcheck_utils(device))
+
+
+@pytest.mark.parametrize("S", [(), (3,), (2, 3)], ids=["S0", "S3", "S2x3"])
+def test_gradcheck_references(S):
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 3, S, "contig", dtype=torch.float64)
+    assert torch.autograd.gradcheck(reference.gru_gates_zr, leaves(wx, uzr, h, bz, br))
+    assert torch.autograd.gradcheck(reference.gru_gates_h, leaves(wx, uh, z, h, bh))
+    assert torch.autograd.gradcheck(reference.gru_gates_zero_state, leaves(uzr, bz, bh))
+
+
+# ---- dispatch ----------------------------------------------------------------------------------------
+
+def test_dispatch_picks_triton_on_cpu_with_kernels_backend():
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 3, (4,), "contig")
+    with ops.use_backend("kernels"), ops.trace() as calls:
+        ops.gru_gates_zr(wx, uzr, h, bz, br)
+        ops.gru_gates_h(wx, uh, z, h, bh)
+        ops.gru_gates_zero_state(uzr, bz, bh)
+    assert calls == {(name, "triton"): 1 for name in GATE_OPS}
+    with ops.use_backend("auto"), ops.trace() as calls:
+        ops.gru_gates_zr(wx, uzr, h, bz, br)
+    # on CPU the reference is faster than the interpreter
+    assert calls == {("gru_gates_zr", "reference"): 1}
+    assert not triton_gates.usable(wx.double(), uzr.double(), h.double(), bz.double(), br.double())
+
+
+# ---- the zero-state shortcut --------------------------------------------------------------------------
+
+def _nonzero_biases(module):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "bias_" in name:
+                p.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+@pytest.mark.parametrize("dims,S", [(0, ()), (1, (9,)), (2, (5, 6)), (3, (3, 4, 2))], ids=["0D", "1D", "2D", "3D"])
+def test_gru_forward_zero_state(backend, dims, S):
+    gru = rim_fast.GRU(3, hidden_units=5, kernel_size=3, dimensions=dims)
+    _nonzero_biases(gru)
+    x = torch.randn(2, 3, *S, requires_grad=True)
+    with ops.use_backend(backend), ops.trace() as calls:
+        fast = gru.forward_zero_state(x)
+        full = gru(x, torch.zeros(2, 5, *S))[0]
+    torch.testing.assert_close(fast, full, **tol(torch.float32))
+    impl = "triton" if backend == "kernels" else "reference"
+    gates = {k: v for k, v in calls.items() if k[0] in GATE_OPS}
+    assert gates == {("gru_gates_zero_state", impl): 1, ("gru_gates_zr", impl): 1, ("gru_gates_h", impl): 1}
+    # and the gradients of x and of every parameter agree (the unused ones are exactly zero)
+    params = [x] + list(gru.parameters())
+    g_fast = torch.autograd.grad(fast.square().sum(), params)
+    g_full = torch.autograd.grad(full.square().sum(), params)
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+@pytest.mark.parametrize("hint", ["all", "first"])
+def test_gru_block_zero_state_hint(backend, hint):
+    block = rim_fast.GRUBlock(4, hidden_units=6, kernel_size=3, dimensions=2, conv_kernel_size=3)
+    _nonzero_biases(block)
+    x = torch.randn(2, 4, 6, 5)
+    h = torch.zeros(2, 6, 6, 5)
+    if hint == "first":
+        h[:, 3:] = torch.randn(2, 3, 6, 5)
+    impl = "triton" if backend == "kernels" else "reference"
+    with ops.use_backend(backend):
+        with ops.trace() as hinted:
+            out_hint, h_hint = block(x, h, zero_state=hint)
+        with ops.trace() as plain:
+            out, h_new = block(x, h)
+    torch.testing.assert_close(out_hint, out, **tol(torch.float32))
+    torch.testing.assert_close(h_hint, h_new, **tol(torch.float32))
+    gates = lambda calls: {k: v for k, v in calls.items() if k[0] in GATE_OPS}  # noqa: E731
+    if hint == "all":
+        assert gates(hinted) == {("gru_gates_zero_state", impl): 2}
+    else:
+        assert gates(hinted) == {("gru_gates_zero_state", impl): 1, ("gru_gates_zr", impl): 1,
+                                 ("gru_gates_h", impl): 1}
+    # no hint: the shortcut is never taken
+    assert gates(plain) == {("gru_gates_zr", impl): 2, ("gru_gates_h", impl): 2}
+
+
+# ---- a whole RIM on the kernels -------------------------------------------------------------------------
+
+def _all_ops():
+    found = {}
+    for module in (ops.conv, ops.gates, ops.update):
+        for value in vars(module).values():
+            if isinstance(value, Op):
+                found[value.name] = value
+    return found.values()
+
+
+@pytest.mark.parametrize("dims,S", [(1, (8,)), (2, (8, 8))], ids=["1D", "2D"])
+def test_rim_on_gate_kernels(monkeypatch, dims, S):
+    # only the gate ops are under test: every other op keeps its reference (its kernels may need a build)
+    for op in _all_ops():
+        if op.name not in GATE_OPS:
+            monkeypatch.setattr(op, "impls", [])
+    torch.manual_seed(3)
+    model = rim_fast.Hourglass(channels=1, dimensions=dims, nf=4, ch_mult=(2, 2), hidden_units=8, kernel_size=3)
+    _nonzero_biases(model)
+    rim = rim_fast.RIM(S, model, score_fn=lambda x, y: y - 0.8 * x, T=2, device="cpu")
+    y, x_true = torch.randn(2, 1, *S), torch.randn(2, 1, *S)
+    results = {}
+    for backend in ("reference", "kernels"):
+        model.zero_grad()
+        with ops.use_backend(backend), ops.trace() as calls:
+            trajectory = rim(y)
+            loss = rim.loss_fn(y, x_true)
+            loss.backward()
+        results[backend] = (trajectory, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                            calls)
+    (traj_ref, loss_ref, grads_ref, _), (traj_new, loss_new, grads_new, calls) = results["reference"], results["kernels"]
+    for a, b in zip(traj_new, traj_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_new, loss_ref, rtol=1e-5, atol=1e-6)
+    for name in grads_ref:
+        torch.testing.assert_close(grads_new[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert any(g.abs().sum() > 0 for n, g in grads_new.items() if "gru_layer" in n)
+    gates = {k: v for k, v in calls.items() if k[0] in GATE_OPS}
+    # every GRU cell call was served by the kernels: 2 passes (forward, loss_fn) x T=2 steps x 2 cells, each
+    # cell either the zero-state shortcut or zr + h
+    assert all(impl == "triton" for _, impl in gates), gates
+    zero, zr, h = (gates.get((name, "triton"), 0) for name in ("gru_gates_zero_state", "gru_gates_zr", "gru_gates_h"))
+    assert zero + zr == 2 * 2 * 2 and zr == h and zr > 0 and zero > 0
+
+
+# ---- GPU only -----------------------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("B,H,S,layout", [c for c in CASES if c.values[2] != (1,)][::2])
+def test_cuda_fp32(B, H, S, layout):
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(B, H, S, layout, device="cuda")
+    compare(reference.gru_gates_zr, triton_gates.gru_gates_zr, (wx, uzr, h, bz, br), 2)
+    compare(reference.gru_gates_h, triton_gates.gru_gates_h, (wx, uh, z, h, bh), 1)
+    compare(reference.gru_gates_zero_state, triton_gates.gru_gates_zero_state, (uzr, bz, bh), 1)
+
+
+def _low_precision_errors(fn_ref, fn_new, inputs, n_out, dtype):
+    """(kernel error, reference error) of outputs and grads in `dtype`, both against the float64 reference."""
+    def run(fn, ins):
+        ins = leaves(*ins)
+        outs = fn(*ins)
+        outs = (outs,) if n_out == 1 else outs
+        g = torch.Generator(device=ins[0].device).manual_seed(5)
+        cots = [torch.randn(o.shape, generator=g, device=o.device, dtype=torch.float64).to(o.dtype) for o in outs]
+        grads = torch.autograd.grad(outs, ins, cots)
+        return [t.double() for t in (*outs, *grads)]
+    exact = run(fn_ref, [t.double() for t in inputs])
+    low_ref, low_new = run(fn_ref, [t.to(dtype) for t in inputs]), run(fn_new, [t.to(dtype) for t in inputs])
+    err = lambda a, b: (a - b).abs().max().item()  # noqa: E731
+    return [(err(n, e), err(r, e)) for n, r, e in zip(low_new, low_ref, exact)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("S", [(), (33,), (16, 15), (4, 5, 3)], ids=["S0", "S33", "S16x15", "S4x5x3"])
+def test_cuda_low_precision(dtype, S):
+    """In bf16/fp16 the kernels (fp32 math inside) are at most twice as far from float64 as the reference."""
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(4, 12, S, "contig", device="cuda")
+    eps = torch.finfo(dtype).eps
+    for fn_ref, fn_new, ins, n in (
+            (reference.gru_gates_zr, triton_gates.gru_gates_zr, (wx, uzr, h, bz, br), 2),
+            (reference.gru_gates_h, triton_gates.gru_gates_h, (wx, uh, z, h, bh), 1),
+            (reference.gru_gates_zero_state, triton_gates.gru_gates_zero_state, (uzr, bz, bh), 1)):
+        for i, (e_new, e_ref) in enumerate(_low_precision_errors(fn_ref, fn_new, ins, n, dtype)):
+            assert e_new <= 2 * e_ref + 4 * eps, f"{fn_ref.__name__} tensor {i}: {e_new} vs reference {e_ref}"
+
+
+@requires_cuda
+def test_cuda_int64_offsets():
+    """More than 2**31 elements: offsets past int32 (bf16 to keep it at ~13 GB)."""
+    B, H, N = 2049, 16, 65536
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        pytest.skip("needs a GPU with >= 40 GB")
+    wzh = torch.randn(B, 2 * H, N, device="cuda", dtype=torch.bfloat16)
+    bz, bh = torch.randn(H, device="cuda"), torch.randn(H, device="cuda")
+    out = triton_gates.gru_gates_zero_state(wzh, bz.bfloat16(), bh.bfloat16())
+    assert out.numel() > 2 ** 31
+    for b in (0, B // 2, B - 1):
+        expected = reference.gru_gates_zero_state(wzh[b:b + 1].float(), bz.bfloat16().float(), bh.bfloat16().float())
+        torch.testing.assert_close(out[b:b + 1].float(), expected, **tol(torch.bfloat16))
+    del wzh, out
+    torch.cuda.empty_cache()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dims,S", [(0, ()), (2, (16, 16))], ids=["0D", "2D"])
+def test_cuda_compile_sees_kernels(dims, S):
+    """torch.compile(fullgraph=True) of a GRU cell forward+backward on the kernels: no graph break, same numbers
+    as eager, and the generated code launches the gate kernels (forward and backward)."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    gru = rim_fast.GRU(8, hidden_units=12, kernel_size=3, dimensions=dims).cuda()
+    _nonzero_biases(gru)
+    x, h = torch.randn(4, 8, *S, device="cuda"), torch.randn(4, 12, *S, device="cuda")
+
+    def cell(x, h):
+        out = gru(x, h)[0]
+        return gru(x, out)[0] + gru.forward_zero_state(x)
+
+    inputs = [x.requires_grad_(), h.requires_grad_()] + list(gru.parameters())
+
+    def run(fn):
+        out = fn(x, h)
+        return out, torch.autograd.grad(out.square().sum(), inputs)
+
+    with ops.use_backend("kernels"):
+        eager_out, eager_grads = run(cell)
+        compiled = torch.compile(cell, fullgraph=True)
+        (out, grads), code = run_and_get_code(run, compiled)
+    torch.testing.assert_close(out, eager_out, **tol(torch.float32))
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    source = "\n".join(code)
+    for name in ("_gru_zr_fwd_kernel", "_gru_h_fwd_kernel", "_gru_zero_state_fwd_kernel",
+                 "_gru_zr_bwd_kernel", "_gru_h_bwd_kernel", "_gru_zero_state_bwd_kernel"):
+        assert name in source, f"{name} not in the compiled code"
+
+
+@requires_cuda
+def test_cuda_auto_backend_uses_kernels():
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 3, (4,), "contig", device="cuda")
+    with ops.use_backend("auto"), ops.trace() as calls:
+        ops.gru_gates_zr(wx, uzr, h, bz, br)
+    assert calls == {("gru_gates_zr", "triton"): 1}
