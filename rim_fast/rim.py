@@ -178,14 +178,12 @@ class RIM(nn.Module):
             m, v = torch.zeros_like(x), torch.zeros_like(x)
         return out, x, h, m, v, zero_state
 
-    def _run(self, y: Tensor, args, kwargs, x_true: Optional[Tensor] = None, keep_trajectory: bool = True):
-        """The T-step loop. Returns (trajectory or [x_T], loss sum over steps (None without x_true))."""
-        if not isinstance(y, Tensor):
-            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    def _loop(self, y: Tensor, args, kwargs, x_true: Optional[Tensor], keep_trajectory: bool):
+        """The T-step loop (what ``compile`` traces as one graph). Returns (trajectory or [x_T], loss sum)."""
         out, x, h, m, v, zero_state = self.initialization(y)
         loss = None
         if x_true is not None and out:
-            _, loss = ops.update_state(out[0], torch.zeros_like(out[0]), x_true, None)
+            loss = ((out[0] - x_true) ** 2).sum()
         stale = self.compat.stale_gru_state
         for t in range(self.T):
             with torch.no_grad():
@@ -200,6 +198,33 @@ class RIM(nn.Module):
             if keep_trajectory:
                 out.append(x)
         return (out if keep_trajectory else [x]), loss
+
+    def _run(self, y: Tensor, args, kwargs, x_true: Optional[Tensor] = None, keep_trajectory: bool = True):
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        compiled = self.__dict__.get("_compiled_loop")
+        if compiled is None:
+            return self._loop(y, args, kwargs, x_true, keep_trajectory)
+        out, loss = compiled(y, args, kwargs, x_true, keep_trajectory)
+        if self.__dict__.get("_uses_cuda_graphs"):
+            # a later CUDA-graph replay reuses the output memory (pytorch #152887): hand out copies
+            out = [x.clone() for x in out]
+            loss = None if loss is None else loss.clone()
+        return out, loss
+
+    def compile(self, **kwargs) -> "RIM":
+        """Compile the whole unrolled T-step loop as one graph; ``forward``, ``predict`` and ``loss_fn`` (and
+        their backward) then run compiled. Keyword arguments go to ``torch.compile``; defaults:
+        ``fullgraph=True``, and ``mode="reduce-overhead"`` (CUDA graphs) when the RIM's device is CUDA.
+        A new input shape compiles once; calls with the same shapes never recompile. Returns the RIM."""
+        kwargs.setdefault("fullgraph", True)
+        if self.device.type == "cuda" and "mode" not in kwargs and "options" not in kwargs:
+            kwargs["mode"] = "reduce-overhead"
+        self.__dict__["_uses_cuda_graphs"] = self.device.type == "cuda" and (
+            kwargs.get("mode") in ("reduce-overhead", "max-autotune")
+            or bool(kwargs.get("options", {}).get("triton.cudagraphs", False)))
+        self.__dict__["_compiled_loop"] = torch.compile(self._loop, **kwargs)
+        return self
 
     def forward(self, y: Tensor, *args, **kwargs) -> list:
         """The trajectory [x_1, ..., x_T] (x_0 first with initialization "model"), in model space."""
@@ -216,7 +241,7 @@ class RIM(nn.Module):
         B = y.shape[0]
         x_true = self.inverse_link_function(x_true)
         _, loss = self._run(y, args, kwargs, x_true=x_true, keep_trajectory=False)
-        return (0 + loss) / B
+        return loss / B
 
     # ---- torch_rim's stateful preprocessing API, kept for callers that used it ------------------------
 
@@ -238,12 +263,15 @@ class RIM(nn.Module):
     def fit(self, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size=1, shuffle=False,
             patience=float("inf"), tolerance=0, max_time=float("inf"), warmup=0, clip=0.,
             checkpoints_directory=None, model_checkpoint=None, checkpoints=10, models_to_keep=3, ema_decay=0,
-            seed=None, logname=None, logdir=None, n_iterations_in_epoch=None, logname_prefix="rim", verbose=0):
-        """Train the backbone on ``dataset`` of (y, x_true, *args) tuples; see ``rim_fast.training.fit``."""
+            seed=None, logname=None, logdir=None, n_iterations_in_epoch=None, logname_prefix="rim", verbose=0,
+            compile=False):
+        """Train the backbone on ``dataset`` of (y, x_true, *args) tuples; see ``rim_fast.training.fit``.
+        ``compile=True`` compiles the training step (``RIM.compile()``) first."""
         from .training import fit
         return fit(self, dataset, epochs=epochs, learning_rate=learning_rate, scheduler=scheduler,
                    batch_size=batch_size, shuffle=shuffle, patience=patience, tolerance=tolerance,
                    max_time=max_time, warmup=warmup, clip=clip, checkpoints_directory=checkpoints_directory,
                    model_checkpoint=model_checkpoint, checkpoints=checkpoints, models_to_keep=models_to_keep,
                    ema_decay=ema_decay, seed=seed, logname=logname, logdir=logdir,
-                   n_iterations_in_epoch=n_iterations_in_epoch, logname_prefix=logname_prefix, verbose=verbose)
+                   n_iterations_in_epoch=n_iterations_in_epoch, logname_prefix=logname_prefix, verbose=verbose,
+                   compile=compile)

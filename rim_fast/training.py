@@ -52,17 +52,20 @@ def _to_device(value, device):
 def fit(rim, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size=1, shuffle=False,
         patience=float("inf"), tolerance=0, max_time=float("inf"), warmup=0, clip=0., checkpoints_directory=None,
         model_checkpoint=None, checkpoints=10, models_to_keep=3, ema_decay=0, seed=None, logname=None,
-        logdir=None, n_iterations_in_epoch=None, logname_prefix="rim", verbose=0):
+        logdir=None, n_iterations_in_epoch=None, logname_prefix="rim", verbose=0, compile=False):
     """Train ``rim.model`` with Adam on (y, x_true, *args) batches; returns the list of epoch losses.
 
     Arguments as torch_rim's RIM.fit: ``scheduler`` is a callable optimizer -> scheduler (stepped per epoch),
     ``warmup`` linear learning-rate warm-up steps, ``clip`` gradient-norm clipping, ``checkpoints`` the epoch
     interval between saves, ``max_time`` in hours, ``ema_decay`` > 0 saves EMA weights. With
     ``checkpoints_directory`` (or ``logdir``/``logname``) training resumes from its latest checkpoint, or from
-    ``model_checkpoint`` (an index)."""
+    ``model_checkpoint`` (an index). ``compile=True`` compiles the RIM loop (forward and backward) first;
+    ``verbose=-1`` silences the progress bar."""
     _check_fit_args(epochs, learning_rate, batch_size, patience, checkpoints, models_to_keep, warmup, clip,
                     ema_decay, n_iterations_in_epoch)
     device = rim.device
+    if compile and rim.__dict__.get("_compiled_loop") is None:
+        rim.compile()
     optimizer = torch.optim.Adam(rim.model.parameters(), lr=learning_rate)
     if scheduler is not None:
         scheduler = scheduler(optimizer)

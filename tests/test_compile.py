@@ -1,0 +1,110 @@
+"""RIM.compile: the whole unrolled loop as one graph, equal to eager, no graph break, no recompiles.
+
+Compiling takes ~10 s per graph on our CPU: tiny sizes, T=2, few configurations."""
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import rim_fast
+
+from conftest import requires_cuda
+from helpers import assert_close
+
+
+def score_fn(x, y):
+    return y - 0.7 * x
+
+
+def energy_fn(x, y):
+    return 0.5 * ((y - 0.7 * x) ** 2).flatten(1).sum(1)
+
+
+def softplus_inv(x):
+    return x + torch.log(-torch.expm1(-x))
+
+
+CONFIGS = [
+    pytest.param(1, dict(score_fn=score_fn, score_preprocessing_method="ADAM"), id="1D-score-adam"),
+    pytest.param(2, dict(energy_fn=energy_fn, score_preprocessing_method="identity",
+                         link_function=torch.nn.functional.softplus, inverse_link_function=softplus_inv),
+                 id="2D-energy-identity-link"),
+]
+SIZES = {1: (16,), 2: (8, 8)}
+
+
+def _pair(dims, kw, device="cpu"):
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=dims, nf=4, hidden_units=6)
+    eager = rim_fast.RIM(SIZES[dims], net, T=2, device=device, **kw)
+    net2 = rim_fast.Hourglass(1, dimensions=dims, nf=4, hidden_units=6)
+    net2.load_state_dict(net.state_dict())
+    compiled = rim_fast.RIM(SIZES[dims], net2, T=2, device=device, **kw)
+    return eager, compiled
+
+
+@pytest.mark.parametrize("dims,kw", CONFIGS)
+def test_compiled_equals_eager_with_one_compilation(dims, kw):
+    torch._dynamo.reset()
+    eager, compiled = _pair(dims, kw)
+    counter = CompileCounterWithBackend("inductor")
+    compiled.compile(backend=counter)
+    for call in range(3):
+        y = torch.randn(2, 1, *SIZES[dims])
+        x_true = torch.rand(2, 1, *SIZES[dims]) + 0.1
+        assert_close(compiled.predict(y), eager.predict(y))
+        loss_c, loss_e = compiled.loss_fn(y, x_true), eager.loss_fn(y, x_true)
+        assert_close(loss_c, loss_e)
+        compiled.model.zero_grad()
+        eager.model.zero_grad()
+        loss_c.backward()
+        loss_e.backward()
+        for (name, p_e), p_c in zip(eager.model.named_parameters(), compiled.model.parameters()):
+            assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # one graph for predict (keep_trajectory=False, no target) and one for loss_fn, whatever the call count
+    assert counter.frame_count == 2
+
+
+def test_compiled_forward_trajectory_and_no_graph_breaks():
+    torch._dynamo.reset()
+    eager, compiled = _pair(1, dict(score_fn=score_fn, score_preprocessing_method="RMSPROP"))
+    y = torch.randn(3, 1, 16)
+    explanation = torch._dynamo.explain(eager._loop)(y, (), {}, None, True)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled.compile()
+    for a, b in zip(compiled(y), eager(y)):
+        assert_close(a, b)
+
+
+@requires_cuda
+def test_reduce_overhead_on_cuda_equals_eager_and_outputs_survive():
+    torch._dynamo.reset()
+    eager, compiled = _pair(2, dict(score_fn=score_fn, score_preprocessing_method="ADAM"), device="cuda")
+    compiled.compile()  # mode="reduce-overhead" by default on CUDA
+    y1 = torch.randn(4, 1, 8, 8, device="cuda")
+    y2 = torch.randn(4, 1, 8, 8, device="cuda")
+    first = compiled.predict(y1)
+    traj = compiled(y1)
+    for _ in range(3):
+        compiled.predict(y2)
+        compiled(y2)
+    assert_close(first, eager.predict(y1))
+    for a, b in zip(traj, eager(y1)):
+        assert_close(a, b)
+    x_true = torch.rand_like(y1)
+    loss_c, loss_e = compiled.loss_fn(y1, x_true), eager.loss_fn(y1, x_true)
+    assert_close(loss_c, loss_e)
+    loss_c.backward()
+    loss_e.backward()
+    for (name, p_e), p_c in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fit_with_compile_trains_like_eager():
+    torch._dynamo.reset()
+    eager, compiled = _pair(1, dict(score_fn=score_fn))
+    x = torch.randn(4, 1, 16)
+    data = torch.utils.data.TensorDataset(x + 0.1, x)
+    losses_e = eager.fit(data, epochs=2, batch_size=2, learning_rate=1e-3, verbose=-1)
+    losses_c = compiled.fit(data, epochs=2, batch_size=2, learning_rate=1e-3, verbose=-1, compile=True)
+    assert compiled.__dict__.get("_compiled_loop") is not None
+    assert losses_c == pytest.approx(losses_e, rel=1e-4)
