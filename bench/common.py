@@ -1,0 +1,86 @@
+"""Shared benchmark helpers: the machine line, timing, and the one table of standard workloads."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+#: RIM_FAST_BENCH_SMOKE=1: tiny sizes and one round, so CI exercises the benchmarks without timing them.
+SMOKE = os.environ.get("RIM_FAST_BENCH_SMOKE") == "1"
+
+#: The standard workloads: Hourglass(nf=32, ch_mult=(2, 2), hidden_units=32), C=1, T=10.
+WORKLOADS = {
+    "S1": dict(dims=1, size=(256,), batch=32, devices=("cpu", "cuda")),
+    "S2": dict(dims=2, size=(64, 64), batch=16, devices=("cpu", "cuda")),
+    "S3": dict(dims=3, size=(16, 16, 16), batch=4, devices=("cpu", "cuda")),
+    "L2": dict(dims=2, size=(256, 256), batch=32, devices=("cuda",)),
+}
+MODEL = dict(nf=32, ch_mult=(2, 2), hidden_units=32)
+T = 10
+SMOKE_WORKLOADS = {
+    "S1": dict(dims=1, size=(16,), batch=2, devices=("cpu", "cuda")),
+    "S2": dict(dims=2, size=(8, 8), batch=2, devices=("cpu", "cuda")),
+    "S3": dict(dims=3, size=(4, 4, 4), batch=1, devices=("cpu", "cuda")),
+    "L2": dict(dims=2, size=(16, 16), batch=2, devices=("cuda",)),
+}
+
+
+def workloads() -> dict:
+    return SMOKE_WORKLOADS if SMOKE else WORKLOADS
+
+
+def git_revision() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev or "unknown") + ("+dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 - no git on the machine
+        return os.environ.get("RIM_FAST_REVISION", "unknown")
+
+
+def machine_line() -> str:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    else:
+        device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return (f"machine: {device} | torch {torch.__version__} | triton {triton_version} | "
+            f"threads {torch.get_num_threads()} | python {platform.python_version()} | rev {git_revision()}")
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], object], device="cpu", warmup: int = 2, rounds: int = 10,
+            min_seconds: float = 0.0) -> dict:
+    """Run ``fn`` warmup times untimed (compile, autotune, graph capture), then time ``rounds`` calls (more
+    until ``min_seconds``), synchronising the device around each. Returns median, IQR and all times (s)."""
+    if SMOKE:
+        warmup, rounds, min_seconds = 1, 1, 0.0
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < rounds or time.perf_counter() - start_all < min_seconds:
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "rounds": len(times), "times": times}
