@@ -1,0 +1,157 @@
+"""Benchmark of the ConvGRU gate ops, per GRU cell of the standard workloads (pytest-benchmark).
+
+The cell: Hourglass(nf=32, ch_mult=(2, 2), hidden_units=32) puts two GRUs with H = 16 at 1/4 of the input
+resolution: S1 [32, 16, 64], S2 [16, 16, 16x16], S3 [4, 16, 4x4x4], L2 [32, 16, 64x64] (B, H, spatial).
+Ops: "cell" = gru_gates_zr then gru_gates_h (the U_h convolution between them is not timed: uh is an input),
+"zero" = gru_gates_zero_state. Modes: "fwd", and "fwdbwd" (forward + the gradients of every input).
+Providers: "reference" (eager), "compiled" (torch.compile of the reference), on CUDA also "triton" (the
+fused kernels, eager) and "triton_compiled" (torch.compile over the triton ops); the compiled providers run
+for the "cell" op only (compiling costs seconds per case). The Triton interpreter is not a benchmark: on CPU
+only the reference providers run. Each case is checked against the reference before it is timed.
+
+GB/s is the effective bandwidth of the fused kernels' traffic, the same bytes for every provider:
+fwd cell 12 e B H N (zr: read wx[:, :2H], uzr, h, write z, rh = 7; h: read wx[:, 2H:], uh, z, h, write h' = 5),
+bwd cell 17 e B H N (zr bwd 9, h bwd 8), zero fwd 3, zero bwd 5 (e = element size, N = prod(spatial)).
+
+    pytest bench/bench_gru_gates.py [--benchmark-json out.json]    # RIM_FAST_BENCH_SMOKE=1: tiny, 1 round
+    python -m bench.bench_gru_gates                                 # the same as a table
+The first line printed names the machine (device, CUDA, torch, triton, git revision).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.common import SMOKE, machine_line, measure, synchronize, workloads
+from rim_fast.ops import reference, triton_gates
+
+H = 16  # hidden_units=32 split over the GRUBlock's two GRUs
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = triton_gates.missing() is None and DEVICE == "cuda" and not triton_gates.K.INTERPRETED
+PROVIDERS = ("reference", "compiled") + (("triton", "triton_compiled") if KERNELS else ())
+BYTES_PER_ELEMENT = {("cell", "fwd"): 12, ("cell", "fwdbwd"): 12 + 17, ("zero", "fwd"): 3, ("zero", "fwdbwd"): 8}
+
+
+def cell_shapes() -> dict:
+    """name -> (B, spatial) of the bottleneck GRU cell of each standard workload on this device."""
+    return {name: (w["batch"], tuple(s // 4 for s in w["size"])) for name, w in workloads().items()
+            if DEVICE in w["devices"]}
+
+
+def _inputs(B, S, op, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype)  # noqa: E731
+    if op == "cell":
+        return [rnd(B, 3 * H, *S), rnd(B, 2 * H, *S), rnd(B, H, *S), rnd(B, H, *S), rnd(H), rnd(H), rnd(H)]
+    return [rnd(B, 2 * H, *S), rnd(H), rnd(H)]
+
+
+def _cell(gates_zr, gates_h):
+    def cell(wx, uzr, uh, h, bias_z, bias_r, bias_h):
+        z, rh = gates_zr(wx, uzr, h, bias_z, bias_r)
+        return gates_h(wx, uh, z, h, bias_h), rh
+    return cell
+
+
+def _function(op: str, provider: str):
+    if op == "cell":
+        fn = _cell(triton_gates.gru_gates_zr, triton_gates.gru_gates_h) if provider.startswith("triton") else \
+            _cell(reference.gru_gates_zr, reference.gru_gates_h)
+    else:
+        fn = triton_gates.gru_gates_zero_state if provider.startswith("triton") else reference.gru_gates_zero_state
+    if provider.endswith("compiled"):
+        fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    return fn
+
+
+def make_case(op: str, mode: str, provider: str, B: int, S: tuple):
+    """(callable to time, its result) for one case; the callable synchronises the device."""
+    fn = _function(op, provider)
+    inputs = _inputs(B, S, op)
+    if mode == "fwdbwd":
+        inputs = [t.requires_grad_() for t in inputs]
+
+    def run():
+        with torch.set_grad_enabled(mode == "fwdbwd"):
+            outs = fn(*inputs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            if mode == "fwdbwd":
+                outs = outs + torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+        synchronize(DEVICE)
+        return outs
+    return run
+
+
+_REFERENCE = {}
+
+
+def check_and_baseline(op, mode, B, S):
+    """The reference result and its median time for a case (measured once per run)."""
+    key = (op, mode, B, S)
+    if key not in _REFERENCE:
+        run = make_case(op, mode, "reference", B, S)
+        _REFERENCE[key] = ([o.detach() for o in run()], measure(run, DEVICE)["median"])
+    return _REFERENCE[key]
+
+
+def correct(outs, expected) -> bool:
+    return all(torch.allclose(a.detach().float(), b.float(), rtol=1e-4, atol=1e-5) for a, b in zip(outs, expected))
+
+
+def gbps(op, mode, B, S, seconds) -> float:
+    return BYTES_PER_ELEMENT[(op, mode)] * 4 * B * H * math.prod(S) / seconds / 1e9
+
+
+def _wanted(name, op, provider) -> bool:
+    # compiling costs seconds per case: compiled providers for the full cell only (in smoke mode, one workload)
+    if not provider.endswith("compiled"):
+        return True
+    return op == "cell" and (not SMOKE or name == next(iter(cell_shapes())))
+
+
+CASES = [pytest.param(name, op, mode, provider, id=f"{name}-{op}-{mode}-{provider}")
+         for name in cell_shapes() for op in ("cell", "zero") for mode in ("fwd", "fwdbwd")
+         for provider in PROVIDERS if _wanted(name, op, provider)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _machine(request):
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n" + machine_line())
+
+
+@pytest.mark.parametrize("name,op,mode,provider", CASES)
+def test_gru_gates(benchmark, name, op, mode, provider):
+    B, S = cell_shapes()[name]
+    expected, baseline = check_and_baseline(op, mode, B, S)
+    run = make_case(op, mode, provider, B, S)
+    ok = correct(run(), expected)
+    benchmark.extra_info.update(machine=machine_line(), B=B, H=H, spatial="x".join(map(str, S)), correct=ok)
+    # no timing (and no speedup) for a case whose result is wrong
+    assert ok, f"{provider} disagrees with the reference"
+    benchmark.pedantic(run, warmup_rounds=1 if SMOKE else 3, rounds=1 if SMOKE else 20, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(GBps=gbps(op, mode, B, S, median), speedup_vs_reference=baseline / median)
+
+
+def main():
+    print(machine_line())
+    print(f"{'case':40s} {'median ms':>10s} {'IQR ms':>8s} {'GB/s':>8s} {'speedup':>8s}")
+    for param in CASES:
+        name, op, mode, provider = param.values
+        B, S = cell_shapes()[name]
+        expected, baseline = check_and_baseline(op, mode, B, S)
+        run = make_case(op, mode, provider, B, S)
+        if not correct(run(), expected):
+            print(f"{param.id:40s} WRONG RESULT (not timed)")
+            continue
+        t = measure(run, DEVICE, warmup=3, rounds=20)
+        print(f"{param.id:40s} {t['median'] * 1e3:10.4f} {(t['q3'] - t['q1']) * 1e3:8.4f} "
+              f"{gbps(op, mode, B, S, t['median']):8.1f} {baseline / t['median']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
