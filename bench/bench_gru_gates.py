@@ -5,7 +5,9 @@ resolution: S1 [32, 16, 64], S2 [16, 16, 16x16], S3 [4, 16, 4x4x4], L2 [32, 16, 
 Ops: "cell" = gru_gates_zr then gru_gates_h (the U_h convolution between them is not timed: uh is an input),
 "zero" = gru_gates_zero_state. Modes: "fwd", and "fwdbwd" (forward + the gradients of every input).
 Providers: "reference" (eager), "compiled" (torch.compile of the reference), on CUDA also "triton" (the
-fused kernels, eager) and "triton_compiled" (torch.compile over the triton ops); the compiled providers run
+fused kernels, eager), "triton_compiled" (torch.compile over the triton ops), and "reference_graph" /
+"triton_graph" (the eager code captured in a CUDA graph and replayed: kernel time without the host's launch
+overhead, which dominates every standard cell in eager mode); the compiled providers run
 for the "cell" op only (compiling costs seconds per case). The Triton interpreter is not a benchmark: on CPU
 only the reference providers run. Each case is checked against the reference before it is timed.
 
@@ -27,10 +29,16 @@ import torch
 from bench.common import SMOKE, machine_line, measure, synchronize, workloads
 from rim_fast.ops import reference, triton_gates
 
+# every case compiles the same `cell` code object again (other closures, shapes, grad mode)
+for _name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, max(getattr(torch._dynamo.config, _name), 256))
+
 H = 16  # hidden_units=32 split over the GRUBlock's two GRUs
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = triton_gates.missing() is None and DEVICE == "cuda" and not triton_gates.K.INTERPRETED
-PROVIDERS = ("reference", "compiled") + (("triton", "triton_compiled") if KERNELS else ())
+PROVIDERS = ("reference", "compiled") + (("triton", "triton_compiled") if KERNELS else ()) + (
+    ("reference_graph",) if DEVICE == "cuda" else ()) + (("triton_graph",) if KERNELS else ())
 BYTES_PER_ELEMENT = {("cell", "fwd"): 12, ("cell", "fwdbwd"): 12 + 17, ("zero", "fwd"): 3, ("zero", "fwdbwd"): 8}
 
 
@@ -67,18 +75,41 @@ def _function(op: str, provider: str):
 
 
 def make_case(op: str, mode: str, provider: str, B: int, S: tuple):
-    """(callable to time, its result) for one case; the callable synchronises the device."""
-    fn = _function(op, provider)
+    """The callable to time for one case (it synchronises the device and returns its results)."""
+    fn = _function(op, provider.removesuffix("_graph"))
     inputs = _inputs(B, S, op)
     if mode == "fwdbwd":
         inputs = [t.requires_grad_() for t in inputs]
 
-    def run():
+    def compute():
         with torch.set_grad_enabled(mode == "fwdbwd"):
             outs = fn(*inputs)
             outs = outs if isinstance(outs, tuple) else (outs,)
             if mode == "fwdbwd":
                 outs = outs + torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+        return outs
+
+    if provider.endswith("_graph"):
+        # the eager code captured in a CUDA graph: kernel time without the host's launch overhead (what
+        # RIM.compile's reduce-overhead mode gets)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                compute()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = compute()
+
+        def replay():
+            graph.replay()
+            synchronize(DEVICE)
+            return static
+        return replay
+
+    def run():
+        outs = compute()
         synchronize(DEVICE)
         return outs
     return run

@@ -277,6 +277,19 @@ def _sm_count(index) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _launch(B, H, N, device: torch.device) -> "_Launch":
+    """The launch geometry of a problem, cached: the launchers' host time is what small cells pay for."""
+    if type(B) is int and type(H) is int and type(N) is int:
+        return _launch_cached(B, H, N, device)
+    # symbolic sizes (torch.compile with dynamic shapes): not hashable, computed each trace
+    return _Launch(B, H, N, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_cached(B, H, N, device):
+    return _Launch(B, H, N, device)
+
+
 class _Launch:
     """Tile sizes and grid for a [Bk, H, Nk] problem (Nk = N, or B with Bk = 1 when N = 1)."""
 
@@ -336,7 +349,7 @@ def gru_gates_zr_fwd(wx, uzr, h, bias_z, bias_r):
     if h.numel() == 0:
         return z, rh
     (wx, s_wx), (uzr, s_u), (h, s_h) = _bcn(wx), _bcn(uzr), _bcn(h)
-    L = _Launch(B, H, _numel_n(h), h.device)
+    L = _launch(B, H, _numel_n(h), h.device)
     torch.library.wrap_triton(_gru_zr_fwd_kernel)[L.grid](
         wx, uzr, h, bias_z.contiguous(), bias_r.contiguous(), z, rh, H, L.N, L.n_blocks,
         *L.strides(s_wx), *L.strides(s_u), *L.strides(s_h), *L.strides(_bcn_strides(z)), **L.meta())
@@ -353,7 +366,7 @@ def gru_gates_h_fwd(wx, uh, z, h, bias_h):
     if h.numel() == 0:
         return out
     (wx, s_wx), (uh, s_u), (z, s_z), (h, s_h) = _bcn(wx), _bcn(uh), _bcn(z), _bcn(h)
-    L = _Launch(B, H, _numel_n(h), h.device)
+    L = _launch(B, H, _numel_n(h), h.device)
     torch.library.wrap_triton(_gru_h_fwd_kernel)[L.grid](
         wx, uh, z, h, bias_h.contiguous(), out, H, L.N, L.n_blocks,
         *L.strides(s_wx), *L.strides(s_u), *L.strides(s_z), *L.strides(s_h), *L.strides(_bcn_strides(out)),
@@ -371,7 +384,7 @@ def gru_gates_zero_state_fwd(wzh, bias_z, bias_h):
     if out.numel() == 0:
         return out
     wzh, s_w = _bcn(wzh)
-    L = _Launch(B, H, _numel_n(wzh), wzh.device)
+    L = _launch(B, H, _numel_n(wzh), wzh.device)
     torch.library.wrap_triton(_gru_zero_state_fwd_kernel)[L.grid](
         wzh, bias_z.contiguous(), bias_h.contiguous(), out, H, L.N, L.n_blocks,
         *L.strides(s_w), *L.strides(_bcn_strides(out)), **L.meta())
@@ -399,7 +412,7 @@ def gru_gates_zr_bwd(gz, grh, wx, uzr, h, z, bias_r):
         return g_zr, g_h, _bias_grad(None, 2, H, h.device)
     (gz, s_gz), (grh, s_gr), (wx, s_wx), (uzr, s_u), (h, s_h), (z, s_z) = (
         _bcn(gz), _bcn(grh), _bcn(wx), _bcn(uzr), _bcn(h), _bcn(z))
-    L = _Launch(B, H, _numel_n(h), h.device)
+    L = _launch(B, H, _numel_n(h), h.device)
     partial = _empty((L.rows, 2 * H), torch.float32, h.device)
     torch.library.wrap_triton(_gru_zr_bwd_kernel)[L.grid](
         gz, grh, wx, uzr, h, z, bias_r.contiguous(), g_zr, g_h, partial, H, L.N, L.n_blocks,
@@ -422,7 +435,7 @@ def gru_gates_h_bwd(g, wx, uh, z, h, bias_h):
     if h.numel() == 0:
         return g_a, g_z, g_h, _bias_grad(None, 1, H, h.device)
     (g, s_g), (wx, s_wx), (uh, s_u), (z, s_z), (h, s_h) = _bcn(g), _bcn(wx), _bcn(uh), _bcn(z), _bcn(h)
-    L = _Launch(B, H, _numel_n(h), h.device)
+    L = _launch(B, H, _numel_n(h), h.device)
     partial = _empty((L.rows, H), torch.float32, h.device)
     # the three outputs are allocated alike: one set of strides
     assert g_a.stride() == g_z.stride() == g_h.stride()
@@ -443,7 +456,7 @@ def gru_gates_zero_state_bwd(g, wzh, bias_z, bias_h):
     if g_w.numel() == 0:
         return g_w, _bias_grad(None, 2, H, wzh.device)
     (g, s_g), (wzh, s_w) = _bcn(g), _bcn(wzh)
-    L = _Launch(B, H, _numel_n(wzh), wzh.device)
+    L = _launch(B, H, _numel_n(wzh), wzh.device)
     partial = _empty((L.rows, 2 * H), torch.float32, wzh.device)
     torch.library.wrap_triton(_gru_zero_state_bwd_kernel)[L.grid](
         g, wzh, bias_z.contiguous(), bias_h.contiguous(), g_w, partial, H, L.N, L.n_blocks,
