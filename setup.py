@@ -1,11 +1,81 @@
 """rim_fast build: the Python package, the Triton kernels (installed as rim_fast.kernels) and the C++/CUDA
-extension rim_fast._C (built by torch's BuildExtension with ninja; see csrc/)."""
+extension rim_fast._C (built by torch's BuildExtension with ninja; see csrc/).
+
+The extension is a CUDAExtension when torch is a CUDA build and nvcc is found, else a CppExtension:
+- ``RIM_FAST_NO_EXT=1``   build no extension (rim_fast then runs its pure-PyTorch references);
+- ``RIM_FAST_NO_CUDA=1``  build the CPU kernels only;
+- ``CUDA_HOME``           the CUDA toolkit (e.g. /usr/local/cuda); when unset, torch's guess is used if it holds
+                          the CUDA headers, else /usr/local/cuda;
+- ``TORCH_CUDA_ARCH_LIST`` the GPU architectures; when unset and no GPU is visible, 9.0 (Hopper, sm_90).
+
+In-place build (the .so lands in rim_fast/, importable from the source tree):
+    CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace
+or, for an editable install, pip install --no-build-isolation -e .
+"""
+import glob
 import os
+import shutil
 
 from setuptools import setup
 
 ext_modules = []
 cmdclass = {}
+
+
+def _has_cuda_headers(home):
+    return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _choose_cuda_home():
+    """Set CUDA_HOME before torch.utils.cpp_extension reads it: torch guesses the parent of `which nvcc`
+    (/usr/local for /usr/local/bin/nvcc), which may have no CUDA headers or libraries."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    if not _has_cuda_headers(guess):
+        candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+        for home in candidates:
+            if _has_cuda_headers(home) and os.path.exists(os.path.join(home, "bin", "nvcc")):
+                os.environ["CUDA_HOME"] = home
+                return
+
+
+def _extension():
+    if os.environ.get("RIM_FAST_NO_EXT") == "1":
+        return [], {}
+    try:
+        import torch
+    except ImportError:
+        # no torch in the build environment (e.g. pip's build isolation): build the pure-Python package
+        print("rim_fast: torch is not importable, building without the C++/CUDA extension "
+              "(use pip install --no-build-isolation)")
+        return [], {}
+    _choose_cuda_home()
+    from torch.utils import cpp_extension
+
+    sources = ["csrc/update_step.cpp", "csrc/register.cpp"]
+    # -fno-math-errno lets the compiler vectorise sqrt (errno is never read)
+    cxx_flags = ["-O3", "-fno-math-errno"]
+    cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = (os.environ.get("RIM_FAST_NO_CUDA") != "1" and torch.version.cuda is not None
+                 and cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        print(f"rim_fast: building rim_fast._C with CUDA (CUDA_HOME={cuda_home}, "
+              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')})")
+        ext = cpp_extension.CUDAExtension(
+            "rim_fast._C", sources + ["csrc/cuda/update_step.cu"],
+            define_macros=[("RIM_FAST_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]})
+    else:
+        print("rim_fast: building rim_fast._C for the CPU only")
+        ext = cpp_extension.CppExtension("rim_fast._C", sources, extra_compile_args={"cxx": cxx_flags})
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extension()
 
 setup(
     name="rim_fast",

@@ -1,0 +1,60 @@
+// The one registration file of rim_fast._C: CPU (and, in a CUDA build, CUDA) kernels for the rim_fast ops
+// whose schemas, fakes and autograd are defined in Python (rim_fast/ops/cpp_update.py), so the ops exist
+// even when this extension is not built. Importing rim_fast._C runs these registrations.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "update_step.h"
+
+// An importable module with no Python functions: the dispatcher, not pybind11, exposes the kernels.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // m_name
+      "rim_fast C++/CUDA kernels, registered with the PyTorch dispatcher (torch.ops.rim_fast)",  // m_doc
+      -1,    // m_size
+      nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) {
+    return nullptr;
+  }
+#ifdef RIM_FAST_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  // rim_fast._C.WITH_CUDA: whether this build registered CUDA kernels (tests check it against the dispatcher)
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+
+namespace rim_fast {
+
+TORCH_LIBRARY_IMPL(rim_fast, CPU, m) {
+  m.impl("preprocess_adam", &preprocess_adam_cpu);
+  m.impl("preprocess_rmsprop", &preprocess_rmsprop_cpu);
+  m.impl("preprocess_rmsprop_fixed", &preprocess_rmsprop_fixed_cpu);
+  m.impl("preprocess_arcsinh", &preprocess_arcsinh_cpu);
+  m.impl("update_state", &update_state_cpu);
+  m.impl("update_state_loss", &update_state_loss_cpu);
+  m.impl("update_state_loss_backward", &update_state_loss_backward_cpu);
+}
+
+#ifdef RIM_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(rim_fast, CUDA, m) {
+  m.impl("preprocess_adam", &preprocess_adam_cuda);
+  m.impl("preprocess_rmsprop", &preprocess_rmsprop_cuda);
+  m.impl("preprocess_rmsprop_fixed", &preprocess_rmsprop_fixed_cuda);
+  m.impl("preprocess_arcsinh", &preprocess_arcsinh_cuda);
+  m.impl("update_state", &update_state_cuda);
+  m.impl("update_state_loss", &update_state_loss_cuda);
+  m.impl("update_state_loss_backward", &update_state_loss_backward_cuda);
+}
+#endif
+
+}  // namespace rim_fast

@@ -1,0 +1,338 @@
+"""The C++/CUDA update-step ops (kernels in csrc/update_step.*): schemas, fakes, autograd, fallbacks, and the
+``cpp`` implementation of ``preprocess_score`` / ``update_state`` that ``rim_fast.ops.update`` registers.
+
+Ops (namespace ``rim_fast``), all functional (new outputs; inputs are never written):
+
+- ``preprocess_adam(score, m, v, step, beta_1, beta_2, epsilon) -> (out, m', v')``
+- ``preprocess_rmsprop(...) -> (out, m')``: torch_rim's RMSprop, v is read but never updated, so it is not
+  returned (an output may not alias an input);
+- ``preprocess_rmsprop_fixed(...) -> (out, m', v')``
+- ``preprocess_arcsinh(score) -> out``
+- ``update_state(x, g) -> x + g``
+- ``update_state_loss(x, g, x_true, w?) -> (x + g, sum(w (x + g - x_true)^2))``
+- ``update_state_loss_backward(grad_out, grad_loss, x_new, x_true, w?) -> grad of x (and of g)``
+
+One op per mode, so no output is ever optional. score, m, v, x, g, x_true, w: same shape [B, C, *S] (no
+broadcasting), float32/float64/bfloat16/float16; the moments m, v have score's dtype, or float32 for a
+bfloat16/float16 score (outputs then float32, as the reference's type promotion gives).
+
+The step index is a 0-dim tensor ``step`` holding t, on the CPU or on the inputs' device, never a Python
+number in the schema: torch.compile guards on Python numbers, so a per-step compiled loop would recompile at
+every t, and a CUDA graph would freeze it. The kernels compute the bias corrections 1 - beta^(t+1) from it in
+double. ``preprocess_score`` accepts t as an int or as such a tensor: eagerly an int becomes a cached CPU
+scalar (read on the host, no device work); under torch.compile it becomes a device scalar made in the graph,
+so with a tensor t nothing is specialised on the step at all.
+
+The ops exist whether or not ``rim_fast._C`` is built: without it, Python kernels with the same semantics are
+registered for CPU and CUDA, and the ``cpp`` implementation reports itself missing so that ``auto`` uses the
+reference.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from . import reference
+
+NAMESPACE = "rim_fast"
+METHODS = ("identity", "arcsinh", "adam", "rmsprop", "rmsprop_fixed")
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_REDUCED = (torch.bfloat16, torch.float16)
+
+_MOMENTS_ARGS = "Tensor score, Tensor m, Tensor v, Tensor step, float beta_1, float beta_2, float epsilon"
+SCHEMAS = {
+    "preprocess_adam": f"({_MOMENTS_ARGS}) -> (Tensor, Tensor, Tensor)",
+    "preprocess_rmsprop": f"({_MOMENTS_ARGS}) -> (Tensor, Tensor)",
+    "preprocess_rmsprop_fixed": f"({_MOMENTS_ARGS}) -> (Tensor, Tensor, Tensor)",
+    "preprocess_arcsinh": "(Tensor score) -> Tensor",
+    "update_state": "(Tensor x, Tensor g) -> Tensor",
+    "update_state_loss": "(Tensor x, Tensor g, Tensor x_true, Tensor? w) -> (Tensor, Tensor)",
+    "update_state_loss_backward": ("(Tensor grad_out, Tensor grad_loss, Tensor x_new, Tensor x_true, Tensor? w) "
+                                   "-> Tensor"),
+}
+OPS = tuple(SCHEMAS)
+
+for _name, _schema in SCHEMAS.items():
+    torch.library.define(f"{NAMESPACE}::{_name}", _schema)
+
+_ops = torch.ops.rim_fast
+
+
+# ---- fakes (shapes only: outputs from new_empty, no device literals) ------------------------------------
+
+@torch.library.register_fake(f"{NAMESPACE}::preprocess_adam")
+def _preprocess_adam_fake(score, m, v, step, beta_1, beta_2, epsilon):
+    return m.new_empty(score.shape), m.new_empty(score.shape), v.new_empty(score.shape)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::preprocess_rmsprop")
+def _preprocess_rmsprop_fake(score, m, v, step, beta_1, beta_2, epsilon):
+    return m.new_empty(score.shape), m.new_empty(score.shape)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::preprocess_rmsprop_fixed")
+def _preprocess_rmsprop_fixed_fake(score, m, v, step, beta_1, beta_2, epsilon):
+    return m.new_empty(score.shape), m.new_empty(score.shape), v.new_empty(score.shape)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::preprocess_arcsinh")
+def _preprocess_arcsinh_fake(score):
+    return score.new_empty(score.shape)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::update_state")
+def _update_state_fake(x, g):
+    torch._check(x.shape == g.shape, lambda: f"rim_fast::update_state: g {g.shape} must have x's shape {x.shape}")
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::update_state_loss")
+def _update_state_loss_fake(x, g, x_true, w):
+    torch._check(x.shape == g.shape, lambda: f"rim_fast::update_state_loss: g {g.shape} must have x's shape {x.shape}")
+    return x.new_empty(x.shape), x.new_empty(())
+
+
+@torch.library.register_fake(f"{NAMESPACE}::update_state_loss_backward")
+def _update_state_loss_backward_fake(grad_out, grad_loss, x_new, x_true, w):
+    return x_new.new_empty(x_new.shape)
+
+
+# ---- autograd ------------------------------------------------------------------------------------------
+
+def _no_derivative(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"rim_fast::{name} has no derivative (score preprocessing runs under no_grad in the "
+                           f"RIM); differentiate rim_fast.ops.reference.preprocess_score instead")
+    return backward
+
+
+for _name in ("preprocess_adam", "preprocess_rmsprop", "preprocess_rmsprop_fixed", "preprocess_arcsinh"):
+    torch.library.register_autograd(f"{NAMESPACE}::{_name}", _no_derivative(_name))
+
+
+def _update_state_backward(ctx, grad_out):
+    return grad_out, grad_out
+
+
+torch.library.register_autograd(f"{NAMESPACE}::update_state", _update_state_backward)
+
+
+def _update_state_loss_setup(ctx, inputs, output):
+    _, _, x_true, w = inputs
+    ctx.has_w = w is not None
+    ctx.save_for_backward(output[0], x_true, w)
+
+
+def _update_state_loss_bwd(ctx, grad_out, grad_loss):
+    x_new, x_true, w = ctx.saved_tensors
+    need_x, need_g, need_x_true, need_w = ctx.needs_input_grad
+    grad_x = grad_x_true = grad_w = None
+    if need_x or need_g:
+        grad_x = _ops.update_state_loss_backward(grad_out, grad_loss, x_new, x_true, w)
+    if need_x_true or need_w:
+        diff = x_new - x_true
+        if need_x_true:
+            # -(grad_loss w) (2 d), computed directly: grad_out - grad_x would cancel catastrophically
+            scale = grad_loss if w is None else grad_loss * w
+            grad_x_true = -(scale * (2 * diff))
+        if need_w:
+            grad_w = grad_loss * diff ** 2
+    return grad_x, (grad_x if need_g else None), grad_x_true, grad_w
+
+
+torch.library.register_autograd(f"{NAMESPACE}::update_state_loss", _update_state_loss_bwd,
+                                setup_context=_update_state_loss_setup)
+
+
+def _loss_backward_setup(ctx, inputs, output):
+    _, grad_loss, x_new, x_true, w = inputs
+    ctx.save_for_backward(grad_loss, x_new, x_true, w)
+
+
+def _loss_backward_bwd(ctx, gg):
+    # double backward of grad = grad_out + (grad_loss w) (2 (x_new - x_true)), in plain torch ops
+    grad_loss, x_new, x_true, w = ctx.saved_tensors
+    need_go, need_gl, need_xn, need_xt, need_w = ctx.needs_input_grad
+    two_d = 2 * (x_new - x_true)
+    w_ = 1 if w is None else w
+    g_go = gg if need_go else None
+    g_gl = (gg * w_ * two_d).sum().reshape(grad_loss.shape) if need_gl else None
+    g_xn = 2 * gg * grad_loss * w_ if (need_xn or need_xt) else None
+    g_xt = -g_xn if need_xt else None
+    g_w = gg * grad_loss * two_d if need_w else None
+    return g_go, g_gl, (g_xn if need_xn else None), g_xt, g_w
+
+
+torch.library.register_autograd(f"{NAMESPACE}::update_state_loss_backward", _loss_backward_bwd,
+                                setup_context=_loss_backward_setup)
+
+
+# ---- Python kernels used when rim_fast._C is not loaded -------------------------------------------------
+
+def _bias_corrected(step: Tensor):
+    """t as a float64 0-dim tensor: beta ** (t + 1) is then evaluated in double, as the reference does."""
+    return step.reshape(()).to(torch.float64)
+
+
+def _py_moments(method):
+    def kernel(score, m, v, step, beta_1, beta_2, epsilon):
+        out, m_new, v_new = reference.preprocess_score(score, m, v, _bias_corrected(step), method, beta_1,
+                                                       beta_2, epsilon)
+        if method == "rmsprop":
+            return out.to(m.dtype), m_new
+        return out.to(m.dtype), m_new, v_new
+    return kernel
+
+
+_PY_KERNELS = {
+    "preprocess_adam": _py_moments("adam"),
+    "preprocess_rmsprop": _py_moments("rmsprop"),
+    "preprocess_rmsprop_fixed": _py_moments("rmsprop_fixed"),
+    "preprocess_arcsinh": lambda score: torch.arcsinh(score),
+    "update_state": lambda x, g: x + g,
+    "update_state_loss": lambda x, g, x_true, w: reference.update_state(x, g, x_true, w),
+    "update_state_loss_backward": lambda grad_out, grad_loss, x_new, x_true, w: (
+        grad_out + (grad_loss if w is None else grad_loss * w) * (2 * (x_new - x_true))),
+}
+
+if _ext.module() is None:
+    for _name, _kernel in _PY_KERNELS.items():
+        torch.library.register_kernel(f"{NAMESPACE}::{_name}", ("cpu", "cuda"), _kernel)
+
+
+# ---- the `cpp` implementation of the public update-step ops --------------------------------------------
+
+def missing() -> Optional[str]:
+    """None when the compiled kernels are loaded, else why not."""
+    return _ext.missing()
+
+
+def _registered(device_type: str) -> bool:
+    if _ext.module() is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::update_state", key)
+
+
+# read once (a plain dict, which torch.compile traces as a constant)
+_HAS_KERNEL = {device_type: _registered(device_type) for device_type in ("cpu", "cuda")}
+
+
+def has_kernel(device_type: str) -> bool:
+    """Whether rim_fast._C registered kernels for this device type ("cpu", "cuda")."""
+    return _HAS_KERNEL.get(device_type, False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_step(t: int) -> Tensor:
+    return torch.tensor(float(t), dtype=torch.float64)
+
+
+def step_tensor(t, like: Tensor) -> Tensor:
+    """The ``step`` argument for step t (an int, or a 0-dim tensor that is passed through)."""
+    if isinstance(t, Tensor):
+        return t
+    if torch.compiler.is_compiling():
+        return torch.full((), t, dtype=torch.float64, device=like.device)
+    return _host_step(int(t))
+
+
+def _is_step(t, like: Tensor) -> bool:
+    if isinstance(t, Tensor):
+        return (t.numel() == 1 and not t.is_complex() and t.dtype != torch.bool
+                and (t.device.type == "cpu" or t.device == like.device))
+    return (isinstance(t, int) and not isinstance(t, bool)) or isinstance(t, torch.SymInt)
+
+
+def _same(ref: Tensor, t, dtype: bool = True) -> bool:
+    return (isinstance(t, Tensor) and t.shape == ref.shape and t.device == ref.device
+            and (not dtype or t.dtype == ref.dtype))
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
+    """Whether the kernels cover these arguments (device, dtype, shapes), installed or not."""
+    if method not in METHODS or not isinstance(score, Tensor) or score.device.type not in ("cpu", "cuda"):
+        return False
+    if method == "identity":
+        return True
+    if score.dtype not in _FLOATS:
+        return False
+    if method == "arcsinh":
+        return True
+    if not (_same(score, m, dtype=False) and _same(score, v, dtype=False) and m.dtype == v.dtype):
+        return False
+    if not (m.dtype == score.dtype or (m.dtype == torch.float32 and score.dtype in _REDUCED)):
+        return False
+    return _is_step(t, score)
+
+
+def preprocess_auto(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
+    """Whether ``auto`` should use the kernels: eagerly, for a method that computes something, when they cover
+    the arguments, the extension was loaded (a missing one was reported once, at import) and no gradient is
+    needed (the reference serves those, by design). Under torch.compile the reference is preferred: Inductor
+    fuses its element-wise ops into one kernel of the same traffic, and into their neighbours, which an
+    opaque custom op would prevent (``RIM_FAST_BACKEND=kernels`` still compiles the custom ops)."""
+    return (_ext.module() is not None and not torch.compiler.is_compiling() and method != "identity"
+            and preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon) and not _needs_grad(score, m, v))
+
+
+def preprocess_usable(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
+    """Whether the kernels can run these arguments now: installed for the device, and no gradient needed
+    (the preprocessing ops have no derivative; the reference, which has, serves such calls)."""
+    return (preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon)
+            and (method == "identity" or has_kernel(score.device.type))
+            and not _needs_grad(score, m, v))
+
+
+def preprocess_score(score, m, v, t, method, beta_1, beta_2, epsilon):
+    """``reference.preprocess_score`` through the C++/CUDA kernels; returns (out, m', v')."""
+    if method == "identity":
+        return score, m, v
+    if method == "arcsinh":
+        return _ops.preprocess_arcsinh(score), m, v
+    step = step_tensor(t, score)
+    if method == "adam":
+        return _ops.preprocess_adam(score, m, v, step, beta_1, beta_2, epsilon)
+    if method == "rmsprop":
+        out, m_new = _ops.preprocess_rmsprop(score, m, v, step, beta_1, beta_2, epsilon)
+        return out, m_new, v
+    if method == "rmsprop_fixed":
+        return _ops.preprocess_rmsprop_fixed(score, m, v, step, beta_1, beta_2, epsilon)
+    raise ValueError(f"unknown preprocessing method {method!r}; expected one of {METHODS}")
+
+
+def update_applies(x, g, x_true=None, w=None) -> bool:
+    """Whether the kernels cover these arguments (same shape, dtype and device; no broadcasting)."""
+    if not (isinstance(x, Tensor) and x.device.type in ("cpu", "cuda") and x.dtype in _FLOATS and _same(x, g)):
+        return False
+    if x_true is None:
+        return True
+    return _same(x, x_true) and (w is None or _same(x, w))
+
+
+def update_auto(x, g, x_true=None, w=None) -> bool:
+    """Whether ``auto`` should use the kernels: eagerly, for the fused loss term (one pass instead of four ops
+    and their autograd nodes). A lone x + g is one PyTorch op already (the custom op only adds its call
+    overhead); under torch.compile Inductor fuses the reference (see ``preprocess_auto``)."""
+    return (_ext.module() is not None and not torch.compiler.is_compiling() and x_true is not None
+            and update_applies(x, g, x_true, w))
+
+
+def update_usable(x, g, x_true=None, w=None) -> bool:
+    return update_applies(x, g, x_true, w) and has_kernel(x.device.type)
+
+
+def update_state(x, g, x_true=None, w=None):
+    """``reference.update_state`` through the C++/CUDA kernels; returns (x + g, loss term or None)."""
+    if x_true is None:
+        return _ops.update_state(x, g), None
+    x_new, loss = _ops.update_state_loss(x, g, x_true, w)
+    return x_new, loss
