@@ -7,7 +7,8 @@ Ops: "cell" = gru_gates_zr then gru_gates_h (the U_h convolution between them is
 Providers: "reference" (eager), "compiled" (torch.compile of the reference), on CUDA also "triton" (the
 fused kernels, eager), "triton_compiled" (torch.compile over the triton ops), and "reference_graph" /
 "triton_graph" (the eager code captured in a CUDA graph and replayed: kernel time without the host's launch
-overhead, which dominates every standard cell in eager mode); the compiled providers run
+overhead, which dominates every standard cell in eager mode), "compiled_graph" / "triton_compiled_graph"
+(the compiled code captured likewise, as RIM.compile's reduce-overhead mode runs it); the compiled providers run
 for the "cell" op only (compiling costs seconds per case). The Triton interpreter is not a benchmark: on CPU
 only the reference providers run. Each case is checked against the reference before it is timed.
 
@@ -22,6 +23,7 @@ The first line printed names the machine (device, CUDA, torch, triton, git revis
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -38,7 +40,12 @@ H = 16  # hidden_units=32 split over the GRUBlock's two GRUs
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = triton_gates.missing() is None and DEVICE == "cuda" and not triton_gates.K.INTERPRETED
 PROVIDERS = ("reference", "compiled") + (("triton", "triton_compiled") if KERNELS else ()) + (
-    ("reference_graph",) if DEVICE == "cuda" else ()) + (("triton_graph",) if KERNELS else ())
+    ("reference_graph", "compiled_graph") if DEVICE == "cuda" else ()) + (
+    ("triton_graph", "triton_compiled_graph") if KERNELS else ())
+# RIM_FAST_BENCH_PROVIDERS=a,b / RIM_FAST_BENCH_OPS=cell: run a subset
+if os.environ.get("RIM_FAST_BENCH_PROVIDERS"):
+    PROVIDERS = tuple(p for p in PROVIDERS if p in os.environ["RIM_FAST_BENCH_PROVIDERS"].split(","))
+OPS = tuple(os.environ.get("RIM_FAST_BENCH_OPS", "cell,zero").split(","))
 BYTES_PER_ELEMENT = {("cell", "fwd"): 12, ("cell", "fwdbwd"): 12 + 17, ("zero", "fwd"): 3, ("zero", "fwdbwd"): 8}
 
 
@@ -137,13 +144,13 @@ def gbps(op, mode, B, S, seconds) -> float:
 
 def _wanted(name, op, provider) -> bool:
     # compiling costs seconds per case: compiled providers for the full cell only (in smoke mode, one workload)
-    if not provider.endswith("compiled"):
+    if "compiled" not in provider:
         return True
     return op == "cell" and (not SMOKE or name == next(iter(cell_shapes())))
 
 
 CASES = [pytest.param(name, op, mode, provider, id=f"{name}-{op}-{mode}-{provider}")
-         for name in cell_shapes() for op in ("cell", "zero") for mode in ("fwd", "fwdbwd")
+         for name in cell_shapes() for op in OPS for mode in ("fwd", "fwdbwd")
          for provider in PROVIDERS if _wanted(name, op, provider)]
 
 
