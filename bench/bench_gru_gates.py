@@ -2,19 +2,21 @@
 
 The cell: Hourglass(nf=32, ch_mult=(2, 2), hidden_units=32) puts two GRUs with H = 16 at 1/4 of the input
 resolution: S1 [32, 16, 64], S2 [16, 16, 16x16], S3 [4, 16, 4x4x4], L2 [32, 16, 64x64] (B, H, spatial).
-Ops: "cell" = gru_gates_zr then gru_gates_h (the U_h convolution between them is not timed: uh is an input),
+Ops: "cell" = gru_gates_zr, the U_h convolution of r h (3^d kernel, "same"), gru_gates_h: the cell as the
+GRU runs it once W x and U_{z,r} h are computed (the convolution keeps Inductor from fusing the two stages);
+"gates" = gru_gates_zr then gru_gates_h with U_h (r h) given as an input (the gate ops alone);
 "zero" = gru_gates_zero_state. Modes: "fwd", and "fwdbwd" (forward + the gradients of every input).
 Providers: "reference" (eager), "compiled" (torch.compile of the reference), on CUDA also "triton" (the
 fused kernels, eager), "triton_compiled" (torch.compile over the triton ops), and "reference_graph" /
 "triton_graph" (the eager code captured in a CUDA graph and replayed: kernel time without the host's launch
 overhead, which dominates every standard cell in eager mode), "compiled_graph" / "triton_compiled_graph"
 (the compiled code captured likewise, as RIM.compile's reduce-overhead mode runs it); the compiled providers run
-for the "cell" op only (compiling costs seconds per case). The Triton interpreter is not a benchmark: on CPU
+for "cell" only (compiling costs seconds per case). The Triton interpreter is not a benchmark: on CPU
 only the reference providers run. Each case is checked against the reference before it is timed.
 
-GB/s is the effective bandwidth of the fused kernels' traffic, the same bytes for every provider:
-fwd cell 12 e B H N (zr: read wx[:, :2H], uzr, h, write z, rh = 7; h: read wx[:, 2H:], uh, z, h, write h' = 5),
-bwd cell 17 e B H N (zr bwd 9, h bwd 8), zero fwd 3, zero bwd 5 (e = element size, N = prod(spatial)).
+GB/s is the effective bandwidth of the fused kernels' traffic, the same bytes for every provider (for "cell"
+the convolution's traffic is not counted): fwd cell/gates 12 e B H N (zr: read wx[:, :2H], uzr, h, write z, rh = 7; h: read wx[:, 2H:], uh, z, h, write h' = 5),
+bwd cell/gates 17 e B H N (zr bwd 9, h bwd 8), zero fwd 3, zero bwd 5 (e = element size, N = prod(spatial)).
 
     pytest bench/bench_gru_gates.py [--benchmark-json out.json]    # RIM_FAST_BENCH_SMOKE=1: tiny, 1 round
     python -m bench.bench_gru_gates                                 # the same as a table
@@ -45,8 +47,9 @@ PROVIDERS = ("reference", "compiled") + (("triton", "triton_compiled") if KERNEL
 # RIM_FAST_BENCH_PROVIDERS=a,b / RIM_FAST_BENCH_OPS=cell: run a subset
 if os.environ.get("RIM_FAST_BENCH_PROVIDERS"):
     PROVIDERS = tuple(p for p in PROVIDERS if p in os.environ["RIM_FAST_BENCH_PROVIDERS"].split(","))
-OPS = tuple(os.environ.get("RIM_FAST_BENCH_OPS", "cell,zero").split(","))
-BYTES_PER_ELEMENT = {("cell", "fwd"): 12, ("cell", "fwdbwd"): 12 + 17, ("zero", "fwd"): 3, ("zero", "fwdbwd"): 8}
+OPS = tuple(os.environ.get("RIM_FAST_BENCH_OPS", "cell,gates,zero").split(","))
+BYTES_PER_ELEMENT = {("cell", "fwd"): 12, ("cell", "fwdbwd"): 12 + 17, ("gates", "fwd"): 12,
+                     ("gates", "fwdbwd"): 12 + 17, ("zero", "fwd"): 3, ("zero", "fwdbwd"): 8}
 
 
 def cell_shapes() -> dict:
@@ -59,21 +62,32 @@ def _inputs(B, S, op, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype)  # noqa: E731
     if op == "cell":
+        w_uh = 0.1 * rnd(H, H, *[3] * len(S))
+        return [rnd(B, 3 * H, *S), rnd(B, 2 * H, *S), w_uh, rnd(B, H, *S), rnd(H), rnd(H), rnd(H)]
+    if op == "gates":
         return [rnd(B, 3 * H, *S), rnd(B, 2 * H, *S), rnd(B, H, *S), rnd(B, H, *S), rnd(H), rnd(H), rnd(H)]
     return [rnd(B, 2 * H, *S), rnd(H), rnd(H)]
 
 
-def _cell(gates_zr, gates_h):
-    def cell(wx, uzr, uh, h, bias_z, bias_r, bias_h):
+def _gates(gates_zr, gates_h):
+    def gates(wx, uzr, uh, h, bias_z, bias_r, bias_h):
         z, rh = gates_zr(wx, uzr, h, bias_z, bias_r)
         return gates_h(wx, uh, z, h, bias_h), rh
+    return gates
+
+
+def _cell(gates_zr, gates_h):
+    def cell(wx, uzr, w_uh, h, bias_z, bias_r, bias_h):
+        z, rh = gates_zr(wx, uzr, h, bias_z, bias_r)
+        return gates_h(wx, reference.conv(rh, w_uh, None), z, h, bias_h)
     return cell
 
 
 def _function(op: str, provider: str):
-    if op == "cell":
-        fn = _cell(triton_gates.gru_gates_zr, triton_gates.gru_gates_h) if provider.startswith("triton") else \
-            _cell(reference.gru_gates_zr, reference.gru_gates_h)
+    if op in ("cell", "gates"):
+        make = _cell if op == "cell" else _gates
+        fn = make(triton_gates.gru_gates_zr, triton_gates.gru_gates_h) if provider.startswith("triton") else \
+            make(reference.gru_gates_zr, reference.gru_gates_h)
     else:
         fn = triton_gates.gru_gates_zero_state if provider.startswith("triton") else reference.gru_gates_zero_state
     if provider.endswith("compiled"):
