@@ -20,8 +20,14 @@ The step index is a 0-dim tensor ``step`` holding t, on the CPU or on the inputs
 number in the schema: torch.compile guards on Python numbers, so a per-step compiled loop would recompile at
 every t, and a CUDA graph would freeze it. The kernels compute the bias corrections 1 - beta^(t+1) from it in
 double. ``preprocess_score`` accepts t as an int or as such a tensor: eagerly an int becomes a cached CPU
-scalar (read on the host, no device work); under torch.compile it becomes a device scalar made in the graph,
-so with a tensor t nothing is specialised on the step at all.
+scalar (read on the host, no device work); under torch.compile it becomes a device scalar made in the graph.
+An int t remains an input of the caller's compiled frame (dynamo specialises it once, then makes it symbolic:
+at most one recompile, see tests/test_update_step.py); a tensor t gives one graph for every step, and a CUDA
+graph that reads the step from device memory at every replay.
+
+``auto`` uses these kernels eagerly where they fuse work (moment preprocessing, arcsinh, the loss term) and the
+reference under torch.compile, where Inductor fuses the reference's element-wise ops itself (and into their
+neighbours, which an opaque custom op prevents); ``RIM_FAST_BACKEND=kernels`` uses them everywhere.
 
 The ops exist whether or not ``rim_fast._C`` is built: without it, Python kernels with the same semantics are
 registered for CPU and CUDA, and the ``cpp`` implementation reports itself missing so that ``auto`` uses the
