@@ -440,8 +440,29 @@ def test_cuda_compile_sees_kernels(dims, S):
 
 
 @requires_cuda
-def test_cuda_auto_backend_uses_kernels():
-    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 3, (4,), "contig", device="cuda")
-    with ops.use_backend("auto"), ops.trace() as calls:
-        ops.gru_gates_zr(wx, uzr, h, bz, br)
+def test_cuda_auto_backend_choice():
+    """auto: the kernels for large eager calls and under CUDA-graph capture; the reference for small eager calls
+    (launch-bound: the aten kernels launch faster)."""
+    small = make_inputs(2, 3, (4,), "contig", device="cuda")
+    large = make_inputs(1, 16, (1 << 19,), "contig", device="cuda")
+    for inputs, impl in ((small, "reference"), (large, "triton")):
+        wx, uzr, uh, h, z, bz, br, bh = inputs
+        with ops.use_backend("auto"), ops.trace() as calls:
+            ops.gru_gates_zr(wx, uzr, h, bz, br)
+        assert calls == {("gru_gates_zr", impl): 1}
+    wx, uzr, uh, h, z, bz, br, bh = small
+    ops.gru_gates_zr(wx, uzr, h, bz, br)  # warm up (compile the kernel) outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), ops.use_backend("auto"):
+        triton_gates.gru_gates_zr(wx, uzr, h, bz, br)
+        graph = torch.cuda.CUDAGraph()
+        with ops.trace() as calls, torch.cuda.graph(graph):
+            z_g, rh_g = ops.gru_gates_zr(wx, uzr, h, bz, br)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
     assert calls == {("gru_gates_zr", "triton"): 1}
+    z_ref, rh_ref = reference.gru_gates_zr(wx, uzr, h, bz, br)
+    torch.testing.assert_close(z_g, z_ref, **tol(torch.float32))
+    torch.testing.assert_close(rh_g, rh_ref, **tol(torch.float32))
