@@ -4,7 +4,13 @@ A directory holds ``script_params.json`` (fit arguments), ``model_hparams.json``
 hyperparameters), ``checkpoint_{cost:.4e}_{index:03d}.pt`` (model state_dict, EMA weights when used),
 ``optimizer_{cost:.4e}_{index:03d}.pt`` and ``score_sheet.txt``. The index is the last integer of the file
 name (torch_rim's rule). rim_fast pairs model and optimizer files by that index (torch_rim paired two
-unordered globs), and writes every file atomically (temporary file, fsync, rename)."""
+unordered globs), and writes every file atomically (temporary file, fsync, rename).
+
+rim_fast adds, per index, ``trainstate_{cost:.4e}_{index:03d}.pth``: what an exact resume needs beyond the model
+and optimizer (epoch, optimizer-step count, patience, loss history, scheduler, EMA, raw weights under EMA, RNG
+states). Its ``.pth`` suffix keeps it out of torch_rim's ``*.pt`` globs, so torch_rim reads and prunes such a
+directory as its own. An index is written trainstate, optimizer, then model file: the model file commits it,
+so a listed index is complete whenever the writer was killed; pruning removes the model file first."""
 from __future__ import annotations
 
 import json
@@ -20,12 +26,17 @@ _INDEX = re.compile(r"[0-9]+")
 _SCORE = re.compile(r"([0-9]{1}.[0-9]+e[+-][0-9]{2})")
 
 
+TRAINSTATE_SUFFIX = ".pth"
+_KINDS = (("checkpoint", ".pt"), ("optimizer", ".pt"), ("trainstate", TRAINSTATE_SUFFIX))
+
+
 @dataclass
 class CheckpointFiles:
     index: int
     score: Optional[float]
     model: str
     optimizer: Optional[str]
+    trainstate: Optional[str] = None
 
 
 def _parse(name: str):
@@ -36,27 +47,81 @@ def _parse(name: str):
     return int(numbers[-1]), (float(scores[-1]) if scores else None)
 
 
-def list_checkpoints(directory: str) -> list[CheckpointFiles]:
-    """Model checkpoints of a directory, sorted by index, each with the optimizer file of the same index."""
+def _indexed_files(directory: str) -> dict:
+    """{kind: {index: (path, score)}} for the checkpoint, optimizer and trainstate files of a directory."""
+    tables = {kind: {} for kind, _ in _KINDS}
     if not os.path.isdir(directory):
-        return []
-    models, optimizers = {}, {}
+        return tables
     for name in os.listdir(directory):
-        if not name.endswith(".pt") or name.startswith("."):
+        if name.startswith("."):
             continue
-        for prefix, table in (("checkpoint", models), ("optimizer", optimizers)):
-            if name.startswith(prefix):
+        for kind, suffix in _KINDS:
+            if name.startswith(kind) and name.endswith(suffix):
                 index, score = _parse(name)
                 if index is not None:
-                    table[index] = (os.path.join(directory, name), score)
-    return [CheckpointFiles(i, models[i][1], models[i][0], optimizers.get(i, (None,))[0])
+                    tables[kind][index] = (os.path.join(directory, name), score)
+    return tables
+
+
+def list_checkpoints(directory: str) -> list[CheckpointFiles]:
+    """Model checkpoints of a directory, sorted by index, each with the optimizer (and trainstate) file of the
+    same index."""
+    tables = _indexed_files(directory)
+    models, optimizers, states = tables["checkpoint"], tables["optimizer"], tables["trainstate"]
+    return [CheckpointFiles(i, models[i][1], models[i][0], optimizers.get(i, (None,))[0], states.get(i, (None,))[0])
             for i in sorted(models)]
+
+
+def next_index(directory: str) -> int:
+    """1 + the largest index of any checkpoint, optimizer or trainstate file (0 when none): a new checkpoint
+    never shares its index with a file left over from an interrupted or corrupt one."""
+    indices = [i for table in _indexed_files(directory).values() for i in table]
+    return max(indices, default=0) + 1
+
+
+def prune(directory: str, models_to_keep: int, current: int) -> list[str]:
+    """Keep the newest ``models_to_keep`` complete checkpoints; remove older ones (model file first, so an
+    interrupted prune never leaves a listed index without its other files) and orphaned optimizer/trainstate
+    files of indices below ``current`` (left by an interrupted write or prune). Returns the removed paths."""
+    tables = _indexed_files(directory)
+    keep = set(sorted(tables["checkpoint"])[-models_to_keep:])
+    removed = []
+    for index in sorted(set(tables["checkpoint"]) - keep):
+        for kind, _ in _KINDS:
+            if index in tables[kind]:
+                removed.append(tables[kind].pop(index)[0])
+    for kind in ("optimizer", "trainstate"):
+        for index, (path, _) in tables[kind].items():
+            if index not in tables["checkpoint"] and index < current:
+                removed.append(path)
+    for path in removed:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def remove_temporary_files(directory: str) -> list[str]:
+    """Remove the temporary files of atomic writes that a killed writer left behind (one writer per
+    directory: call it before writing, never while another process writes there)."""
+    removed = []
+    for name in os.listdir(directory):
+        if name.startswith(".tmp_"):
+            path = os.path.join(directory, name)
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 def checkpoint_name(kind: str, cost: float, index: int) -> str:
     """torch_rim's file name; a non-finite cost is written so that the name still parses."""
     cost_text = f"{cost:.4e}" if cost == cost and abs(cost) != float("inf") else "9.9999e+99"
-    return f"{kind}_{cost_text}_{index:03d}.pt"
+    suffix = TRAINSTATE_SUFFIX if kind == "trainstate" else ".pt"
+    return f"{kind}_{cost_text}_{index:03d}{suffix}"
 
 
 def _atomic_write(path: str, write) -> None:
@@ -115,3 +180,20 @@ def read_json(path: str) -> dict:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise RuntimeError(f"{path!r} is not valid JSON ({e})") from e
+
+
+def append_score_sheet(directory: str, index: int, cost: float) -> None:
+    """Add torch_rim's ``{index} {cost}`` line to score_sheet.txt (rewritten atomically, never half a line)."""
+    path = os.path.join(directory, "score_sheet.txt")
+    old = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            old = f.read()
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+    _atomic_write(path, lambda f: f.write(old + f"{index} {cost}\n".encode()))
+
+
+def atomic_write_bytes(data_writer, path: str) -> None:
+    """Write a file atomically with ``data_writer(f)`` (a binary file object)."""
+    _atomic_write(path, data_writer)

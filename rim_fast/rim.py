@@ -1,12 +1,15 @@
 """The Recurrent Inference Machine: torch_rim.RIM's interface, with the loop state carried locally."""
 from __future__ import annotations
 
-import os
+import contextlib
+import numbers
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.func import vjp
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .compat import CompatLike, resolve
@@ -16,6 +19,47 @@ from .utils import load_architecture
 _INITIALIZATIONS = ("zeros", "approximate_inverse", "model")
 _DEFAULTS = {"T": 10, "score_preprocessing_method": "Identity", "initialization_method": "zeros",
              "epsilon": 1e-7, "beta_1": 0.9, "beta_2": 0.999}
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Equal devices, an index left out ("cuda") matching any index of its type."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _check_tensor_arg(name: str, value, device: torch.device, allow_complex: bool = False) -> None:
+    """Metadata checks only (no host sync): a floating tensor on the RIM's device."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not (value.is_floating_point() or (allow_complex and value.is_complex())):
+        raise TypeError(f"{name} must be a floating-point{' (or complex)' if allow_complex else ''} tensor, got "
+                        f"dtype {value.dtype}")
+    if not _same_device(value.device, device):
+        raise ValueError(f"{name} is on {value.device} but the RIM runs on {device}; move it with "
+                         f".to(rim.device)")
+
+
+def _check_score_shape(score, x: Tensor, y: Tensor, who: str) -> None:
+    # shapes are Python metadata (trace-time constants under torch.compile): no host sync
+    if not isinstance(score, Tensor):
+        raise TypeError(f"{who} must return a tensor (the score, with x's shape), got {type(score).__name__}")
+    if score.shape != x.shape:
+        raise ValueError(f"{who} returned a score of shape {tuple(score.shape)}, expected x's shape "
+                         f"{tuple(x.shape)} = [B, C, *dimensions] (y has shape {tuple(y.shape)}): check the batch "
+                         f"size, rank and channels of y and what the score function returns")
+
+
+def _check_energy_shape(energy, x: Tensor) -> None:
+    if not isinstance(energy, Tensor):
+        raise TypeError(f"energy_fn must return a tensor of one energy per sample, got {type(energy).__name__}")
+    B = x.shape[0]
+    if energy.numel() != B or (energy.dim() > 0 and energy.shape[0] != B) or energy.dim() > 2:
+        raise ValueError(f"energy_fn must return one energy per sample, shape [B] = [{B}], got shape "
+                         f"{tuple(energy.shape)} (a batch sum or mean would scale every sample's score)")
+
+
+def _check_finite_flag(value) -> None:
+    if not (value is False or value is True or value in ("error", "warn")):
+        raise ValueError(f"check_finite must be one of False, True (= 'error') or 'warn', got {value!r}")
 
 
 def _preprocessing_name(method) -> str:
@@ -36,18 +80,39 @@ class RIM(nn.Module):
     ``checkpoints_directory`` and ``compat`` flag ``ignore_saved_rim_settings=False`` unspecified ones take the
     saved values. ``compat`` defaults to the model's compat setting (torch_rim's behaviour).
 
-    The preprocessing moments are loop state, not module attributes: one RIM can serve concurrent calls."""
+    The preprocessing moments are loop state, not module attributes: one RIM can serve concurrent calls.
+
+    rim_fast additions (keyword arguments, not saved with the model):
+
+    - ``gradient_checkpointing=False``: recompute each step's network in the backward pass instead of storing its
+      activations (``torch.utils.checkpoint``, non-reentrant): activation memory no longer grows with T by the
+      network's activations (only x, the score and h of each step are kept), for about one more network forward
+      per step. Gradients are unchanged.
+    - ``check_finite=False``: ``True``/``"error"`` raises a ValueError, ``"warn"`` warns, when y (or x_true) holds
+      NaN or inf. It costs one host sync per call (eager only; skipped inside ``torch.compile``).
+
+    Under ``torch.autocast`` the network runs in the autocast dtype while x, the hidden state h, the score and
+    the preprocessing moments stay in float32 (the score function and the link functions run with autocast off).
+    ``forward(y, *args, x_true=...)`` returns ``loss_fn(y, x_true, *args)``: the pattern for
+    ``DistributedDataParallel(rim)`` in your own training loop (see ``rim_fast.training``)."""
 
     def __init__(self, dimensions: tuple, model: nn.Module = None, checkpoints_directory=None,
                  score_fn: Callable = None, energy_fn: Callable = None, T: int = None,
                  link_function: Callable = None, inverse_link_function: Callable = None,
                  initialization_method: str = None, approximate_inverse_fn: Callable = None,
                  score_preprocessing_method: str = None, epsilon=None, beta_1=None, beta_2=None,
-                 device=DEVICE, compat: CompatLike = None, **hyperparameters):
+                 device=DEVICE, compat: CompatLike = None, gradient_checkpointing: bool = False,
+                 check_finite=False, **hyperparameters):
         super().__init__()
         if model is None and checkpoints_directory is None:
             raise ValueError("Must provide one of 'model' or 'checkpoints_directory'")
-        device = torch.device(device)
+        if not isinstance(gradient_checkpointing, bool):
+            raise TypeError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
+        _check_finite_flag(check_finite)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r} is not a torch device ({e})") from None
         saved = {}
         if checkpoints_directory is not None:
             model, hyperparams = load_architecture(checkpoints_directory, model=model, device=device,
@@ -74,6 +139,14 @@ class RIM(nn.Module):
             raise ValueError(f"T must be an int >= 1, got {T!r}")
         if isinstance(dimensions, int):
             dimensions = (dimensions,)
+        try:
+            dimensions = tuple(dimensions)
+        except TypeError:
+            raise TypeError(f"dimensions must be a tuple of spatial sizes, got {dimensions!r}") from None
+        if not dimensions or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
+                                 for n in dimensions):
+            raise ValueError(f"dimensions must be a non-empty tuple of positive ints (the spatial sizes of x), got "
+                             f"{dimensions!r}")
         dimensions = tuple(int(n) for n in dimensions)
         if hasattr(model, "_check_spatial"):
             model._check_spatial(dimensions, "dimensions")
@@ -86,7 +159,12 @@ class RIM(nn.Module):
         self.epsilon = settings["epsilon"]
         self.beta_1 = settings["beta_1"]
         self.beta_2 = settings["beta_2"]
+        self.gradient_checkpointing = gradient_checkpointing
+        self.check_finite = check_finite
 
+        for name, fn in (("link_function", link_function), ("inverse_link_function", inverse_link_function)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
         if link_function is not None:
             if inverse_link_function is None:
                 raise ValueError("Both link function and its inverse must be provided")
@@ -122,10 +200,12 @@ class RIM(nn.Module):
 
             def score_fn(x, y, *args, **kwargs):
                 energy, vjp_func = vjp(lambda x: self.energy_fn(x, y, *args, **kwargs), x)
+                _check_energy_shape(energy, x)
                 return vjp_func(torch.ones_like(energy))[0]
 
             def model_score_fn(x, y, *args, **kwargs):
                 energy, vjp_func = vjp(lambda x: self.energy_fn(self.link_function(x), y, *args, **kwargs), x)
+                _check_energy_shape(energy, x)
                 return vjp_func(torch.ones_like(energy))[0]
         else:
             if not callable(score_fn):
@@ -133,7 +213,9 @@ class RIM(nn.Module):
 
             def model_score_fn(x, y, *args, **kwargs):
                 linked_x, vjp_func = vjp(self.link_function, x)
-                return vjp_func(self.score_fn(linked_x, y, *args, **kwargs))[0]
+                score = self.score_fn(linked_x, y, *args, **kwargs)
+                _check_score_shape(score, linked_x, y, "score_fn")
+                return vjp_func(score)[0]
         self.score_fn = score_fn
         self.model_score_fn = model_score_fn
         self.energy_fn = energy_fn
@@ -147,13 +229,32 @@ class RIM(nn.Module):
                 return torch.float64 if p.dtype == torch.float64 else torch.float32
         return torch.float32
 
+    def _apply(self, fn, *args, **kwargs):
+        # rim.to(device) / rim.cuda() move the network; x and h are created on self.device, so it follows
+        out = super()._apply(fn, *args, **kwargs)
+        for p in self.model.parameters():
+            self.device = p.device
+            break
+        return out
+
     def _call_model(self, x, y, score, h, zero_state):
         if zero_state is not None and getattr(self.model, "supports_zero_state_hint", False):
             return self.model(x, y, score, h, zero_state=zero_state)
         return self.model(x, y, score, h)
 
-    def initialization(self, observation: Tensor):
-        """(trajectory start, x, h, m, v) for an observation; torch_rim returned (out, x, h)."""
+    def _no_autocast(self, amp: bool):
+        """The score, the preprocessing and the link functions run in the state's precision under autocast."""
+        return torch.autocast(self.device.type, enabled=False) if amp else contextlib.nullcontext()
+
+    def _autocast_enabled(self) -> bool:
+        try:
+            return torch.is_autocast_enabled(self.device.type)
+        except (RuntimeError, TypeError):  # a device type without autocast support (meta, ...)
+            return False
+
+    def initialization(self, observation: Tensor, amp: bool = False):
+        """(trajectory start, x, h, m, v, zero-state hint) for an observation; torch_rim returned (out, x, h).
+        ``amp``: autocast is on; the network's outputs are cast back to the state dtype."""
         batch_size = observation.shape[0]
         dtype = self._state_dtype()
         h = self.model.initalize_hidden_states(self.dimensions, batch_size).to(self.device, dtype)
@@ -163,14 +264,24 @@ class RIM(nn.Module):
         if self.initialization_method == "zeros":
             x = torch.zeros(shape, device=self.device, dtype=dtype)
         elif self.initialization_method == "approximate_inverse":
-            x = self.inverse_link_function(self.approximate_inverse_fn(observation))
+            with self._no_autocast(amp):
+                x = self.inverse_link_function(self.approximate_inverse_fn(observation))
+            if not isinstance(x, Tensor) or tuple(x.shape) != shape:
+                raise ValueError(f"approximate_inverse_fn must return x of shape [B, C, *dimensions] = {shape}, got "
+                                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         else:
             x = torch.zeros(shape, device=self.device, dtype=dtype)
             score = torch.zeros(shape, device=self.device, dtype=dtype)
             if self.compat.model_init_swaps_y_and_score:
+                if observation.shape != x.shape:
+                    raise ValueError(f"initialization_method='model' feeds y to the network in place of the score "
+                                     f"(torch_rim's argument order, compat flag model_init_swaps_y_and_score), so y "
+                                     f"must have x's shape {shape}, got {tuple(observation.shape)}")
                 x, h = self._call_model(x, score, observation, h, zero_state)
             else:
                 x, h = self._call_model(x, observation, score, h, zero_state)
+            if amp:
+                x, h = x.to(dtype), h.to(dtype)
             out.append(x)
             zero_state = "first" if self.compat.stale_gru_state else None
         m = v = None
@@ -178,34 +289,126 @@ class RIM(nn.Module):
             m, v = torch.zeros_like(x), torch.zeros_like(x)
         return out, x, h, m, v, zero_state
 
-    def _loop(self, y: Tensor, args, kwargs, x_true: Optional[Tensor], keep_trajectory: bool):
-        """The T-step loop (what ``compile`` traces as one graph). Returns (trajectory or [x_T], loss sum)."""
-        out, x, h, m, v, zero_state = self.initialization(y)
+    def _loop(self, y: Tensor, args, kwargs, x_true: Optional[Tensor], keep_trajectory: bool,
+              w: Optional[Tensor] = None, time_weights: Optional[Tensor] = None, amp: bool = False):
+        """The T-step loop (what ``compile`` traces as one graph). Returns (trajectory or [x_T], loss sum).
+
+        w: per-pixel loss weights broadcastable to x; time_weights: [T] (or [T + 1] with initialization "model",
+        the first for x_0) scaling each step's loss term; amp: autocast is on (cast g and h back)."""
+        out, x, h, m, v, zero_state = self.initialization(y, amp)
+        h_dtype = h.dtype
         loss = None
+        offset = 0
         if x_true is not None and out:
-            loss = ((out[0] - x_true) ** 2).sum()
+            err = (out[0] - x_true) ** 2
+            loss = (err if w is None else w * err).sum()
+            if time_weights is not None:
+                loss = loss * time_weights[0]
+            offset = 1
         stale = self.compat.stale_gru_state
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for t in range(self.T):
-            with torch.no_grad():
+            with torch.no_grad(), self._no_autocast(amp):
                 score = self.model_score_fn(x, y, *args, **kwargs)
                 score, m, v = ops.preprocess_score(score, m, v, t, self._preprocessing, self.beta_1, self.beta_2,
                                                    self.epsilon)
-            g, h = self._call_model(x, y, score, h, zero_state)
+            if recompute:
+                # the step's activations are recomputed in backward; x, score and h flow in as inputs
+                g, h = checkpoint(self._call_model, x, y, score, h, zero_state, use_reentrant=False)
+            else:
+                g, h = self._call_model(x, y, score, h, zero_state)
+            if amp:
+                g, h = g.to(x.dtype), h.to(h_dtype)
             zero_state = "first" if stale and zero_state is not None else None
-            x, loss_t = ops.update_state(x, g, x_true, None)
+            x, loss_t = ops.update_state(x, g, x_true, w)
             if loss_t is not None:
+                if time_weights is not None:
+                    loss_t = loss_t * time_weights[t + offset]
                 loss = loss_t if loss is None else loss + loss_t
             if keep_trajectory:
                 out.append(x)
         return (out if keep_trajectory else [x]), loss
 
-    def _run(self, y: Tensor, args, kwargs, x_true: Optional[Tensor] = None, keep_trajectory: bool = True):
+    # ---- argument checks at the API boundary (metadata only; the finite check is opt-in) -------------
+
+    def _check_observation(self, y, args, kwargs) -> None:
         if not isinstance(y, Tensor):
             raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if not (y.is_floating_point() or y.is_complex()):
+            raise TypeError(f"y must be a floating-point (or complex) tensor, got dtype {y.dtype}")
+        if y.dim() < 1 or y.shape[0] < 1:
+            raise ValueError(f"y must have a leading batch dimension of size >= 1, got shape {tuple(y.shape)}")
+        if not _same_device(y.device, self.device):
+            raise ValueError(f"y is on {y.device} but the RIM runs on {self.device}; move it with y.to(rim.device)")
+        for where, value in [(f"args[{i}]", a) for i, a in enumerate(args)] + \
+                [(f"kwargs[{k!r}]", a) for k, a in kwargs.items()]:
+            if isinstance(value, Tensor) and not _same_device(value.device, self.device):
+                raise ValueError(f"score function argument {where} is on {value.device} but the RIM runs on "
+                                 f"{self.device}")
+        for p in self.model.parameters():
+            if not _same_device(p.device, self.device):
+                raise ValueError(f"the network's parameters are on {p.device} but RIM.device is {self.device}; move "
+                                 f"the RIM itself (rim.to(device)), not only rim.model")
+            break
+
+    def _x_shape(self, y: Tensor) -> tuple:
+        return (y.shape[0], self.C, *self.dimensions)
+
+    def _check_target(self, x_true, y: Tensor) -> None:
+        _check_tensor_arg("x_true", x_true, self.device)
+        shape = self._x_shape(y)
+        if x_true.dim() != len(shape) or any(a != b and a != 1 for a, b in zip(x_true.shape, shape)):
+            raise ValueError(f"x_true must have x's shape [B, C, *dimensions] = {shape} (B from y), got "
+                             f"{tuple(x_true.shape)}")
+
+    def _loss_weights(self, y: Tensor, w, time_weights):
+        shape = self._x_shape(y)
+        if w is not None:
+            _check_tensor_arg("w", w, self.device)
+            try:
+                ok = torch.broadcast_shapes(w.shape, shape) == shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"w (per-pixel loss weights) must broadcast to x's shape {shape}, got "
+                                 f"{tuple(w.shape)}")
+        if time_weights is not None:
+            n = self.T + (1 if self.initialization_method == "model" else 0)
+            if not isinstance(time_weights, Tensor):
+                try:
+                    time_weights = torch.tensor(time_weights, dtype=self._state_dtype(), device=self.device)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(f"time_weights must be a sequence of numbers or a 1-D tensor, got "
+                                    f"{type(time_weights).__name__}") from None
+            _check_tensor_arg("time_weights", time_weights, self.device)
+            if time_weights.shape != (n,):
+                extra = " (T + 1 with initialization_method='model': the first weighs x_0)" if n > self.T else ""
+                raise ValueError(f"time_weights must have one weight per step, shape [{n}]{extra}, got "
+                                 f"{tuple(time_weights.shape)}")
+        return w, time_weights
+
+    def _finite_check(self, **tensors) -> None:
+        if self.check_finite is False or torch.compiler.is_compiling():
+            return
+        for name, value in tensors.items():
+            if value is not None and not bool(torch.isfinite(value).all()):
+                message = (f"{name} contains NaN or inf (check_finite={self.check_finite!r}; "
+                           f"check_finite=False skips this check)")
+                if self.check_finite == "warn":
+                    warnings.warn(message, RuntimeWarning, stacklevel=4)
+                else:
+                    raise ValueError(message)
+
+    def _run(self, y: Tensor, args, kwargs, x_true: Optional[Tensor] = None, keep_trajectory: bool = True,
+             w: Optional[Tensor] = None, time_weights=None):
+        self._check_observation(y, args, kwargs)
+        w, time_weights = self._loss_weights(y, w, time_weights)
+        self._finite_check(y=y)
+        amp = self._autocast_enabled()
         compiled = self.__dict__.get("_compiled_loop")
         if compiled is None:
-            return self._loop(y, args, kwargs, x_true, keep_trajectory)
-        out, loss = compiled(y, args, kwargs, x_true, keep_trajectory)
+            return self._loop(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
+        out, loss = compiled(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
         if self.__dict__.get("_uses_cuda_graphs"):
             # a later CUDA-graph replay reuses the output memory (pytorch #152887): hand out copies
             out = [x.clone() for x in out]
@@ -226,21 +429,41 @@ class RIM(nn.Module):
         self.__dict__["_compiled_loop"] = torch.compile(self._loop, **kwargs)
         return self
 
-    def forward(self, y: Tensor, *args, **kwargs) -> list:
-        """The trajectory [x_1, ..., x_T] (x_0 first with initialization "model"), in model space."""
+    def forward(self, y: Tensor, *args, x_true: Optional[Tensor] = None, w: Optional[Tensor] = None,
+                time_weights=None, **kwargs):
+        """The trajectory [x_1, ..., x_T] (x_0 first with initialization "model"), in model space.
+
+        With ``x_true`` (keyword), returns ``loss_fn(y, x_true, *args, w=w, time_weights=time_weights, **kwargs)``
+        instead: call ``DistributedDataParallel(rim)(y, *args, x_true=x_true)`` so that the loss goes through
+        DDP's forward. ``x_true``, ``w`` and ``time_weights`` are therefore not passed on to the score function."""
+        if x_true is not None:
+            return self.loss_fn(y, x_true, *args, w=w, time_weights=time_weights, **kwargs)
+        if w is not None or time_weights is not None:
+            raise ValueError("w and time_weights weigh the loss: pass x_true too (or call loss_fn)")
         return self._run(y, args, kwargs)[0]
 
     def predict(self, y: Tensor, *args, **kwargs) -> Tensor:
         """link_function(x_T): the estimate in physical space."""
-        return self.link_function(self._run(y, args, kwargs, keep_trajectory=False)[0][-1])
+        x = self._run(y, args, kwargs, keep_trajectory=False)[0][-1]
+        with self._no_autocast(self._autocast_enabled()):
+            return self.link_function(x)
 
-    def loss_fn(self, y: Tensor, x_true: Tensor, *args, **kwargs) -> Tensor:
-        """sum_t sum((x_t - inverse_link(x_true))^2) / B over the trajectory, as torch_rim."""
-        if not isinstance(x_true, Tensor):
-            raise TypeError(f"x_true must be a torch.Tensor, got {type(x_true).__name__}")
+    def loss_fn(self, y: Tensor, x_true: Tensor, *args, w: Optional[Tensor] = None, time_weights=None,
+                **kwargs) -> Tensor:
+        """sum_t time_weights[t] sum(w (x_t - inverse_link(x_true))^2) / B over the trajectory (torch_rim's loss
+        when w and time_weights are None).
+
+        ``w``: per-pixel weights broadcastable to x's shape [B, C, *dimensions] (model space);
+        ``time_weights``: one weight per step, length T (T + 1 with initialization "model", the first for x_0).
+        Both are keyword-only and taken out before ``*args, **kwargs`` reach the score function, so a score
+        function cannot receive keyword arguments named ``w`` or ``time_weights`` through loss_fn."""
+        self._check_observation(y, args, kwargs)
+        self._check_target(x_true, y)
+        self._finite_check(x_true=x_true)
         B = y.shape[0]
-        x_true = self.inverse_link_function(x_true)
-        _, loss = self._run(y, args, kwargs, x_true=x_true, keep_trajectory=False)
+        with self._no_autocast(self._autocast_enabled()):
+            x_true = self.inverse_link_function(x_true)
+        _, loss = self._run(y, args, kwargs, x_true=x_true, keep_trajectory=False, w=w, time_weights=time_weights)
         return loss / B
 
     # ---- torch_rim's stateful preprocessing API, kept for callers that used it ------------------------
@@ -264,9 +487,12 @@ class RIM(nn.Module):
             patience=float("inf"), tolerance=0, max_time=float("inf"), warmup=0, clip=0.,
             checkpoints_directory=None, model_checkpoint=None, checkpoints=10, models_to_keep=3, ema_decay=0,
             seed=None, logname=None, logdir=None, n_iterations_in_epoch=None, logname_prefix="rim", verbose=0,
-            compile=False):
+            compile=False, *, max_epochs=None, precision="32", gradient_checkpointing=None,
+            accumulate_grad_batches=1, on_nan="stop", check_finite=None, w=None, time_weights=None,
+            loss_curve=True, ddp_kwargs=None):
         """Train the backbone on ``dataset`` of (y, x_true, *args) tuples; see ``rim_fast.training.fit``.
-        ``compile=True`` compiles the training step (``RIM.compile()``) first."""
+        ``compile=True`` compiles the training step (``RIM.compile()``) first. Under torchrun (or an initialised
+        process group) it trains with DistributedDataParallel; ``batch_size`` is per process."""
         from .training import fit
         return fit(self, dataset, epochs=epochs, learning_rate=learning_rate, scheduler=scheduler,
                    batch_size=batch_size, shuffle=shuffle, patience=patience, tolerance=tolerance,
@@ -274,4 +500,7 @@ class RIM(nn.Module):
                    model_checkpoint=model_checkpoint, checkpoints=checkpoints, models_to_keep=models_to_keep,
                    ema_decay=ema_decay, seed=seed, logname=logname, logdir=logdir,
                    n_iterations_in_epoch=n_iterations_in_epoch, logname_prefix=logname_prefix, verbose=verbose,
-                   compile=compile)
+                   compile=compile, max_epochs=max_epochs, precision=precision,
+                   gradient_checkpointing=gradient_checkpointing, accumulate_grad_batches=accumulate_grad_batches,
+                   on_nan=on_nan, check_finite=check_finite, w=w, time_weights=time_weights, loss_curve=loss_curve,
+                   ddp_kwargs=ddp_kwargs)

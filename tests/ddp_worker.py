@@ -1,0 +1,113 @@
+"""Worker of tests/test_ddp.py, run as ``torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR`` on CPU (gloo).
+
+Scenarios, each saving what the test compares to ``OUT_DIR/<scenario>_rank<r>.pt``:
+
+- ``fit``: RIM.fit under torchrun, the process group initialised by fit from torchrun's environment;
+  per-process batch 2, no shuffle, with a checkpoints directory that rank 0 alone writes; then a second
+  call (in the same group) that resumes from it, with shuffle.
+- ``accumulate``: fit with accumulate_grad_batches=2 at per-process batch 1.
+- ``user_loss``: the user's own loop: DistributedDataParallel(rim), the loss through DDP's forward
+  (``ddp(y, x_true=x)``), the user's Adam and StepLR.
+- ``user_trajectory_bf16``: the same loop with the user's own loss on the trajectory (``ddp(y)``), under
+  ``torch.autocast("cpu", torch.bfloat16)``, with gradient checkpointing.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import rim_fast
+
+D = (16,)
+N = 8
+T = 3
+
+
+def score_fn(x, y):
+    return y - 0.8 * x
+
+
+def data():
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(N, 1, *D, generator=g)
+    y = 0.8 * x + 0.1 * torch.randn(N, 1, *D, generator=g)
+    return x, y
+
+
+def build(**kw):
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
+    return rim_fast.RIM(D, net, score_fn=score_fn, T=T, score_preprocessing_method="ADAM", device="cpu", **kw)
+
+
+def params(rim):
+    return {k: v.detach().clone() for k, v in rim.model.state_dict().items()}
+
+
+def user_loop(rim, rank, world, trajectory=False, bf16=False):
+    from torch.nn.parallel import DistributedDataParallel
+    x, y = data()
+    # the single-process reference of the test runs the same loop on the bare RIM
+    ddp = DistributedDataParallel(rim) if dist.is_initialized() else rim
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    per_rank = N // world
+    losses = []
+    for step in range(4):
+        # every step the whole dataset, split over the ranks as DistributedSampler does (rank r: r, r + W, ...)
+        batch = slice(rank, N, world)
+        yb, xb = y[batch][:per_rank], x[batch][:per_rank]
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if trajectory:
+                out = ddp(yb)
+                loss = sum(((xt - xb) ** 2).mean() for xt in out)
+            else:
+                loss = ddp(yb, x_true=xb)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def main(out):
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    x, y = data()
+    dataset = torch.utils.data.TensorDataset(y, x)
+    directory = os.path.join(out, "run")
+
+    # fit initialises the process group itself from torchrun's environment
+    assert not dist.is_initialized()
+    rim = build()
+    losses = rim.fit(dataset, epochs=3, batch_size=2, learning_rate=1e-3, checkpoints_directory=directory,
+                     checkpoints=1, models_to_keep=2, seed=11, verbose=-1)
+    assert dist.is_initialized()
+    first = params(rim)
+    rim2 = build()
+    losses2 = rim2.fit(dataset, epochs=2, batch_size=2, learning_rate=1e-3, shuffle=True, seed=7,
+                       checkpoints_directory=directory, checkpoints=1, models_to_keep=2, verbose=-1)
+    torch.save({"losses": losses, "params": first, "resumed_losses": losses2, "resumed_params": params(rim2)},
+               os.path.join(out, f"fit_rank{rank}.pt"))
+
+    rim = build()
+    losses = rim.fit(dataset, epochs=2, batch_size=1, accumulate_grad_batches=2, learning_rate=1e-3, verbose=-1)
+    torch.save({"losses": losses, "params": params(rim)}, os.path.join(out, f"accumulate_rank{rank}.pt"))
+
+    rim = build()
+    losses = user_loop(rim, rank, world)
+    torch.save({"losses": torch.stack(losses), "params": params(rim)}, os.path.join(out, f"user_loss_rank{rank}.pt"))
+
+    rim = build(gradient_checkpointing=True)
+    losses = user_loop(rim, rank, world, trajectory=True, bf16=True)
+    torch.save({"losses": torch.stack(losses), "params": params(rim)},
+               os.path.join(out, f"user_trajectory_bf16_rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
