@@ -42,6 +42,8 @@ def _check_score_shape(score, x: Tensor, y: Tensor, who: str) -> None:
     # shapes are Python metadata (trace-time constants under torch.compile): no host sync
     if not isinstance(score, Tensor):
         raise TypeError(f"{who} must return a tensor (the score, with x's shape), got {type(score).__name__}")
+    if not score.is_floating_point():
+        raise TypeError(f"{who} must return a real floating-point score (x is real), got dtype {score.dtype}")
     if score.shape != x.shape:
         raise ValueError(f"{who} returned a score of shape {tuple(score.shape)}, expected x's shape "
                          f"{tuple(x.shape)} = [B, C, *dimensions] (y has shape {tuple(y.shape)}): check the batch "

@@ -559,7 +559,8 @@ def _fit(rim, dataset, group, epochs, learning_rate, scheduler, batch_size, shuf
                 if take_step:
                     if step < warmup:
                         for g in optimizer.param_groups:
-                            g["lr"] = learning_rate * np.minimum(step / warmup, 1.0)
+                            # a Python float: a numpy scalar in the optimizer state fails torch.load(weights_only=True)
+                            g["lr"] = float(learning_rate * np.minimum(step / warmup, 1.0))
                     if clip > 0:
                         torch.nn.utils.clip_grad_norm_(rim.model.parameters(), max_norm=clip)
                     optimizer.step()

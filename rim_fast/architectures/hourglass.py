@@ -49,6 +49,22 @@ def check_common(dimensions, channels, nf, ch_mult, hidden_units, num_layers, ke
         raise ValueError("condition_on_observation=True is not currently supported")
 
 
+def check_kernels(conv_kernel_size, input_kernel_size, resample_with_conv, fir_kernel):
+    """The optional kernel sizes and the FIR kernel, named in the error (the layers would only say kernel_size)."""
+    for name, value in (("conv_kernel_size", conv_kernel_size), ("input_kernel_size", input_kernel_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None (= kernel_size) or a positive int (square kernels only), got "
+                             f"{value!r}")
+    if not resample_with_conv:
+        try:
+            taps = [float(v) for v in fir_kernel]
+        except (TypeError, ValueError):
+            taps = None
+        if not taps or sum(taps) == 0:
+            raise ValueError(f"fir_kernel must be a non-empty 1-D sequence of numbers with a non-zero sum (the "
+                             f"separable FIR filter of resample_with_conv=False), got {fir_kernel!r}")
+
+
 class Hourglass(EncoderDecoder):
     supports_zero_state_hint = True
 
@@ -60,6 +76,7 @@ class Hourglass(EncoderDecoder):
         ch_mult = tuple(ch_mult)
         check_common(dimensions, channels, nf, ch_mult, hidden_units, num_layers, kernel_size, combine_method,
                      condition_on_observation)
+        check_kernels(conv_kernel_size, input_kernel_size, resample_with_conv, fir_kernel)
         self.compat = resolve(compat)
         conv_kernel_size = kernel_size if conv_kernel_size is None else conv_kernel_size
         input_kernel_size = kernel_size if input_kernel_size is None else input_kernel_size

@@ -11,7 +11,7 @@ from ..compat import CompatLike, resolve
 from ..layers import GRUBlock, same_conv
 from ..utils import get_activation
 from .base import EncoderDecoder
-from .hourglass import check_common, resampling_layers
+from .hourglass import check_common, check_kernels, resampling_layers
 
 
 class Unet(EncoderDecoder):
@@ -32,6 +32,7 @@ class Unet(EncoderDecoder):
         ch_mult = tuple(ch_mult)
         check_common(dimensions, channels, nf, ch_mult, hidden_units, num_layers, kernel_size, combine_method,
                      condition_on_observation)
+        check_kernels(conv_kernel_size, input_kernel_size, resample_with_conv, fir_kernel)
         self.compat = resolve(compat)
         conv_kernel_size = kernel_size if conv_kernel_size is None else conv_kernel_size
         input_kernel_size = kernel_size if input_kernel_size is None else input_kernel_size

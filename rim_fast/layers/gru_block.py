@@ -29,6 +29,9 @@ class GRUBlock(nn.Module):
         if isinstance(hidden_units, bool) or not isinstance(hidden_units, int) or hidden_units < 2 \
                 or hidden_units % 2 != 0:
             raise ValueError(f"hidden units {hidden_units} must be divisible by 2")
+        for name, value in (("in_ch", in_ch), ("kernel_size", kernel_size), ("conv_kernel_size", conv_kernel_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GRUBlock: {name} must be a positive int, got {value!r}")
         self.dimensions = dimensions
         self.compat = resolve(compat)
         half = hidden_units // 2

@@ -1,0 +1,489 @@
+"""The production training path: gradient checkpointing (memory flat in T), mixed precision, loss weights,
+gradient accumulation, exact resume, kill -9 safety, corrupt files, NaN handling, retention, progress bar and
+loss curve. Distributed training is in test_ddp.py."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import rim
+import rim_fast
+from rim_fast import checkpoints as ckpt
+from rim_fast import training
+
+from helpers import assert_close
+
+D = (16,)
+
+
+def score_fn(x, y):
+    return y - 0.8 * x
+
+
+def energy_fn(x, y):
+    return 0.5 * ((y - 0.8 * x) ** 2).flatten(1).sum(1)
+
+
+def _data(n=8, seed=0, dims=D):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, *dims, generator=g)
+    y = 0.8 * x + 0.1 * torch.randn(n, 1, *dims, generator=g)
+    return y, x, torch.utils.data.TensorDataset(y, x)
+
+
+def _rim(seed=0, **kw):
+    torch.manual_seed(seed)
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
+    kw.setdefault("score_fn", score_fn)
+    kw.setdefault("T", 3)
+    return rim_fast.RIM(D, net, device="cpu", **kw)
+
+
+def _state(r):
+    return {k: v.detach().clone() for k, v in r.model.state_dict().items()}
+
+
+def _assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---- gradient checkpointing ---------------------------------------------------------------------------------
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created inside the block and still alive (storage-level, freed by weakref):
+    what forward keeps for backward, plus what backward holds at its peak (recomputed activations included).
+    A dispatch mode also sees the ops inside torch.func transforms, which saved_tensors_hooks cannot wrap."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+def _memory(T, checkpointing, size=16):
+    """(bytes alive after forward, peak bytes over forward + backward) of loss_fn at T, default Hourglass."""
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=2)  # torch_rim's defaults: nf=32, ch_mult=(2, 2), hidden_units=32
+    r = rim_fast.RIM((size, size), net, score_fn=score_fn, T=T, device="cpu",
+                     gradient_checkpointing=checkpointing)
+    y, x = torch.randn(2, 1, size, size), torch.randn(2, 1, size, size)
+    mode = LiveBytes()
+    with mode:
+        loss = r.loss_fn(y, x)
+        after_forward = mode.current
+        loss.backward()
+    return after_forward, mode.peak
+
+
+def test_gradient_checkpointing_keeps_memory_flat_in_T():
+    plain = {T: _memory(T, False) for T in (10, 40)}
+    flat = {T: _memory(T, True) for T in (10, 40)}
+    print(f"\nbytes kept after forward / peak over forward+backward (default Hourglass, B=2, 16x16): "
+          f"plain T=10 {plain[10]}, T=40 {plain[40]}; checkpointing T=10 {flat[10]}, T=40 {flat[40]}")
+    # without checkpointing every step's activations are kept: memory grows ~linearly in T (the measure sees it)
+    assert plain[40][1] > 3 * plain[10][1]
+    assert flat[40][1] <= 1.3 * flat[10][1]
+    assert flat[40][1] < plain[40][1] / 5
+
+
+@pytest.mark.parametrize("kw", [
+    dict(score_fn=score_fn, score_preprocessing_method="ADAM"),
+    dict(score_fn=None, energy_fn=energy_fn, initialization_method="model", compat="fixed"),
+    dict(score_fn=score_fn, score_preprocessing_method="RMSPROP", link_function=torch.nn.functional.softplus,
+         inverse_link_function=lambda x: x + torch.log(-torch.expm1(-x))),
+], ids=["adam", "energy-model-init", "rmsprop-link"])
+def test_gradient_checkpointing_gives_the_same_gradients(kw):
+    plain, ckpted = _rim(**kw), _rim(gradient_checkpointing=True, **kw)
+    y, x, _ = _data(3)
+    x = x.abs() + 0.1
+    loss_p, loss_c = plain.loss_fn(y, x), ckpted.loss_fn(y, x)
+    assert torch.equal(loss_p, loss_c)
+    loss_p.backward()
+    loss_c.backward()
+    for (name, a), b in zip(plain.model.named_parameters(), ckpted.model.parameters()):
+        assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-9, msg=name)
+    assert any(torch.count_nonzero(p.grad) for p in ckpted.model.parameters())
+
+
+def test_gradient_checkpointing_loop_traces_as_one_graph():
+    r = _rim(gradient_checkpointing=True, score_preprocessing_method="ADAM")
+    y, x, _ = _data(2)
+    explanation = torch._dynamo.explain(r._loop)(y, (), {}, x, False, None, torch.ones(3), False)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_fit_gradient_checkpointing_argument():
+    _, _, data = _data(4)
+    a, b = _rim(), _rim()
+    losses_a = a.fit(data, epochs=2, batch_size=2, learning_rate=1e-3, verbose=-1)
+    losses_b = b.fit(data, epochs=2, batch_size=2, learning_rate=1e-3, verbose=-1, gradient_checkpointing=True)
+    assert losses_b == pytest.approx(losses_a, rel=1e-6)
+    assert b.gradient_checkpointing is False  # fit's argument lasts for the call
+
+
+# ---- mixed precision ----------------------------------------------------------------------------------------
+
+def test_autocast_runs_the_network_in_bf16_and_keeps_the_state_fp32():
+    r = _rim(score_preprocessing_method="ADAM", initialization_method="model", compat="fixed")
+    y, x, _ = _data(2)
+    seen = []
+    r.model.register_forward_pre_hook(lambda m, args: seen.append(tuple(a.dtype for a in args
+                                                                         if isinstance(a, torch.Tensor))))
+    conv_out = []
+    r.model.input_layer.register_forward_hook(lambda m, i, o: conv_out.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trajectory = r(y)
+        prediction = r.predict(y)
+        loss = r.loss_fn(y, x)
+    assert all(dtype == torch.float32 for call in seen for dtype in call)  # x, y, score, h
+    assert set(conv_out) == {torch.bfloat16}
+    assert all(t.dtype == torch.float32 for t in trajectory) and prediction.dtype == torch.float32
+    assert loss.dtype == torch.float32
+    reference = r.loss_fn(y, x)
+    assert_close(loss, reference, rtol=5e-2, atol=1e-3)
+    assert not torch.equal(loss, reference)  # the network really ran in bf16
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in r.model.parameters())
+
+
+def test_fit_bf16_mixed_trains():
+    _, _, data = _data(8)
+    r = _rim()
+    losses = r.fit(data, epochs=6, batch_size=4, learning_rate=3e-3, precision="bf16-mixed", verbose=-1)
+    assert all(l == l for l in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in r.model.parameters())
+
+
+# ---- loss weights -------------------------------------------------------------------------------------------
+
+def test_time_weights_and_pixel_weights_match_the_trajectory():
+    r = _rim(score_preprocessing_method="ADAM")
+    y, x, _ = _data(3)
+    B = y.shape[0]
+    trajectory = r(y)
+    per_step = torch.stack([((xt - x) ** 2).sum() / B for xt in trajectory])
+    assert_close(r.loss_fn(y, x), per_step.sum())
+    for t in range(r.T):
+        one_hot = torch.zeros(r.T)
+        one_hot[t] = 1
+        assert_close(r.loss_fn(y, x, time_weights=one_hot), per_step[t])
+    tw = [0.5, 1.0, 2.0]
+    assert_close(r.loss_fn(y, x, time_weights=tw), (torch.tensor(tw) * per_step).sum())
+    w = torch.rand(1, 1, *D)
+    expected = sum((w * (xt - x) ** 2).sum() for xt in trajectory) / B
+    assert_close(r.loss_fn(y, x, w=w), expected)
+    # the defaults are torch_rim's loss, bit for bit
+    assert torch.equal(r.loss_fn(y, x, w=torch.ones_like(x), time_weights=torch.ones(3)), r.loss_fn(y, x))
+    # and through forward (the DDP pattern)
+    assert torch.equal(r(y, x_true=x, w=w, time_weights=tw), r.loss_fn(y, x, w=w, time_weights=tw))
+
+
+def test_time_weights_with_model_initialization_weigh_x0():
+    r = _rim(initialization_method="model", compat="fixed", T=2)
+    y, x, _ = _data(2)
+    trajectory = r(y)
+    assert len(trajectory) == 3
+    per_step = torch.stack([((xt - x) ** 2).sum() / 2 for xt in trajectory])
+    assert_close(r.loss_fn(y, x, time_weights=[1.0, 0.0, 0.0]), per_step[0])
+    assert_close(r.loss_fn(y, x, time_weights=[0.0, 0.0, 3.0]), 3 * per_step[2])
+    with pytest.raises(ValueError, match=r"shape \[3\].*T \+ 1"):
+        r.loss_fn(y, x, time_weights=[1.0, 1.0])
+
+
+def test_fit_with_weights():
+    y, x, data = _data(4)
+    w = torch.rand(1, 1, *D)
+    a = _rim()
+    # a tiny learning rate keeps the weights: the epoch loss is the weighted loss at the initial weights
+    expected = a.loss_fn(y, x, w=w, time_weights=[0.0, 1.0, 2.0]).item()
+    losses = a.fit(data, epochs=1, batch_size=4, learning_rate=1e-30, w=lambda y, x_true: w,
+                   time_weights=[0.0, 1.0, 2.0], verbose=-1)
+    assert losses[0] == pytest.approx(expected, rel=1e-6)
+
+
+# ---- gradient accumulation ----------------------------------------------------------------------------------
+
+def test_accumulation_equals_the_larger_batch_including_a_short_last_window():
+    _, _, data = _data(6)
+    a, b = _rim(), _rim()
+    # batches of 2 in windows of 2 (the epoch's last window has 1 batch) = batches of 4 and 2
+    losses_a = a.fit(data, epochs=3, batch_size=2, accumulate_grad_batches=2, learning_rate=1e-3, verbose=-1)
+    b.fit(data, epochs=3, batch_size=4, learning_rate=1e-3, verbose=-1)
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        assert_close(pa, pb, rtol=1e-5, atol=1e-7, msg=name)
+    assert len(losses_a) == 3
+
+
+# ---- exact resume -------------------------------------------------------------------------------------------
+
+def _scheduler(optimizer):
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+
+
+RESUME_KW = dict(batch_size=2, shuffle=True, seed=5, learning_rate=3e-3, ema_decay=0.9, warmup=3,
+                 scheduler=_scheduler, checkpoints=1, verbose=-1)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    _, _, data = _data(8)
+    one_go = _rim(score_preprocessing_method="ADAM")
+    losses = one_go.fit(data, epochs=4, checkpoints_directory=str(tmp_path / "a"), **RESUME_KW)
+    first = _rim(score_preprocessing_method="ADAM")
+    half = first.fit(data, epochs=2, checkpoints_directory=str(tmp_path / "b"), **RESUME_KW)
+    # a fresh process would start from a fresh RIM (other weights) and a fresh RNG
+    torch.manual_seed(1234)
+    second = _rim(seed=99, score_preprocessing_method="ADAM")
+    rest = second.fit(data, epochs=2, checkpoints_directory=str(tmp_path / "b"), **RESUME_KW)
+    assert half + rest == losses  # exact float equality
+    _assert_states_equal(_state(second), _state(one_go))
+    # max_epochs counts from the checkpoint: nothing left to do
+    assert second.fit(data, max_epochs=4, checkpoints_directory=str(tmp_path / "b"), **RESUME_KW) == []
+
+
+def test_kill_9_at_any_moment_leaves_a_directory_that_loads_and_resumes_exactly(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(f"""
+import sys, torch, rim_fast
+torch.set_num_threads(1)
+directory, final = sys.argv[1], sys.argv[2]
+g = torch.Generator().manual_seed(0)
+x = torch.randn(16, 1, 16, generator=g)
+y = 0.8 * x + 0.1 * torch.randn(16, 1, 16, generator=g)
+torch.manual_seed(0)
+net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
+r = rim_fast.RIM((16,), net, score_fn=lambda x, y: y - 0.8 * x, T=2, score_preprocessing_method="ADAM",
+                 device="cpu")
+print("ready", flush=True)
+r.fit(torch.utils.data.TensorDataset(y, x), max_epochs=14, batch_size=2, shuffle=True, seed=3, ema_decay=0.9,
+      learning_rate=1e-3, checkpoints_directory=directory, checkpoints=1, models_to_keep=2, verbose=-1)
+torch.save(r.model.state_dict(), final)
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+
+    def run(directory, final, kill_after=None):
+        proc = subprocess.Popen([sys.executable, str(script), directory, final], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        if kill_after is None:
+            _, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err[-3000:]
+            return
+        time.sleep(kill_after)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+
+    reference = str(tmp_path / "reference")
+    run(reference, str(tmp_path / "reference.pt"))
+    directory = str(tmp_path / "killed")
+    epochs_done = []
+    for kill_after in (0.9, 0.45, 1.3, 0.7):
+        run(directory, str(tmp_path / "unused.pt"), kill_after)
+        found = ckpt.list_checkpoints(directory)
+        if found:
+            # every listed index is complete and every file loads; torch_rim and rim_fast read the directory
+            for files in found:
+                assert files.optimizer and files.trainstate
+                for path in (files.model, files.optimizer, files.trainstate):
+                    torch.load(path)
+            epochs_done.append(torch.load(found[-1].trainstate)["epoch"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                rim_fast.RIM((16,), checkpoints_directory=directory, score_fn=score_fn, T=2, device="cpu")
+            rim.RIM((16,), checkpoints_directory=directory, score_fn=score_fn, T=2, device="cpu")
+    assert epochs_done and epochs_done[-1] < 14  # the kills interrupted training
+    run(directory, str(tmp_path / "final.pt"))
+    _assert_states_equal(torch.load(str(tmp_path / "final.pt")), torch.load(str(tmp_path / "reference.pt")))
+    history = torch.load(ckpt.list_checkpoints(directory)[-1].trainstate)["losses"]
+    assert history == torch.load(ckpt.list_checkpoints(reference)[-1].trainstate)["losses"]
+    assert len(history) == 14
+    assert not [n for n in os.listdir(directory) if n.startswith(".tmp_")]
+
+
+# ---- corrupt files, NaN, retention --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["trainstate", "optimizer", "model"])
+def test_corrupt_latest_files_fall_back_to_the_previous_checkpoint(tmp_path, kind):
+    directory = str(tmp_path / "run")
+    _, _, data = _data(4)
+    r = _rim()
+    r.fit(data, epochs=3, batch_size=2, checkpoints_directory=directory, checkpoints=1, models_to_keep=5,
+          verbose=-1)
+    found = ckpt.list_checkpoints(directory)
+    bad = {"trainstate": found[-1].trainstate, "optimizer": found[-1].optimizer, "model": found[-1].model}[kind]
+    with open(bad, "r+b") as f:
+        f.truncate(os.path.getsize(bad) // 2)
+    other = _rim(seed=7)
+    with pytest.warns(RuntimeWarning, match=re.escape(os.path.basename(bad))):
+        other.fit(data, epochs=0, checkpoints_directory=directory, verbose=-1)
+    _assert_states_equal(_state(other), torch.load(found[-2].model))
+    # training goes on with a new index: the corrupt one is never reused
+    other.fit(data, epochs=1, batch_size=2, checkpoints_directory=directory, models_to_keep=5, verbose=-1)
+    assert ckpt.list_checkpoints(directory)[-1].index == 4
+
+
+def test_all_checkpoints_corrupt_is_an_error_naming_the_directory(tmp_path):
+    directory = str(tmp_path / "run")
+    _, _, data = _data(4)
+    _rim().fit(data, epochs=1, batch_size=4, checkpoints_directory=directory, verbose=-1)
+    with open(ckpt.list_checkpoints(directory)[0].model, "wb") as f:
+        f.write(b"\0garbage")
+    with pytest.warns(RuntimeWarning, match="checkpoint_"), pytest.raises(RuntimeError, match="no readable checkpoint"):
+        _rim().fit(data, epochs=1, checkpoints_directory=directory, verbose=-1)
+
+
+class _Poisoned(torch.utils.data.Dataset):
+    """(y, x) pairs; y of the samples in ``bad`` (or of every sample after ``after`` reads) is NaN."""
+
+    def __init__(self, y, x, bad=(), after=None):
+        self.y, self.x, self.bad, self.after, self.reads = y, x, set(bad), after, 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        y = self.y[i]
+        if i in self.bad or (self.after is not None and self.reads > self.after):
+            y = torch.full_like(y, float("nan"))
+        return y, self.x[i]
+
+
+def test_nan_stops_without_touching_the_last_good_checkpoint(tmp_path):
+    directory = str(tmp_path / "run")
+    y, x, _ = _data(4)
+    r = _rim()
+    # 2 batches (4 reads) per epoch; epoch 3 reads NaN
+    data = _Poisoned(y, x, after=8)
+    with pytest.warns(RuntimeWarning, match="non-finite loss .* epoch 3.*reloaded from the last good checkpoint"):
+        losses = r.fit(data, epochs=5, batch_size=2, checkpoints_directory=directory, checkpoints=1,
+                       check_finite=False, verbose=-1)
+    assert len(losses) == 2
+    found = ckpt.list_checkpoints(directory)
+    assert [f.index for f in found] == [1, 2]
+    _assert_states_equal(_state(r), torch.load(found[-1].model))
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
+    with open(os.path.join(directory, "score_sheet.txt")) as f:
+        assert len(f.read().splitlines()) == 2
+
+
+def test_nan_skip_drops_only_the_bad_steps():
+    y, x, _ = _data(4)
+    a = _rim()
+    with pytest.warns(RuntimeWarning, match="skipped 1 optimizer step"):
+        losses = a.fit(_Poisoned(y, x, bad=[1]), epochs=2, batch_size=1, learning_rate=1e-3, on_nan="skip",
+                       check_finite=False, verbose=-1)
+    # the same as training on the three good samples
+    b = _rim()
+    keep = [0, 2, 3]
+    expected = b.fit(torch.utils.data.TensorDataset(y[keep], x[keep]), epochs=2, batch_size=1, learning_rate=1e-3,
+                     verbose=-1)
+    assert losses == expected
+    _assert_states_equal(_state(a), _state(b))
+
+
+def test_check_finite_in_fit_and_in_the_rim():
+    y, x, _ = _data(4)
+    bad = _Poisoned(y, x, bad=[2])
+    with pytest.raises(ValueError, match="y of batch 1 contains NaN or inf"):
+        _rim().fit(bad, epochs=1, batch_size=2, verbose=-1)
+    with pytest.warns(RuntimeWarning, match="contains NaN or inf"):
+        _rim().fit(bad, epochs=1, batch_size=2, check_finite="warn", on_nan="skip", verbose=-1)
+    y_bad = y.clone()
+    y_bad[0, 0, 3] = float("inf")
+    with pytest.raises(ValueError, match="y contains NaN or inf"):
+        _rim(check_finite=True).predict(y_bad)
+    with pytest.warns(RuntimeWarning, match="y contains NaN or inf"):
+        _rim(check_finite="warn").predict(y_bad)
+    _rim().predict(y_bad)  # off by default: no host sync
+
+
+def test_retention_prunes_every_file_and_orphans(tmp_path):
+    directory = str(tmp_path / "run")
+    _, _, data = _data(4)
+    _rim().fit(data, epochs=1, batch_size=4, checkpoints_directory=directory, verbose=-1)
+    # what a kill between the trainstate/optimizer writes and the model write leaves behind
+    for kind in ("trainstate", "optimizer"):
+        ckpt.atomic_save({}, os.path.join(directory, ckpt.checkpoint_name(kind, 1.0, 2)))
+    with open(os.path.join(directory, ".tmp_abc_checkpoint_1.0000e+00_002.pt"), "wb") as f:
+        f.write(b"partial")
+    r = _rim()
+    r.fit(data, epochs=4, batch_size=4, checkpoints_directory=directory, checkpoints=1, models_to_keep=2,
+          verbose=-1)
+    found = ckpt.list_checkpoints(directory)
+    assert [f.index for f in found] == [5, 6]  # index 2 belonged to the interrupted write
+    names = sorted(n for n in os.listdir(directory) if n.endswith((".pt", ".pth")) or n.startswith("."))
+    assert names == sorted(os.path.basename(p) for f in found for p in (f.model, f.optimizer, f.trainstate))
+
+
+def test_torch_rim_reads_and_prunes_a_rim_fast_directory(tmp_path):
+    directory = str(tmp_path / "run")
+    y, x, data = _data(4)
+    trainer = _rim(T=2)
+    trainer.fit(data, epochs=3, batch_size=2, ema_decay=0.5, checkpoints_directory=directory, checkpoints=1,
+                verbose=-1)
+    ref = rim.RIM(D, checkpoints_directory=directory, score_fn=score_fn, T=2, device="cpu")
+    assert_close(ref.predict(y), trainer.predict(y))
+    # torch_rim's retention globs *.pt: the .pth training states must not confuse it
+    ref.fit(data, epochs=3, batch_size=2, checkpoints_directory=directory, checkpoints=1, models_to_keep=2)
+    # and rim_fast resumes from torch_rim's newest checkpoint (no training state: weights and optimizer only)
+    other = _rim(seed=3, T=2)
+    other.fit(data, epochs=1, batch_size=2, checkpoints_directory=directory, checkpoints=1, models_to_keep=2,
+              verbose=-1)
+    found = ckpt.list_checkpoints(directory)
+    assert [f.index for f in found] == [6, 7]
+    # the training states orphaned by torch_rim's pruning are gone
+    assert [n for n in os.listdir(directory) if n.endswith(".pth")] == [os.path.basename(found[-1].trainstate)]
+
+
+# ---- progress bar and loss curve ----------------------------------------------------------------------------
+
+def test_progress_bar_shows_running_loss_and_rate(capsys, monkeypatch):
+    monkeypatch.setattr(training, "_PROGRESS_INTERVAL_S", 0.0)
+    _, _, data = _data(4)
+    _rim().fit(data, epochs=2, batch_size=2, verbose=0)
+    err = capsys.readouterr().err
+    assert re.search(r"loss=[0-9.]+e[+-][0-9]+", err)
+    assert "step/s" in err or "s/step" in err
+    assert "epoch=2" in err
+
+
+def test_loss_curve_png_and_its_absence_without_matplotlib(tmp_path, monkeypatch, capsys):
+    _, _, data = _data(4)
+    directory = str(tmp_path / "run")
+    _rim().fit(data, epochs=2, batch_size=4, checkpoints_directory=directory, verbose=-1)
+    with open(os.path.join(directory, "loss_curve.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    directory = str(tmp_path / "run2")
+    _rim().fit(data, epochs=2, batch_size=4, checkpoints_directory=directory, verbose=-1)
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(directory, "loss_curve.png"))
+    assert len(ckpt.list_checkpoints(directory)) == 1
