@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn import Module
 
+from . import ops
 from .definitions import DEVICE
 
 
@@ -41,7 +42,8 @@ class NullEMA:
         pass
 
 
-_ACTIVATIONS = {"elu": F.elu, "relu": F.relu, "tanh": torch.tanh, "swish": F.silu, "silu": F.silu,
+# tanh goes through the op layer (a faster CPU implementation; torch.tanh is its reference)
+_ACTIVATIONS = {"elu": F.elu, "relu": F.relu, "tanh": ops.tanh, "swish": F.silu, "silu": F.silu,
                 "sigmoid": torch.sigmoid}
 
 

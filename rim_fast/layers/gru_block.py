@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import ops
 from ..compat import CompatLike, resolve
 from .conv_same import same_conv
 from .gru import GRU, _check_dimensions
@@ -47,7 +48,7 @@ class GRUBlock(nn.Module):
             h1 = self.gru1.forward_zero_state(x)
         else:
             h1, _ = self.gru1(x, h_1)
-        pre_h2 = torch.tanh(self.hidden_layer(h1))
+        pre_h2 = ops.tanh(self.hidden_layer(h1))
         if zero_state == "all":
             h_2 = self.gru2.forward_zero_state(pre_h2)
         else:

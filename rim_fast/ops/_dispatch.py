@@ -76,11 +76,15 @@ class Impl:
 
     ``usable(*args)`` says whether it can run these arguments now (device, dtype, compile state);
     ``auto(*args)`` whether ``auto`` should prefer it over the reference for them;
-    ``missing()`` returns None when the implementation is installed, else why it is not."""
+    ``missing()`` returns None when the implementation is installed, else why it is not.
+    ``kernel=False`` marks a plain-PyTorch variant (e.g. another memory layout): ``RIM_FAST_BACKEND=kernels``
+    uses it where it can, but never raises for it."""
 
     def __init__(self, name: str, fn: Callable, usable: Callable[..., bool],
-                 auto: Callable[..., bool], missing: Callable[[], Optional[str]] = lambda: None):
+                 auto: Callable[..., bool], missing: Callable[[], Optional[str]] = lambda: None,
+                 kernel: bool = True):
         self.name, self.fn, self.usable, self.auto, self.missing = name, fn, usable, auto, missing
+        self.kernel = kernel
 
 
 class Op:
@@ -104,9 +108,10 @@ class Op:
                 why = impl.missing()
                 if why is None and impl.usable(*args):
                     return impl.name, impl.fn
-                reasons.append(f"{impl.name}: {why or 'cannot run these inputs'}")
+                if impl.kernel:
+                    reasons.append(f"{impl.name}: {why or 'cannot run these inputs'}")
             # torch.compile traces CPU tensors with fake tensors that the Triton interpreter cannot run.
-            if torch.compiler.is_compiling():
+            if not reasons or torch.compiler.is_compiling():
                 return "reference", self.reference
             raise RuntimeError(
                 f"RIM_FAST_BACKEND=kernels, but no kernel of op '{self.name}' can run here "
