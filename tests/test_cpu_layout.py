@@ -1,0 +1,70 @@
+"""CPU channels-last convolutions and the sigmoid-form tanh against their references."""
+import pytest
+import torch
+
+from rim_fast.ops import cpu_layout, reference
+
+from conftest import tol
+
+
+def conv_tol(dtype):
+    # another summation order over C_in * k^N (up to 81 here) terms of O(1) products: absolute error
+    # ~ eps * sqrt(terms) * |terms|, so the float32 bound is absolute at the output's scale
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else tol(dtype)
+
+CASES = [
+    pytest.param(1, (1,), 3, 1, id="1D-L1-k3"),
+    pytest.param(1, (17,), 3, 2, id="1D-L17-k3-s2"),
+    pytest.param(1, (16,), 4, 2, id="1D-L16-k4-s2"),
+    pytest.param(2, (7, 9), 3, 1, id="2D-7x9-k3"),
+    pytest.param(2, (8, 5), 5, 2, id="2D-8x5-k5-s2"),
+    pytest.param(3, (3, 4, 5), 3, 1, id="3D-3x4x5-k3"),
+    pytest.param(3, (4, 4, 4), 3, 2, id="3D-4x4x4-k3-s2"),
+]
+
+
+@pytest.mark.parametrize("dims,size,k,stride", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_channels_last_convs_match_reference(dims, size, k, stride, dtype):
+    x = torch.randn(2, 3, *size, dtype=dtype, requires_grad=True)
+    w = torch.randn(5, 3, *([k] * dims), dtype=dtype, requires_grad=True)
+    b = torch.randn(5, dtype=dtype, requires_grad=True)
+    if stride == 1:
+        args = (w, b, 1, "same", 1, 1)
+        ref, new = reference.conv(x, *args), cpu_layout.conv(x, *args)
+    else:
+        args = (w, b, k, stride, 1, 1, True)
+        ref, new = reference.conv_same(x, *args), cpu_layout.conv_same(x, *args)
+    assert new.shape == ref.shape
+    torch.testing.assert_close(new, ref, **conv_tol(dtype))
+    cot = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, (x, w, b), cot)
+    g_new = torch.autograd.grad(new, (x, w, b), cot)
+    for a, c in zip(g_new, g_ref):
+        torch.testing.assert_close(a, c, **conv_tol(dtype))
+
+    wt = torch.randn(3, 4, *([k] * dims), dtype=dtype)
+    ref_t = reference.conv_transpose(x, wt, None, 2, (k - 1) // 2, 1, 1, 1)
+    new_t = cpu_layout.conv_transpose(x, wt, None, 2, (k - 1) // 2, 1, 1, 1)
+    torch.testing.assert_close(new_t, ref_t, **conv_tol(dtype))
+
+
+def test_one_d_outputs_chain_without_copies():
+    x = torch.randn(2, 4, 16)
+    w = torch.randn(4, 4, 3)
+    y = cpu_layout.conv(x, w, None)
+    # the squeezed [B, C, 1, L] channels-last output is taken as is by the next conv
+    assert cpu_layout._to_cl(y).data_ptr() == y.data_ptr()
+    torch.testing.assert_close(cpu_layout.conv(y, w, None), reference.conv(reference.conv(x, w, None), w, None),
+                               **tol(torch.float32))
+
+
+def test_sigmoid_form_tanh():
+    x = torch.cat([torch.linspace(-20, 20, 10001), torch.logspace(-9, 0, 100), -torch.logspace(-9, 0, 100)])
+    x.requires_grad_(True)
+    y = cpu_layout.tanh(x)
+    assert (y - torch.tanh(x)).abs().max() <= 2.5e-7
+    g, = torch.autograd.grad(y, x, torch.ones_like(y))
+    torch.testing.assert_close(g, 1 - torch.tanh(x.detach()) ** 2, rtol=0, atol=5e-7)
+    x64 = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(cpu_layout._SigmoidTanh.apply, (x64,))
