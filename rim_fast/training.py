@@ -497,6 +497,17 @@ def _fit(rim, dataset, group, epochs, learning_rate, scheduler, batch_size, shuf
     else:
         finite_mode = "warn" if check_finite == "warn" else "error"
     k = accumulate_grad_batches
+    # once, not per step: fixed loss weights live on the device
+    if isinstance(w, torch.Tensor):
+        w = w.to(device)
+    if time_weights is not None and not isinstance(time_weights, torch.Tensor):
+        try:
+            time_weights = torch.tensor(time_weights, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"time_weights must be a sequence of numbers or a 1-D tensor, got "
+                            f"{type(time_weights).__name__}") from None
+    if isinstance(time_weights, torch.Tensor):
+        time_weights = time_weights.to(device)
 
     losses = []
     global_start = time.time()
@@ -542,8 +553,8 @@ def _fit(rim, dataset, group, epochs, learning_rate, scheduler, batch_size, shuf
                 scale = _window_size(i, n_iterations_in_epoch, k)
                 (loss / scale if scale > 1 else loss).backward()
             loss = loss.detach()
-            ok = torch.isfinite(loss)
             if on_nan == "skip":
+                ok = torch.isfinite(loss)
                 cost_sum += torch.where(ok, loss, torch.zeros_like(loss))
                 n_good += ok
                 window_ok = ok if window_ok is None else window_ok & ok

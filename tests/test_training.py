@@ -3,6 +3,7 @@ gradient accumulation, exact resume, kill -9 safety, corrupt files, NaN handling
 loss curve. Distributed training is in test_ddp.py."""
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -268,43 +269,67 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
 
 def test_kill_9_at_any_moment_leaves_a_directory_that_loads_and_resumes_exactly(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(f"""
+    script.write_text("""
 import sys, torch, rim_fast
-torch.set_num_threads(1)
-directory, final = sys.argv[1], sys.argv[2]
-g = torch.Generator().manual_seed(0)
-x = torch.randn(16, 1, 16, generator=g)
-y = 0.8 * x + 0.1 * torch.randn(16, 1, 16, generator=g)
-torch.manual_seed(0)
-net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
-r = rim_fast.RIM((16,), net, score_fn=lambda x, y: y - 0.8 * x, T=2, score_preprocessing_method="ADAM",
-                 device="cpu")
-print("ready", flush=True)
-r.fit(torch.utils.data.TensorDataset(y, x), max_epochs=14, batch_size=2, shuffle=True, seed=3, ema_decay=0.9,
-      learning_rate=1e-3, checkpoints_directory=directory, checkpoints=1, models_to_keep=2, verbose=-1)
-torch.save(r.model.state_dict(), final)
+
+
+def main(directory, final):
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 16, generator=g)
+    y = 0.8 * x + 0.1 * torch.randn(16, 1, 16, generator=g)
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
+    r = rim_fast.RIM((16,), net, score_fn=lambda x, y: y - 0.8 * x, T=2, score_preprocessing_method="ADAM",
+                     device="cpu")
+    print("ready", flush=True)
+    r.fit(torch.utils.data.TensorDataset(y, x), max_epochs=14, batch_size=2, shuffle=True, seed=3, ema_decay=0.9,
+          learning_rate=1e-3, checkpoints_directory=directory, checkpoints=1, models_to_keep=2, verbose=-1)
+    torch.save(r.model.state_dict(), final)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
 """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
                                                        os.environ.get("PYTHONPATH", "")]))
 
-    def run(directory, final, kill_after=None):
+    def saved(directory):
+        try:
+            with open(os.path.join(directory, "score_sheet.txt")) as f:
+                return len(f.read().splitlines())
+        except FileNotFoundError:
+            return 0
+
+    def run(directory, final, kill=None):
         proc = subprocess.Popen([sys.executable, str(script), directory, final], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
-        if kill_after is None:
+        if kill is None:
             _, err = proc.communicate(timeout=240)
             assert proc.returncode == 0, err[-3000:]
             return
-        time.sleep(kill_after)
+        # kill once `after` checkpoints exist, `delay` seconds later: whatever the machine's speed, the kills
+        # land at different points of an epoch (mid-step, mid-write, between files)
+        after, delay = kill
+        deadline = time.monotonic() + 120
+        while saved(directory) < after and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
 
+    # the uninterrupted run, in this process (one thread, as the script)
     reference = str(tmp_path / "reference")
-    run(reference, str(tmp_path / "reference.pt"))
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(script))["main"](reference, str(tmp_path / "reference.pt"))
+    finally:
+        torch.set_num_threads(threads)
     directory = str(tmp_path / "killed")
     epochs_done = []
-    for kill_after in (0.9, 0.45, 1.3, 0.7):
-        run(directory, str(tmp_path / "unused.pt"), kill_after)
+    for kill in ((2, 0.0), (6, 0.021), (10, 0.047)):
+        run(directory, str(tmp_path / "unused.pt"), kill)
         found = ckpt.list_checkpoints(directory)
         if found:
             # every listed index is complete and every file loads; torch_rim and rim_fast read the directory
