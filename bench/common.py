@@ -84,3 +84,11 @@ def measure(fn: Callable[[], object], device="cpu", warmup: int = 2, rounds: int
         times.append(time.perf_counter() - t0)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "rounds": len(times), "times": times}
+
+
+def end_to_end_workloads() -> dict:
+    """The workload table for end-to-end RIM benchmarks: ``workloads()`` with the backbone named (``arch``:
+    Hourglass), plus U2, a Unet on S2's shape."""
+    table = {name: dict(spec, arch="Hourglass") for name, spec in workloads().items()}
+    table["U2"] = dict(table["S2"], arch="Unet")
+    return table
