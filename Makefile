@@ -28,6 +28,16 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) -m rim_fast.demo --seconds 60
+	$(PY) -m bench.run --device cpu --preset short --out bench/results/cpu-short
+
+bench: setup
+	$(PY) -m bench.run --device cpu --out bench/results/cpu-full
+
+bench-smoke: setup
+	RIM_FAST_BENCH_SMOKE=1 $(PY) -m pytest tests/test_bench_smoke.py -q
+
+gpu-check: setup
+	bash bench/gpu_check.sh bench/results/gpu-check
 
 test: setup
 	$(PY) -m pytest tests -q -rs

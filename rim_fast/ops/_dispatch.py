@@ -66,7 +66,8 @@ def trace() -> Iterator[Counter]:
 
 
 def _record(op: str, impl: str) -> None:
-    if _TRACES and not torch.compiler.is_compiling():
+    # is_compiling() first: reading _TRACES while tracing would make compiled graphs guard on it
+    if not torch.compiler.is_compiling() and _TRACES:
         for counter in _TRACES:
             counter[(op, impl)] += 1
 
