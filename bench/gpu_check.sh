@@ -62,18 +62,23 @@ else
 fi
 DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 BENCH_START=$(date +%s)
+# within 10 minutes: the gate kernels eager and graph-replayed (no per-case compiles), the update step, and
+# the end-to-end predict of S1, S2, L2 for every provider (override with the RIM_FAST_BENCH_* variables)
+if [ "$MODE" = "--dry" ]; then GATES_ENV=(); RIM_ENV=(RIM_FAST_BENCH_WORKLOADS=S1); else
+  GATES_ENV=(RIM_FAST_BENCH_OPS=cell RIM_FAST_BENCH_PROVIDERS=reference,triton,reference_graph,triton_graph)
+  RIM_ENV=(RIM_FAST_BENCH_WORKLOADS=${RIM_FAST_BENCH_WORKLOADS:-S1,S2,L2} RIM_FAST_BENCH_MODES=${RIM_FAST_BENCH_MODES:-predict})
+fi
 for b in gru_gates update_step; do
-  if [ -f "bench/bench_$b.py" ]; then
-    left=$(( BENCH_LIMIT / 4 ))
-    timeout "$left" $PY -m pytest "bench/bench_$b.py" -q -p no:cacheprovider --benchmark-json="$OUT/bench_$b.json" \
-      > "$OUT/bench_$b.log" 2>&1
-    status "bench_$b" "$?"
-  fi
+  left=$(( BENCH_LIMIT / 4 ))
+  if [ "$b" = gru_gates ]; then envs=("${GATES_ENV[@]}"); else envs=(); fi
+  env "${envs[@]}" timeout "$left" $PY -m pytest "bench/bench_$b.py" -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_$b.json" > "$OUT/bench_$b.log" 2>&1
+  status "bench_$b" "$?"
 done
 left=$(( BENCH_LIMIT - ($(date +%s) - BENCH_START) ))
 [ "$left" -lt 30 ] && left=30
 if [ -f bench/run.py ]; then
-  timeout "$left" $PY -m bench.run --device "$DEVICE" --out "$OUT/rim" ${RIM_FAST_GPU_BENCH_ARGS:-} \
+  env "${RIM_ENV[@]}" timeout "$left" $PY -m bench.run --device "$DEVICE" --out "$OUT/rim" \
     > "$OUT/bench_rim.log" 2>&1
   status bench_rim "$?"
   tail -n 40 "$OUT/bench_rim.log"

@@ -67,7 +67,8 @@ def main(out: str, mode: str) -> None:
     for name, rows in benches.items():
         lines += ["", f"## {name}", "", "| case | median ms | IQR ms | extra |", "| --- | --- | --- | --- |"]
         for r in rows:
-            extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["extra"].items())
+            extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["extra"].items()
+                              if k != "machine")
             lines.append(f"| {r['name']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {extra} |")
     rim_md = os.path.join(out, "rim", "report.md")
     if os.path.exists(rim_md):

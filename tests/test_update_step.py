@@ -487,7 +487,10 @@ def test_rim_kernels_equal_reference(ext, device, dims, method, monkeypatch):
     torch.testing.assert_close(loss, ref_loss, **close)
     assert grads.keys() == ref_grads.keys() and grads
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **close, msg=lambda m: f"{name}: {m}")
+        # 1e-6 relative to the gradient's scale: elements near zero carry the rounding of the large ones
+        scale = float(ref_grads[name].abs().max())
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=max(1e-7, 1e-6 * scale),
+                                   msg=lambda m: f"{name}: {m}")
 
 
 # ---- CUDA specifics -------------------------------------------------------------------------------------
