@@ -466,3 +466,15 @@ def test_cuda_auto_backend_choice():
     z_ref, rh_ref = reference.gru_gates_zr(wx, uzr, h, bz, br)
     torch.testing.assert_close(z_g, z_ref, **tol(torch.float32))
     torch.testing.assert_close(rh_g, rh_ref, **tol(torch.float32))
+
+
+def test_mixed_activation_dtypes_take_the_reference():
+    # under autocast the convolutions hand bf16 pre-activations next to a float32 state
+    from rim_fast.ops import triton_gates
+    wx = torch.randn(2, 6, 5, dtype=torch.bfloat16)
+    uzr = torch.randn(2, 4, 5, dtype=torch.bfloat16)
+    h = torch.randn(2, 2, 5)
+    b = torch.zeros(2)
+    assert not triton_gates.usable(wx, uzr, h, b, b)
+    assert triton_gates.usable(wx.float(), uzr.float(), h, b, b) == (triton_gates.missing() is None
+                                                                    and triton_gates.K.INTERPRETED)

@@ -75,6 +75,9 @@ def usable(*args) -> bool:
     device = tensors[0].device
     if any(t.device != device or t.dtype not in _DTYPES for t in tensors):
         return False
+    # one activation dtype (autocast can hand bf16 conv outputs with a float32 state): else the reference
+    if len({t.dtype for t in tensors if t.dim() >= 2}) > 1:
+        return False
     if device.type == "cuda":
         return not K.INTERPRETED
     if device.type == "cpu" and K.INTERPRETED:
