@@ -88,3 +88,8 @@ fi
 $PY -m bench.gpu_report "$OUT" "$MODE"
 status report "$?"
 echo "total $(( $(date +%s) - START )) s"
+# a failed stage fails the command (CI runs the dry mode), after the report is written
+if grep -qv "=0$" "$OUT/stages.txt"; then
+  echo "failed stages: $(grep -v '=0$' "$OUT/stages.txt" | tr '\n' ' ')"
+  exit 1
+fi
