@@ -170,13 +170,6 @@ CASES = [pytest.param(name, op, mode, provider, id=f"{name}-{op}-{mode}-{provide
          for provider in PROVIDERS if _wanted(name, op, provider)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _machine(request):
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print("\n" + machine_line())
-
-
 @pytest.mark.parametrize("name,op,mode,provider", CASES)
 def test_gru_gates(benchmark, name, op, mode, provider):
     B, S = cell_shapes()[name]

@@ -118,13 +118,6 @@ CASES = [pytest.param(name, op, mode, provider, id=f"{name}-{op}-{mode}-{provide
          if not (SMOKE and provider == "compiled" and i > 0)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _machine(request):
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print("\n" + machine_line())
-
-
 @pytest.mark.parametrize("name,op,mode,provider", CASES)
 def test_update_step(benchmark, name, op, mode, provider):
     shape = shapes()[name]

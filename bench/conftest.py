@@ -1,6 +1,10 @@
-"""pytest configuration of the benchmarks: the machine line (bench.common.machine_line) in the JSON's
-machine_info, so a report names the machine its numbers came from."""
+"""pytest configuration of the benchmarks: the machine line (bench.common.machine_line) printed first and
+stored in the JSON's machine_info, so a report names the machine its numbers came from."""
 from bench.common import machine_line
+
+
+def pytest_report_header(config):
+    return machine_line()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -65,6 +65,40 @@ def check_kernels(conv_kernel_size, input_kernel_size, resample_with_conv, fir_k
                              f"separable FIR filter of resample_with_conv=False), got {fir_kernel!r}")
 
 
+def setup_common(model: EncoderDecoder, architecture: str, channels, dimensions, nf, ch_mult, hidden_units,
+                 num_layers, kernel_size, conv_kernel_size, input_kernel_size, condition_on_observation,
+                 resample_with_conv, fir_kernel, combine_method, activation, compat):
+    """Checks, attributes and ``hyperparameters`` shared by Hourglass and Unet.
+    Returns (ch_mult, conv_kernel_size, input_kernel_size) with the kernel-size defaults resolved."""
+    ch_mult = tuple(ch_mult)
+    check_common(dimensions, channels, nf, ch_mult, hidden_units, num_layers, kernel_size, combine_method,
+                 condition_on_observation)
+    check_kernels(conv_kernel_size, input_kernel_size, resample_with_conv, fir_kernel)
+    conv_kernel_size = kernel_size if conv_kernel_size is None else conv_kernel_size
+    input_kernel_size = kernel_size if input_kernel_size is None else input_kernel_size
+    model.compat = resolve(compat)
+    model.hyperparameters = {
+        "channels": channels, "architecture": architecture, "nf": nf, "ch_mult": ch_mult,
+        "dimensions": dimensions, "num_layers": num_layers, "resample_with_conv": resample_with_conv,
+        "fir_kernel": tuple(fir_kernel), "combine_method": combine_method,
+        "condition_on_observation": condition_on_observation, "kernel_size": kernel_size,
+        "conv_kernel_size": conv_kernel_size, "input_kernel_size": input_kernel_size,
+        "activation": activation,
+        # not saved by torch_rim (bug 4); torch_rim's Hourglass(**hparams) accepts both keys
+        "hidden_units": hidden_units, "compat": model.compat.name,
+    }
+    model.nf = nf
+    model.channels = channels
+    model.dimensions = dimensions
+    model.act = get_activation(activation)
+    model.num_resolutions = len(ch_mult)
+    model.num_layers = num_layers
+    model.hidden_units = hidden_units
+    model.condition_on_observation = condition_on_observation
+    model.combine_method = combine_method
+    return ch_mult, conv_kernel_size, input_kernel_size
+
+
 class Hourglass(EncoderDecoder):
     supports_zero_state_hint = True
 
@@ -73,34 +107,13 @@ class Hourglass(EncoderDecoder):
                  resample_with_conv=True, fir_kernel=(1, 3, 3, 1), combine_method="cat", activation="tanh",
                  compat: CompatLike = None, **kwargs):
         super().__init__()
-        ch_mult = tuple(ch_mult)
-        check_common(dimensions, channels, nf, ch_mult, hidden_units, num_layers, kernel_size, combine_method,
-                     condition_on_observation)
-        check_kernels(conv_kernel_size, input_kernel_size, resample_with_conv, fir_kernel)
-        self.compat = resolve(compat)
-        conv_kernel_size = kernel_size if conv_kernel_size is None else conv_kernel_size
-        input_kernel_size = kernel_size if input_kernel_size is None else input_kernel_size
+        ch_mult, conv_kernel_size, input_kernel_size = setup_common(
+            self, "hourglass", channels, dimensions, nf, ch_mult, hidden_units, num_layers, kernel_size,
+            conv_kernel_size, input_kernel_size, condition_on_observation, resample_with_conv, fir_kernel,
+            combine_method, activation, compat)
         layer = lambda i, o, k: same_conv(dimensions, i, o, k)  # noqa: E731
         downsample_layer, upsample_layer = resampling_layers(dimensions, resample_with_conv, fir_kernel,
                                                              self.compat)
-        self.hyperparameters = {
-            "channels": channels, "architecture": "hourglass", "nf": nf, "ch_mult": ch_mult,
-            "dimensions": dimensions, "num_layers": num_layers, "resample_with_conv": resample_with_conv,
-            "fir_kernel": tuple(fir_kernel), "combine_method": combine_method,
-            "condition_on_observation": condition_on_observation, "kernel_size": kernel_size,
-            "conv_kernel_size": conv_kernel_size, "input_kernel_size": input_kernel_size,
-            "activation": activation,
-            # not saved by torch_rim (bug 4); torch_rim's Hourglass(**hparams) accepts both keys
-            "hidden_units": hidden_units, "compat": self.compat.name,
-        }
-        self.nf = nf
-        self.channels = channels
-        self.dimensions = dimensions
-        self.act = get_activation(activation)
-        self.num_resolutions = len(ch_mult)
-        self.num_layers = num_layers
-        self.hidden_units = hidden_units
-        self.condition_on_observation = condition_on_observation
         self.decoder_index = self.num_resolutions * (num_layers + 1)
 
         self.input_layer = layer(2 * channels, nf, input_kernel_size)

@@ -11,7 +11,7 @@ from ..compat import CompatLike, resolve
 from ..layers import GRUBlock, same_conv
 from ..utils import get_activation
 from .base import EncoderDecoder
-from .hourglass import check_common, check_kernels, resampling_layers
+from .hourglass import resampling_layers, setup_common
 
 
 class Unet(EncoderDecoder):
@@ -29,29 +29,10 @@ class Unet(EncoderDecoder):
                  resample_with_conv=True, fir_kernel=(1, 3, 3, 1), combine_method="cat", activation="tanh",
                  compat: CompatLike = None, **kwargs):
         super().__init__()
-        ch_mult = tuple(ch_mult)
-        check_common(dimensions, channels, nf, ch_mult, hidden_units, num_layers, kernel_size, combine_method,
-                     condition_on_observation)
-        check_kernels(conv_kernel_size, input_kernel_size, resample_with_conv, fir_kernel)
-        self.compat = resolve(compat)
-        conv_kernel_size = kernel_size if conv_kernel_size is None else conv_kernel_size
-        input_kernel_size = kernel_size if input_kernel_size is None else input_kernel_size
-        self.hyperparameters = {
-            "channels": channels, "architecture": "unet", "nf": nf, "ch_mult": ch_mult, "dimensions": dimensions,
-            "hidden_units": hidden_units, "num_layers": num_layers, "resample_with_conv": resample_with_conv,
-            "fir_kernel": tuple(fir_kernel), "combine_method": combine_method,
-            "condition_on_observation": condition_on_observation, "kernel_size": kernel_size,
-            "conv_kernel_size": conv_kernel_size, "input_kernel_size": input_kernel_size,
-            "activation": activation, "compat": self.compat.name,
-        }
-        self.channels = channels
-        self.dimensions = dimensions
-        self.nf = nf
-        self.hidden_units = hidden_units
-        self.num_layers = num_layers
-        self.num_resolutions = len(ch_mult)
-        self.combine_method = combine_method
-        self.act = get_activation(activation)
+        ch_mult, conv_kernel_size, input_kernel_size = setup_common(
+            self, "unet", channels, dimensions, nf, ch_mult, hidden_units, num_layers, kernel_size,
+            conv_kernel_size, input_kernel_size, condition_on_observation, resample_with_conv, fir_kernel,
+            combine_method, activation, compat)
         down, up = resampling_layers(dimensions, resample_with_conv, fir_kernel, self.compat)
         conv = lambda i, o, k=kernel_size: same_conv(dimensions, i, o, k)  # noqa: E731
 
