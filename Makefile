@@ -21,7 +21,7 @@ $(VENV)/.installed: $(VENV)/.torch setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q "torch-rim==0.2.9" pytest pytest-benchmark hypothesis expecttest matplotlib
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > build.log 2>&1 || (tail -60 build.log; exit 1)
 	@grep -m3 -E "nvcc .*sm_90" build.log || echo "(no nvcc step in build.log: C++-only or no extension)"
-	$(PY) -c "import rim_fast; print('rim_fast imported from', rim_fast.__file__)"
+	$(PY) -c "import rim_fast; from rim_fast import _ext; m = _ext.module(); print('rim_fast:', rim_fast.__file__, '| rim_fast._C:', m.__file__ if m else _ext.missing(), '| CUDA kernels built:', _ext.built_with_cuda())"
 	touch $@
 
 setup: $(VENV)/.installed
