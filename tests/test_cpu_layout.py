@@ -68,3 +68,34 @@ def test_sigmoid_form_tanh():
     torch.testing.assert_close(g, 1 - torch.tanh(x.detach()) ** 2, rtol=0, atol=5e-7)
     x64 = torch.randn(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(cpu_layout._SigmoidTanh.apply, (x64,))
+
+
+@pytest.mark.parametrize("dims,size,k", [(1, (9,), 3), (2, (7, 6), 3), (3, (3, 4, 5), 3), (2, (8, 8), 1)],
+                         ids=["1D", "2D", "3D", "2D-k1"])
+def test_conv_tanh_fused_and_unfused_match_reference(dims, size, k):
+    from rim_fast import ops
+    x = torch.randn(2, 3, *size)
+    w = torch.randn(4, 3, *([k] * dims))
+    b = torch.randn(4)
+    expected = reference.conv_tanh(x, w, b, "same", 1, 1)
+    with torch.no_grad():
+        assert cpu_layout.conv_tanh_usable(x, w, b, "same", 1, 1) == cpu_layout._fused_works()
+        if cpu_layout._fused_works():
+            torch.testing.assert_close(cpu_layout.conv_tanh(x, w, b, "same", 1, 1), expected, rtol=1e-5, atol=1e-6)
+        with ops.trace() as calls:
+            ops.conv_tanh(x, w, b, "same", 1, 1)
+    assert calls[("conv_tanh", "onednn_fused" if cpu_layout._fused_works() else "channels_last")] == 1
+    # with autograd the fused primitive (no derivative) is not taken, and gradients match the reference
+    w.requires_grad_(True)
+    assert not cpu_layout.conv_tanh_usable(x, w, b, "same", 1, 1)
+    out = ops.conv_tanh(x, w, b, "same", 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    g, = torch.autograd.grad(out.sum(), w)
+    g_ref, = torch.autograd.grad(reference.conv_tanh(x, w, b, "same", 1, 1).sum(), w)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_tanh_even_kernel_is_not_fused():
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 2, 4, 4)
+    with torch.no_grad():
+        assert not cpu_layout.conv_tanh_usable(x, w, None, "same", 1, 1)

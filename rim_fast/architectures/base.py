@@ -5,6 +5,9 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
+from .. import ops
+from ..layers.conv_same import _SameConvMixin
+
 
 class Model(Module, ABC):
     """Interface of a RIM backbone: forward(x, y, score, h) -> (g, h'), and its initial hidden state."""
@@ -22,7 +25,8 @@ class Model(Module, ABC):
 
 
 class EncoderDecoder(Model):
-    """Shared checks of the Hourglass and the Unet: spatial sizes must survive len(ch_mult) halvings."""
+    """Shared parts of the Hourglass and the Unet: spatial sizes must survive len(ch_mult) halvings; a
+    "same" conv followed by the activation goes through ``ops.conv_tanh`` when the activation is tanh."""
 
     dimensions: int
     num_resolutions: int
@@ -57,3 +61,9 @@ class EncoderDecoder(Model):
         step = 2 ** self.num_resolutions
         return torch.zeros(batch_size, self.hidden_units, *[int(n) // step for n in dimensions], device=device,
                            dtype=dtype)
+
+    def _conv_act(self, layer, x: Tensor) -> Tensor:
+        """act(layer(x)) for a stride-1 "same" conv; conv + tanh as one op (fused by oneDNN on the CPU)."""
+        if self.act is ops.tanh and isinstance(layer, _SameConvMixin) and layer.padding_mode == "zeros":
+            return ops.conv_tanh(x, layer.weight, layer.bias, layer.padding, layer.dilation[0], layer.groups)
+        return self.act(layer(x))

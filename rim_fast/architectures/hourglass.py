@@ -139,17 +139,13 @@ class Hourglass(EncoderDecoder):
         """x, score: [B, C, *S]; y is unused (as in torch_rim); h: [B, hidden_units, *S / 2**R] -> (g, h')."""
         self._check_inputs(x, score)
         x = torch.cat([x, score], dim=1)
-        x = self.act(self.input_layer(x))
+        x = self._conv_act(self.input_layer, x)
         period = self.num_layers + 1
         for i_layer, layer in enumerate(self.all_modules[:self.decoder_index]):
-            x = layer(x)
-            if (i_layer + 1) % period != 0:
-                x = self.act(x)
+            x = self._conv_act(layer, x) if (i_layer + 1) % period != 0 else layer(x)
         x, h = self.gru_layer(x, h, zero_state)
         # torch_rim applies the same index rule in the decoder: act after the upsampling layer and every
         # conv of a level but its last
         for i_layer, layer in enumerate(self.all_modules[self.decoder_index:]):
-            x = layer(x)
-            if (i_layer + 1) % period != 0:
-                x = self.act(x)
+            x = self._conv_act(layer, x) if (i_layer + 1) % period != 0 else layer(x)
         return self.output_layer(x), h

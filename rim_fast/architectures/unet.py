@@ -60,18 +60,19 @@ class Unet(EncoderDecoder):
     def forward(self, x: Tensor, y: Tensor, score: Tensor, h: Tensor, zero_state: Optional[str] = None):
         """x, score: [B, C, *S]; y is unused; h: [B, hidden_units, *S / 2**R] -> (g [B, C, *S], h')."""
         self._check_inputs(x, score)
-        x = self.act(self.input_layer(torch.cat([x, score], dim=1)))
+        x = self._conv_act(self.input_layer, torch.cat([x, score], dim=1))
         skips = []
         for convs, down in zip(self.encoder, self.downsample):
             for layer in convs:
-                x = self.act(layer(x))
+                x = self._conv_act(layer, x)
             skips.append(x)
             x = down(x)
         x, h = self.gru_layer(x, h, zero_state)
         for up, combine, convs in zip(self.upsample, self.combine, self.decoder):
             x = up(x)
             skip = skips.pop()
-            x = self.act(combine(torch.cat([x, skip], dim=1)) if self.combine_method == "cat" else x + skip)
+            x = (self._conv_act(combine, torch.cat([x, skip], dim=1)) if self.combine_method == "cat"
+                 else self.act(x + skip))
             for layer in convs:
-                x = self.act(layer(x))
+                x = self._conv_act(layer, x)
         return self.output_layer(x), h

@@ -6,13 +6,13 @@ implementations (Triton kernels in ``rim_fast.kernels``, the C++/CUDA extension 
 """
 from ._dispatch import BACKENDS, Impl, Op, backend, trace, use_backend
 from . import reference
-from .conv import conv, conv_same, conv_transpose, tanh, upfirdn
+from .conv import conv, conv_same, conv_tanh, conv_transpose, tanh, upfirdn
 from .gates import gru_gates_h, gru_gates_zero_state, gru_gates_zr
 from .update import preprocess_score, update_state
 
 __all__ = [
     "BACKENDS", "Impl", "Op", "backend", "trace", "use_backend", "reference",
-    "conv", "conv_same", "conv_transpose", "tanh", "upfirdn",
+    "conv", "conv_same", "conv_tanh", "conv_transpose", "tanh", "upfirdn",
     "gru_gates_zr", "gru_gates_h", "gru_gates_zero_state",
     "preprocess_score", "update_state",
 ]

@@ -33,6 +33,11 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, pad
     return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
 
 
+def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation: int, groups: int) -> Tensor:
+    """tanh(conv(x)), stride 1: a convolution followed by the tanh activation, fused where a backend can."""
+    return torch.tanh(conv(x, weight, bias, 1, padding, dilation, groups))
+
+
 def conv_same_pads(spatial: tuple, kernel_size: int, stride: int, dilation: int, axis_swap: bool) -> list:
     """F.pad argument of score_models' Conv*dSame for stride > 1.
 
