@@ -99,3 +99,26 @@ def test_conv_tanh_even_kernel_is_not_fused():
     x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 2, 4, 4)
     with torch.no_grad():
         assert not cpu_layout.conv_tanh_usable(x, w, None, "same", 1, 1)
+
+
+def test_layer_hooks_see_the_conv_output():
+    """A same-conv followed by tanh runs as one op only when no forward hook watches the layer."""
+    import rim_fast
+    from rim_fast import ops
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
+    x = torch.randn(2, 1, 16)
+    h = torch.zeros(2, 6, 4)
+    seen = []
+    with torch.no_grad():
+        with ops.trace() as calls:
+            net(x, None, x, h)
+        assert calls[("conv_tanh", "onednn_fused" if cpu_layout._fused_works() else "channels_last")] > 0
+        handle = net.input_layer.register_forward_hook(lambda m, i, o: seen.append(o))
+        out = net(x, None, x, h)
+        handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (2, 4, 16)
+    # the hooked layer's output is the conv's, before the activation
+    torch.testing.assert_close(seen[0], reference.conv(torch.cat([x, x], 1), net.input_layer.weight,
+                                                       net.input_layer.bias), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(out[0], net(x, None, x, h)[0], rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 from torch.nn import Module
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .. import ops
 from ..layers.conv_same import _SameConvMixin
@@ -63,7 +64,12 @@ class EncoderDecoder(Model):
                            dtype=dtype)
 
     def _conv_act(self, layer, x: Tensor) -> Tensor:
-        """act(layer(x)) for a stride-1 "same" conv; conv + tanh as one op (fused by oneDNN on the CPU)."""
-        if self.act is ops.tanh and isinstance(layer, _SameConvMixin) and layer.padding_mode == "zeros":
+        """act(layer(x)) for a stride-1 "same" conv; conv + tanh as one op (fused by oneDNN on the CPU).
+
+        The layer's module call is skipped only when no forward hook could observe it (the layer's own or
+        global ones): hooks keep seeing the conv's output."""
+        if (self.act is ops.tanh and isinstance(layer, _SameConvMixin) and layer.padding_mode == "zeros"
+                and not (layer._forward_hooks or layer._forward_pre_hooks or _global_forward_hooks
+                         or _global_forward_pre_hooks)):
             return ops.conv_tanh(x, layer.weight, layer.bias, layer.padding, layer.dilation[0], layer.groups)
         return self.act(layer(x))
