@@ -27,7 +27,3 @@ def paired_models(cls_name="Hourglass", **kwargs):
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6, msg=""):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
-
-
-def grads(module):
-    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in module.named_parameters()}
