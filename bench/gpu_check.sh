@@ -4,7 +4,8 @@
 #                                      GPU benchmarks, write OUTDIR/report.md and OUTDIR/report.json
 #   bench/gpu_check.sh OUTDIR --dry    the same steps that need no GPU (CI runs this): build, a fast test
 #                                      subset, the benchmarks in smoke mode, the report
-# Each stage is time-boxed so the whole run stays within 10 minutes; the report is written whatever fails.
+# Each stage is time-boxed so the whole run stays within 10 minutes; a stage that runs out of time is interrupted
+# (SIGINT) and still reports what finished (exit code 124 in stages.txt); the report is written whatever fails.
 # Extra wheels (torch-rim for the parity tests, ...) are installed from ./.whl when that folder exists.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR [--dry]}
@@ -46,9 +47,13 @@ if [ "$MODE" = "--dry" ]; then
 else
   TESTS=(tests)
   TEST_LIMIT=330
+  # the GPU machine has 16 cores and pytest-xdist: 6 workers of 2 threads each (the CPU half of the suite takes
+  # about 4 min on one 2-core process)
+  if $PY -c "import xdist" 2>/dev/null; then TESTS+=(-n "${RIM_FAST_TEST_WORKERS:-6}"); export OMP_NUM_THREADS=2; fi
 fi
-timeout "$TEST_LIMIT" $PY -m pytest "${TESTS[@]}" -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-  > "$OUT/tests.log" 2>&1
+# SIGINT at the limit: pytest stops, still writes the junit report of what ran; SIGKILL 20 s later
+timeout -s INT -k 20 "$TEST_LIMIT" $PY -m pytest "${TESTS[@]}" -q -rs -p no:cacheprovider \
+  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 rc=$?; status tests "$rc"
 tail -n 15 "$OUT/tests.log"
 
@@ -60,25 +65,27 @@ else
   BENCH_LIMIT=$(( 560 - ($(date +%s) - START) ))
   [ "$BENCH_LIMIT" -lt 60 ] && BENCH_LIMIT=60
 fi
+unset OMP_NUM_THREADS
 DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 BENCH_START=$(date +%s)
 # within 10 minutes: the gate kernels eager and graph-replayed (no per-case compiles), the update step, and
 # the end-to-end predict of S1, S2, L2 for every provider (override with the RIM_FAST_BENCH_* variables)
 if [ "$MODE" = "--dry" ]; then GATES_ENV=(); RIM_ENV=(RIM_FAST_BENCH_WORKLOADS=S1); else
   GATES_ENV=(RIM_FAST_BENCH_OPS=cell RIM_FAST_BENCH_PROVIDERS=reference,triton,reference_graph,triton_graph)
-  RIM_ENV=(RIM_FAST_BENCH_WORKLOADS=${RIM_FAST_BENCH_WORKLOADS:-S1,S2,L2} RIM_FAST_BENCH_MODES=${RIM_FAST_BENCH_MODES:-predict})
+  RIM_ENV=(RIM_FAST_BENCH_WORKLOADS=${RIM_FAST_BENCH_WORKLOADS:-S1,S2,L2} RIM_FAST_BENCH_MODES=${RIM_FAST_BENCH_MODES:-predict}
+           RIM_FAST_BENCH_ROUNDS=${RIM_FAST_BENCH_ROUNDS:-10})
 fi
 for b in gru_gates update_step; do
   left=$(( BENCH_LIMIT / 4 ))
   if [ "$b" = gru_gates ]; then envs=("${GATES_ENV[@]}"); else envs=(); fi
-  env "${envs[@]}" timeout "$left" $PY -m pytest "bench/bench_$b.py" -q -p no:cacheprovider \
+  env "${envs[@]}" timeout -s INT -k 20 "$left" $PY -m pytest "bench/bench_$b.py" -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_$b.json" > "$OUT/bench_$b.log" 2>&1
   status "bench_$b" "$?"
 done
 left=$(( BENCH_LIMIT - ($(date +%s) - BENCH_START) ))
 [ "$left" -lt 30 ] && left=30
 if [ -f bench/run.py ]; then
-  env "${RIM_ENV[@]}" timeout "$left" $PY -m bench.run --device "$DEVICE" --out "$OUT/rim" \
+  env "${RIM_ENV[@]}" timeout -s INT -k 20 "$left" $PY -m bench.run --device "$DEVICE" --out "$OUT/rim" \
     > "$OUT/bench_rim.log" 2>&1
   status bench_rim "$?"
   tail -n 40 "$OUT/bench_rim.log"

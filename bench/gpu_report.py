@@ -58,7 +58,10 @@ def main(out: str, mode: str) -> None:
         json.dump(report, f, indent=2)
     lines = [f"# rim_fast GPU check ({report['mode']})", "", machine, "",
              "| stage | exit code |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in stages.items()]
+    notes = {0: "ok", 124: "ran out of its time: interrupted, the cases that finished are reported",
+             137: "killed at its time limit (nothing written after the kill)"}
+    lines[-2:] = ["| stage | exit code | meaning |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v} | {notes.get(v, 'failed')} |" for k, v in stages.items()]
     if tests.get("ran"):
         lines += ["", f"Tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
                       f"{tests['skipped']} skipped (of {tests['tests']})."]

@@ -62,7 +62,9 @@ def main(argv=None) -> int:
         if os.path.exists(path):
             os.remove(path)
 
-    env = dict(os.environ)
+    # a run started from inside a pytest-xdist worker (the smoke test under `pytest -n`) must not look like one:
+    # pytest-benchmark disables itself when PYTEST_XDIST_WORKER is set
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["RIM_FAST_BENCH_STATUS"] = status
     if args.device:
@@ -82,7 +84,19 @@ def main(argv=None) -> int:
     print("+", " ".join(cmd), flush=True)
     print("  with", " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("RIM_FAST_BENCH_")),
           flush=True)
-    code = subprocess.call(cmd, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # `timeout -s INT` (bench/gpu_check.sh) interrupts the whole process group: pytest stops after the case
+        # in flight and still writes the results of the cases that finished; report those
+        print("interrupted: waiting for pytest to write the finished cases", file=sys.stderr, flush=True)
+        try:
+            proc.wait(timeout=15)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        code = 130
     if not os.path.exists(results):
         print(f"no results written ({results}); pytest exited with {code}", file=sys.stderr)
         return code or 1

@@ -33,6 +33,15 @@ _MAX_TILE = 8192 if INTERPRETED else 2048
 _MIN_TILE = 256
 
 
+def _traceable(kernel):
+    """``wrap_triton(kernel)``, through which torch.compile sees the launch. Under the interpreter the kernel
+    is an InterpretedFunction, which wrap_triton rejects before torch 2.14 and which cannot run inside a
+    compiled graph anyway (CPU tensors under compile take the reference path): it is launched as it is."""
+    if INTERPRETED:
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def _empty(shape, dtype, device):
     """Allocation of every kernel output (tests replace it to NaN-poison outputs)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -350,7 +359,7 @@ def gru_gates_zr_fwd(wx, uzr, h, bias_z, bias_r):
         return z, rh
     (wx, s_wx), (uzr, s_u), (h, s_h) = _bcn(wx), _bcn(uzr), _bcn(h)
     L = _launch(B, H, _numel_n(h), h.device)
-    torch.library.wrap_triton(_gru_zr_fwd_kernel)[L.grid](
+    _traceable(_gru_zr_fwd_kernel)[L.grid](
         wx, uzr, h, bias_z.contiguous(), bias_r.contiguous(), z, rh, H, L.N, L.n_blocks,
         *L.strides(s_wx), *L.strides(s_u), *L.strides(s_h), *L.strides(_bcn_strides(z)), **L.meta())
     return z, rh
@@ -367,7 +376,7 @@ def gru_gates_h_fwd(wx, uh, z, h, bias_h):
         return out
     (wx, s_wx), (uh, s_u), (z, s_z), (h, s_h) = _bcn(wx), _bcn(uh), _bcn(z), _bcn(h)
     L = _launch(B, H, _numel_n(h), h.device)
-    torch.library.wrap_triton(_gru_h_fwd_kernel)[L.grid](
+    _traceable(_gru_h_fwd_kernel)[L.grid](
         wx, uh, z, h, bias_h.contiguous(), out, H, L.N, L.n_blocks,
         *L.strides(s_wx), *L.strides(s_u), *L.strides(s_z), *L.strides(s_h), *L.strides(_bcn_strides(out)),
         **L.meta())
@@ -385,7 +394,7 @@ def gru_gates_zero_state_fwd(wzh, bias_z, bias_h):
         return out
     wzh, s_w = _bcn(wzh)
     L = _launch(B, H, _numel_n(wzh), wzh.device)
-    torch.library.wrap_triton(_gru_zero_state_fwd_kernel)[L.grid](
+    _traceable(_gru_zero_state_fwd_kernel)[L.grid](
         wzh, bias_z.contiguous(), bias_h.contiguous(), out, H, L.N, L.n_blocks,
         *L.strides(s_w), *L.strides(_bcn_strides(out)), **L.meta())
     return out
@@ -414,7 +423,7 @@ def gru_gates_zr_bwd(gz, grh, wx, uzr, h, z, bias_r):
         _bcn(gz), _bcn(grh), _bcn(wx), _bcn(uzr), _bcn(h), _bcn(z))
     L = _launch(B, H, _numel_n(h), h.device)
     partial = _empty((L.rows, 2 * H), torch.float32, h.device)
-    torch.library.wrap_triton(_gru_zr_bwd_kernel)[L.grid](
+    _traceable(_gru_zr_bwd_kernel)[L.grid](
         gz, grh, wx, uzr, h, z, bias_r.contiguous(), g_zr, g_h, partial, H, L.N, L.n_blocks,
         *L.strides(s_gz), *L.strides(s_gr), *L.strides(s_wx), *L.strides(s_u), *L.strides(s_h),
         *L.strides(s_z), *L.strides(_bcn_strides(g_zr)), *L.strides(_bcn_strides(g_h)),
@@ -439,7 +448,7 @@ def gru_gates_h_bwd(g, wx, uh, z, h, bias_h):
     partial = _empty((L.rows, H), torch.float32, h.device)
     # the three outputs are allocated alike: one set of strides
     assert g_a.stride() == g_z.stride() == g_h.stride()
-    torch.library.wrap_triton(_gru_h_bwd_kernel)[L.grid](
+    _traceable(_gru_h_bwd_kernel)[L.grid](
         g, wx, uh, z, h, bias_h.contiguous(), g_a, g_z, g_h, partial, H, L.N, L.n_blocks,
         *L.strides(s_g), *L.strides(s_wx), *L.strides(s_u), *L.strides(s_z), *L.strides(s_h),
         *L.strides(_bcn_strides(g_a)), partial.stride(0), partial.stride(1), **L.meta())
@@ -458,7 +467,7 @@ def gru_gates_zero_state_bwd(g, wzh, bias_z, bias_h):
     (g, s_g), (wzh, s_w) = _bcn(g), _bcn(wzh)
     L = _launch(B, H, _numel_n(wzh), wzh.device)
     partial = _empty((L.rows, 2 * H), torch.float32, wzh.device)
-    torch.library.wrap_triton(_gru_zero_state_bwd_kernel)[L.grid](
+    _traceable(_gru_zero_state_bwd_kernel)[L.grid](
         g, wzh, bias_z.contiguous(), bias_h.contiguous(), g_w, partial, H, L.N, L.n_blocks,
         *L.strides(s_g), *L.strides(s_w), *L.strides(_bcn_strides(g_w)), partial.stride(0), partial.stride(1),
         **L.meta())

@@ -116,3 +116,67 @@ def test_report_speedup_only_from_passing_cases_and_their_baseline(tmp_path):
     assert "**FAIL**" in md and "| S3 | predict | torch_rim | - |" in md
     line = next(line for line in md.splitlines() if line.startswith("| S1 | predict | rim_fast_compiled |"))
     assert "| - |" in line and "4.00x" not in line
+
+
+def _bench_run(out, *pytest_args, env_extra=None, **popen):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIM_FAST_BENCH_")}
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "bench.run", "--device", "cpu", "--smoke", "--threads", "1", "--out", str(out),
+           "--", *pytest_args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
+def test_runner_inside_an_xdist_worker_still_benchmarks(tmp_path):
+    """pytest-benchmark switches itself off when PYTEST_XDIST_WORKER is set; the runner's pytest must not
+    inherit it from a `pytest -n` worker (bench/gpu_check.sh runs the suite with xdist on the GPU machine)."""
+    pytest.importorskip("pytest_benchmark")
+    proc = _bench_run(tmp_path, "-k", "S1-cpu-predict-torch_rim and not compiled",
+                      env_extra={"PYTEST_XDIST_WORKER": "gw3", "PYTEST_XDIST_WORKER_COUNT": "4"})
+    stdout, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-4000:]
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert [(r["provider"], r["status"]) for r in rows] == [("torch_rim", "ok")]
+
+
+def test_runner_interrupted_reports_the_finished_cases(tmp_path):
+    """`timeout -s INT` (bench/gpu_check.sh's time box) interrupts the runner's process group after some cases:
+    the runner still writes results.json and the report of those, and exits 130."""
+    pytest.importorskip("pytest_benchmark")
+    import signal
+    import time
+    proc = _bench_run(tmp_path, "-k", "not compiled", start_new_session=True)
+    status = tmp_path / "status.jsonl"
+    deadline = time.monotonic() + 600
+    while not (status.exists() and len(status.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before two cases finished"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-4000:]
+    assert "interrupted" in stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ok = [r for r in summary["rows"] if r["status"] == "ok"]
+    assert len(ok) >= 2, summary["rows"]
+    assert len(summary["rows"]) < 4 * 2 * 3, "every case ran: nothing was interrupted"
+    md = (tmp_path / "report.md").read_text()
+    for r in ok:
+        assert f"| {r['workload']} | {r['mode']} | {r['provider']} |" in md
+
+
+def test_gpu_report_names_a_stage_that_ran_out_of_time(tmp_path):
+    from bench import gpu_report
+    (tmp_path / "stages.txt").write_text("build=0\ntests=124\nbench_rim=137\n")
+    (tmp_path / "machine.txt").write_text("machine: test\n")
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="2" failures="0" errors="0" skipped="0">'
+        '<testcase classname="tests.test_a" name="test_one"/><testcase classname="tests.test_a" name="test_two"/>'
+        "</testsuite></testsuites>")
+    gpu_report.main(str(tmp_path), "full")
+    md = (tmp_path / "report.md").read_text()
+    assert "| build | 0 | ok |" in md
+    assert "| tests | 124 | ran out of its time" in md
+    assert "| bench_rim | 137 | killed at its time limit" in md
+    assert "Tests: 2 passed, 0 failed, 0 skipped (of 2)." in md
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["stages"] == {"build": 0, "tests": 124, "bench_rim": 137}
