@@ -9,7 +9,13 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
-.PHONY: setup build demo test bench bench-smoke gpu-check clean
+# the oldest torch we support (setup.py: torch>=2.6), tested on a copy of the tracked files in build/floor
+FLOOR_TORCH ?= torch==2.6.0
+FLOOR_VENV ?= .venv-floor
+FLOOR_PY := $(abspath $(FLOOR_VENV))/bin/python
+FLOOR_DIR ?= build/floor
+
+.PHONY: setup build demo test test-floor bench bench-smoke gpu-check clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -42,5 +48,22 @@ gpu-check: setup
 test: setup
 	$(PY) -m pytest tests -q -rs
 
+$(FLOOR_VENV)/.torch:
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PY) -m pip install -q --upgrade pip setuptools wheel
+	$(FLOOR_PY) -m pip install -q "$(FLOOR_TORCH)" numpy tqdm ninja pybind11 torch-ema "torch-rim==0.2.9" \
+		pytest pytest-benchmark pytest-xdist hypothesis expecttest matplotlib
+	touch $@
+
+# the whole suite on the floor torch (with its own Triton), from a copy so that the extension built for it does
+# not replace the one of .venv; its CUDA build is skipped when nvcc's major version is not torch's (setup.py)
+test-floor: $(FLOOR_VENV)/.torch
+	rm -rf $(FLOOR_DIR) && mkdir -p $(FLOOR_DIR)
+	git ls-files -z | xargs -0 cp --parents -t $(FLOOR_DIR)
+	cd $(FLOOR_DIR) && $(FLOOR_PY) setup.py build_ext --inplace > build.log 2>&1 || (tail -40 build.log; exit 1)
+	@grep -m2 "^rim_fast:" $(FLOOR_DIR)/build.log
+	cd $(FLOOR_DIR) && $(FLOOR_PY) -c "import torch, triton; print('floor: torch', torch.__version__, '| triton', triton.__version__)"
+	cd $(FLOOR_DIR) && $(FLOOR_PY) -m pytest tests -q -rs -n 2 -p no:cacheprovider
+
 clean:
-	rm -rf build *.egg-info rim_fast/_C*.so $(VENV)
+	rm -rf build *.egg-info rim_fast/_C*.so $(VENV) $(FLOOR_VENV)

@@ -41,6 +41,19 @@ def _choose_cuda_home():
                 return
 
 
+def _nvcc_release(cuda_home):
+    """'13.0' from `nvcc --version` ("Cuda compilation tools, release 13.0, V13.0.88"), None when unreadable."""
+    import re
+    import subprocess
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
 def _extension():
     if os.environ.get("RIM_FAST_NO_EXT") == "1":
         return [], {}
@@ -60,6 +73,15 @@ def _extension():
     cuda_home = cpp_extension.CUDA_HOME
     with_cuda = (os.environ.get("RIM_FAST_NO_CUDA") != "1" and torch.version.cuda is not None
                  and cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
+    if with_cuda:
+        nvcc = _nvcc_release(cuda_home)
+        if nvcc is not None and nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:
+            # torch refuses to build against a toolkit of another major version; CUDA tensors then run the
+            # pure-PyTorch references (rim_fast._ext.built_with_cuda() is False)
+            print(f"rim_fast: WARNING: nvcc in {cuda_home} is CUDA {nvcc} but torch {torch.__version__} was built "
+                  f"with CUDA {torch.version.cuda}; building rim_fast._C for the CPU only. Point CUDA_HOME at a "
+                  f"CUDA {torch.version.cuda.split('.')[0]}.x toolkit for the CUDA kernels.")
+            with_cuda = False
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"

@@ -28,7 +28,7 @@ status() { echo "$1=$2" >> "$OUT/stages.txt"; echo "== $1: $2 ($(( $(date +%s) -
 : > "$OUT/stages.txt"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/rim_fast_site .whl/*.whl \
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/rim_fast_site .whl/*.whl \
     && export PYTHONPATH=/tmp/rim_fast_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 $PY -c "import sys; sys.path.insert(0, '.'); from bench.common import machine_line; print(machine_line())" \

@@ -5,6 +5,7 @@ opcheck of every op; gradcheck in float64; dispatcher registration; a whole RIM,
 The extension must be built (CI always builds it): without it these tests fail, unless RIM_FAST_NO_EXT=1
 says it was deliberately not built, in which case the kernel tests skip and the fallback tests run."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,8 +104,17 @@ def moments_inputs(shape, dtype, device, layout, state_dtype=None):
 # ---- the extension is there, and registered where the build says --------------------------------------
 
 def _expect_cuda_build():
-    nvcc = (os.environ.get("CUDA_HOME") or shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"))
-    return bool(torch.version.cuda) and bool(nvcc) and os.environ.get("RIM_FAST_NO_CUDA") != "1"
+    """setup.py's rule: a CUDA build of torch, an nvcc of the same CUDA major version, no RIM_FAST_NO_CUDA."""
+    if not torch.version.cuda or os.environ.get("RIM_FAST_NO_CUDA") == "1":
+        return False
+    home = os.environ.get("CUDA_HOME")
+    candidates = [os.path.join(home, "bin", "nvcc")] if home else [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    nvcc = next((c for c in candidates if c and os.path.exists(c)), None)
+    if nvcc is None:
+        return False
+    release = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                            text=True).stdout)
+    return release is not None and release.group(1) == torch.version.cuda.split(".")[0]
 
 
 def test_extension_loaded(ext):
