@@ -51,9 +51,12 @@ def test_compiled_equals_eager_with_one_compilation(dims, kw):
     for call in range(3):
         y = torch.randn(2, 1, *SIZES[dims])
         x_true = torch.rand(2, 1, *SIZES[dims]) + 0.1
+        saved = [(t, t.clone(), t._version) for t in (y, x_true)]
         assert_close(compiled.predict(y), eager.predict(y))
         loss_c, loss_e = compiled.loss_fn(y, x_true), eager.loss_fn(y, x_true)
         assert_close(loss_c, loss_e)
+        for t, before, version in saved:  # the user's inputs are never written
+            assert t._version == version and torch.equal(t, before)
         compiled.model.zero_grad()
         eager.model.zero_grad()
         loss_c.backward()
@@ -82,11 +85,13 @@ def test_reduce_overhead_on_cuda_equals_eager_and_outputs_survive():
     compiled.compile()  # mode="reduce-overhead" by default on CUDA
     y1 = torch.randn(4, 1, 8, 8, device="cuda")
     y2 = torch.randn(4, 1, 8, 8, device="cuda")
+    y1_before, y1_version = y1.clone(), y1._version
     first = compiled.predict(y1)
     traj = compiled(y1)
     for _ in range(3):
         compiled.predict(y2)
         compiled(y2)
+    assert y1._version == y1_version and torch.equal(y1, y1_before)  # the user's input is never written
     assert_close(first, eager.predict(y1))
     for a, b in zip(traj, eager(y1)):
         assert_close(a, b)

@@ -21,6 +21,7 @@ import rim_fast
 from rim_fast import checkpoints as ckpt
 from rim_fast import training
 
+from conftest import requires_cuda
 from helpers import assert_close
 
 D = (16,)
@@ -512,3 +513,89 @@ def test_loss_curve_png_and_its_absence_without_matplotlib(tmp_path, monkeypatch
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not os.path.exists(os.path.join(directory, "loss_curve.png"))
     assert len(ckpt.list_checkpoints(directory)) == 1
+
+
+# ---- CUDA: the training path on the GPU (skipped without one) -----------------------------------------------
+
+def _cuda_pair(**kw):
+    """The same RIM (same weights) on the CPU and on CUDA."""
+    cpu = _rim(**kw)
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
+    net.load_state_dict(cpu.model.state_dict())
+    kw.setdefault("score_fn", score_fn)
+    kw.setdefault("T", 3)
+    return cpu, rim_fast.RIM(D, net, device="cuda", **kw)
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@requires_cuda
+@pytest.mark.parametrize("kw", [dict(score_preprocessing_method="ADAM"),
+                                dict(score_preprocessing_method="RMSPROP", gradient_checkpointing=True)],
+                         ids=["adam", "rmsprop-checkpointing"])
+def test_cuda_fit_matches_the_cpu(no_tf32, kw):
+    """fit on CUDA (CPU batches moved to the GPU, the auto backend's kernels, the GPU optimizer) gives the CPU's
+    losses (fp32; TF32 off: the CPU has none. Not the weights element by element: Adam turns the rounding
+    noise of a near-zero gradient into a full learning-rate step)."""
+    _, _, data = _data(8)
+    cpu, gpu = _cuda_pair(**kw)
+    losses_cpu = cpu.fit(data, epochs=3, batch_size=4, learning_rate=1e-3, verbose=-1)
+    losses_gpu = gpu.fit(data, epochs=3, batch_size=4, learning_rate=1e-3, verbose=-1)
+    assert losses_gpu == pytest.approx(losses_cpu, rel=1e-3)
+    assert all(p.is_cuda and bool(torch.isfinite(p).all()) for p in gpu.model.parameters())
+
+
+@requires_cuda
+def test_cuda_fit_with_compile_and_cuda_graphs_trains_like_eager(no_tf32):
+    """fit(compile=True) on CUDA: the loop compiled with reduce-overhead (CUDA graphs), forward and backward,
+    inside the training loop: the eager run's losses."""
+    torch._dynamo.reset()
+    _, _, data = _data(8)
+    _, eager = _cuda_pair(score_preprocessing_method="ADAM")
+    _, compiled = _cuda_pair(score_preprocessing_method="ADAM")
+    losses_e = eager.fit(data, epochs=3, batch_size=4, learning_rate=1e-3, verbose=-1)
+    losses_c = compiled.fit(data, epochs=3, batch_size=4, learning_rate=1e-3, verbose=-1, compile=True)
+    assert compiled.__dict__.get("_uses_cuda_graphs") is True
+    assert losses_c == pytest.approx(losses_e, rel=1e-3)
+
+
+@requires_cuda
+def test_cuda_fit_bf16_mixed_trains():
+    _, _, data = _data(8)
+    _, r = _cuda_pair()
+    losses = r.fit(data, epochs=6, batch_size=4, learning_rate=3e-3, precision="bf16-mixed", verbose=-1)
+    assert all(l == l for l in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in r.model.parameters())
+
+
+def _cuda_peak_bytes(T, checkpointing):
+    """Peak CUDA bytes over loss_fn + backward above what was allocated before (default Hourglass, B=4, 64x64)."""
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=2)
+    r = rim_fast.RIM((64, 64), net, score_fn=score_fn, T=T, device="cuda", gradient_checkpointing=checkpointing)
+    y, x = torch.randn(4, 1, 64, 64, device="cuda"), torch.randn(4, 1, 64, 64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    r.loss_fn(y, x).backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@requires_cuda
+def test_cuda_gradient_checkpointing_keeps_training_memory_flat_in_T():
+    plain = {T: _cuda_peak_bytes(T, False) for T in (10, 40)}
+    flat = {T: _cuda_peak_bytes(T, True) for T in (10, 40)}
+    print(f"\nCUDA peak bytes over loss+backward (default Hourglass, B=4, 64x64): plain T=10 {plain[10]}, "
+          f"T=40 {plain[40]}; checkpointing T=10 {flat[10]}, T=40 {flat[40]}")
+    assert plain[40] > 2.5 * plain[10]  # every step's activations kept: ~linear in T
+    # with checkpointing only each step's inputs (x, h, moments) are kept: growth at least 10x smaller
+    assert flat[40] - flat[10] < (plain[40] - plain[10]) / 10
+    assert flat[40] < plain[40] / 4
