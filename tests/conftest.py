@@ -42,3 +42,18 @@ def _seed():
 @pytest.fixture(params=["cpu"] + (["cuda"] if CUDA else []))
 def device(request):
     return torch.device(request.param)
+
+
+def _runs_on_the_gpu(item) -> bool:
+    """A test that exercises CUDA here: a CUDA-only test, a cuda parametrisation, or the gate kernel file (its
+    tests run on CUDA wherever a GPU is visible)."""
+    marker = item.get_closest_marker("skipif")
+    return ("cuda" in item.nodeid.lower() or item.nodeid.startswith("tests/test_gru_gates.py")
+            or (marker is not None and marker.kwargs.get("reason") == requires_cuda.kwargs["reason"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    # On a GPU machine the CUDA tests go first (stable order otherwise): bench/gpu_check.sh time-boxes the suite,
+    # and what a cut would leave out should be CPU tests that CI runs anyway. RIM_FAST_GPU_FIRST=1 forces it.
+    if CUDA or os.environ.get("RIM_FAST_GPU_FIRST") == "1":
+        items.sort(key=lambda item: not _runs_on_the_gpu(item))
