@@ -42,6 +42,18 @@ def _pair(dims, kw, device="cpu"):
     return eager, compiled
 
 
+def _assert_same_loss_and_grads(compiled, eager, y, x_true, atol=1e-6):
+    """loss_fn equal, and after backward every parameter gradient (grads zeroed first)."""
+    compiled.model.zero_grad()
+    eager.model.zero_grad()
+    loss_c, loss_e = compiled.loss_fn(y, x_true), eager.loss_fn(y, x_true)
+    assert_close(loss_c, loss_e)
+    loss_c.backward()
+    loss_e.backward()
+    for (name, p_e), p_c in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=atol, msg=name)
+
+
 @pytest.mark.parametrize("dims,kw", CONFIGS)
 def test_compiled_equals_eager_with_one_compilation(dims, kw):
     torch._dynamo.reset()
@@ -53,16 +65,9 @@ def test_compiled_equals_eager_with_one_compilation(dims, kw):
         x_true = torch.rand(2, 1, *SIZES[dims]) + 0.1
         saved = [(t, t.clone(), t._version) for t in (y, x_true)]
         assert_close(compiled.predict(y), eager.predict(y))
-        loss_c, loss_e = compiled.loss_fn(y, x_true), eager.loss_fn(y, x_true)
-        assert_close(loss_c, loss_e)
+        _assert_same_loss_and_grads(compiled, eager, y, x_true)
         for t, before, version in saved:  # the user's inputs are never written
             assert t._version == version and torch.equal(t, before)
-        compiled.model.zero_grad()
-        eager.model.zero_grad()
-        loss_c.backward()
-        loss_e.backward()
-        for (name, p_e), p_c in zip(eager.model.named_parameters(), compiled.model.parameters()):
-            assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
     # one graph for predict (keep_trajectory=False, no target) and one for loss_fn, whatever the call count
     assert counter.frame_count == 2
 
@@ -95,13 +100,7 @@ def test_reduce_overhead_on_cuda_equals_eager_and_outputs_survive():
     assert_close(first, eager.predict(y1))
     for a, b in zip(traj, eager(y1)):
         assert_close(a, b)
-    x_true = torch.rand_like(y1)
-    loss_c, loss_e = compiled.loss_fn(y1, x_true), eager.loss_fn(y1, x_true)
-    assert_close(loss_c, loss_e)
-    loss_c.backward()
-    loss_e.backward()
-    for (name, p_e), p_c in zip(eager.model.named_parameters(), compiled.model.parameters()):
-        assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-5, msg=name)
+    _assert_same_loss_and_grads(compiled, eager, y1, torch.rand_like(y1), atol=1e-5)
 
 
 def test_fit_with_compile_trains_like_eager():
@@ -133,10 +132,5 @@ def test_every_preprocessing_and_initialisation_compiles_fullgraph(kw):
     x_true = torch.rand(2, 1, 16) + 0.1
     for a, b in zip(compiled(y), eager(y)):
         assert_close(a, b)
-    loss_c, loss_e = compiled.loss_fn(y, x_true), eager.loss_fn(y, x_true)
-    assert_close(loss_c, loss_e)
-    loss_c.backward()
-    loss_e.backward()
-    for (name, p_e), p_c in zip(eager.model.named_parameters(), compiled.model.parameters()):
-        assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_loss_and_grads(compiled, eager, y, x_true)
     assert counter.frame_count == 2  # forward (trajectory) and loss_fn
