@@ -15,7 +15,7 @@ FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(abspath $(FLOOR_VENV))/bin/python
 FLOOR_DIR ?= build/floor
 
-.PHONY: setup build demo test test-floor bench bench-smoke gpu-check clean
+.PHONY: setup build demo test test-floor bench bench-smoke gpu-check gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ bench-smoke: setup
 
 gpu-check: setup
 	bash bench/gpu_check.sh bench/results/gpu-check
+
+# the test dependencies a GPU machine without network lacks (its image has torch, triton, pytest, xdist, ...):
+# pure-Python wheels into ./.whl, which bench/gpu_check.sh installs from; copy the folder along with the tree
+GPU_WHEELS ?= torch-rim==0.2.9 score_models==0.5.11 torch_ema==0.3 expecttest==0.3.0
+gpu-wheels:
+	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	ls .whl
 
 test: setup
 	$(PY) -m pytest tests -q -rs
