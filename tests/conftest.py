@@ -44,6 +44,15 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 convolutions and matmuls on CUDA without TF32 (the CPU has none), restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _runs_on_the_gpu(item) -> bool:
     """A test that exercises CUDA here: a CUDA-only test, a cuda parametrisation, or the gate kernel file (its
     tests run on CUDA wherever a GPU is visible)."""

@@ -20,9 +20,9 @@ def energy_fn(x, y):
     return 0.5 * ((y - 0.8 * x) ** 2).flatten(1).sum(1)
 
 
-def build(dims, ref_model, new_model, **kw):
-    ref = rim.RIM(DIMS[dims], ref_model, device="cpu", **kw)
-    new = rim_fast.RIM(DIMS[dims], new_model, device="cpu", **kw)
+def build(dims, ref_model, new_model, device="cpu", **kw):
+    ref = rim.RIM(DIMS[dims], ref_model, device=device, **kw)
+    new = rim_fast.RIM(DIMS[dims], new_model, device=device, **kw)
     return ref, new
 
 
@@ -49,7 +49,7 @@ def _link_kwargs(link):
 def _check_parity(dims, method, init, kind, link, device="cpu", rtol=1e-5, atol=1e-6, grad_rtol=1e-4,
                   grad_atol=1e-6):
     ref_model, new_model = paired_models(**tiny_hourglass_kwargs(dims))
-    ref_model, new_model = ref_model.to(device), new_model.to(device)
+    ref_model, new_model = ref_model.to(device), new_model.to(device)  # torch_rim's RIM does not move its model
     kw = dict(T=3, score_preprocessing_method=method, initialization_method=init, **_link_kwargs(link))
     if kind == "score":
         kw["score_fn"] = score_fn
@@ -57,8 +57,7 @@ def _check_parity(dims, method, init, kind, link, device="cpu", rtol=1e-5, atol=
         kw["energy_fn"] = energy_fn
     if init == "approximate_inverse":
         kw["approximate_inverse_fn"] = lambda y: 0.5 * y.abs() + 0.1
-    ref = rim.RIM(DIMS[dims], ref_model, device=device, **kw)
-    new = rim_fast.RIM(DIMS[dims], new_model, device=device, **kw)
+    ref, new = build(dims, ref_model, new_model, device=device, **kw)
     B = 3
     y = torch.randn(B, 1, *DIMS[dims], device=device)
     x_true = torch.rand(B, 1, *DIMS[dims], device=device) + 0.1
@@ -87,7 +86,7 @@ def test_rim_matches_torch_rim(dims, method, init, kind, link):
 
 
 @pytest.mark.parametrize("dims,method,init,kind,link", CASES)
-def test_rim_on_the_kernels_matches_torch_rim(device, dims, method, init, kind, link):
+def test_rim_on_the_kernels_matches_torch_rim(device, no_tf32, dims, method, init, kind, link):
     """RIM_FAST_BACKEND=kernels: every gate runs the Triton kernels (the interpreter on the CPU) and every
     update step the C++/CUDA extension; the trace proves they ran. On CUDA, TF32 is off for both sides and the
     tolerances allow for cuDNN's merged-conv summation order (rim_fast runs [W_z;W_r;W_h] as one conv)."""
@@ -102,13 +101,8 @@ def test_rim_on_the_kernels_matches_torch_rim(device, dims, method, init, kind, 
         tols = dict(rtol=1e-4, atol=1e-5, grad_rtol=1e-3, grad_atol=1e-5)
     else:
         tols = {}
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with ops.use_backend("kernels"), ops.trace() as calls:
-            _check_parity(dims, method, init, kind, link, device=device, **tols)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    with ops.use_backend("kernels"), ops.trace() as calls:
+        _check_parity(dims, method, init, kind, link, device=device, **tols)
     impls = {impl for (op, impl) in calls if op.startswith("gru_gates")}
     assert impls == {"triton"}, calls
     assert {impl for (op, impl) in calls if op in ("preprocess_score", "update_state")} == {"cpp"}, calls

@@ -42,12 +42,12 @@ def _data(n=8, seed=0, dims=D):
     return y, x, torch.utils.data.TensorDataset(y, x)
 
 
-def _rim(seed=0, **kw):
+def _rim(seed=0, device="cpu", **kw):
     torch.manual_seed(seed)
     net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
     kw.setdefault("score_fn", score_fn)
     kw.setdefault("T", 3)
-    return rim_fast.RIM(D, net, device="cpu", **kw)
+    return rim_fast.RIM(D, net, device=device, **kw)
 
 
 def _state(r):
@@ -518,22 +518,8 @@ def test_loss_curve_png_and_its_absence_without_matplotlib(tmp_path, monkeypatch
 # ---- CUDA: the training path on the GPU (skipped without one) -----------------------------------------------
 
 def _cuda_pair(**kw):
-    """The same RIM (same weights) on the CPU and on CUDA."""
-    cpu = _rim(**kw)
-    torch.manual_seed(0)
-    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
-    net.load_state_dict(cpu.model.state_dict())
-    kw.setdefault("score_fn", score_fn)
-    kw.setdefault("T", 3)
-    return cpu, rim_fast.RIM(D, net, device="cuda", **kw)
-
-
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    """The same RIM (same seed, so the same weights) on the CPU and on CUDA."""
+    return _rim(**kw), _rim(device="cuda", **kw)
 
 
 @requires_cuda
