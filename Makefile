@@ -6,7 +6,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 
 # the oldest torch we support (setup.py: torch>=2.6), tested on a copy of the tracked files in build/floor
@@ -26,8 +25,8 @@ $(VENV)/.torch:
 $(VENV)/.installed: $(VENV)/.torch setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q "torch-rim==0.2.9" pytest pytest-benchmark hypothesis expecttest matplotlib
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > build.log 2>&1 || (tail -60 build.log; exit 1)
-	@grep -m3 -E "nvcc .*sm_90" build.log || echo "(no nvcc step in build.log: C++-only or no extension)"
-	$(PY) -c "import rim_fast; from rim_fast import _ext; m = _ext.module(); print('rim_fast:', rim_fast.__file__, '| rim_fast._C:', m.__file__ if m else _ext.missing(), '| CUDA kernels built:', _ext.built_with_cuda())"
+	@grep -m1 "^rim_fast: building" build.log || echo "(no extension step in build.log)"
+	$(PY) -m rim_fast.info --short
 	touch $@
 
 setup: $(VENV)/.installed

@@ -6,10 +6,17 @@ The extension is a CUDAExtension when torch is a CUDA build and nvcc is found, e
 - ``RIM_FAST_NO_CUDA=1``  build the CPU kernels only;
 - ``CUDA_HOME``           the CUDA toolkit (e.g. /usr/local/cuda); when unset, torch's guess is used if it holds
                           the CUDA headers, else /usr/local/cuda;
-- ``TORCH_CUDA_ARCH_LIST`` the GPU architectures; when unset and no GPU is visible, 9.0 (Hopper, sm_90).
+- ``TORCH_CUDA_ARCH_LIST`` the GPU architectures (e.g. "8.0;9.0+PTX"); when unset: the visible GPUs'
+                          capabilities (torch's rule), or, with no GPU visible (a cluster's login node, CI),
+                          ``DEFAULT_CUDA_ARCH_LIST``: A100, A10/RTX 30, L4/L40/RTX 40, H100/H200, with PTX for
+                          newer GPUs (those the nvcc at hand cannot target are left out).
+
+The arch list built is recorded in the extension (``rim_fast._C.CUDA_ARCHS``, with ``CUDA_VERSION``), so that
+at run time a GPU with no matching image or PTX takes the references with one warning instead of failing with
+"no kernel image is available" (``rim_fast._ext``; ``python -m rim_fast.info`` shows it).
 
 In-place build (the .so lands in rim_fast/, importable from the source tree):
-    CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace
+    CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace
 or, for an editable install, pip install --no-build-isolation -e .
 """
 import glob
@@ -20,6 +27,10 @@ from setuptools import setup
 
 ext_modules = []
 cmdclass = {}
+
+#: GPUs targeted when none is visible: sm_80 (A100, A30), sm_86 (A10, A40, RTX 30xx), sm_89 (L4, L40, RTX 40xx),
+#: sm_90 (H100, H200, GH200), and compute_90 PTX that the driver compiles for newer GPUs (Blackwell, ...)
+DEFAULT_CUDA_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _has_cuda_headers(home):
@@ -54,6 +65,43 @@ def _nvcc_release(cuda_home):
     return m.group(1) if m else None
 
 
+def _nvcc_archs(cuda_home):
+    """The compute capabilities nvcc can target ({"80", "90", ...}), None when unreadable."""
+    import re
+    import subprocess
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    archs = set(re.findall(r"compute_(\d+)", out))
+    return archs or None
+
+
+def _default_arch_list(cuda_home):
+    """DEFAULT_CUDA_ARCH_LIST less the architectures this nvcc cannot target (an older CUDA 11)."""
+    known = _nvcc_archs(cuda_home)
+    if known is None:
+        return DEFAULT_CUDA_ARCH_LIST
+    kept = [a for a in DEFAULT_CUDA_ARCH_LIST.split(";") if a.split("+")[0].replace(".", "") in known]
+    if kept and not kept[-1].endswith("+PTX"):
+        kept[-1] += "+PTX"
+    return ";".join(kept) or DEFAULT_CUDA_ARCH_LIST
+
+
+def _cuda_arch_flags(torch, cpp_extension, cuda_home):
+    """(nvcc -gencode flags, the archs they build: "sm_80", ..., "compute_90" for PTX). torch's own rule picks
+    them (TORCH_CUDA_ARCH_LIST, else the visible GPUs); with neither, DEFAULT_CUDA_ARCH_LIST."""
+    import re
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(cuda_home)
+    flags = cpp_extension._get_cuda_arch_flags()
+    codes = {code for flag in flags for code in re.findall(r",code=(\w+)", flag)}
+    # sm_* first, then PTX, each by capability
+    archs = sorted(codes, key=lambda c: (c.startswith("compute"), int(re.sub(r"\D", "", c)), c))
+    return flags, archs
+
+
 def _extension():
     if os.environ.get("RIM_FAST_NO_EXT") == "1":
         return [], {}
@@ -68,8 +116,13 @@ def _extension():
     from torch.utils import cpp_extension
 
     sources = ["csrc/update_step.cpp", "csrc/register.cpp"]
-    # -fno-math-errno lets the compiler vectorise sqrt (errno is never read)
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    if os.name == "nt":
+        # MSVC: /fp:precise (the default) does not contract a*b+c into an FMA
+        cxx_flags = ["/O2"]
+    else:
+        # -fno-math-errno lets the compiler vectorise sqrt (errno is never read); -ffp-contract=off keeps a*b+c
+        # two roundings (aarch64 would fuse it), as the reference and the CUDA kernel (-fmad=false) compute it
+        cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     cuda_home = cpp_extension.CUDA_HOME
     with_cuda = (os.environ.get("RIM_FAST_NO_CUDA") != "1" and torch.version.cuda is not None
                  and cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
@@ -83,14 +136,17 @@ def _extension():
                   f"CUDA {torch.version.cuda.split('.')[0]}.x toolkit for the CUDA kernels.")
             with_cuda = False
     if with_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        arch_flags, archs = _cuda_arch_flags(torch, cpp_extension, cuda_home)
         print(f"rim_fast: building rim_fast._C with CUDA (CUDA_HOME={cuda_home}, "
-              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')})")
+              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')}): {' '.join(archs)}")
+        # -fmad=false: no a*b+c contracted into an FMA, so the CUDA kernels round as the CPU kernel and the
+        # reference do (these kernels are memory-bound: the FMAs saved no time)
+        # the arch list goes to the C++ compiler only (register.cpp records it): nvcc would split -D at commas
         ext = cpp_extension.CUDAExtension(
             "rim_fast._C", sources + ["csrc/cuda/update_step.cu"],
             define_macros=[("RIM_FAST_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]})
+            extra_compile_args={"cxx": cxx_flags + [f"-DRIM_FAST_CUDA_ARCHS={','.join(archs)}"],
+                                "nvcc": ["-O3", "-lineinfo", "-fmad=false", *arch_flags]})
     else:
         print("rim_fast: building rim_fast._C for the CPU only")
         ext = cpp_extension.CppExtension("rim_fast._C", sources, extra_compile_args={"cxx": cxx_flags})

@@ -4,8 +4,19 @@
 #include <Python.h>
 
 #include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
 
 #include "update_step.h"
+
+#ifdef RIM_FAST_WITH_CUDA
+#include <cuda.h>  // CUDA_VERSION: the toolkit this build compiled against
+#endif
+
+// Build facts as strings: RIM_FAST_CUDA_ARCHS is a comma-separated token list from setup.py (sm_80,...,compute_90)
+#define RIM_FAST_STRINGIFY(...) #__VA_ARGS__
+#define RIM_FAST_XSTRINGIFY(...) RIM_FAST_STRINGIFY(__VA_ARGS__)
 
 // An importable module with no Python functions: the dispatcher, not pybind11, exposes the kernels.
 PyMODINIT_FUNC PyInit__C(void) {
@@ -22,11 +33,28 @@ PyMODINIT_FUNC PyInit__C(void) {
   }
 #ifdef RIM_FAST_WITH_CUDA
   const long with_cuda = 1;
+  // "13.0" from CUDA_VERSION = 13000
+  const std::string cuda_version =
+      std::to_string(CUDA_VERSION / 1000) + "." + std::to_string((CUDA_VERSION % 1000) / 10);
+#ifdef RIM_FAST_CUDA_ARCHS
+  const char* cuda_archs = RIM_FAST_XSTRINGIFY(RIM_FAST_CUDA_ARCHS);
+#else
+  const char* cuda_archs = "";  // built without setup.py's arch list (unknown)
+#endif
 #else
   const long with_cuda = 0;
+  const std::string cuda_version;
+  const char* cuda_archs = "";
 #endif
-  // rim_fast._C.WITH_CUDA: whether this build registered CUDA kernels (tests check it against the dispatcher)
-  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+  // rim_fast._C.WITH_CUDA: whether this build registered CUDA kernels (tests check it against the dispatcher);
+  // CUDA_VERSION ("13.0", "" without CUDA) and CUDA_ARCHS ("sm_80,sm_86,...,compute_90": sm_* are GPU images,
+  // compute_* PTX) say what they were built for (rim_fast._ext decides from them whether a GPU can run them);
+  // TORCH_VERSION: the torch (major.minor) whose headers this build compiled against.
+  const std::string torch_version = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0 ||
+      PyModule_AddStringConstant(module, "CUDA_VERSION", cuda_version.c_str()) != 0 ||
+      PyModule_AddStringConstant(module, "CUDA_ARCHS", cuda_archs) != 0 ||
+      PyModule_AddStringConstant(module, "TORCH_VERSION", torch_version.c_str()) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

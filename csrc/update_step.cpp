@@ -2,7 +2,7 @@
 // update x' = x + g, its fused squared-error loss term, and that term's backward.
 //
 // Each kernel is one pass over contiguous memory, split by at::parallel_for; the inner loops are plain
-// element loops over __restrict__ pointers that the compiler vectorises (float/double). The loss sum is
+// element loops over C10_RESTRICT pointers that the compiler vectorises (float/double). The loss sum is
 // deterministic whatever the thread count: fixed chunks of kLossChunk elements, each summed in kLanes
 // independent accumulators of the compute type, then chunk sums added in order, in double.
 #include "update_step.h"
@@ -28,9 +28,9 @@ constexpr int kLanes = 16;
 double read_step(const Tensor& step) { return step.item<double>(); }
 
 template <Moments mode, typename scalar_t, typename state_t>
-void preprocess_moments_loop(const scalar_t* __restrict__ s, const state_t* __restrict__ m,
-                             const state_t* __restrict__ v, state_t* __restrict__ out,
-                             state_t* __restrict__ m_out, state_t* __restrict__ v_out, int64_t n, double beta_1,
+void preprocess_moments_loop(const scalar_t* C10_RESTRICT s, const state_t* C10_RESTRICT m,
+                             const state_t* C10_RESTRICT v, state_t* C10_RESTRICT out,
+                             state_t* C10_RESTRICT m_out, state_t* C10_RESTRICT v_out, int64_t n, double beta_1,
                              double beta_2, double epsilon, double step) {
   using T = at::opmath_type<state_t>;
   const MomentCoefs<T> c = moment_coefs<T>(beta_1, beta_2, epsilon);
@@ -84,9 +84,9 @@ TensorTriple preprocess_moments_cpu(const Tensor& score_, const Tensor& m_, cons
 }
 
 template <bool kHasW, typename scalar_t>
-double update_state_loss_loop(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                              const scalar_t* __restrict__ x_true, const scalar_t* __restrict__ w,
-                              scalar_t* __restrict__ x_out, int64_t n) {
+double update_state_loss_loop(const scalar_t* C10_RESTRICT x, const scalar_t* C10_RESTRICT g,
+                              const scalar_t* C10_RESTRICT x_true, const scalar_t* C10_RESTRICT w,
+                              scalar_t* C10_RESTRICT x_out, int64_t n) {
   using T = at::opmath_type<scalar_t>;
   const int64_t n_chunks = (n + kLossChunk - 1) / kLossChunk;
   std::vector<double> partial(n_chunks, 0.0);
@@ -153,8 +153,8 @@ Tensor preprocess_arcsinh_cpu(const Tensor& score_) {
   const int64_t n = score.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, score.scalar_type(), "preprocess_arcsinh_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const scalar_t* __restrict__ s = score.const_data_ptr<scalar_t>();
-    scalar_t* __restrict__ o = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* C10_RESTRICT s = score.const_data_ptr<scalar_t>();
+    scalar_t* C10_RESTRICT o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         o[i] = static_cast<scalar_t>(preprocess_arcsinh_element<T>(static_cast<T>(s[i])));
@@ -171,9 +171,9 @@ Tensor update_state_cpu(const Tensor& x_, const Tensor& g_) {
   const int64_t n = x.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "update_state_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const scalar_t* __restrict__ xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* __restrict__ gp = g.const_data_ptr<scalar_t>();
-    scalar_t* __restrict__ o = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* C10_RESTRICT xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* C10_RESTRICT gp = g.const_data_ptr<scalar_t>();
+    scalar_t* C10_RESTRICT o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         o[i] = static_cast<scalar_t>(update_state_element<T>(static_cast<T>(xp[i]), static_cast<T>(gp[i])));
@@ -218,11 +218,11 @@ Tensor update_state_loss_backward_cpu(const Tensor& grad_out_, const Tensor& gra
       at::kBFloat16, at::kHalf, x_new.scalar_type(), "update_state_loss_backward_cpu", [&] {
         using T = at::opmath_type<scalar_t>;
         const T gl = static_cast<T>(*grad_loss.const_data_ptr<scalar_t>());
-        const scalar_t* __restrict__ go = grad_out.const_data_ptr<scalar_t>();
-        const scalar_t* __restrict__ xn = x_new.const_data_ptr<scalar_t>();
-        const scalar_t* __restrict__ xt = x_true.const_data_ptr<scalar_t>();
-        const scalar_t* __restrict__ wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
-        scalar_t* __restrict__ o = grad.mutable_data_ptr<scalar_t>();
+        const scalar_t* C10_RESTRICT go = grad_out.const_data_ptr<scalar_t>();
+        const scalar_t* C10_RESTRICT xn = x_new.const_data_ptr<scalar_t>();
+        const scalar_t* C10_RESTRICT xt = x_true.const_data_ptr<scalar_t>();
+        const scalar_t* C10_RESTRICT wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* C10_RESTRICT o = grad.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
           if (wp != nullptr) {
             for (int64_t i = begin; i < end; ++i) {

@@ -33,12 +33,12 @@ struct alignas(sizeof(T) * N) Pack {
 };
 
 template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* __restrict__ p, int64_t pack) {
+__device__ __forceinline__ Pack<T, N> load_pack(const T* C10_RESTRICT p, int64_t pack) {
   return reinterpret_cast<const Pack<T, N>*>(p)[pack];
 }
 
 template <int N, typename T>
-__device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t pack, const Pack<T, N>& x) {
+__device__ __forceinline__ void store_pack(T* C10_RESTRICT p, int64_t pack, const Pack<T, N>& x) {
   reinterpret_cast<Pack<T, N>*>(p)[pack] = x;
 }
 
@@ -83,9 +83,9 @@ __device__ __forceinline__ T block_sum(T v) {
 
 template <int VEC, Moments mode, typename scalar_t, typename state_t>
 __global__ void __launch_bounds__(kThreads)
-    preprocess_moments_kernel(const scalar_t* __restrict__ s, const state_t* __restrict__ m,
-                              const state_t* __restrict__ v, state_t* __restrict__ out,
-                              state_t* __restrict__ m_out, state_t* __restrict__ v_out, int64_t n,
+    preprocess_moments_kernel(const scalar_t* C10_RESTRICT s, const state_t* C10_RESTRICT m,
+                              const state_t* C10_RESTRICT v, state_t* C10_RESTRICT out,
+                              state_t* C10_RESTRICT m_out, state_t* C10_RESTRICT v_out, int64_t n,
                               MomentCoefs<at::opmath_type<state_t>> c, StepArg step, double beta_1,
                               double beta_2) {
   using T = at::opmath_type<state_t>;
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int VEC, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    preprocess_arcsinh_kernel(const scalar_t* __restrict__ s, scalar_t* __restrict__ out, int64_t n) {
+    preprocess_arcsinh_kernel(const scalar_t* C10_RESTRICT s, scalar_t* C10_RESTRICT out, int64_t n) {
   using T = at::opmath_type<scalar_t>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -163,8 +163,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int VEC, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    update_state_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                        scalar_t* __restrict__ out, int64_t n) {
+    update_state_kernel(const scalar_t* C10_RESTRICT x, const scalar_t* C10_RESTRICT g,
+                        scalar_t* C10_RESTRICT out, int64_t n) {
   using T = at::opmath_type<scalar_t>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -187,9 +187,9 @@ __global__ void __launch_bounds__(kThreads)
 // x' = x + g and one partial loss sum per block (partial[blockIdx.x]).
 template <int VEC, bool kHasW, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    update_state_loss_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                             const scalar_t* __restrict__ x_true, const scalar_t* __restrict__ w,
-                             scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ partial,
+    update_state_loss_kernel(const scalar_t* C10_RESTRICT x, const scalar_t* C10_RESTRICT g,
+                             const scalar_t* C10_RESTRICT x_true, const scalar_t* C10_RESTRICT w,
+                             scalar_t* C10_RESTRICT out, at::opmath_type<scalar_t>* C10_RESTRICT partial,
                              int64_t n) {
   using T = at::opmath_type<scalar_t>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -227,8 +227,8 @@ __global__ void __launch_bounds__(kThreads)
 // One block: loss = sum of the partials, in a fixed order.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    update_state_loss_finalize_kernel(const at::opmath_type<scalar_t>* __restrict__ partial, int64_t n_partial,
-                                      scalar_t* __restrict__ loss) {
+    update_state_loss_finalize_kernel(const at::opmath_type<scalar_t>* C10_RESTRICT partial, int64_t n_partial,
+                                      scalar_t* C10_RESTRICT loss) {
   using T = at::opmath_type<scalar_t>;
   T acc = T(0);
   for (int64_t i = threadIdx.x; i < n_partial; i += blockDim.x) {
@@ -242,10 +242,10 @@ __global__ void __launch_bounds__(kThreads)
 
 template <int VEC, bool kHasW, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    update_state_loss_backward_kernel(const scalar_t* __restrict__ grad_out,
-                                      const scalar_t* __restrict__ grad_loss, const scalar_t* __restrict__ x_new,
-                                      const scalar_t* __restrict__ x_true, const scalar_t* __restrict__ w,
-                                      scalar_t* __restrict__ grad, int64_t n) {
+    update_state_loss_backward_kernel(const scalar_t* C10_RESTRICT grad_out,
+                                      const scalar_t* C10_RESTRICT grad_loss, const scalar_t* C10_RESTRICT x_new,
+                                      const scalar_t* C10_RESTRICT x_true, const scalar_t* C10_RESTRICT w,
+                                      scalar_t* C10_RESTRICT grad, int64_t n) {
   using T = at::opmath_type<scalar_t>;
   const T gl = static_cast<T>(*grad_loss);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
