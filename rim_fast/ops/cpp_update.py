@@ -233,6 +233,15 @@ def has_kernel(device_type: str) -> bool:
     return _HAS_KERNEL.get(device_type, False)
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the compiled kernels can run on this device: registered for its type and, on a GPU, built for its
+    compute capability and CUDA major version (else ``rim_fast._ext`` warns once for the device)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _ext.cuda_problem(index) is None and has_kernel("cuda")
+    return has_kernel(device.type)
+
+
 @functools.lru_cache(maxsize=4096)
 def _host_step(t: int) -> Tensor:
     return torch.tensor(float(t), dtype=torch.float64)
@@ -287,14 +296,15 @@ def preprocess_auto(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
     fuses its element-wise ops into one kernel of the same traffic, and into their neighbours, which an
     opaque custom op would prevent (``RIM_FAST_BACKEND=kernels`` still compiles the custom ops)."""
     return (_ext.module() is not None and not torch.compiler.is_compiling() and method != "identity"
-            and preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon) and not _needs_grad(score, m, v))
+            and preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon) and not _needs_grad(score, m, v)
+            and runs_on(score.device))
 
 
 def preprocess_usable(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
     """Whether the kernels can run these arguments now: installed for the device, and no gradient needed
     (the preprocessing ops have no derivative; the reference, which has, serves such calls)."""
     return (preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon)
-            and (method == "identity" or has_kernel(score.device.type))
+            and (method == "identity" or runs_on(score.device))
             and not _needs_grad(score, m, v))
 
 
@@ -329,11 +339,11 @@ def update_auto(x, g, x_true=None, w=None) -> bool:
     and their autograd nodes). A lone x + g is one PyTorch op already (the custom op only adds its call
     overhead); under torch.compile Inductor fuses the reference (see ``preprocess_auto``)."""
     return (_ext.module() is not None and not torch.compiler.is_compiling() and x_true is not None
-            and update_applies(x, g, x_true, w))
+            and update_applies(x, g, x_true, w) and runs_on(x.device))
 
 
 def update_usable(x, g, x_true=None, w=None) -> bool:
-    return update_applies(x, g, x_true, w) and has_kernel(x.device.type)
+    return update_applies(x, g, x_true, w) and runs_on(x.device)
 
 
 def update_state(x, g, x_true=None, w=None):

@@ -1,0 +1,195 @@
+"""``python -m rim_fast.info``: what this installation of rim_fast is and what it will run. Paste its output into a
+bug report.
+
+It prints the versions (rim_fast, torch, Triton, CUDA, Python), the extension ``rim_fast._C`` (where it was
+loaded from, CPU and CUDA kernels, the GPU architectures and CUDA version it was built for), the GPUs and their
+compute capabilities, ``RIM_FAST_BACKEND``, and, for each op and device, the implementation ``auto`` picks for
+a standard workload (S2: B=16, 64x64, Hourglass nf=32, hidden_units=32; eager, no autograd) and why each other
+implementation is not used there. ``--short``: one line. ``--json``: the same facts as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Optional
+
+import torch
+
+from . import __version__, _ext, ops
+from .ops import triton_gates, update as _update_ops
+
+#: S2 of the benchmark table, as the ops see it: the image, the network's first conv, the GRU state
+_B, _S, _NF, _HIDDEN = 16, (64, 64), 32, 32
+_STATE = (_B, _HIDDEN // 2, *(n // 4 for n in _S))  # one GRU of the GRUBlock, at 1/4 resolution
+
+
+def _sample_calls(device: torch.device) -> list:
+    """(op, arguments) for every public op on ``device``: S2-sized, uninitialised tensors."""
+    def t(*shape):
+        return torch.empty(shape, device=device)
+    x, score = t(_B, 1, *_S), t(_B, 1, *_S)
+    feat, w3 = t(_B, _NF, *_S), t(_NF, _NF, 3, 3)
+    bias = t(_NF)
+    H = _STATE[1]
+    bh = t(H)
+    return [
+        (ops.conv, (feat, w3, bias, 1, "same", 1, 1)),
+        (ops.conv_same, (feat, w3, bias, 3, 2, 1, 1, True)),
+        (ops.conv_transpose, (t(_B, _NF, 32, 32), t(_NF, _NF, 3, 3), bias, 2, 1, 1, 1, 1)),
+        (ops.tanh, (feat,)),
+        (ops.conv_tanh, (feat, w3, bias, "same", 1, 1)),
+        (ops.upfirdn, (feat, t(4, 4), 1, 2, 1, 1)),
+        (ops.gru_gates_zr, (t(_B, 3 * H, *_STATE[2:]), t(_B, 2 * H, *_STATE[2:]), t(*_STATE), bh, bh)),
+        (ops.gru_gates_h, (t(_B, 3 * H, *_STATE[2:]), t(*_STATE), t(*_STATE), t(*_STATE), bh)),
+        (ops.gru_gates_zero_state, (t(_B, 2 * H, *_STATE[2:]), bh, bh)),
+        (_update_ops._preprocess, (score, t(*score.shape), t(*score.shape), 0, "adam", 0.9, 0.999, 1e-7)),
+        (_update_ops._update, (x, score, t(*x.shape), None)),
+    ]
+
+
+def _why_not(impl, args, device: torch.device, picked: str) -> str:
+    """Why ``auto`` runs ``picked``, not ``impl``, for these arguments."""
+    why = impl.missing()
+    if why is not None:
+        return f"not installed: {why}"
+    if not impl.usable(*args):
+        if impl.name == "triton" and device.type == "cpu":
+            return "CPU tensors only through the Triton interpreter (TRITON_INTERPRET=1, for tests)"
+        if impl.name == "cpp" and device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            return _ext.cuda_problem(index) or "no CUDA kernel registered"
+        if device.type != "cpu" and impl.name in ("channels_last", "sigmoid_form", "onednn_fused"):
+            return "CPU tensors only (cuDNN serves GPU tensors directly)"
+        return "cannot run these inputs"
+    if impl.auto(*args):
+        return f"usable; {picked} comes first"
+    rule = (impl.auto.__doc__ or "").strip().split("\n\n")[0]
+    rule = " ".join(rule.split())
+    return "usable; auto prefers the reference here" + (f" ({rule})" if rule else "")
+
+
+def _devices() -> list:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return devices
+
+
+def _op_choices(device: torch.device) -> list:
+    rows = []
+    with torch.no_grad():
+        for op, args in _sample_calls(device):
+            picked, _ = op._choose(args)
+            others = {impl.name: _why_not(impl, args, device, picked) for impl in op.impls if impl.name != picked}
+            if picked != "reference":
+                others["reference"] = "the fallback: a faster implementation applies"
+            rows.append({"op": op.name, "device": str(device), "auto": picked, "others": others})
+    return rows
+
+
+def _triton() -> dict:
+    try:
+        import triton
+        version = triton.__version__
+    except ImportError:
+        version = None
+    return {"version": version, "gate_kernels": triton_gates.missing() or "available",
+            "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+
+
+def collect(with_ops: bool = True) -> dict:
+    """Everything ``python -m rim_fast.info`` prints, as a dict."""
+    module = _ext.module()
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append({"index": i, "name": props.name, "capability": f"{props.major}.{props.minor}",
+                         "sms": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),
+                         "update_step_kernels": _ext.cuda_problem(i) or "run here"})
+    info = {
+        "rim_fast": {"version": __version__, "path": os.path.dirname(os.path.abspath(__file__))},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": {"version": torch.__version__, "cuda": torch.version.cuda,
+                  "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
+        "triton": _triton(),
+        "extension": {
+            "path": getattr(module, "__file__", None),
+            "missing": _ext.missing(),
+            "cpu_kernels": module is not None,
+            "cuda_kernels": _ext.built_with_cuda(),
+            "cuda_version": _ext.cuda_version(),
+            "cuda_archs": list(_ext.cuda_archs()),
+            "built_against_torch": getattr(module, "TORCH_VERSION", None),
+        },
+        "gpus": gpus,
+        "backend": ops.backend(),
+    }
+    if with_ops:
+        info["ops"] = [row for device in _devices() for row in _op_choices(device)]
+    return info
+
+
+def _extension_line(ext: dict) -> str:
+    if ext["path"] is None:
+        return f"rim_fast._C: not loaded ({ext['missing']})"
+    if ext["cuda_kernels"]:
+        cuda = f"CUDA {ext['cuda_version']} kernels for {_ext.describe_archs(ext['cuda_archs'])}"
+    else:
+        cuda = "no CUDA kernels (CPU-only build)"
+    return f"rim_fast._C: {ext['path']} | CPU kernels | {cuda} | built against torch {ext['built_against_torch']}"
+
+
+def format_short(info: dict) -> str:
+    torch_info = info["torch"]
+    return (f"rim_fast {info['rim_fast']['version']} ({info['rim_fast']['path']}) | torch {torch_info['version']}"
+            f" | {_extension_line(info['extension'])}")
+
+
+def format_text(info: dict) -> str:
+    torch_info, triton_info = info["torch"], info["triton"]
+    lines = [
+        f"rim_fast {info['rim_fast']['version']} ({info['rim_fast']['path']})",
+        f"python {info['python']} | {info['platform']}",
+        f"torch {torch_info['version']} (CUDA {torch_info['cuda'] or 'none'}, cuDNN {torch_info['cudnn'] or 'none'})"
+        f" | triton {triton_info['version'] or 'not installed'}"
+        + (" (TRITON_INTERPRET=1)" if triton_info["interpreter"] else ""),
+        _extension_line(info["extension"]),
+        f"Triton gate kernels: {triton_info['gate_kernels']}",
+    ]
+    if info["gpus"]:
+        for gpu in info["gpus"]:
+            lines.append(f"GPU cuda:{gpu['index']}: {gpu['name']}, compute capability {gpu['capability']}, "
+                         f"{gpu['sms']} SMs, {gpu['memory_gib']} GiB | update-step CUDA kernels: "
+                         f"{gpu['update_step_kernels']}")
+    else:
+        lines.append("GPUs: none visible")
+    lines.append(f"RIM_FAST_BACKEND={info['backend']}")
+    if "ops" in info:
+        lines += ["", "What `auto` runs for S2-sized inputs (B=16, 64x64; eager, no autograd), per op and device:",
+                  "", "| op | device | auto runs | the others, and why not |", "| --- | --- | --- | --- |"]
+        for row in info["ops"]:
+            others = "; ".join(f"{name}: {why}" for name, why in row["others"].items()) or "-"
+            lines.append(f"| {row['op']} | {row['device']} | {row['auto']} | {others} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rim_fast.info", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--short", action="store_true", help="one line: versions and the extension")
+    parser.add_argument("--json", action="store_true", help="the facts as JSON")
+    args = parser.parse_args(argv)
+    info = collect(with_ops=not args.short)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_short(info) if args.short else format_text(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
