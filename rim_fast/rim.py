@@ -12,6 +12,7 @@ from torch.func import vjp
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
+from .architectures.base import EncoderDecoder
 from .compat import CompatLike, resolve
 from .definitions import DEVICE
 from .utils import load_architecture
@@ -254,12 +255,21 @@ class RIM(nn.Module):
         except (RuntimeError, TypeError):  # a device type without autocast support (meta, ...)
             return False
 
+    def _initial_hidden_state(self, batch_size: int, dtype: torch.dtype) -> Tensor:
+        """The network's zero state h_0, made on the RIM's device when the network can (rim_fast's Hourglass and
+        Unet): a state made on the CPU and copied inside a compiled loop costs a host-to-device copy per call and
+        keeps CUDA graphs from capturing the loop. Other networks' states (torch_rim's signature) are moved."""
+        init = self.model.initalize_hidden_states
+        if type(self.model).initalize_hidden_states is EncoderDecoder.initalize_hidden_states:
+            return init(self.dimensions, batch_size, device=self.device, dtype=dtype)
+        return init(self.dimensions, batch_size).to(self.device, dtype)
+
     def initialization(self, observation: Tensor, amp: bool = False):
         """(trajectory start, x, h, m, v, zero-state hint) for an observation; torch_rim returned (out, x, h).
         ``amp``: autocast is on; the network's outputs are cast back to the state dtype."""
         batch_size = observation.shape[0]
         dtype = self._state_dtype()
-        h = self.model.initalize_hidden_states(self.dimensions, batch_size).to(self.device, dtype)
+        h = self._initial_hidden_state(batch_size, dtype)
         shape = (batch_size, self.C, *self.dimensions)
         out = []
         zero_state = "all"
@@ -420,9 +430,12 @@ class RIM(nn.Module):
     def compile(self, **kwargs) -> "RIM":
         """Compile the whole unrolled T-step loop as one graph; ``forward``, ``predict`` and ``loss_fn`` (and
         their backward) then run compiled. Keyword arguments go to ``torch.compile``; defaults:
-        ``fullgraph=True``, and ``mode="reduce-overhead"`` (CUDA graphs) when the RIM's device is CUDA.
-        A new input shape compiles once; calls with the same shapes never recompile. Returns the RIM."""
+        ``fullgraph=True``, ``dynamic=False``, and ``mode="reduce-overhead"`` (CUDA graphs) when the RIM's device
+        is CUDA. A new input shape compiles once, for that shape (static shapes: the Triton gate kernels get
+        their launch grid as numbers, and CUDA graphs one graph per shape); calls with the same shapes never
+        recompile. Returns the RIM."""
         kwargs.setdefault("fullgraph", True)
+        kwargs.setdefault("dynamic", False)
         if self.device.type == "cuda" and "mode" not in kwargs and "options" not in kwargs:
             kwargs["mode"] = "reduce-overhead"
         self.__dict__["_uses_cuda_graphs"] = self.device.type == "cuda" and (

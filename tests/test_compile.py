@@ -83,6 +83,64 @@ def test_compiled_forward_trajectory_and_no_graph_breaks():
         assert_close(a, b)
 
 
+def _symbolic_inputs(gm: torch.fx.GraphModule) -> list:
+    """The graph's inputs that are symbolic: SymInt sizes, or tensors with a symbolic size."""
+    found = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        sizes = value.shape if isinstance(value, torch.Tensor) else [value]
+        if any(isinstance(s, torch.SymInt) for s in sizes):
+            found.append(node.name)
+    return found
+
+
+def test_a_new_shape_compiles_with_static_shapes():
+    """RIM.compile defaults to dynamic=False: a second batch size compiles a graph for that shape, with no
+    symbolic sizes (torch.compile's default would make the sizes symbolic and hand them to the Triton gate
+    launchers and CUDA graphs)."""
+    torch._dynamo.reset()
+    eager, compiled = _pair(1, dict(score_fn=score_fn))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled.compile(backend=backend)
+    for batch in (2, 3, 5, 3):
+        y = torch.randn(batch, 1, 16)
+        assert_close(compiled.predict(y), eager.predict(y))
+    assert len(graphs) == 3  # one per batch size, none again for a size seen before
+    assert [_symbolic_inputs(gm) for gm in graphs] == [[], [], []]
+
+
+def test_hidden_state_is_made_on_the_rim_device():
+    """h_0 is created on the RIM's device and in its state dtype (no CPU tensor copied to the GPU inside the
+    compiled loop, which CUDA graphs cannot capture); a network with torch_rim's two-argument
+    ``initalize_hidden_states`` still works, its state moved."""
+    eager, compiled = _pair(1, dict(score_fn=score_fn))
+    calls = []
+    make = compiled.model.initalize_hidden_states
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return make(*args, **kwargs)
+
+    compiled.model.initalize_hidden_states = spy
+    compiled.compile(backend="aot_eager")
+    y = torch.randn(2, 1, 16)
+    assert_close(compiled.predict(y), eager.predict(y))
+    assert calls and all(k == {"device": compiled.device, "dtype": torch.float32} for k in calls)
+
+    class TwoArgumentState(rim_fast.Hourglass):
+        def initalize_hidden_states(self, dimensions, batch_size):
+            return super().initalize_hidden_states(dimensions, batch_size).double()  # moved and cast by the RIM
+
+    net = TwoArgumentState(1, dimensions=1, nf=4, hidden_units=6)
+    net.load_state_dict(eager.model.state_dict())
+    assert_close(rim_fast.RIM(SIZES[1], net, T=2, score_fn=score_fn).predict(y), eager.predict(y))
+
+
 @requires_cuda
 def test_reduce_overhead_on_cuda_equals_eager_and_outputs_survive():
     torch._dynamo.reset()
