@@ -44,9 +44,10 @@ def device(request):
     return torch.device(request.param)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def no_tf32():
-    """fp32 convolutions and matmuls on CUDA without TF32 (the CPU has none), restored afterwards."""
+    """Every test compares float32 results with float32 references (or with the CPU, which has no TF32): fp32
+    convolutions and matmuls on CUDA run without TF32 (cuDNN's default is TF32), restored afterwards."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield

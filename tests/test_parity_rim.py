@@ -86,7 +86,7 @@ def test_rim_matches_torch_rim(dims, method, init, kind, link):
 
 
 @pytest.mark.parametrize("dims,method,init,kind,link", CASES)
-def test_rim_on_the_kernels_matches_torch_rim(device, no_tf32, dims, method, init, kind, link):
+def test_rim_on_the_kernels_matches_torch_rim(device, dims, method, init, kind, link):
     """RIM_FAST_BACKEND=kernels: every gate runs the Triton kernels (the interpreter on the CPU) and every
     update step the C++/CUDA extension; the trace proves they ran. On CUDA, TF32 is off for both sides and the
     tolerances allow for cuDNN's merged-conv summation order (rim_fast runs [W_z;W_r;W_h] as one conv)."""

@@ -526,7 +526,7 @@ def _cuda_pair(**kw):
 @pytest.mark.parametrize("kw", [dict(score_preprocessing_method="ADAM"),
                                 dict(score_preprocessing_method="RMSPROP", gradient_checkpointing=True)],
                          ids=["adam", "rmsprop-checkpointing"])
-def test_cuda_fit_matches_the_cpu(no_tf32, kw):
+def test_cuda_fit_matches_the_cpu(kw):
     """fit on CUDA (CPU batches moved to the GPU, the auto backend's kernels, the GPU optimizer) gives the CPU's
     losses (fp32; TF32 off: the CPU has none. Not the weights element by element: Adam turns the rounding
     noise of a near-zero gradient into a full learning-rate step)."""
@@ -539,7 +539,7 @@ def test_cuda_fit_matches_the_cpu(no_tf32, kw):
 
 
 @requires_cuda
-def test_cuda_fit_with_compile_and_cuda_graphs_trains_like_eager(no_tf32):
+def test_cuda_fit_with_compile_and_cuda_graphs_trains_like_eager():
     """fit(compile=True) on CUDA: the loop compiled with reduce-overhead (CUDA graphs), forward and backward,
     inside the training loop: the eager run's losses."""
     torch._dynamo.reset()
