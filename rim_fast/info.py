@@ -85,7 +85,7 @@ def _op_choices(device: torch.device) -> list:
             picked, _ = op._choose(args)
             others = {impl.name: _why_not(impl, args, device, picked) for impl in op.impls if impl.name != picked}
             if picked != "reference":
-                others["reference"] = "the fallback: a faster implementation applies"
+                others["reference"] = "the fallback, where no faster implementation applies"
             rows.append({"op": op.name, "device": str(device), "auto": picked, "others": others})
     return rows
 
