@@ -1,16 +1,23 @@
-"""End-to-end RIM benchmark: torch_rim 0.2.9 against rim_fast, eager and compiled (pytest-benchmark).
+"""End-to-end RIM benchmark: torch_rim 0.2.9 against rim_fast, eager and compiled (pytest runs the cases).
 
 One case = workload x mode x provider, all on one device (``RIM_FAST_BENCH_DEVICE``, default cuda when
 available). Every provider runs the same weights (torch_rim's model, its state_dict copied into rim_fast's),
 the same inputs and the same linear score function (a fixed [1, 2, 1]/4 blur A per axis: A^T (y - A x)).
 
+Order: the (workload, mode) groups run in ``bench.common.PRIORITY`` order (L2 predict, S2 predict, S2 train_step,
+S1 predict, S1 train_step, L2 train_step, then the others in table order), each group's providers in ``PROVIDERS``
+order (eager first; rim_fast's compiled case before torch_rim's). bench/gpu_check.sh interrupts a run at its time
+box, so what a cut loses is the least important. ``RIM_FAST_BENCH_GROUPS=S1:train_step,L2:train_step`` runs exactly
+those groups, in that order (e.g. a second GPU run for what the first one cut).
+
 Providers
   torch_rim            torch_rim's RIM, eager (the baseline of every Hourglass workload)
-  torch_rim_compiled   torch.compile(rim.predict) / torch.compile(rim.loss_fn), default settings: what a user
-                       would try; the graph count and graph breaks are recorded
   rim_fast_reference   rim_fast with ``ops.use_backend("reference")`` (pure PyTorch)
   rim_fast             rim_fast as imported (``RIM_FAST_BACKEND``, default auto)
-  rim_fast_compiled    ``RIM.compile()``: the whole T-step loop as one graph (CUDA graphs on CUDA)
+  rim_fast_compiled    ``RIM.compile()``: the whole T-step loop as one graph (fullgraph; CUDA graphs on CUDA)
+  torch_rim_compiled   torch.compile(rim.predict) / torch.compile(rim.loss_fn), no fullgraph (the graph count and
+                       graph breaks are recorded). On CUDA with ``mode="reduce-overhead"``: the fair compiled
+                       baseline, CUDA graphs on both sides. On the CPU, where there are no CUDA graphs, default mode.
 Modes
   predict              ``rim.predict(y)`` under ``torch.no_grad``
   train_step           zero_grad, ``loss_fn(y, x_true)``, backward, Adam step (the optimizer stays eager)
@@ -18,11 +25,21 @@ Modes
 U2 runs rim_fast's Unet; torch_rim 0.2.9's ``Unet`` is an empty stub, so its torch_rim cases are skipped and its
 baseline is ``rim_fast_reference``.
 
-Each case: warm-up calls (compile, autotune, CUDA-graph capture) outside the timed region; then one check call
-(train_step restores the initial weights first) whose output (predict) or loss and parameter gradients
-(train_step) are compared with the baseline's; then ``rounds`` timed calls, each ending with a device sync.
-``benchmark.extra_info`` holds the check (``check_ok``, ``check_err``, ``check_tol``), the memory, the first-call
-time (compile included) and, for compiled providers, the graph and graph-break counts.
+Each case: warm-up calls (compile, autotune, CUDA-graph capture; compiled providers 3 on CUDA, where the CUDA-graph
+trees warm up, record, then replay, else 1; eager providers 1), outside the timed region; then one check call
+(train_step restores the initial weights first) whose output (predict) or loss and parameter gradients (train_step)
+are compared with a reference; then the timed calls. CUDA: each call between two CUDA events recorded on the current
+stream (the GPU's time from the call's start to its last kernel, host launch gaps included), at least 20 and up to
+50 within 5 s (estimated from the check call). CPU: host time, 3 to 5 within 60 s. Then, on CUDA, one call under
+torch.profiler: the CUDA kernels it launched (memcpy and memset counted apart), divided by T = kernels per RIM step
+(train_step: forward, backward and the Adam step together). Compiled providers record their graphs, graph breaks
+and Inductor's CUDA-graph skips (``counters["inductor"]["cudagraph_skips"]``, with the logged reasons): on CUDA,
+rim_fast_compiled must have none, and the report marks it when it has.
+
+Results: every case appends one JSON line to ``RIM_FAST_BENCH_STATUS`` when it ends (ok with its timings and
+measurements, skipped, error, or interrupted), so a run cut at any moment keeps every finished case. The file starts
+with a line describing the run (machine, settings, TF32 and cudnn.benchmark) and the planned cases
+(bench/conftest.py). ``bench.report`` turns it into the report.
 
 Correctness check
   CPU  relative error max|a - b| / max|b| against the baseline in fp32: predict and loss <= 1e-5, each
@@ -31,36 +48,53 @@ Correctness check
        float64 run of the baseline (torch_rim, or the rim_fast reference for U2; train_step in batch chunks of
        8): a provider passes when its error against float64 is at most max(2 x the fp32 baseline's own error,
        the CPU tolerance). RIM_FAST_BENCH_CHECK=fp32|fp64 chooses either check on either device.
+       Cost on L2 (B=32, 256x256, T=10): torch_rim computes 4.2 TFLOP per predict and 12.4 per training step
+       (FlopCounterMode at B=1, x32); float64 runs 8-12x slower than float32 on our CPU. At a pessimistic 2-5
+       TFLOP/s of float64 convolutions on an H200 that is about 1-2 s (predict) and 3-6 s (train_step), paid once
+       per workload and mode, in the prewarm when it runs.
   A failing case is timed and marked; the report gives it no speedup.
 Memory
   CUDA torch.cuda.max_memory_allocated over the warm-up and the check call (CUDA-graph capture included),
        minus what was allocated before the case was built: its weights, optimizer state and activations (the
-       inputs, shared by every case, were allocated before).
+       inputs, shared by every case, were allocated before). L2 train_step saves about 29 GiB for backward (torch_rim,
+       measured at B=1 on the CPU, x32).
   CPU  train_step only: bytes of the distinct non-parameter storages saved for backward. Eager providers: by
        the backbone's calls (saved_tensors_hooks around ``model.forward``; they cannot wrap the torch.func
        score); compiled providers: by the compiled graph (hooks around the whole call).
+
+Prewarm (``python -m bench.run --prewarm``; bench/gpu_check.sh runs it beside the build and the tests): the same
+cases without timing: the references, saved under ``RIM_FAST_BENCH_REFS`` (the timed run loads them), then one call
+of each compiled case, which fills Inductor's on-disk caches (FX graph and AOTAutograd), so that the timed run's
+compilations mostly load (on our CPU: 51 s cold, 3.4 s warm for torch_rim_compiled S1 smoke predict). rim_fast's
+compiled loop does not call the C++ extension (``auto`` prefers the references under torch.compile), so the prewarm
+runs without it (``RIM_FAST_NO_EXT=1``) while the extension is being built.
 
 Environment (all optional; lists are comma-separated)
   RIM_FAST_BENCH_DEVICE     cpu | cuda
   RIM_FAST_BENCH_PROVIDERS  subset of the providers above
   RIM_FAST_BENCH_MODES      predict,train_step
   RIM_FAST_BENCH_WORKLOADS  S1,S2,S3,L2,U2 (those that run on the device)
-  RIM_FAST_BENCH_ROUNDS     timed calls per case (default: as many as fit in 60 s on cpu, 10 s on cuda, from
-                            3 to 5 on cpu, 10 to 50 on cuda, estimated from the check call; smoke 1)
-  RIM_FAST_BENCH_WARMUP     untimed calls before the check call (default: cpu 1, cuda 3; smoke 0)
+  RIM_FAST_BENCH_GROUPS     workload:mode,... run exactly these groups in this order (overrides the two above)
+  RIM_FAST_BENCH_ROUNDS     timed calls per case (default: see above; smoke 1)
+  RIM_FAST_BENCH_WARMUP     untimed calls before the check call, every provider (default: see above; smoke 0, and
+                            1 for compiled providers)
   RIM_FAST_BENCH_T          RIM steps (default 10; smoke 2)
   RIM_FAST_BENCH_CHECK      fp32 | fp64: the check's reference (default: fp64 on cuda, fp32 on cpu)
-  RIM_FAST_BENCH_STATUS     a file to which every case appends one JSON line (ok / skipped / error + reason)
+  RIM_FAST_BENCH_STATUS     the results file: one JSON line per case (and the run's description)
+  RIM_FAST_BENCH_REFS       a folder for the references (saved by the prewarm, loaded by the timed run)
+  RIM_FAST_BENCH_PREWARM_LOG  the prewarm's results file: one JSON line per job
   RIM_FAST_BENCH_SMOKE=1    the tiny workloads of bench.common
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import gc
+import hashlib
 import json
+import logging
 import os
+import statistics
 import time
 import warnings
 
@@ -70,9 +104,9 @@ import torch.nn.functional as F
 
 import rim
 import rim_fast
-from bench.common import MODEL, SMOKE, T as DEFAULT_T, end_to_end_workloads, synchronize
+from bench.common import MODEL, PRIORITY, SMOKE, T as DEFAULT_T, end_to_end_workloads, machine_line, synchronize
 
-PROVIDERS = ("torch_rim", "torch_rim_compiled", "rim_fast_reference", "rim_fast", "rim_fast_compiled")
+PROVIDERS = ("torch_rim", "rim_fast_reference", "rim_fast", "rim_fast_compiled", "torch_rim_compiled")
 COMPILED = ("torch_rim_compiled", "rim_fast_compiled")
 MODES = ("predict", "train_step")
 #: CPU fp32 tolerances of the check (relative to the largest magnitude of the baseline's tensor)
@@ -110,16 +144,35 @@ T = _env_int("RIM_FAST_BENCH_T", 2 if SMOKE else DEFAULT_T)
 #: timed calls per case: RIM_FAST_BENCH_ROUNDS exactly, else up to MAX_ROUNDS within BUDGET_S (estimated from the
 #: check call), at least MIN_ROUNDS
 ROUNDS = 1 if SMOKE else _env_int("RIM_FAST_BENCH_ROUNDS", 0)
-MAX_ROUNDS, MIN_ROUNDS, BUDGET_S = (50, 10, 10.0) if CUDA else (5, 3, 60.0)
-WARMUP = 0 if SMOKE else _env_int("RIM_FAST_BENCH_WARMUP", 3 if CUDA else 1)
+MAX_ROUNDS, MIN_ROUNDS, BUDGET_S = (50, 20, 5.0) if CUDA else (5, 3, 60.0)
+#: untimed calls before the check call; None: 3 for compiled providers on CUDA, else 1 (see _warmup)
+WARMUP = 0 if SMOKE else (_env_int("RIM_FAST_BENCH_WARMUP", -1) if os.environ.get("RIM_FAST_BENCH_WARMUP") else None)
 ALL_WORKLOADS = end_to_end_workloads()
 WORKLOAD_NAMES = _env_list("RIM_FAST_BENCH_WORKLOADS", ALL_WORKLOADS,
                            [n for n, w in ALL_WORKLOADS.items() if DEVICE in w["devices"]])
 MODE_NAMES = _env_list("RIM_FAST_BENCH_MODES", MODES, MODES)
 PROVIDER_NAMES = _env_list("RIM_FAST_BENCH_PROVIDERS", PROVIDERS, PROVIDERS)
 
+
+def _groups() -> list:
+    """The (workload, mode) groups in the order they run: RIM_FAST_BENCH_GROUPS as given, else PRIORITY first."""
+    value = os.environ.get("RIM_FAST_BENCH_GROUPS", "").strip()
+    if value:
+        groups = []
+        for item in value.split(","):
+            workload, _, mode = item.strip().partition(":")
+            if workload not in ALL_WORKLOADS or mode not in MODES:
+                raise ValueError(f"RIM_FAST_BENCH_GROUPS: {item!r} is not workload:mode with a workload of "
+                                 f"{list(ALL_WORKLOADS)} and a mode of {list(MODES)}")
+            groups.append((workload, mode))
+        return groups
+    chosen = [(w, m) for w in WORKLOAD_NAMES for m in MODE_NAMES]
+    return [g for g in PRIORITY if g in chosen] + [g for g in chosen if g not in PRIORITY]
+
+
+GROUPS = _groups()
 CASES = [pytest.param(w, m, p, id=f"{w}-{DEVICE}-{m}-{p}")
-         for w in WORKLOAD_NAMES for m in MODE_NAMES for p in PROVIDERS if p in PROVIDER_NAMES]
+         for w, m in GROUPS for p in PROVIDERS if p in PROVIDER_NAMES]
 
 
 # ---- the workload: weights, inputs, score function ---------------------------------------------------------
@@ -251,10 +304,27 @@ def errors(out: dict, ref: dict) -> dict:
     return {"loss": _rel(out["loss"], ref["loss"]), "grads": grad_err}
 
 
+def _ref_path(name: str, mode: str) -> str | None:
+    """Where the prewarm saved (and a later run finds) the references of a case: RIM_FAST_BENCH_REFS, one file per
+    workload, mode and everything else they depend on."""
+    folder = os.environ.get("RIM_FAST_BENCH_REFS", "").strip()
+    if not folder:
+        return None
+    key = repr((ALL_WORKLOADS[name], MODEL, T, DEVICE, CHECK, TRUTH_CHUNK, torch.__version__))
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return os.path.join(folder, f"{name}-{mode}-{DEVICE}-{CHECK}-{digest}.pt")
+
+
 @functools.lru_cache(maxsize=None)
 def reference(name: str, mode: str) -> dict:
     """The baseline's fp32 outputs at the initial weights and, with the fp64 check, a float64 run and the fp32
-    baseline's error against it. Cached per workload and mode."""
+    baseline's error against it. Cached per workload and mode, and on disk under RIM_FAST_BENCH_REFS."""
+    path = _ref_path(name, mode)
+    if path and os.path.exists(path):
+        try:
+            return torch.load(path, map_location=DEVICE)
+        except Exception as err:  # noqa: BLE001 - a file cut by an interrupted prewarm: compute it again
+            warnings.warn(f"{path}: {type(err).__name__}: {err}; computing the references again")
     spec = ALL_WORKLOADS[name]
     data = workload_data(name)
     base = baseline_of(spec)
@@ -272,6 +342,10 @@ def reference(name: str, mode: str) -> dict:
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(ref, path + ".tmp")
+        os.replace(path + ".tmp", path)  # whole or absent, even when the prewarm is interrupted
     return ref
 
 
@@ -337,42 +411,141 @@ def hook_backbone(model, counter: SavedBytes):
 
 # ---- the benchmark -------------------------------------------------------------------------------------------
 
-def _log_status(**record) -> None:
-    path = os.environ.get("RIM_FAST_BENCH_STATUS")
+def _log(path_var: str, record: dict) -> None:
+    path = os.environ.get(path_var)
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, default=str) + "\n")
+
+
+def _log_status(**record) -> None:
+    _log("RIM_FAST_BENCH_STATUS", record)
+
+
+def run_settings() -> dict:
+    """What the report says about the run: device, T, timing, warm-up, backend, the check, the order, and the
+    numerics switches that change the timings (TF32, cudnn.benchmark)."""
+    settings = dict(device=DEVICE, T=T, smoke=SMOKE, check=CHECK, rim_fast_backend=rim_fast.ops.backend(),
+                    triton_interpret=os.environ.get("TRITON_INTERPRET", ""),
+                    rounds=ROUNDS or f"{MIN_ROUNDS}-{MAX_ROUNDS} within {BUDGET_S:g} s",
+                    warmup=WARMUP if WARMUP is not None else (
+                        "3 (compiled), 1 (eager)" if CUDA else "1"),
+                    timer="CUDA events" if CUDA else "host clock",
+                    groups=[f"{w}:{m}" for w, m in GROUPS],
+                    providers=[p for p in PROVIDERS if p in PROVIDER_NAMES],
+                    torch_rim_compiled_mode="reduce-overhead" if CUDA else "default",
+                    cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+                    cudnn_deterministic=bool(torch.backends.cudnn.deterministic),
+                    float32_matmul_precision=torch.get_float32_matmul_precision())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the allow_tf32 flags may be deprecated for fp32_precision
+        settings.update(cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
+                        matmul_allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32))
+    return settings
+
+
+def log_run(planned) -> None:
+    """The first line of the results file: the machine, the settings and the planned cases, in order."""
+    _log_status(kind="run", machine=machine_line(), settings=run_settings(),
+                planned=[list(case) for case in planned])
+
+
+class _CudagraphSkips(logging.Handler):
+    """Collects the reasons Inductor logs when it skips CUDA graphs (beside its cudagraph_skips counter)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.reasons = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "skipping cudagraphs" in message.lower():
+            self.reasons.append(message[:300])
+
+
+CUDAGRAPH_SKIPS = _CudagraphSkips()
+try:
+    from torch._inductor import cudagraph_utils as _cudagraph_utils
+    # the logger that logs the skips: "cudagraphs" (torch >= 2.6) or "perf_hints" (older)
+    for _name in ("cudagraphs_log", "perf_hint_log"):
+        _logger = getattr(_cudagraph_utils, _name, None)
+        if isinstance(_logger, logging.Logger) and CUDAGRAPH_SKIPS not in _logger.handlers:
+            _logger.addHandler(CUDAGRAPH_SKIPS)
+except ImportError:
+    pass
 
 
 def _dynamo_counts() -> dict:
     from torch._dynamo.utils import counters
     return {"graphs": int(counters["stats"]["unique_graphs"]),
             "graph_breaks": int(sum(counters["graph_break"].values())),
-            "graph_break_reasons": sorted(counters["graph_break"])[:5]}
+            "graph_break_reasons": sorted(counters["graph_break"])[:5],
+            "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
 
 
 @pytest.mark.parametrize("workload,mode,provider", CASES)
-def test_rim(benchmark, workload, mode, provider):
+def test_rim(workload, mode, provider):
     info = dict(workload=workload, mode=mode, provider=provider, device=DEVICE)
+    t0 = time.perf_counter()
     oom = None
     try:
-        _run_case(benchmark, workload, mode, provider)
+        try:
+            result = _run_case(workload, mode, provider)
+        except Exception as e:  # noqa: BLE001
+            if not (provider in COMPILED and _repair_inductor_cache(e)):
+                raise
+            result = _run_case(workload, mode, provider)
+            result["info"]["retried"] = f"after repairing Inductor's cache: {type(e).__name__}: {str(e)[:200]}"
     except pytest.skip.Exception as e:
         _log_status(**info, status="skipped", reason=str(getattr(e, "msg", e)))
         raise
     except torch.cuda.OutOfMemoryError as e:
         oom = f"out of memory: {str(e).splitlines()[0][:200]}"
+    except KeyboardInterrupt:
+        _log_status(**info, status="interrupted", reason="cut by the time box (SIGINT)",
+                    seconds=time.perf_counter() - t0)
+        raise
     except BaseException as e:
-        _log_status(**info, status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
+        _log_status(**info, status="error", reason=f"{type(e).__name__}: {str(e)[:300]}",
+                    seconds=time.perf_counter() - t0)
         raise
     if oom is not None:
         # the traceback (and the case's tensors) are gone once the except block has ended
         torch._dynamo.reset()
         gc.collect()
         torch.cuda.empty_cache()
-        _log_status(**info, status="skipped", reason=oom)
+        _log_status(**info, status="skipped", reason=oom, seconds=time.perf_counter() - t0)
         pytest.skip(oom)
-    _log_status(**info, status="ok", reason="")
+    _log_status(**info, status="ok", reason="", seconds=time.perf_counter() - t0, **result)
+
+
+def _repair_inductor_cache(err: Exception) -> bool:
+    """When a compiled case failed on a file of Inductor's on-disk cache (one cut while it was written: a prewarm
+    stopped in the middle of a compilation), delete the files the error names and Inductor's in-memory code caches,
+    and say so: the case runs again and compiles what was lost. Other errors: False."""
+    import re
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:
+        try:
+            from torch._inductor.runtime.runtime_utils import cache_dir
+        except ImportError:
+            return False
+    root = os.path.realpath(cache_dir())
+    paths = [p for p in re.findall(r"(/[^\s:'\"]+)", str(err))
+             if os.path.realpath(p).startswith(root + os.sep) and os.path.isfile(p)]
+    if not paths:
+        return False
+    for path in paths:
+        os.remove(path)
+    warnings.warn(f"{type(err).__name__} on Inductor's cache: removed {paths}, running the case again")
+    from torch._inductor import codecache
+    for name in ("PyCodeCache", "CppCodeCache", "CppPythonBindingsCodeCache"):
+        with contextlib.suppress(Exception):
+            getattr(codecache, name).cache_clear()
+    torch._dynamo.reset()
+    gc.collect()
+    return True
 
 
 def _check_call(r, mode, provider, predict_fn, loss_fn, optimizer, initial, y, x_true):
@@ -409,31 +582,112 @@ def _check_call(r, mode, provider, predict_fn, loss_fn, optimizer, initial, y, x
     return out, saved
 
 
-def _run_case(benchmark, workload, mode, provider):
+def _warmup(provider: str) -> int:
+    compiled = provider in COMPILED
+    if WARMUP is not None:
+        return max(WARMUP, 1) if compiled else WARMUP
+    return 3 if CUDA and compiled else 1
+
+
+def _functions(r, provider: str):
+    """(predict, loss_fn) of the provider: compiled for the compiled providers."""
+    if provider == "torch_rim_compiled":
+        kwargs = {"mode": "reduce-overhead"} if CUDA else {}
+        return torch.compile(r.predict, **kwargs), torch.compile(r.loss_fn, **kwargs)
+    if provider == "rim_fast_compiled":
+        r.compile()
+    return r.predict, r.loss_fn
+
+
+def _step_fn(mode, provider, predict_fn, loss_fn, optimizer, y, x_true):
+    """One call of the case (no device sync: the caller times it)."""
+    if mode == "predict":
+        def step():
+            with _backend_ctx(provider), torch.no_grad():
+                return predict_fn(y)
+    else:
+        def step():
+            with _backend_ctx(provider):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(y, x_true)
+                loss.backward()
+                optimizer.step()
+            return loss
+    return step
+
+
+def _time_calls(step, rounds: int) -> list:
+    """Seconds per call: CUDA events around each call on the current stream, or the host clock on the CPU."""
+    synchronize(DEVICE)
+    times = []
+    if CUDA:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(rounds):
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return times
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: list) -> dict:
+    """Median, quartiles, extremes and every time (seconds)."""
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "iqr": q[2] - q[0], "min": min(times),
+            "max": max(times), "mean": statistics.fmean(times), "rounds": len(times), "times": times}
+
+
+def _kernel_counts(step) -> dict:
+    """One call under torch.profiler: the CUDA kernels it launched (CUDA graph replays included), memcpy/memset
+    apart; kernels_per_step = kernels / T."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        synchronize(DEVICE)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            synchronize(DEVICE)
+        kernels = memory_ops = 0
+        for event in prof.events():
+            if event.device_type != DeviceType.CUDA:
+                continue
+            if event.name.startswith(("Memcpy", "Memset")):
+                memory_ops += 1
+            else:
+                kernels += 1
+    except Exception as err:  # noqa: BLE001 - the profiler is a measurement, not the case
+        return {"kernels_error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+    result = {"cuda_kernels": kernels, "cuda_memory_ops": memory_ops,
+              "kernels_per_step": kernels / T if kernels else None}
+    if not kernels:
+        result["kernels_error"] = "the profiler recorded no CUDA kernel (CUPTI unavailable?)"
+    return result
+
+
+def _run_case(workload, mode, provider) -> dict:
     spec = ALL_WORKLOADS[workload]
     if provider.startswith("torch_rim") and not _has_torch_rim(spec):
         pytest.skip(f"torch_rim 0.2.9 has no {spec['arch']} (its Unet is an empty stub)")
     data = workload_data(workload)
     y, x_true = data["y"], data["x_true"]
-    benchmark.group = f"{workload} {mode}"
-    benchmark.extra_info.update(
-        workload=workload, mode=mode, provider=provider, device=DEVICE, arch=spec["arch"], dims=spec["dims"],
-        size=list(spec["size"]), batch=spec["batch"], channels=1, T=T, baseline=baseline_of(spec),
-        rounds_requested=ROUNDS or f"{MIN_ROUNDS}-{MAX_ROUNDS} in {BUDGET_S:g} s",
-        warmup_requested=WARMUP, rim_fast_backend=rim_fast.ops.backend(),
-        triton_interpret=os.environ.get("TRITON_INTERPRET", ""), smoke=SMOKE, check=CHECK)
-    if CUDA:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the allow_tf32 flags may be deprecated for fp32_precision
-            benchmark.extra_info.update(cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
-                                        matmul_allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32))
+    info = dict(arch=spec["arch"], dims=spec["dims"], size=list(spec["size"]), batch=spec["batch"], channels=1,
+                T=T, baseline=baseline_of(spec))
+    t_ref = time.perf_counter()
     reference(workload, mode)  # computed (and cached) before this case's memory is measured
+    info["reference_s"] = time.perf_counter() - t_ref
 
     compiled = provider in COMPILED
     if compiled:
         torch._dynamo.reset()  # every case compiles afresh: no cache-size limit, no automatic dynamic shapes
         from torch._dynamo.utils import counters
         counters.clear()
+        CUDAGRAPH_SKIPS.reasons.clear()
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
@@ -442,82 +696,129 @@ def _run_case(benchmark, workload, mode, provider):
 
     r = build(workload, provider)
     initial = [p.detach().clone() for p in r.model.parameters()]
-    if provider == "torch_rim_compiled":
-        predict_fn, loss_fn = torch.compile(r.predict), torch.compile(r.loss_fn)
-    else:
-        if provider == "rim_fast_compiled":
-            r.compile()
-        predict_fn, loss_fn = r.predict, r.loss_fn
+    predict_fn, loss_fn = _functions(r, provider)
     optimizer = torch.optim.Adam(r.model.parameters(), lr=LEARNING_RATE) if mode == "train_step" else None
-
-    if mode == "predict":
-        def step():
-            with _backend_ctx(provider), torch.no_grad():
-                out = predict_fn(y)
-            synchronize(DEVICE)
-            return out
-    else:
-        def step():
-            with _backend_ctx(provider):
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(y, x_true)
-                loss.backward()
-                optimizer.step()
-            synchronize(DEVICE)
-            return loss
+    step = _step_fn(mode, provider, predict_fn, loss_fn, optimizer, y, x_true)
 
     # warm-up: compile, autotune, CUDA-graph capture; then the check call, from the initial weights.
     # Eager providers record which implementation served each op; a compiled graph would guard on the trace.
     with (contextlib.nullcontext(None) if compiled else rim_fast.ops.trace()) as impls:
+        warmup = _warmup(provider)
+        info["warmup"] = warmup
         t0 = time.perf_counter()
-        # compiled providers compile before the check call, whose hooks torch.func refuses to trace under
-        warmup = max(WARMUP, 1) if compiled else WARMUP
-        benchmark.extra_info["warmup"] = warmup
         for i in range(warmup):
             step()
+            synchronize(DEVICE)
             if i == 0:
-                benchmark.extra_info["first_call_s"] = time.perf_counter() - t0
+                info["first_call_s"] = time.perf_counter() - t0
         t_check = time.perf_counter()
         out, saved = _check_call(r, mode, provider, predict_fn, loss_fn, optimizer, initial, y, x_true)
         t_check = time.perf_counter() - t_check
         if warmup == 0:
-            benchmark.extra_info["first_call_s"] = t_check
+            info["first_call_s"] = t_check
     del initial
 
     result = check(workload, mode, out)
-    benchmark.extra_info.update(check_ok=result["ok"], check_err=result["err"], check_tol=result["tol"],
-                                check_against=result["against"])
+    info.update(check_ok=result["ok"], check_err=result["err"], check_tol=result["tol"],
+                check_against=result["against"])
     del out
     if not result["ok"]:
         warnings.warn(f"{workload} {mode} {provider}: check failed, errors {result['err']} > {result['tol']}")
-    benchmark.extra_info["impls"] = sorted(f"{op}:{impl}" for op, impl in impls) if impls is not None else []
+    info["impls"] = sorted(f"{op}:{impl}" for op, impl in impls) if impls is not None else []
     if CUDA:
-        benchmark.extra_info["memory_bytes"] = torch.cuda.max_memory_allocated() - mem_before
-        benchmark.extra_info["memory_kind"] = "cuda peak allocated (warm-up + check call)"
+        info["memory_bytes"] = torch.cuda.max_memory_allocated() - mem_before
+        info["memory_kind"] = "cuda peak allocated (warm-up + check call)"
     elif mode == "train_step":
-        benchmark.extra_info["memory_bytes"] = saved.total if saved.error is None else None
-        benchmark.extra_info["memory_error"] = saved.error
-        benchmark.extra_info["memory_kind"] = ("saved for backward by the compiled graph" if compiled
-                                               else "saved for backward by the backbone")
+        info["memory_bytes"] = saved.total if saved.error is None else None
+        info["memory_error"] = saved.error
+        info["memory_kind"] = ("saved for backward by the compiled graph" if compiled
+                               else "saved for backward by the backbone")
     else:
-        benchmark.extra_info["memory_bytes"] = None
-        benchmark.extra_info["memory_kind"] = "not measured (CPU predict saves nothing for backward)"
+        info["memory_bytes"] = None
+        info["memory_kind"] = "not measured (CPU predict saves nothing for backward)"
 
     if compiled:
         before = _dynamo_counts()
-        benchmark.extra_info.update(before)
+        info.update(before)
+        info["cudagraph_skip_reasons"] = CUDAGRAPH_SKIPS.reasons[:3]
 
     rounds = ROUNDS or max(MIN_ROUNDS, min(MAX_ROUNDS, int(BUDGET_S / max(t_check, 1e-6))))
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    times = _time_calls(step, rounds)
 
     if compiled:
         after = _dynamo_counts()
-        benchmark.extra_info["recompiled_while_timed"] = after["graphs"] - before["graphs"]
+        info["recompiled_while_timed"] = after["graphs"] - before["graphs"]
+        info["cudagraph_skips"] = after["cudagraph_skips"]
     if CUDA:
+        info.update(_kernel_counts(step))
         torch.cuda.reset_peak_memory_stats()
         step()
-        benchmark.extra_info["steady_memory_bytes"] = torch.cuda.max_memory_allocated() - mem_before
-    del r, optimizer, predict_fn, loss_fn
+        synchronize(DEVICE)
+        info["steady_memory_bytes"] = torch.cuda.max_memory_allocated() - mem_before
+    del r, optimizer, predict_fn, loss_fn, step
     if compiled:
         torch._dynamo.reset()
     gc.collect()
+    return {"stats": summarize(times), "info": info}
+
+
+# ---- the prewarm: references and Inductor's caches, untimed ----------------------------------------------------
+
+def _compile_once(workload: str, mode: str, provider: str) -> None:
+    """One call of a compiled case: its graphs land in Inductor's on-disk caches."""
+    data = workload_data(workload)
+    torch._dynamo.reset()
+    r = build(workload, provider)
+    predict_fn, loss_fn = _functions(r, provider)
+    optimizer = torch.optim.Adam(r.model.parameters(), lr=LEARNING_RATE) if mode == "train_step" else None
+    _step_fn(mode, provider, predict_fn, loss_fn, optimizer, data["y"], data["x_true"])()
+    synchronize(DEVICE)
+    del r, predict_fn, loss_fn, optimizer
+    torch._dynamo.reset()
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def prewarm_jobs() -> list:
+    """(job, workload, mode, provider) in the order the timed run needs them: the references of the first four
+    groups (cheap, and certain to be used), then group by group its compiled cases (a later group's references
+    first)."""
+    compiled = [p for p in PROVIDERS if p in PROVIDER_NAMES and p in COMPILED]
+    jobs = [("reference", w, m, None) for w, m in GROUPS[:4]]
+    for i, (w, m) in enumerate(GROUPS):
+        if i >= 4:
+            jobs.append(("reference", w, m, None))
+        jobs += [("compile", w, m, p) for p in compiled
+                 if not (p.startswith("torch_rim") and not _has_torch_rim(ALL_WORKLOADS[w]))]
+    return jobs
+
+
+def prewarm() -> int:
+    """Run prewarm_jobs(), one JSON line each in RIM_FAST_BENCH_PREWARM_LOG; an interrupt ends it cleanly."""
+    for job, workload, mode, provider in prewarm_jobs():
+        record = dict(job=job, workload=workload, mode=mode, provider=provider, device=DEVICE)
+        t0 = time.perf_counter()
+        try:
+            if job == "reference":
+                reference(workload, mode)
+            else:
+                _compile_once(workload, mode, provider)
+            record["status"] = "ok"
+        except KeyboardInterrupt:
+            _log("RIM_FAST_BENCH_PREWARM_LOG", dict(record, status="interrupted", seconds=time.perf_counter() - t0))
+            print(f"prewarm interrupted during {job} {workload} {mode} {provider or ''}", flush=True)
+            # at once: a normal exit waits for Inductor's compile workers, and gpu_check.sh would SIGKILL them, and
+            # the compilers they run, in the middle of writing a cache file
+            os._exit(130)
+        except Exception as err:  # noqa: BLE001 - the timed run will meet (and report) the same error
+            record["status"] = f"error: {type(err).__name__}: {str(err)[:300]}"
+            torch._dynamo.reset()
+            gc.collect()
+            if CUDA:
+                torch.cuda.empty_cache()
+        record["seconds"] = time.perf_counter() - t0
+        _log("RIM_FAST_BENCH_PREWARM_LOG", record)
+        print(f"prewarm {job} {workload} {mode} {provider or ''}: {record['status']} in {record['seconds']:.1f} s",
+              flush=True)
+    return 0

@@ -22,6 +22,10 @@ WORKLOADS = {
 }
 MODEL = dict(nf=32, ch_mult=(2, 2), hidden_units=32)
 T = 10
+#: The order in which the end-to-end (workload, mode) groups run (bench/bench_rim.py): bench/gpu_check.sh cuts a run
+#: at its time box, so the most telling cases come first. Groups not listed follow in table order.
+PRIORITY = (("L2", "predict"), ("S2", "predict"), ("S2", "train_step"), ("S1", "predict"), ("S1", "train_step"),
+            ("L2", "train_step"))
 SMOKE_WORKLOADS = {
     "S1": dict(dims=1, size=(16,), batch=2, devices=("cpu", "cuda")),
     "S2": dict(dims=2, size=(8, 8), batch=2, devices=("cpu", "cuda")),

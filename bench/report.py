@@ -1,9 +1,10 @@
 """Report of an end-to-end benchmark run (bench/bench_rim.py): markdown table, JSON summary, PNG chart.
 
-    python -m bench.report RESULTS.json --out DIR [--status STATUS.jsonl]
+    python -m bench.report STATUS.jsonl --out DIR
 
-RESULTS.json is pytest-benchmark's ``--benchmark-json`` output; STATUS.jsonl (default: ``status.jsonl`` beside
-it, when present) holds one line per case, so skipped and failed cases appear too. Writes DIR/report.md,
+STATUS.jsonl is the run's results file (``RIM_FAST_BENCH_STATUS``): a line describing the run (machine, settings,
+planned cases), then one line per case as it ended: ok (with its timings and measurements), skipped, error or
+interrupted. Planned cases without a line were not reached (the run was cut first). Writes DIR/report.md,
 DIR/summary.json and DIR/speedups.png (skipped, with a note, without matplotlib) and prints the markdown.
 
 Speedups are computed only from this run: the baseline's median (torch_rim; rim_fast_reference for workloads
@@ -20,79 +21,54 @@ import sys
 PROVIDER_ORDER = ("torch_rim", "torch_rim_compiled", "rim_fast_reference", "rim_fast", "rim_fast_compiled")
 MODE_ORDER = ("predict", "train_step")
 MiB = 2 ** 20
+#: the measurements of a case copied from its results line into its row
+ROW_INFO = ("baseline", "memory_bytes", "memory_kind", "steady_memory_bytes", "first_call_s", "warmup",
+            "reference_s", "check_ok", "check_err", "check_tol", "check_against", "graphs", "graph_breaks",
+            "graph_break_reasons", "recompiled_while_timed", "impls", "memory_error", "cudagraph_skips",
+            "cudagraph_skip_reasons", "cuda_kernels", "cuda_memory_ops", "kernels_per_step", "kernels_error",
+            "retried")
 
 
 def _order(value, order) -> tuple:
     return (order.index(value), "") if value in order else (len(order), str(value))
 
 
-def load(results_path: str, status_path: str | None = None) -> dict:
-    """Rows (one per workload x mode x provider, measured or not) and the run's metadata."""
-    with open(results_path) as f:
-        data = json.load(f)
-    machine_info = data.get("machine_info", {})
-    machine = machine_info.get("rim_fast_machine_line") or (
-        f"machine: {machine_info.get('cpu', {}).get('brand_raw', machine_info.get('machine', '?'))} | "
-        f"python {machine_info.get('python_version', '?')}")
-    rows = {}
-    workload_order = []
-    settings = {}
-    for bench in data.get("benchmarks", []):
-        info = bench.get("extra_info", {})
-        if "workload" not in info:
+def load(status_path: str) -> dict:
+    """Rows (one per planned or finished case: workload x mode x provider) and the run's metadata."""
+    run, rows, group_order = {}, {}, []
+    with open(status_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    for rec in records:
+        if rec.get("kind") == "run":
+            run = rec
+            for w, m, p in rec.get("planned", []):
+                if (w, m) not in group_order:
+                    group_order.append((w, m))
+                rows.setdefault((w, m, p), {"workload": w, "mode": m, "provider": p, "status": "not reached",
+                                            "reason": "the run ended (time box) before this case",
+                                            "median_ms": None})
             continue
-        stats = bench["stats"]
-        key = (info["workload"], info["mode"], info["provider"])
-        if info["workload"] not in workload_order:
-            workload_order.append(info["workload"])
-        settings = {k: info.get(k) for k in ("device", "T", "rounds_requested", "warmup_requested", "smoke",
-                                               "rim_fast_backend", "triton_interpret", "check", "cudnn_allow_tf32",
-                                               "matmul_allow_tf32")}
-        rows[key] = {
-            "workload": info["workload"], "mode": info["mode"], "provider": info["provider"], "status": "ok",
-            "reason": "", "name": bench.get("name"),
-            "shape": {k: info.get(k) for k in ("arch", "dims", "size", "batch", "channels", "T")},
-            "baseline": info.get("baseline"),
-            "median_ms": stats["median"] * 1e3, "iqr_ms": stats["iqr"] * 1e3, "q1_ms": stats["q1"] * 1e3,
-            "q3_ms": stats["q3"] * 1e3, "min_ms": stats["min"] * 1e3, "max_ms": stats["max"] * 1e3,
-            "mean_ms": stats["mean"] * 1e3, "rounds": stats["rounds"],
-            "memory_bytes": info.get("memory_bytes"), "memory_kind": info.get("memory_kind"),
-            "steady_memory_bytes": info.get("steady_memory_bytes"),
-            "first_call_s": info.get("first_call_s"), "warmup": info.get("warmup"),
-            "check_ok": info.get("check_ok"), "check_err": info.get("check_err"),
-            "check_tol": info.get("check_tol"), "check_against": info.get("check_against"),
-            "graphs": info.get("graphs"), "graph_breaks": info.get("graph_breaks"),
-            "graph_break_reasons": info.get("graph_break_reasons"),
-            "recompiled_while_timed": info.get("recompiled_while_timed"), "impls": info.get("impls"),
-            "memory_error": info.get("memory_error"),
-        }
-    if status_path is None:
-        candidate = os.path.join(os.path.dirname(os.path.abspath(results_path)), "status.jsonl")
-        status_path = candidate if os.path.exists(candidate) else None
-    if status_path:
-        with open(status_path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                rec = json.loads(line)
-                key = (rec["workload"], rec["mode"], rec["provider"])
-                if rec["workload"] not in workload_order:
-                    workload_order.append(rec["workload"])
-                if key in rows:
-                    if rec.get("status") == "error":  # failed after it was timed
-                        rows[key].update(status="error", reason=rec.get("reason", ""))
-                    continue
-                if rec.get("status") == "ok":
-                    continue
-                rows[key] = {"workload": key[0], "mode": key[1], "provider": key[2], "status": rec["status"],
-                             "reason": rec.get("reason", ""), "median_ms": None}
+        key = (rec["workload"], rec["mode"], rec["provider"])
+        if key[:2] not in group_order:
+            group_order.append(key[:2])
+        row = {"workload": key[0], "mode": key[1], "provider": key[2], "status": rec.get("status", "error"),
+               "reason": rec.get("reason", ""), "seconds": rec.get("seconds"), "median_ms": None}
+        stats, info = rec.get("stats"), rec.get("info", {})
+        if row["status"] == "ok" and stats:
+            row.update({f"{k}_ms": stats[k] * 1e3 for k in ("median", "iqr", "q1", "q3", "min", "max", "mean")})
+            row["rounds"] = stats["rounds"]
+            row["shape"] = {k: info.get(k) for k in ("arch", "dims", "size", "batch", "channels", "T")}
+            row.update({k: info.get(k) for k in ROW_INFO})
+        rows[key] = row
     _speedups(rows)
-    ordered = sorted(rows.values(), key=lambda r: (workload_order.index(r["workload"]),
-                                                   _order(r["mode"], MODE_ORDER),
+    ordered = sorted(rows.values(), key=lambda r: (group_order.index((r["workload"], r["mode"])),
                                                    _order(r["provider"], PROVIDER_ORDER)))
-    return {"machine": machine, "datetime": data.get("datetime"), "settings": settings,
-            "commit": data.get("commit_info", {}).get("id"), "rows": ordered}
+    counts = {}
+    for row in ordered:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return {"machine": run.get("machine", "machine: unknown (no run line in the results)"),
+            "settings": run.get("settings", {}), "groups": [f"{w}:{m}" for w, m in group_order],
+            "counts": counts, "rows": ordered}
 
 
 def _speedups(rows: dict) -> None:
@@ -124,7 +100,18 @@ def _fmt_err(row) -> str:
     return f"**FAIL** ({detail} > {tol[worst]:.0e})" if worst else "**FAIL**"
 
 
-def _notes(row) -> str:
+def _cudagraph_note(row, device: str) -> str | None:
+    if device != "cuda" or row.get("cudagraph_skips") is None:
+        return None
+    skips = row["cudagraph_skips"]
+    if not skips:
+        return "CUDA graphs: no skip"
+    reasons = "; ".join(row.get("cudagraph_skip_reasons") or []) or "reason not logged"
+    must = " (rim_fast_compiled must have none)" if row["provider"] == "rim_fast_compiled" else ""
+    return f"**CUDA graphs skipped {skips}x{must}**: {reasons}"
+
+
+def _notes(row, device: str = "cpu") -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row['reason']}"
     notes = []
@@ -135,9 +122,16 @@ def _notes(row) -> str:
                      f"{row['graph_breaks']} break{'s' if row['graph_breaks'] != 1 else ''}")
         if row.get("recompiled_while_timed"):
             notes.append(f"**recompiled {row['recompiled_while_timed']}x while timed**")
+    cudagraphs = _cudagraph_note(row, device)
+    if cudagraphs:
+        notes.append(cudagraphs)
     kernels = sorted({i.split(":", 1)[1] for i in row.get("impls") or []} - {"reference"})
     if kernels:
         notes.append("kernels: " + ", ".join(kernels))
+    if row.get("retried"):
+        notes.append("retried " + row["retried"][:120])
+    if row.get("kernels_error"):
+        notes.append("kernel count: " + row["kernels_error"][:80])
     if row.get("memory_error"):
         notes.append("memory not measured: " + row["memory_error"][:80])
     if row.get("speedup_note"):
@@ -151,57 +145,73 @@ def _workload_line(name: str, shape: dict) -> str:
             f"{size}, B={shape.get('batch')}, C={shape.get('channels')}, T={shape.get('T')}")
 
 
+def _on_off(value) -> str:
+    return "?" if value is None else ("on" if value else "off")
+
+
 def markdown(summary: dict) -> str:
     s = summary["settings"]
     device = s.get("device") or "?"
+    cuda = device == "cuda"
+    counts = ", ".join(f"{n} {status}" for status, n in summary.get("counts", {}).items())
     lines = [summary["machine"], "", "# rim_fast end-to-end benchmark", "",
-             f"Run {summary.get('datetime') or '?'}, device {device}, T={s.get('T')}, "
-             f"timed rounds: {s.get('rounds_requested')}, after {s.get('warmup_requested')} warm-up call(s) "
-             "(at least 1 for compiled providers) and the check call"
+             f"Device {device}, T={s.get('T')}, timed calls per case: {s.get('rounds')} ({s.get('timer')}), after "
+             f"{s.get('warmup')} warm-up call(s) and the check call"
              + (" (SMOKE: tiny sizes, timings meaningless)" if s.get("smoke") else "") + ". "
              f"rim_fast backend `{s.get('rim_fast_backend')}`"
              + (f", TRITON_INTERPRET={s.get('triton_interpret')}" if s.get("triton_interpret") else "")
-             + (f", cuDNN TF32 {'on' if s.get('cudnn_allow_tf32') else 'off'}, matmul TF32 "
-                f"{'on' if s.get('matmul_allow_tf32') else 'off'}" if device == "cuda" else "") + ".", ""]
+             + f". torch_rim_compiled: mode {s.get('torch_rim_compiled_mode')}. "
+             f"TF32: cuDNN {_on_off(s.get('cudnn_allow_tf32'))}, matmul {_on_off(s.get('matmul_allow_tf32'))} "
+             f"(float32 matmul precision {s.get('float32_matmul_precision')}); cudnn.benchmark "
+             f"{_on_off(s.get('cudnn_benchmark'))}.", "",
+             f"Order of the groups (a time box cuts the last): {', '.join(summary.get('groups', []))}. "
+             f"Cases: {counts}.", ""]
     seen = {}
     for row in summary["rows"]:
         if row.get("shape") and row["workload"] not in seen:
             seen[row["workload"]] = row["shape"]
     lines += [_workload_line(n, shape) for n, shape in seen.items()] + [""]
-    mem_header = "peak MiB" if device == "cuda" else "saved MiB"
+    mem_header = "peak MiB" if cuda else "saved MiB"
     lines += [f"| workload | mode | provider | median ms | IQR ms | rounds | speedup | {mem_header} | first call s "
-              "| check | notes |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+              "| kernels/step | check | notes |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for row in summary["rows"]:
         if row["status"] != "ok":
-            lines.append(f"| {row['workload']} | {row['mode']} | {row['provider']} | - | - | - | - | - | - | - "
-                         f"| {_notes(row)} |")
+            lines.append(f"| {row['workload']} | {row['mode']} | {row['provider']} | - | - | - | - | - | - | - | - "
+                         f"| {_notes(row, device)} |")
             continue
         speedup = f"{row['speedup']:.2f}x" if row["speedup"] is not None else "-"
         mem = f"{row['memory_bytes'] / MiB:.1f}" if row.get("memory_bytes") is not None else "-"
         first = f"{row['first_call_s']:.1f}" if row.get("first_call_s") is not None else "-"
+        kernels = f"{row['kernels_per_step']:.1f}" if row.get("kernels_per_step") is not None else "-"
         lines.append(f"| {row['workload']} | {row['mode']} | {row['provider']} | {row['median_ms']:.2f} | "
-                     f"{row['iqr_ms']:.2f} | {row['rounds']} | {speedup} | {mem} | {first} | {_fmt_err(row)} | "
-                     f"{_notes(row)} |")
+                     f"{row['iqr_ms']:.2f} | {row['rounds']} | {speedup} | {mem} | {first} | {kernels} | "
+                     f"{_fmt_err(row)} | {_notes(row, device)} |")
     lines += ["",
+              "- median ms: " + ("CUDA events around each call on the current stream (the GPU's time from the "
+                                 "call's start to its last kernel, host launch gaps included)." if cuda else
+                                 "host clock around each call."),
               "- speedup: the baseline's median over the case's median, both measured in this run (baseline: "
               "torch_rim eager; rim_fast_reference where torch_rim has no such model). None for a case that "
               "failed its correctness check or whose baseline did not run.",
               "- check: the worst relative error max|a - b| / max|b| against "
               + ("a float64 run of the baseline; a case passes within max(2x the fp32 baseline's own error, "
-                 "1e-5 predict/loss, 1e-4 gradients)." if (s.get("check") or ("fp64" if device == "cuda" else
+                 "1e-5 predict/loss, 1e-4 gradients)." if (s.get("check") or ("fp64" if cuda else
                                                                                "fp32")) == "fp64" else
                  "the fp32 baseline (1e-5 predict and loss, 1e-4 each parameter gradient)."),
               ("- peak MiB: torch.cuda.max_memory_allocated over warm-up (CUDA-graph capture included) and the "
-               "check call, minus what was allocated before the case (the shared inputs)." if device == "cuda" else
+               "check call, minus what was allocated before the case (the shared inputs)." if cuda else
                "- saved MiB (train_step): distinct non-parameter storages saved for backward; eager providers: by "
                "the backbone's calls (saved_tensors_hooks around model.forward: the torch.func score refuses "
                "hooks), compiled providers: by the compiled graph. Not measured for predict."),
               "- first call s: the first untimed call, compilation included (shorter when Inductor's on-disk "
-              "caches hold the graphs from an earlier run).",
-              "- torch_rim_compiled: torch.compile(rim.predict) / torch.compile(rim.loss_fn) with default "
-              "settings (no fullgraph); rim_fast_compiled: RIM.compile() (fullgraph; reduce-overhead CUDA graphs "
-              "on CUDA). The optimizer step stays eager for every provider.", ""]
+              "caches hold the graphs, e.g. from the prewarm of bench/gpu_check.sh).",
+              ("- kernels/step: CUDA kernels launched by one call (torch.profiler; memcpy/memset not counted) "
+               "divided by T; train_step counts forward, backward and the Adam step." if cuda else
+               "- kernels/step: counted on CUDA only."),
+              "- torch_rim_compiled: torch.compile(rim.predict) / torch.compile(rim.loss_fn), no fullgraph, mode "
+              f"{s.get('torch_rim_compiled_mode')}; rim_fast_compiled: RIM.compile() (fullgraph; reduce-overhead "
+              "CUDA graphs on CUDA). The optimizer step stays eager for every provider.", ""]
     return "\n".join(lines)
 
 
@@ -260,9 +270,11 @@ def chart(summary: dict, path: str) -> str | None:
     return None
 
 
-def write(results_path: str, out_dir: str, status_path: str | None = None) -> dict:
+
+
+def write(status_path: str, out_dir: str) -> dict:
     """Write report.md, summary.json and speedups.png into ``out_dir``; returns the summary (with "markdown")."""
-    summary = load(results_path, status_path)
+    summary = load(status_path)
     os.makedirs(out_dir, exist_ok=True)
     note = chart(summary, os.path.join(out_dir, "speedups.png"))
     md = markdown(summary)
@@ -280,11 +292,10 @@ def write(results_path: str, out_dir: str, status_path: str | None = None) -> di
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", help="pytest-benchmark --benchmark-json output")
+    parser.add_argument("status", help="the run's results file (status.jsonl)")
     parser.add_argument("--out", required=True, help="directory for report.md, summary.json, speedups.png")
-    parser.add_argument("--status", default=None, help="status.jsonl of the run (default: beside RESULTS)")
     args = parser.parse_args(argv)
-    summary = write(args.results, args.out, args.status)
+    summary = write(args.status, args.out)
     print(summary["markdown"])
     return 0
 

@@ -3,14 +3,19 @@
     python -m bench.run --device cpu --preset short --out bench/results/cpu-short   # a few minutes on a CPU
     python -m bench.run --device cuda --out bench/results/h100                       # everything, on a GPU
     python -m bench.run --device cpu --smoke --out /tmp/bench-smoke                  # tiny sizes, 1 round, T=2
+    python -m bench.run --device cuda --prewarm --out DIR     # untimed: references and Inductor's caches
 
-Writes OUT/results.json (pytest-benchmark), OUT/status.jsonl (one line per case), OUT/report.md,
+Writes OUT/status.jsonl (the results: one JSON line per case, written as each case ends), OUT/report.md,
 OUT/summary.json and OUT/speedups.png, and prints the markdown table. Arguments after ``--`` go to pytest
-(e.g. ``-- -k "not compiled"``). Exit status: pytest's (the report is written whenever results exist).
+(e.g. ``-- -k "not compiled"``). Exit status: pytest's (130 when interrupted); the report is written whenever a
+case finished. pytest-benchmark is not needed.
+
+``--prewarm`` runs bench_rim.prewarm() in this process instead (see bench/bench_rim.py): it writes
+OUT/prewarm.jsonl and the references under ``--refs`` (default OUT/refs); give the timed run the same ``--refs``.
 
 Presets (options given explicitly override them):
   full   every workload of the device, both modes, every provider; rounds: as many as fit in 60 s (cpu, 3 to
-         5) or 10 s (cuda, 10 to 50) per case; warm-up calls: cpu 1, cuda 3
+         5) or 5 s (cuda, 20 to 50) per case
   short  S1, both modes, every provider, 3 rounds, no warm-up call besides the check call (compiled providers
          still compile in one untimed call first). On a CPU, compiling the unrolled T=10 loop (about 0.5-2 min
          per compiled case) dominates: about 5 min of CPU time on 2 cores.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,9 +34,14 @@ PRESETS = {
     "full": {},
     "short": {"workloads": "S1", "rounds": 3, "warmup": 0},
 }
+NAMES = {"providers": "PROVIDERS", "modes": "MODES", "workloads": "WORKLOADS", "groups": "GROUPS",
+         "rounds": "ROUNDS", "warmup": "WARMUP", "T": "T"}
 
 
 def main(argv=None) -> int:
+    # SIGINT (a time box) must interrupt, even when a non-interactive shell started us in the background with SIGINT
+    # ignored (bench/interruptible.py); pytest, started below, then gets the default disposition too
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
@@ -45,69 +56,87 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", help="comma-separated subset of the providers")
     parser.add_argument("--modes", help="predict,train_step")
     parser.add_argument("--workloads", help="e.g. S1,S2")
+    parser.add_argument("--groups", help="workload:mode,... exactly these groups, in this order")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--T", type=int, dest="T")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the run (CPU)")
+    parser.add_argument("--refs", help="folder of the saved references (default: none; with --prewarm OUT/refs)")
+    parser.add_argument("--prewarm", action="store_true", help="untimed: references and Inductor's caches")
     args = parser.parse_args(argv)
 
     settings = dict(PRESETS[args.preset])
-    for key in ("providers", "modes", "workloads", "rounds", "warmup", "T"):
+    for key in NAMES:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    results, status = os.path.join(out, "results.json"), os.path.join(out, "status.jsonl")
-    for path in (results, status):
-        if os.path.exists(path):
-            os.remove(path)
+    status = os.path.join(out, "prewarm.jsonl" if args.prewarm else "status.jsonl")
+    if os.path.exists(status):
+        os.remove(status)
 
-    # a run started from inside a pytest-xdist worker (the smoke test under `pytest -n`) must not look like one:
-    # pytest-benchmark disables itself when PYTEST_XDIST_WORKER is set
+    # a run started from inside a pytest-xdist worker (the smoke test under `pytest -n`) must not look like one
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["RIM_FAST_BENCH_STATUS"] = status
+    env["RIM_FAST_BENCH_PREWARM_LOG" if args.prewarm else "RIM_FAST_BENCH_STATUS"] = status
+    refs = args.refs or (os.path.join(out, "refs") if args.prewarm else None)
+    if refs:
+        env["RIM_FAST_BENCH_REFS"] = os.path.abspath(refs)
     if args.device:
         env["RIM_FAST_BENCH_DEVICE"] = args.device
     if args.smoke:
         env["RIM_FAST_BENCH_SMOKE"] = "1"
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    names = {"providers": "PROVIDERS", "modes": "MODES", "workloads": "WORKLOADS", "rounds": "ROUNDS",
-             "warmup": "WARMUP", "T": "T"}
     for key, value in settings.items():
-        env[f"RIM_FAST_BENCH_{names[key]}"] = str(value)
-
-    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "bench", "bench_rim.py"), "-q", "-rs",
-           "-p", "no:cacheprovider", f"--benchmark-json={results}", "--benchmark-save-data",
-           "--benchmark-sort=name", "--benchmark-columns=median,iqr,rounds", *extra]
-    print("+", " ".join(cmd), flush=True)
+        env[f"RIM_FAST_BENCH_{NAMES[key]}"] = str(value)
     print("  with", " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("RIM_FAST_BENCH_")),
           flush=True)
+
+    if args.prewarm:
+        return _prewarm(env)
+
+    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "bench", "bench_rim.py"), "-q", "-rs",
+           "-p", "no:cacheprovider", "-p", "no:benchmark", *extra]
+    print("+", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     try:
         code = proc.wait()
     except KeyboardInterrupt:
-        # `timeout -s INT` (bench/gpu_check.sh) interrupts the whole process group: pytest stops after the case
-        # in flight and still writes the results of the cases that finished; report those
-        print("interrupted: waiting for pytest to write the finished cases", file=sys.stderr, flush=True)
+        # `timeout -s INT` (bench/gpu_check.sh) interrupts the whole process group: pytest stops in the case in
+        # flight (bench_rim logs it as interrupted); every finished case is already in status.jsonl
+        print("interrupted: waiting for pytest to stop", file=sys.stderr, flush=True)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=10)
         except (KeyboardInterrupt, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait()
         code = 130
-    if not os.path.exists(results):
-        print(f"no results written ({results}); pytest exited with {code}", file=sys.stderr)
+    if not os.path.exists(status):
+        print(f"no results written ({status}); pytest exited with {code}", file=sys.stderr)
         return code or 1
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     from bench.report import write
-    summary = write(results, out, status if os.path.exists(status) else None)
+    summary = write(status, out)
     print()
     print(summary["markdown"])
     print(f"written: {out}/report.md, summary.json" + (", speedups.png" if summary.get("chart") else ""))
     return code
+
+
+def _prewarm(env: dict) -> int:
+    """bench_rim.prewarm() in this process (its module reads the environment when imported)."""
+    os.environ.clear()
+    os.environ.update(env)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    try:
+        from bench import bench_rim
+        return bench_rim.prewarm()
+    except KeyboardInterrupt:
+        print("prewarm interrupted", flush=True)
+        return 130
 
 
 if __name__ == "__main__":

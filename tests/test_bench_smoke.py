@@ -2,7 +2,8 @@
 
 ``python -m bench.run --smoke`` on the CPU: tiny sizes, T=2, one round, one thread. Eager providers run every
 workload and mode; the compiled ones (each compilation costs seconds on our CPU) only S1 predict. Then the report:
-every file exists, every row is in the table, every case passes its correctness check and gets a speedup."""
+every file exists, every row is in the table, every case passes its correctness check and gets a speedup; the groups
+ran in priority order. A run interrupted by SIGINT reports the finished cases, the one in flight and those not reached."""
 import json
 import os
 import subprocess
@@ -15,9 +16,12 @@ sys.path.insert(0, ROOT)
 
 from bench.report import load, markdown  # noqa: E402
 
-PROVIDERS = ("torch_rim", "torch_rim_compiled", "rim_fast_reference", "rim_fast", "rim_fast_compiled")
+PROVIDERS = ("torch_rim", "rim_fast_reference", "rim_fast", "rim_fast_compiled", "torch_rim_compiled")
 WORKLOADS = ("S1", "S2", "S3", "U2")  # the CPU workloads of bench.common, plus the Unet
 MODES = ("predict", "train_step")
+#: bench.common.PRIORITY restricted to the CPU workloads, then the others in table order
+GROUP_ORDER = [("S2", "predict"), ("S2", "train_step"), ("S1", "predict"), ("S1", "train_step"),
+               ("S3", "predict"), ("S3", "train_step"), ("U2", "predict"), ("U2", "train_step")]
 
 
 def _expected_rows():
@@ -31,7 +35,6 @@ def _expected_rows():
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    pytest.importorskip("pytest_benchmark")
     out = tmp_path_factory.mktemp("bench_smoke")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RIM_FAST_BENCH_")}
     cmd = [sys.executable, "-m", "bench.run", "--device", "cpu", "--smoke", "--threads", "1", "--out", str(out),
@@ -43,7 +46,7 @@ def smoke_run(tmp_path_factory):
 
 def test_files_exist(smoke_run):
     out, _ = smoke_run
-    for name in ("results.json", "status.jsonl", "report.md", "summary.json"):
+    for name in ("status.jsonl", "report.md", "summary.json"):
         assert (out / name).stat().st_size > 0, name
     try:
         import matplotlib  # noqa: F401
@@ -61,7 +64,10 @@ def test_report_has_every_row(smoke_run):
     for w, m, p in _expected_rows():
         assert f"| {w} | {m} | {p} |" in md, (w, m, p)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["device"] == "cpu" and summary["settings"]["torch_rim_compiled_mode"] == "default"
+    assert "cudnn_benchmark" in summary["settings"] and "matmul_allow_tf32" in summary["settings"]
     rows = {(r["workload"], r["mode"], r["provider"]): r for r in summary["rows"]}
+    assert set(rows) == set(_expected_rows())
     for key in _expected_rows():
         row = rows[key]
         if key[0] == "U2" and key[2].startswith("torch_rim"):
@@ -79,31 +85,47 @@ def test_report_has_every_row(smoke_run):
     assert rows[("S1", "predict", "rim_fast")]["baseline"] == "torch_rim"
 
 
-def _fake_results(tmp_path, cases, status_lines=()):
-    benchmarks = []
-    for (w, m, p), median, ok in cases:
-        benchmarks.append({
-            "name": f"test_rim[{w}-cpu-{m}-{p}]", "stats": {
-                "median": median, "iqr": 0.0, "q1": median, "q3": median, "min": median, "max": median,
-                "mean": median, "rounds": 3},
-            "extra_info": {"workload": w, "mode": m, "provider": p, "device": "cpu", "baseline": "torch_rim",
-                           "arch": "Hourglass", "dims": 1, "size": [256], "batch": 32, "channels": 1, "T": 10,
-                           "check_ok": ok, "check_err": {"predict": 0.0 if ok else 1e-3},
-                           "check_tol": {"predict": 1e-5}, "memory_bytes": None}})
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps({"machine_info": {"rim_fast_machine_line": "machine: test"},
-                                "benchmarks": benchmarks}))
-    (tmp_path / "status.jsonl").write_text("".join(json.dumps(s) + "\n" for s in status_lines))
+def test_cases_ran_in_priority_order(smoke_run):
+    out, _ = smoke_run
+    lines = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
+    assert lines[0]["kind"] == "run"
+    planned = [tuple(c) for c in lines[0]["planned"]]
+    ran = [(r["workload"], r["mode"], r["provider"]) for r in lines[1:]]
+    assert ran == planned
+    groups = []
+    for w, m, _ in ran:
+        if (w, m) not in groups:
+            groups.append((w, m))
+    assert groups == GROUP_ORDER
+    s1 = [p for w, m, p in ran if (w, m) == ("S1", "predict")]
+    assert s1 == list(PROVIDERS), "within a group: eager first, rim_fast's compiled case before torch_rim's"
+
+
+def _ok(w, m, p, median, ok, baseline="torch_rim", device="cpu", **info):
+    return {"workload": w, "mode": m, "provider": p, "device": device, "status": "ok", "reason": "",
+            "stats": {"median": median, "iqr": 0.0, "q1": median, "q3": median, "min": median, "max": median,
+                      "mean": median, "rounds": 3, "times": [median] * 3},
+            "info": {"baseline": baseline, "arch": "Hourglass", "dims": 1, "size": [256], "batch": 32,
+                     "channels": 1, "T": 10, "check_ok": ok, "check_err": {"predict": 0.0 if ok else 1e-3},
+                     "check_tol": {"predict": 1e-5}, "memory_bytes": None, **info}}
+
+
+def _status_file(tmp_path, records, planned=(), device="cpu"):
+    run = {"kind": "run", "machine": "machine: test", "settings": {"device": device, "T": 10},
+           "planned": [list(c) for c in planned]}
+    path = tmp_path / "status.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [run, *records]))
     return str(path)
 
 
 def test_report_speedup_only_from_passing_cases_and_their_baseline(tmp_path):
-    path = _fake_results(tmp_path, [
-        (("S1", "predict", "torch_rim"), 2.0, True),
-        (("S1", "predict", "rim_fast"), 0.5, True),
-        (("S1", "predict", "rim_fast_compiled"), 0.1, False),
-        (("S3", "predict", "rim_fast"), 0.5, True),  # its baseline did not run
-    ], [{"workload": "S3", "mode": "predict", "provider": "torch_rim", "status": "error", "reason": "boom"}])
+    path = _status_file(tmp_path, [
+        _ok("S1", "predict", "torch_rim", 2.0, True),
+        _ok("S1", "predict", "rim_fast", 0.5, True),
+        _ok("S1", "predict", "rim_fast_compiled", 0.1, False),
+        _ok("S3", "predict", "rim_fast", 0.5, True),  # its baseline did not run
+        {"workload": "S3", "mode": "predict", "provider": "torch_rim", "status": "error", "reason": "boom"},
+    ])
     summary = load(path)
     rows = {(r["workload"], r["mode"], r["provider"]): r for r in summary["rows"]}
     assert rows[("S1", "predict", "torch_rim")]["speedup"] == pytest.approx(1.0)
@@ -118,6 +140,23 @@ def test_report_speedup_only_from_passing_cases_and_their_baseline(tmp_path):
     assert "| - |" in line and "4.00x" not in line
 
 
+def test_report_marks_cuda_graph_skips_and_counts_kernels(tmp_path):
+    path = _status_file(tmp_path, [
+        _ok("L2", "predict", "torch_rim", 2.0, True, device="cuda", kernels_per_step=74.0),
+        _ok("L2", "predict", "rim_fast_compiled", 0.5, True, device="cuda", graphs=1, graph_breaks=0,
+            cudagraph_skips=2, cudagraph_skip_reasons=["skipping cudagraphs due to mutated inputs"],
+            kernels_per_step=21.5),
+        _ok("L2", "predict", "torch_rim_compiled", 1.0, True, device="cuda", graphs=1, graph_breaks=0,
+            cudagraph_skips=0, kernels_per_step=30.0),
+    ], device="cuda")
+    md = markdown(load(path))
+    skipped = next(line for line in md.splitlines() if "| rim_fast_compiled |" in line)
+    assert "**CUDA graphs skipped 2x (rim_fast_compiled must have none)**" in skipped
+    assert "mutated inputs" in skipped and "| 21.5 |" in skipped
+    clean = next(line for line in md.splitlines() if "| torch_rim_compiled |" in line)
+    assert "CUDA graphs: no skip" in clean and "| 30.0 |" in clean
+
+
 def _bench_run(out, *pytest_args, env_extra=None, **popen):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RIM_FAST_BENCH_")}
     env.update(env_extra or {})
@@ -127,28 +166,17 @@ def _bench_run(out, *pytest_args, env_extra=None, **popen):
                             **popen)
 
 
-def test_runner_inside_an_xdist_worker_still_benchmarks(tmp_path):
-    """pytest-benchmark switches itself off when PYTEST_XDIST_WORKER is set; the runner's pytest must not
-    inherit it from a `pytest -n` worker (bench/gpu_check.sh runs the suite with xdist on the GPU machine)."""
-    pytest.importorskip("pytest_benchmark")
-    proc = _bench_run(tmp_path, "-k", "S1-cpu-predict-torch_rim and not compiled",
-                      env_extra={"PYTEST_XDIST_WORKER": "gw3", "PYTEST_XDIST_WORKER_COUNT": "4"})
-    stdout, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stdout[-4000:]
-    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
-    assert [(r["provider"], r["status"]) for r in rows] == [("torch_rim", "ok")]
-
-
 def test_runner_interrupted_reports_the_finished_cases(tmp_path):
     """`timeout -s INT` (bench/gpu_check.sh's time box) interrupts the runner's process group after some cases:
-    the runner still writes results.json and the report of those, and exits 130."""
-    pytest.importorskip("pytest_benchmark")
+    the runner still writes the report of those, the case in flight is marked interrupted, the rest not reached,
+    and it exits 130."""
     import signal
     import time
     proc = _bench_run(tmp_path, "-k", "not compiled", start_new_session=True)
     status = tmp_path / "status.jsonl"
     deadline = time.monotonic() + 600
-    while not (status.exists() and len(status.read_text().splitlines()) >= 2):
+    # the run line, then two finished cases
+    while not (status.exists() and len(status.read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before two cases finished"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
@@ -156,27 +184,11 @@ def test_runner_interrupted_reports_the_finished_cases(tmp_path):
     assert proc.returncode == 130, stdout[-4000:]
     assert "interrupted" in stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
+    statuses = [r["status"] for r in summary["rows"]]
     ok = [r for r in summary["rows"] if r["status"] == "ok"]
     assert len(ok) >= 2, summary["rows"]
-    assert len(summary["rows"]) < 4 * 2 * 3, "every case ran: nothing was interrupted"
+    assert "not reached" in statuses, "every case ran: nothing was interrupted"
+    assert statuses.count("interrupted") <= 1
     md = (tmp_path / "report.md").read_text()
-    for r in ok:
+    for r in summary["rows"]:
         assert f"| {r['workload']} | {r['mode']} | {r['provider']} |" in md
-
-
-def test_gpu_report_names_a_stage_that_ran_out_of_time(tmp_path):
-    from bench import gpu_report
-    (tmp_path / "stages.txt").write_text("build=0\ntests=124\nbench_rim=137\n")
-    (tmp_path / "machine.txt").write_text("machine: test\n")
-    (tmp_path / "tests.xml").write_text(
-        '<testsuites><testsuite name="pytest" tests="2" failures="0" errors="0" skipped="0">'
-        '<testcase classname="tests.test_a" name="test_one"/><testcase classname="tests.test_a" name="test_two"/>'
-        "</testsuite></testsuites>")
-    gpu_report.main(str(tmp_path), "full")
-    md = (tmp_path / "report.md").read_text()
-    assert "| build | 0 | ok |" in md
-    assert "| tests | 124 | ran out of its time" in md
-    assert "| bench_rim | 137 | killed at its time limit" in md
-    assert "Tests: 2 passed, 0 failed, 0 skipped (of 2)." in md
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["stages"] == {"build": 0, "tests": 124, "bench_rim": 137}
