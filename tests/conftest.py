@@ -62,8 +62,19 @@ def _runs_on_the_gpu(item) -> bool:
             or (marker is not None and marker.kwargs.get("reason") == requires_cuda.kwargs["reason"]))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: the test exercises CUDA where a GPU is visible (applied by conftest from _runs_on_the_gpu; "
+                   "bench/gpu_check.sh runs `pytest -m cuda` on the GPU machine, CI runs the whole suite)")
+
+
+# tryfirst: the markers must be on the items before pytest's own hook deselects by `-m`
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    # On a GPU machine the CUDA tests go first (stable order otherwise): bench/gpu_check.sh time-boxes the suite,
-    # and what a cut would leave out should be CPU tests that CI runs anyway. RIM_FAST_GPU_FIRST=1 forces it.
+    for item in items:
+        if _runs_on_the_gpu(item):
+            item.add_marker(pytest.mark.cuda)
+    # On a GPU machine the CUDA tests go first (stable order otherwise), so that a cut of a time-boxed whole-suite
+    # run leaves out CPU tests, which CI runs anyway. RIM_FAST_GPU_FIRST=1 forces the order.
     if CUDA or os.environ.get("RIM_FAST_GPU_FIRST") == "1":
         items.sort(key=lambda item: not _runs_on_the_gpu(item))
