@@ -15,7 +15,7 @@ OUT/prewarm.jsonl and the references under ``--refs`` (default OUT/refs); give t
 
 Presets (options given explicitly override them):
   full   every workload of the device, both modes, every provider; rounds: as many as fit in 60 s (cpu, 3 to
-         5) or 5 s (cuda, 20 to 50) per case
+         5) or 3 s (cuda, 20 to 50) per case
   short  S1, both modes, every provider, 3 rounds, no warm-up call besides the check call (compiled providers
          still compile in one untimed call first). On a CPU, compiling the unrolled T=10 loop (about 0.5-2 min
          per compiled case) dominates: about 5 min of CPU time on 2 cores.
