@@ -1,102 +1,235 @@
 #!/usr/bin/env bash
-# The one command to run on a GPU machine (no network needed):
-#   bench/gpu_check.sh OUTDIR          build the extension in place, run the whole test suite on CUDA, run the
-#                                      GPU benchmarks, write OUTDIR/report.md and OUTDIR/report.json
-#   bench/gpu_check.sh OUTDIR --dry    the same steps that need no GPU (CI runs this): build, a fast test
-#                                      subset, the benchmarks in smoke mode, the report
-# Each stage is time-boxed so the whole run stays within 10 minutes; a stage that runs out of time is interrupted
-# (SIGINT) and still reports what finished (exit code 124 in stages.txt); the report is written whatever fails.
-# Extra wheels (torch-rim for the parity tests, ...) are installed from ./.whl when that folder exists.
+# The GPU acceptance run: one command, at most 7 minutes (420 s of stage time boxes), on a GPU machine without
+# network. Run it in the repository root:
+#   bench/gpu_check.sh OUTDIR [--groups W:MODE,...] [--no-tests]
+#       preflight, build, the CUDA tests, the end-to-end GPU benchmarks (largest first), the report
+#   bench/gpu_check.sh OUTDIR --dry    the same on the CPU (CI runs it): no GPU or .whl needed, the CUDA-marked
+#                                      tests (on the CPU: the gate kernels under the Triton interpreter), the
+#                                      benchmarks in smoke mode (tiny sizes), the report
+#   bench/gpu_check.sh --plan [--dry]  print the stages' time boxes and what they are expected to do, and exit
+# OUTDIR receives report.md, report.json, logs.tgz (every log and raw result) and, with matplotlib, speedups.png:
+# at most 8 files, no folders. The work files live in a temporary folder (printed) that logs.tgz packs.
+# --groups: the benchmark groups to run, in order (default: bench.common.PRIORITY); --no-tests: skip the test stage
+# (a second run, after a first one whose tests passed: its box goes to the benchmarks).
+#
+# Stages and their time boxes (full mode), from these estimates for the GPU machine (one H200, 16 cores, torch 2.11,
+# Triton 3.6, nvcc 13.0, Python 3.12). A stage that reaches its box gets SIGINT (exit code 124 in the report) and
+# still reports what finished; SIGKILL follows after a grace. The boxes sum to 420 s:
+#   preflight  30  ~10 s: import torch and the test wheels (~5 s) beside `pytest -m cuda --collect-only` (7-15 s
+#                  on our 2-core CPU), nvcc --version. Stops the run at once with a one-line reason.
+#   build     120  python setup.py build_ext --inplace (ninja, MAX_JOBS=nproc; one arch: the visible GPU's). The .cu
+#                  file is the long pole: ~80 s on our 2 cores, one nvcc process whatever the cores, so ~40-90 s
+#                  there. A second run on the same machine: ninja has nothing to do (~10 s).
+#   tests     150  pytest -m cuda on 8 xdist workers: 457 tests on the GPU machine (323 update step, 106 gate
+#                  kernels, 22 RIM parity, 5 fit, 1 reduce-overhead compile). Most take well under a second; the long
+#                  poles compile a tiny RIM (T<=3) with CUDA graphs, 20-60 s each: ~60-120 s.
+#   bench     100  + whatever the stages above leave unused; ends REPORT+SLACK before 420 s. Cases in priority order:
+#                  L2 predict, S2 predict, S2 train_step, S1 predict, S1 train_step, L2 train_step; per group
+#                  torch_rim, rim_fast, rim_fast_compiled, torch_rim_compiled. A compile of the unrolled T=10 loop
+#                  costs 30-90 s cold; the prewarm (below) fills Inductor's caches, after which a compiled case
+#                  costs ~15-30 s (Dynamo's trace, cache loads, CUDA-graph capture, 20-50 timed calls) and an
+#                  eager one ~5-10 s, so a group ~40-80 s. Expected: L2 predict, S2 predict and S2 train_step in
+#                  ~150-250 s; S1 and L2 train_step are likely cut: run them again with --groups (second run).
+#   report     10  the report and the tarball (~1 s; rim_fast.info already ran beside the tests)
+#   slack      10  the bench stage's exit after its SIGINT (pytest stops in the case in flight; SIGKILL at 10 s)
+# Concurrent, with no box of its own: the prewarm (bench.run --prewarm, nice 19, without the extension, which is
+# being built) from the end of the preflight to the end of the tests: the float64 references (saved, loaded by the
+# bench stage) and one call of each compiled case, in the bench's order (on our CPU: a 38-58 s cold compile, 1.6-3.4 s
+# once cached). Stopped (SIGINT) when the tests end, so the benchmarks have the GPU alone.
 set -uo pipefail
-OUT=${1:?usage: bench/gpu_check.sh OUTDIR [--dry]}
-MODE=${2:-full}
+
+OUT="" MODE=full PLAN=0 GROUPS_ARG="" TESTS=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry) MODE=dry ;;
+    --plan) PLAN=1 ;;
+    --no-tests) TESTS=0 ;;
+    --groups) GROUPS_ARG=${2:?--groups needs W:MODE,...}; shift ;;
+    --groups=*) GROUPS_ARG=${1#--groups=} ;;
+    -*) echo "unknown option $1" >&2; exit 2 ;;
+    *) OUT=$1 ;;
+  esac
+  shift
+done
+
+if [ "$MODE" = full ]; then
+  BOXES=(30 120 150 100 10 10)
+else
+  # dry (CI, 2 cores): expected ~2 min in all; the boxes are safety nets. The build is skipped when the in-place
+  # extension is newer than setup.py and csrc/ (CI's `make test` built it); a rebuild for the default archs takes
+  # minutes on 2 cores.
+  BOXES=(60 300 180 240 30 10)
+fi
+# RIM_FAST_GPU_CHECK_BOXES="preflight build tests bench report slack" (seconds) overrides them, e.g. to rehearse a cut
+read -r PREFLIGHT_BOX BUILD_BOX TESTS_BOX BENCH_BOX REPORT_BOX SLACK <<< "${RIM_FAST_GPU_CHECK_BOXES:-${BOXES[*]}}"
+if [ "$TESTS" = 0 ]; then BENCH_BOX=$((BENCH_BOX + TESTS_BOX)) TESTS_BOX=0; fi
+BUDGET=$((PREFLIGHT_BOX + BUILD_BOX + TESTS_BOX + BENCH_BOX + REPORT_BOX + SLACK))
+
+plan() {
+  echo "rim_fast GPU check plan ($MODE mode): stage time boxes in seconds"
+  printf '%-10s %5s  %s\n' stage box "what"
+  printf '%-10s %5s  %s\n' preflight "$PREFLIGHT_BOX" "GPU, nvcc (real path, CUDA major = torch's), Python.h, the test wheels import, pytest -m cuda collects"
+  printf '%-10s %5s  %s\n' build "$BUILD_BOX" "python setup.py build_ext --inplace (the visible GPU's arch)$([ "$MODE" = dry ] && echo '; skipped when up to date')"
+  printf '%-10s %5s  %s\n' tests "$TESTS_BOX" "$([ "$TESTS" = 0 ] && echo 'skipped (--no-tests)' || echo 'pytest -m cuda (xdist when present)')"
+  printf '%-10s %5s  %s\n' bench "$BENCH_BOX" "+ what the stages above leave; end-to-end cases in priority order$([ "$MODE" = dry ] && echo ' (smoke, CPU)')"
+  printf '%-10s %5s  %s\n' report "$REPORT_BOX" "report.md, report.json, logs.tgz"
+  printf '%-10s %5s  %s\n' slack "$SLACK" "the bench stage's exit after its SIGINT"
+  printf '%-10s %5s\n' total "$((PREFLIGHT_BOX + BUILD_BOX + TESTS_BOX + BENCH_BOX + REPORT_BOX + SLACK))"
+  echo "concurrent, no box: prewarm (references, Inductor caches) from the preflight's end to the tests' end"
+}
+if [ "$PLAN" = 1 ]; then plan; exit 0; fi
+for g in ${GROUPS_ARG//,/ }; do
+  [[ "$g" =~ ^(S1|S2|S3|L2|U2):(predict|train_step)$ ]] || { echo "--groups: $g is not WORKLOAD:MODE" >&2; exit 2; }
+done
+[ -n "$OUT" ] || { echo "usage: bench/gpu_check.sh OUTDIR [--dry] [--groups W:MODE,...] [--no-tests] | --plan [--dry]" >&2; exit 2; }
+
 PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+rm -f "$OUT"/report.md "$OUT"/report.json "$OUT"/logs.tgz "$OUT"/speedups.png
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/rim_fast_gpu_check.XXXXXX")
 export PYTHONUNBUFFERED=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-if [ -z "${CUDA_HOME:-}" ]; then
-  for d in /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x/x)")")"; do
-    [ -x "$d/bin/nvcc" ] && export CUDA_HOME=$d && break
-  done
-fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-START=$(date +%s)
-status() { echo "$1=$2" >> "$OUT/stages.txt"; echo "== $1: $2 ($(( $(date +%s) - START )) s)"; }
-: > "$OUT/stages.txt"
+START=$SECONDS
+DEADLINE=$((START + PREFLIGHT_BOX + BUILD_BOX + TESTS_BOX + BENCH_BOX))
+PREWARM_PID=""
+plan | tee "$WORK/plan.txt"
+echo "work folder: $WORK"
+: > "$WORK/stages.tsv"
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/rim_fast_site .whl/*.whl \
-    && export PYTHONPATH=/tmp/rim_fast_site${PYTHONPATH:+:$PYTHONPATH}
+# run_stage NAME BOX GRACE LOG CMD...: the command under `timeout -s INT` (the whole process group gets SIGINT at
+# BOX seconds, SIGKILL GRACE seconds later); one line "name exit seconds box" in stages.tsv
+run_stage() {
+  local name=$1 box=$2 grace=$3 log=$4 t0=$SECONDS rc
+  shift 4
+  if [ "$box" -lt 1 ]; then
+    echo "== $name: no time left"
+    printf '%s\t%s\t%s\t%s\n' "$name" 124 0 "$box" >> "$WORK/stages.tsv"
+    return 124
+  fi
+  timeout -s INT -k "$grace" "$box" "$@" > "$log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$box" >> "$WORK/stages.tsv"
+  echo "== $name: exit $rc after $((SECONDS - t0)) s (box $box s; $((SECONDS - START)) s since the start)"
+  return $rc
+}
+skip_stage() {  # NAME BOX WHY: a stage that does not run (exit code "-" in stages.tsv)
+  printf '%s\t-\t0\t%s\t%s\n' "$1" "$2" "$3" >> "$WORK/stages.tsv"
+  echo "== $1: not run ($3)"
+}
+
+report() {
+  timeout -s INT -k 5 "$REPORT_BOX" $PY -m bench.gpu_report "$WORK" "$OUT" --mode "$MODE" --budget "$BUDGET" \
+    --elapsed "$((SECONDS - START))" > "$WORK/report.log" 2>&1
+  local rc=$?
+  cat "$WORK/report.log"
+  echo "total $((SECONDS - START)) s; written: $(ls "$OUT" | tr '\n' ' ')"
+  return $rc
+}
+
+stop_prewarm() {
+  [ -n "$PREWARM_PID" ] || return 0
+  if kill -0 "$PREWARM_PID" 2>/dev/null; then
+    kill -INT -- "-$PREWARM_PID" 2>/dev/null || kill -INT "$PREWARM_PID" 2>/dev/null
+    for _ in $(seq 20); do kill -0 "$PREWARM_PID" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$PREWARM_PID" 2>/dev/null || kill -KILL "$PREWARM_PID" 2>/dev/null
+  fi
+  wait "$PREWARM_PID" 2>/dev/null
+  echo "== prewarm: stopped $((SECONDS - START)) s since the start ($(cat "$WORK/prewarm/prewarm.jsonl" 2>/dev/null | grep -c '"status": "ok"') jobs done)"
+  PREWARM_PID=""
+}
+trap 'stop_prewarm' EXIT
+
+# 1. preflight
+if [ "$MODE" = full ] && [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  # setup.py builds for the visible GPU when this is unset; an image's list (often 5+ archs) would multiply the build
+  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST from the environment: unset, the build targets the visible GPU" \
+    | tee "$WORK/arch_list.txt"
+  unset TORCH_CUDA_ARCH_LIST
 fi
-$PY -c "import sys; sys.path.insert(0, '.'); from bench.common import machine_line; print(machine_line())" \
-  | tee "$OUT/machine.txt"
+run_stage preflight "$PREFLIGHT_BOX" 5 "$WORK/preflight.log" \
+  $PY -m bench.gpu_preflight --mode "$MODE" --work "$WORK" --budget "$((PREFLIGHT_BOX - 3))"
+PREFLIGHT_RC=$?
+tail -n 1 "$WORK/preflight.log"
+if [ "$PREFLIGHT_RC" != 0 ]; then
+  skip_stage build "$BUILD_BOX" "preflight failed"
+  skip_stage tests "$TESTS_BOX" "preflight failed"
+  skip_stage bench "$BENCH_BOX" "preflight failed"
+  timeout -k 5 20 $PY -m rim_fast.info > "$WORK/info.txt" 2> "$WORK/info.err"; echo $? > "$WORK/info.rc"
+  report
+  exit 1
+fi
+# CUDA_HOME (the toolkit found by its real path) and PYTHONPATH (the unpacked wheels)
+. "$WORK/preflight.env"
 
-# 1. build the extension in place (CUDA when nvcc is found)
-( time timeout 240 $PY setup.py build_ext --inplace ) > "$OUT/build.log" 2>&1
-rc=$?; status build "$rc"
-grep -m2 -E "nvcc .*sm_90" "$OUT/build.log" | cut -c1-300 || true
-$PY -c "import rim_fast._C as c; print('extension:', c.__file__)" 2>&1 | tee -a "$OUT/build.log"
-
-# 2. tests
-if [ "$MODE" = "--dry" ]; then
-  TESTS=(tests/test_ops_dispatch.py tests/test_update_step.py -k "not compile")
-  TEST_LIMIT=300
+if [ "$MODE" = full ]; then
+  BENCH_ARGS=(--device cuda --providers torch_rim,rim_fast,rim_fast_compiled,torch_rim_compiled
+              --groups "${GROUPS_ARG:-L2:predict,S2:predict,S2:train_step,S1:predict,S1:train_step,L2:train_step}")
+  BENCH_PYTEST=()
 else
-  TESTS=(tests)
-  TEST_LIMIT=330
-  # the GPU machine has 16 cores and pytest-xdist: 6 workers of 2 threads each (the CPU half of the suite takes
-  # about 4 min on one 2-core process)
-  if $PY -c "import xdist" 2>/dev/null; then TESTS+=(-n "${RIM_FAST_TEST_WORKERS:-6}"); export OMP_NUM_THREADS=2; fi
+  # smoke sizes on the CPU, L2 included; one compiled case (a CPU compile costs 20-60 s on 2 cores)
+  BENCH_ARGS=(--device cpu --smoke --threads 2 --providers torch_rim,rim_fast,rim_fast_compiled
+              --groups "${GROUPS_ARG:-L2:predict,S2:predict,S2:train_step,S1:predict,S1:train_step,L2:train_step}")
+  BENCH_PYTEST=(-- -k "not compiled or L2-cpu-predict")
 fi
-# SIGINT at the limit: pytest stops, still writes the junit report of what ran; SIGKILL 20 s later
-timeout -s INT -k 20 "$TEST_LIMIT" $PY -m pytest "${TESTS[@]}" -q -rs -p no:cacheprovider \
-  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
-rc=$?; status tests "$rc"
-tail -n 15 "$OUT/tests.log"
 
-# 3. benchmarks
-if [ "$MODE" = "--dry" ]; then
-  export RIM_FAST_BENCH_SMOKE=1
-  BENCH_LIMIT=240
+# the prewarm, beside the build and the tests: its own process group (setsid), lowest priority, no extension.
+# On the CPU it compiles in-process: Inductor's compile workers ignore SIGINT, so the C++ compilers they start would
+# be SIGKILLed in the middle of writing a cache file when the prewarm stops (Triton's cache writes are atomic).
+mkdir -p "$WORK/prewarm"
+if command -v setsid >/dev/null; then SETSID=(setsid); else SETSID=(); fi
+[ "$MODE" = dry ] && PREWARM_ENV=(TORCHINDUCTOR_COMPILE_THREADS=1) || PREWARM_ENV=()
+env RIM_FAST_NO_EXT=1 ${PREWARM_ENV[@]+"${PREWARM_ENV[@]}"} ${SETSID[@]+"${SETSID[@]}"} nice -n 19 $PY -m bench.run "${BENCH_ARGS[@]}" --prewarm \
+  --out "$WORK/prewarm" --refs "$WORK/refs" > "$WORK/prewarm/prewarm.log" 2>&1 &
+PREWARM_PID=$!
+
+# 2. build (dry: only when the in-place extension is older than its sources)
+SO=$(ls rim_fast/_C*.so 2>/dev/null | head -n 1)
+if [ "$MODE" = dry ] && [ -n "$SO" ] && [ -z "$(find setup.py csrc -newer "$SO" 2>/dev/null | head -n 1)" ]; then
+  echo "$SO is newer than setup.py and csrc/: not rebuilt" > "$WORK/build.log"
+  printf '%s\t%s\t%s\t%s\t%s\n' build 0 0 "$BUILD_BOX" "up to date: not rebuilt" >> "$WORK/stages.tsv"
+  echo "== build: up to date ($SO)"
 else
-  BENCH_LIMIT=$(( 560 - ($(date +%s) - START) ))
-  [ "$BENCH_LIMIT" -lt 60 ] && BENCH_LIMIT=60
-fi
-unset OMP_NUM_THREADS
-DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-BENCH_START=$(date +%s)
-# within 10 minutes: the gate kernels eager and graph-replayed (no per-case compiles), the update step, and
-# the end-to-end predict of S1, S2, L2 for every provider (override with the RIM_FAST_BENCH_* variables)
-if [ "$MODE" = "--dry" ]; then GATES_ENV=(); RIM_ENV=(RIM_FAST_BENCH_WORKLOADS=S1); else
-  GATES_ENV=(RIM_FAST_BENCH_OPS=cell RIM_FAST_BENCH_PROVIDERS=reference,triton,reference_graph,triton_graph)
-  RIM_ENV=(RIM_FAST_BENCH_WORKLOADS=${RIM_FAST_BENCH_WORKLOADS:-S1,S2,L2} RIM_FAST_BENCH_MODES=${RIM_FAST_BENCH_MODES:-predict}
-           RIM_FAST_BENCH_ROUNDS=${RIM_FAST_BENCH_ROUNDS:-10})
-fi
-for b in gru_gates update_step; do
-  left=$(( BENCH_LIMIT / 4 ))
-  if [ "$b" = gru_gates ]; then envs=("${GATES_ENV[@]}"); else envs=(); fi
-  env "${envs[@]}" timeout -s INT -k 20 "$left" $PY -m pytest "bench/bench_$b.py" -q -p no:cacheprovider \
-    --benchmark-json="$OUT/bench_$b.json" > "$OUT/bench_$b.log" 2>&1
-  status "bench_$b" "$?"
-done
-left=$(( BENCH_LIMIT - ($(date +%s) - BENCH_START) ))
-[ "$left" -lt 30 ] && left=30
-if [ -f bench/run.py ]; then
-  env "${RIM_ENV[@]}" timeout -s INT -k 20 "$left" $PY -m bench.run --device "$DEVICE" --out "$OUT/rim" \
-    > "$OUT/bench_rim.log" 2>&1
-  status bench_rim "$?"
-  tail -n 40 "$OUT/bench_rim.log"
+  run_stage build "$BUILD_BOX" 10 "$WORK/build.log" $PY setup.py build_ext --inplace
+  grep -m3 -E "^rim_fast:|nvcc .*-gencode" "$WORK/build.log" | cut -c1-240
 fi
 
-# 4. the report
-$PY -m bench.gpu_report "$OUT" "$MODE"
-status report "$?"
-echo "total $(( $(date +%s) - START )) s"
-# a failed stage fails the command (CI runs the dry mode), after the report is written
-if grep -qv "=0$" "$OUT/stages.txt"; then
-  echo "failed stages: $(grep -v '=0$' "$OUT/stages.txt" | tr '\n' ' ')"
+# rim_fast.info beside the tests (it describes the extension just built); the report starts with its output
+( timeout -k 5 30 $PY -m rim_fast.info > "$WORK/info.txt" 2> "$WORK/info.err"; echo $? > "$WORK/info.rc" ) &
+INFO_PID=$!
+
+# 3. the CUDA tests
+if [ "$TESTS" = 0 ]; then
+  skip_stage tests 0 "--no-tests"
+else
+  TEST_ARGS=(tests -m cuda -q -rs -p no:cacheprovider --durations=15 --junitxml="$WORK/tests.xml")
+  if [ "$MODE" = full ] && $PY -c "import xdist" 2>/dev/null; then
+    TEST_ARGS+=(-n "${RIM_FAST_TEST_WORKERS:-8}")
+    if $PY -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" 2>/dev/null; then
+      TEST_ARGS+=(--dist worksteal)
+    fi
+  fi
+  # 8 workers x 2 threads on 16 cores; each worker's Inductor compiles with 2 processes
+  OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=2 \
+    run_stage tests "$TESTS_BOX" 15 "$WORK/tests.log" $PY -m bench.interruptible pytest "${TEST_ARGS[@]}"
+  tail -n 3 "$WORK/tests.log"
+fi
+stop_prewarm
+wait "$INFO_PID" 2>/dev/null
+
+# 4. the end-to-end benchmarks: the rest of the budget
+BENCH_LIMIT=$((DEADLINE - SECONDS))
+run_stage bench "$BENCH_LIMIT" 10 "$WORK/bench.log" \
+  $PY -m bench.run "${BENCH_ARGS[@]}" --refs "$WORK/refs" --out "$WORK/bench" ${BENCH_PYTEST[@]+"${BENCH_PYTEST[@]}"}
+grep -E "^\| (L2|S1|S2|S3|U2) " "$WORK/bench.log" | cut -c1-160
+
+# 5. the report; a failed stage fails the command (CI runs the dry mode), after the report is written
+report
+REPORT_RC=$?
+FAILED=$(awk -F'\t' '$2 != "0" && $2 != "-" {printf "%s=%s ", $1, $2}' "$WORK/stages.tsv")
+if [ -n "$FAILED" ] || [ "$REPORT_RC" != 0 ]; then
+  echo "failed stages: $FAILED$([ "$REPORT_RC" != 0 ] && echo "report=$REPORT_RC")"
   exit 1
 fi
