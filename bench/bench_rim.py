@@ -806,7 +806,13 @@ def prewarm() -> int:
             if job == "reference":
                 reference(workload, mode)
             else:
-                _compile_once(workload, mode, provider)
+                try:
+                    _compile_once(workload, mode, provider)
+                except Exception as err:  # noqa: BLE001
+                    if not _repair_inductor_cache(err):
+                        raise
+                    _compile_once(workload, mode, provider)
+                    record["retried"] = f"after repairing Inductor's cache: {str(err)[:200]}"
             record["status"] = "ok"
         except KeyboardInterrupt:
             _log("RIM_FAST_BENCH_PREWARM_LOG", dict(record, status="interrupted", seconds=time.perf_counter() - t0))

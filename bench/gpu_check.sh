@@ -98,6 +98,8 @@ PREWARM_PID=""
 plan | tee "$WORK/plan.txt"
 echo "work folder: $WORK"
 : > "$WORK/stages.tsv"
+: > "$WORK/removed_empty_so.txt"
+touch "$WORK/started"
 
 # run_stage NAME BOX GRACE LOG CMD...: the command under `timeout -s INT` (the whole process group gets SIGINT at
 # BOX seconds, SIGKILL GRACE seconds later); one line "name exit seconds box" in stages.tsv
@@ -137,8 +139,16 @@ stop_prewarm() {
     kill -KILL -- "-$PREWARM_PID" 2>/dev/null || kill -KILL "$PREWARM_PID" 2>/dev/null
   fi
   wait "$PREWARM_PID" 2>/dev/null
-  echo "== prewarm: stopped $((SECONDS - START)) s since the start ($(cat "$WORK/prewarm/prewarm.jsonl" 2>/dev/null | grep -c '"status": "ok"') jobs done)"
+  echo "== prewarm: stopped $((SECONDS - START)) s since the start ($(cat "$WORK/prewarm/prewarm.jsonl" 2>/dev/null | grep -c '"status": "ok"') jobs done; $(remove_empty_so) empty .so removed)"
   PREWARM_PID=""
+}
+# A C++ compilation cut by a stop leaves an empty .so in Inductor's cache (seen on the CPU), which a later load of
+# the same kernel fails on (this run's, or the next one's): remove those made since the start. Triton's writes and
+# Inductor's other ones are atomic. Prints how many.
+remove_empty_so() {
+  local cache=${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/torchinductor_$(id -un 2>/dev/null || echo unknown)}
+  find "$cache" -name '*.so' -size 0 -newer "$WORK/started" -print -delete 2>/dev/null >> "$WORK/removed_empty_so.txt"
+  wc -l < "$WORK/removed_empty_so.txt"
 }
 trap 'stop_prewarm' EXIT
 
@@ -224,6 +234,7 @@ BENCH_LIMIT=$((DEADLINE - SECONDS))
 run_stage bench "$BENCH_LIMIT" 10 "$WORK/bench.log" \
   $PY -m bench.run "${BENCH_ARGS[@]}" --refs "$WORK/refs" --out "$WORK/bench" ${BENCH_PYTEST[@]+"${BENCH_PYTEST[@]}"}
 grep -E "^\| (L2|S1|S2|S3|U2) " "$WORK/bench.log" | cut -c1-160
+echo "$(remove_empty_so) empty .so removed from Inductor's cache in all"
 
 # 5. the report; a failed stage fails the command (CI runs the dry mode), after the report is written
 report

@@ -242,6 +242,11 @@ def write(work: str, out: str, mode: str = "full", budget: int = 420, elapsed: i
                       "first-call times load what they left in Inductor's caches."]
     else:
         lines.append("No job finished.")
+    removed = _read(os.path.join(work, "removed_empty_so.txt")).split()
+    facts["removed_empty_so"] = removed
+    if removed:
+        lines += ["", f"Removed {len(removed)} empty .so file(s) from Inductor's cache: C++ compilations cut by a stop "
+                      "(a later load of the same kernel would fail on them)."]
 
     facts["files"] = ["report.md", "report.json", "logs.tgz"] + (
         ["speedups.png"] if os.path.exists(os.path.join(out, "speedups.png")) else [])
