@@ -20,22 +20,29 @@
 #   build     120  python setup.py build_ext --inplace (ninja, MAX_JOBS=nproc; one arch: the visible GPU's). The .cu
 #                  file is the long pole: ~80 s on our 2 cores, one nvcc process whatever the cores, so ~40-90 s
 #                  there. A second run on the same machine: ninja has nothing to do (~10 s).
-#   tests     150  pytest -m cuda on 8 xdist workers: 457 tests on the GPU machine (323 update step, 106 gate
-#                  kernels, 22 RIM parity, 5 fit, 1 reduce-overhead compile). Most take well under a second; the long
-#                  poles compile a tiny RIM (T<=3) with CUDA graphs, 20-60 s each: ~60-120 s.
-#   bench     100  + whatever the stages above leave unused; ends REPORT+SLACK before 420 s. Cases in priority order:
-#                  L2 predict, S2 predict, S2 train_step, S1 predict, S1 train_step, L2 train_step; per group
-#                  torch_rim, rim_fast, rim_fast_compiled, torch_rim_compiled. A compile of the unrolled T=10 loop
-#                  costs 30-90 s cold; the prewarm (below) fills Inductor's caches, after which a compiled case
-#                  costs ~15-30 s (Dynamo's trace, cache loads, CUDA-graph capture, 20-50 timed calls) and an
-#                  eager one ~5-10 s, so a group ~40-80 s. Expected: L2 predict, S2 predict and S2 train_step in
-#                  ~150-250 s; S1 and L2 train_step are likely cut: run them again with --groups (second run).
+#   tests     150  pytest -m cuda on 8 xdist workers: 457 tests on the GPU machine at 786da15 (counted with CUDA faked:
+#                  323 update step, 106 gate kernels, 22 RIM parity, 5 fit, 1 reduce-overhead compile; the preflight
+#                  prints today's count). Most take well under a second; the long poles compile a tiny RIM (T<=3)
+#                  with CUDA graphs, 20-60 s each: ~60-120 s.
+#   bench     100  + whatever the stages above leave unused (expected 80-190 s more: 180-290 s in all); ends
+#                  REPORT+SLACK before 420 s. Cases in priority order: L2 predict, S2 predict, S2 train_step,
+#                  S1 predict, S1 train_step, L2 train_step; per group torch_rim, rim_fast, rim_fast_compiled,
+#                  torch_rim_compiled. A compile of the unrolled T=10 loop costs 30-90 s cold; from Inductor's caches
+#                  (the prewarm's) a compiled case costs ~15-30 s (Dynamo's trace, cache loads, CUDA-graph capture,
+#                  20-50 timed calls, one profiled call), an eager one ~5-15 s (Triton's first launches), so a group
+#                  ~40-80 s warm, ~100-250 s cold. Expected: L2 predict, S2 predict, S2 train_step, perhaps
+#                  S1 predict; with cold caches only L2 predict and S2 predict. The cut groups: a second run with
+#                  --no-tests --groups (what the first did not reach), on the same machine: ninja and Inductor's
+#                  caches are warm then.
 #   report     10  the report and the tarball (~1 s; rim_fast.info already ran beside the tests)
-#   slack      10  the bench stage's exit after its SIGINT (pytest stops in the case in flight; SIGKILL at 10 s)
+#   slack      10  the bench stage's exit after its SIGINT (the case in flight logs itself and exits at once;
+#                  SIGKILL at 10 s)
 # Concurrent, with no box of its own: the prewarm (bench.run --prewarm, nice 19, without the extension, which is
-# being built) from the end of the preflight to the end of the tests: the float64 references (saved, loaded by the
-# bench stage) and one call of each compiled case, in the bench's order (on our CPU: a 38-58 s cold compile, 1.6-3.4 s
-# once cached). Stopped (SIGINT) when the tests end, so the benchmarks have the GPU alone.
+# being built) from the end of the preflight to the end of the tests (~100-240 s): the float64 references of the
+# check (L2: ~1-2 s predict, ~3-6 s train_step, estimated in bench/bench_rim.py), saved for the bench stage, then
+# one call of each compiled case in the bench's order, filling Inductor's on-disk caches (on our CPU: 38-58 s cold,
+# 1.6-3.4 s cached; Inductor's caching of the user-defined Triton kernels in rim_fast's graph is untested on a GPU).
+# Stopped (SIGINT) when the tests end, so the benchmarks have the GPU alone.
 set -uo pipefail
 
 OUT="" MODE=full PLAN=0 GROUPS_ARG="" TESTS=1
