@@ -39,15 +39,20 @@ def workloads() -> dict:
 
 
 def git_revision() -> str:
+    """The checkout's short revision (+dirty); RIM_FAST_REVISION where there is no git or no repository (a copy of
+    the tree on a GPU machine)."""
+    fallback = os.environ.get("RIM_FAST_REVISION", "unknown")
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=5).stdout.strip()
+        if not rev:
+            return fallback
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        return (rev or "unknown") + ("+dirty" if dirty else "")
+        return rev + ("+dirty" if dirty else "")
     except Exception:  # noqa: BLE001 - no git on the machine
-        return os.environ.get("RIM_FAST_REVISION", "unknown")
+        return fallback
 
 
 def machine_line() -> str:
