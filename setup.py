@@ -22,6 +22,7 @@ or, for an editable install, pip install --no-build-isolation -e .
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -115,14 +116,21 @@ def _extension():
     _choose_cuda_home()
     from torch.utils import cpp_extension
 
-    sources = ["csrc/update_step.cpp", "csrc/register.cpp"]
+    sources = ["csrc/update_step.cpp", "csrc/tanh.cpp", "csrc/register.cpp"]
     if os.name == "nt":
         # MSVC: /fp:precise (the default) does not contract a*b+c into an FMA
         cxx_flags = ["/O2"]
     else:
-        # -fno-math-errno lets the compiler vectorise sqrt (errno is never read); -ffp-contract=off keeps a*b+c
-        # two roundings (aarch64 would fuse it), as the reference and the CUDA kernel (-fmad=false) compute it
-        cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+        # -fno-math-errno lets the compiler vectorise sqrt (errno is never read), -fno-trapping-math compares into
+        # selects (tanh.h; no FP exception is ever read); -ffp-contract=off keeps a*b+c two roundings (aarch64
+        # would fuse it), as the reference and the CUDA kernel (-fmad=false) compute it
+        cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for splits the CPU kernels over threads only when compiled with OpenMP (ATen's
+        # ParallelOpenMP.h); libgomp.so.1 resolves to the one torch has loaded already
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     cuda_home = cpp_extension.CUDA_HOME
     with_cuda = (os.environ.get("RIM_FAST_NO_CUDA") != "1" and torch.version.cuda is not None
                  and cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
@@ -146,10 +154,12 @@ def _extension():
             "rim_fast._C", sources + ["csrc/cuda/update_step.cu"],
             define_macros=[("RIM_FAST_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags + [f"-DRIM_FAST_CUDA_ARCHS={','.join(archs)}"],
-                                "nvcc": ["-O3", "-lineinfo", "-fmad=false", *arch_flags]})
+                                "nvcc": ["-O3", "-lineinfo", "-fmad=false", *arch_flags]},
+            extra_link_args=link_flags)
     else:
         print("rim_fast: building rim_fast._C for the CPU only")
-        ext = cpp_extension.CppExtension("rim_fast._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension("rim_fast._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                         extra_link_args=link_flags)
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 

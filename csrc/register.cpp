@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "outputs.h"
+#include "tanh.h"
 #include "update_step.h"
 
 #ifdef RIM_FAST_WITH_CUDA
@@ -18,14 +20,33 @@
 #define RIM_FAST_STRINGIFY(...) #__VA_ARGS__
 #define RIM_FAST_XSTRINGIFY(...) RIM_FAST_STRINGIFY(__VA_ARGS__)
 
-// An importable module with no Python functions: the dispatcher, not pybind11, exposes the kernels.
+// _set_test_hooks(poison: bool, skip_last_write: bool): the test hooks of outputs.h (tests only).
+static PyObject* set_test_hooks(PyObject* /*self*/, PyObject* args) {
+  int poison = 0;
+  int skip_last_write = 0;
+  if (!PyArg_ParseTuple(args, "pp", &poison, &skip_last_write)) {
+    return nullptr;
+  }
+  rim_fast::test_hooks().poison.store(poison != 0);
+  rim_fast::test_hooks().skip_last_write.store(skip_last_write != 0);
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"_set_test_hooks", set_test_hooks, METH_VARARGS,
+     "_set_test_hooks(poison, skip_last_write): NaN-fill kernel outputs before the kernels write them; make the "
+     "kernels skip their last element (tests only)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+// The kernels are exposed by the dispatcher, not pybind11; the module itself only has the test hooks.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",  // m_name
       "rim_fast C++/CUDA kernels, registered with the PyTorch dispatcher (torch.ops.rim_fast)",  // m_doc
       -1,    // m_size
-      nullptr,
+      methods,
   };
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) {
@@ -71,6 +92,7 @@ TORCH_LIBRARY_IMPL(rim_fast, CPU, m) {
   m.impl("update_state", &update_state_cpu);
   m.impl("update_state_loss", &update_state_loss_cpu);
   m.impl("update_state_loss_backward", &update_state_loss_backward_cpu);
+  m.impl("tanh", &tanh_cpu);
 }
 
 #ifdef RIM_FAST_WITH_CUDA

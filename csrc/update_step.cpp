@@ -8,6 +8,7 @@
 #include "update_step.h"
 
 #include "checks.h"
+#include "outputs.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -58,10 +59,10 @@ TensorTriple preprocess_moments_cpu(const Tensor& score_, const Tensor& m_, cons
   TORCH_CHECK(score_.device().is_cpu(), "rim_fast::", op, ": the CPU kernel got score on ", score_.device());
   const Tensor score = score_.contiguous(), m = m_.contiguous(), v = v_.contiguous();
   const double t = read_step(step);
-  Tensor out = at::empty(score.sizes(), m.options());
-  Tensor m_out = at::empty(score.sizes(), m.options());
-  Tensor v_out = mode == Moments::kRmsprop ? Tensor() : at::empty(score.sizes(), v.options());
-  const int64_t n = score.numel();
+  Tensor out = new_output(score.sizes(), m.options());
+  Tensor m_out = new_output(score.sizes(), m.options());
+  Tensor v_out = mode == Moments::kRmsprop ? Tensor() : new_output(score.sizes(), v.options());
+  const int64_t n = elements_to_write(score.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, score.scalar_type(), "preprocess_moments_cpu", [&] {
     const bool float_state = m.scalar_type() != score.scalar_type();
     if (float_state) {
@@ -149,8 +150,8 @@ TensorTriple preprocess_rmsprop_fixed_cpu(const Tensor& score, const Tensor& m, 
 Tensor preprocess_arcsinh_cpu(const Tensor& score_) {
   check_float(score_, "preprocess_arcsinh", "score");
   const Tensor score = score_.contiguous();
-  Tensor out = at::empty(score.sizes(), score.options());
-  const int64_t n = score.numel();
+  Tensor out = new_output(score.sizes(), score.options());
+  const int64_t n = elements_to_write(score.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, score.scalar_type(), "preprocess_arcsinh_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const scalar_t* C10_RESTRICT s = score.const_data_ptr<scalar_t>();
@@ -167,8 +168,8 @@ Tensor preprocess_arcsinh_cpu(const Tensor& score_) {
 Tensor update_state_cpu(const Tensor& x_, const Tensor& g_) {
   check_update(x_, g_, nullptr, std::nullopt, "update_state");
   const Tensor x = x_.contiguous(), g = g_.contiguous();
-  Tensor out = at::empty(x.sizes(), x.options());
-  const int64_t n = x.numel();
+  Tensor out = new_output(x.sizes(), x.options());
+  const int64_t n = elements_to_write(x.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "update_state_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const scalar_t* C10_RESTRICT xp = x.const_data_ptr<scalar_t>();
@@ -188,9 +189,9 @@ TensorPair update_state_loss_cpu(const Tensor& x_, const Tensor& g_, const Tenso
   check_update(x_, g_, &x_true_, w_, "update_state_loss");
   const Tensor x = x_.contiguous(), g = g_.contiguous(), x_true = x_true_.contiguous();
   const Tensor w = w_.has_value() ? w_->contiguous() : Tensor();
-  Tensor out = at::empty(x.sizes(), x.options());
-  Tensor loss = at::empty({}, x.options());
-  const int64_t n = x.numel();
+  Tensor out = new_output(x.sizes(), x.options());
+  Tensor loss = new_output({}, x.options());
+  const int64_t n = elements_to_write(x.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "update_state_loss_cpu", [&] {
     const double total =
         w.defined()
@@ -212,8 +213,8 @@ Tensor update_state_loss_backward_cpu(const Tensor& grad_out_, const Tensor& gra
   check_update_backward(grad_out_, grad_loss, x_new_, x_true_, w_, "update_state_loss_backward");
   const Tensor grad_out = grad_out_.contiguous(), x_new = x_new_.contiguous(), x_true = x_true_.contiguous();
   const Tensor w = w_.has_value() ? w_->contiguous() : Tensor();
-  Tensor grad = at::empty(x_new.sizes(), x_new.options());
-  const int64_t n = x_new.numel();
+  Tensor grad = new_output(x_new.sizes(), x_new.options());
+  const int64_t n = elements_to_write(x_new.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, x_new.scalar_type(), "update_state_loss_backward_cpu", [&] {
         using T = at::opmath_type<scalar_t>;

@@ -9,6 +9,7 @@
 #include "../update_step.h"
 
 #include "../checks.h"
+#include "../outputs.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -309,10 +310,10 @@ TensorTriple preprocess_moments_cuda(const Tensor& score_, const Tensor& m_, con
     step_arg.bc1 = bias_correction(beta_1, t);
     step_arg.bc2 = bias_correction(beta_2, t);
   }
-  Tensor out = at::empty(score.sizes(), m.options());
-  Tensor m_out = at::empty(score.sizes(), m.options());
-  Tensor v_out = mode == Moments::kRmsprop ? Tensor() : at::empty(score.sizes(), v.options());
-  const int64_t n = score.numel();
+  Tensor out = new_output(score.sizes(), m.options());
+  Tensor m_out = new_output(score.sizes(), m.options());
+  Tensor v_out = mode == Moments::kRmsprop ? Tensor() : new_output(score.sizes(), v.options());
+  const int64_t n = elements_to_write(score.numel());
   if (n == 0) {
     return {out, m_out, v_out};
   }
@@ -380,8 +381,8 @@ Tensor preprocess_arcsinh_cuda(const Tensor& score_) {
   check_cuda(score_, "preprocess_arcsinh", "score");
   const c10::cuda::CUDAGuard guard(score_.device());
   const Tensor score = score_.contiguous();
-  Tensor out = at::empty(score.sizes(), score.options());
-  const int64_t n = score.numel();
+  Tensor out = new_output(score.sizes(), score.options());
+  const int64_t n = elements_to_write(score.numel());
   if (n == 0) {
     return out;
   }
@@ -403,8 +404,8 @@ Tensor update_state_cuda(const Tensor& x_, const Tensor& g_) {
   check_cuda(x_, "update_state", "x");
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor x = x_.contiguous(), g = g_.contiguous();
-  Tensor out = at::empty(x.sizes(), x.options());
-  const int64_t n = x.numel();
+  Tensor out = new_output(x.sizes(), x.options());
+  const int64_t n = elements_to_write(x.numel());
   if (n == 0) {
     return out;
   }
@@ -429,9 +430,9 @@ TensorPair update_state_loss_cuda(const Tensor& x_, const Tensor& g_, const Tens
   const c10::cuda::CUDAGuard guard(x_.device());
   const Tensor x = x_.contiguous(), g = g_.contiguous(), x_true = x_true_.contiguous();
   const Tensor w = w_.has_value() ? w_->contiguous() : Tensor();
-  Tensor out = at::empty(x.sizes(), x.options());
-  Tensor loss = at::empty({}, x.options());
-  const int64_t n = x.numel();
+  Tensor out = new_output(x.sizes(), x.options());
+  Tensor loss = new_output({}, x.options());
+  const int64_t n = elements_to_write(x.numel());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "update_state_loss_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -473,8 +474,8 @@ Tensor update_state_loss_backward_cuda(const Tensor& grad_out_, const Tensor& gr
   const Tensor grad_out = grad_out_.contiguous(), grad_loss = grad_loss_.contiguous();
   const Tensor x_new = x_new_.contiguous(), x_true = x_true_.contiguous();
   const Tensor w = w_.has_value() ? w_->contiguous() : Tensor();
-  Tensor grad = at::empty(x_new.sizes(), x_new.options());
-  const int64_t n = x_new.numel();
+  Tensor grad = new_output(x_new.sizes(), x_new.options());
+  const int64_t n = elements_to_write(x_new.numel());
   if (n == 0) {
     return grad;
   }

@@ -1,0 +1,68 @@
+// CPU kernel of rim_fast::tanh: tanh_rational (tanh.h) over the tensor's memory in one pass, split by
+// at::parallel_for. The loop has no branches (compares become selects) and vectorises; on x86-64 Linux it is
+// compiled for AVX-512, AVX2 and the baseline, chosen at load time (target_clones), since the extension is built
+// without -march flags. The output has x's layout (channels-last stays channels-last).
+#include "tanh.h"
+
+#include "outputs.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define RIM_FAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef RIM_FAST_SIMD_CLONES
+#define RIM_FAST_SIMD_CLONES
+#endif
+
+namespace rim_fast {
+namespace {
+
+constexpr int64_t kGrain = 32768;
+
+RIM_FAST_SIMD_CLONES void tanh_loop(const float* C10_RESTRICT x, float* C10_RESTRICT y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = tanh_rational<float>(x[i]);
+  }
+}
+
+RIM_FAST_SIMD_CLONES void tanh_loop(const c10::BFloat16* C10_RESTRICT x, c10::BFloat16* C10_RESTRICT y,
+                                    int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = static_cast<c10::BFloat16>(tanh_rational<float>(static_cast<float>(x[i])));
+  }
+}
+
+}  // namespace
+
+at::Tensor tanh_cpu(const at::Tensor& x_) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16,
+              "rim_fast::tanh: x must be float32 or bfloat16, got ", x_.scalar_type());
+  // a dense tensor is read and written as its memory block, whatever its strides; others are made contiguous
+  const at::Tensor x = x_.is_non_overlapping_and_dense() ? x_ : x_.contiguous();
+  at::Tensor y = new_output_like(x);
+  const int64_t n = elements_to_write(x.numel());
+  AT_DISPATCH_SWITCH(x.scalar_type(), "rim_fast::tanh",
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { tanh_loop(xp + begin, yp + begin, end - begin); });
+      })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) { tanh_loop(xp + begin, yp + begin, end - begin); });
+      }));
+  return y;
+}
+
+}  // namespace rim_fast
