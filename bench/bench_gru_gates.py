@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from bench.common import SMOKE, machine_line, measure, synchronize, workloads
-from rim_fast.ops import reference, triton_gates
+from rim_fast.ops import reference, _triton
 
 # every case compiles the same `cell` code object again (other closures, shapes, grad mode)
 for _name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
@@ -40,7 +40,7 @@ for _name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limi
 
 H = 16  # hidden_units=32 split over the GRUBlock's two GRUs
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = triton_gates.missing() is None and DEVICE == "cuda" and not triton_gates.K.INTERPRETED
+KERNELS = _triton.missing() is None and DEVICE == "cuda" and not _triton.K.INTERPRETED
 PROVIDERS = ("reference", "compiled") + (("triton", "triton_compiled") if KERNELS else ()) + (
     ("reference_graph", "compiled_graph") if DEVICE == "cuda" else ()) + (
     ("triton_graph", "triton_compiled_graph") if KERNELS else ())
@@ -86,10 +86,10 @@ def _cell(gates_zr, gates_h):
 def _function(op: str, provider: str):
     if op in ("cell", "gates"):
         make = _cell if op == "cell" else _gates
-        fn = make(triton_gates.gru_gates_zr, triton_gates.gru_gates_h) if provider.startswith("triton") else \
+        fn = make(_triton.gru_gates_zr, _triton.gru_gates_h) if provider.startswith("triton") else \
             make(reference.gru_gates_zr, reference.gru_gates_h)
     else:
-        fn = triton_gates.gru_gates_zero_state if provider.startswith("triton") else reference.gru_gates_zero_state
+        fn = _triton.gru_gates_zero_state if provider.startswith("triton") else reference.gru_gates_zero_state
     if provider.endswith("compiled"):
         fn = torch.compile(fn, fullgraph=True, dynamic=False)
     return fn

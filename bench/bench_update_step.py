@@ -5,7 +5,7 @@ Tensors are x-shaped, [B, 1, *size]: S1 [32, 1, 256], S2 [16, 1, 64x64], S3 [4, 
 gradient: the RIM runs it under no_grad), "update" x' = x + g, "update_loss" x' and the loss term
 sum((x' - x_true)^2), forward ("fwd") and forward + the gradients of x and g ("fwdbwd").
 Providers: "reference" (eager), "compiled" (torch.compile of the reference, fullgraph, static shapes) and
-"cpp" (the C++/CUDA extension rim_fast._C, eager through rim_fast.ops.cpp_update).
+"cpp" (the C++/CUDA extension rim_fast._C, eager through rim_fast.ops._cpp).
 
 GB/s is the effective bandwidth of the fused kernels' traffic, the same bytes for every provider, with
 e = element size (4) and N = B * prod(size):
@@ -27,10 +27,10 @@ import pytest
 import torch
 
 from bench.common import SMOKE, machine_line, measure, synchronize, workloads
-from rim_fast.ops import cpp_update, reference
+from rim_fast.ops import _cpp, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = cpp_update.missing() is None and cpp_update.has_kernel(DEVICE)
+KERNELS = _cpp.missing() is None and _cpp.has_kernel(DEVICE)
 PROVIDERS = ("reference", "compiled") + (("cpp",) if KERNELS else ())
 OPS = (("adam", "fwd"), ("rmsprop", "fwd"), ("update", "fwd"), ("update_loss", "fwd"), ("update_loss", "fwdbwd"))
 BYTES_PER_ELEMENT = {("adam", "fwd"): 6, ("rmsprop", "fwd"): 5, ("update", "fwd"): 3, ("update_loss", "fwd"): 4,
@@ -45,17 +45,17 @@ def shapes() -> dict:
 
 def _function(op: str, provider: str):
     if op in ("adam", "rmsprop"):
-        impl = cpp_update.preprocess_score if provider == "cpp" else reference.preprocess_score
+        impl = _cpp.preprocess_score if provider == "cpp" else reference.preprocess_score
 
         def fn(score, m, v):
             return impl(score, m, v, STEP, op, BETA_1, BETA_2, EPS)
     elif op == "update":
-        impl = cpp_update.update_state if provider == "cpp" else reference.update_state
+        impl = _cpp.update_state if provider == "cpp" else reference.update_state
 
         def fn(x, g):
             return impl(x, g)[0]
     else:
-        impl = cpp_update.update_state if provider == "cpp" else reference.update_state
+        impl = _cpp.update_state if provider == "cpp" else reference.update_state
 
         def fn(x, g, x_true):
             return impl(x, g, x_true)

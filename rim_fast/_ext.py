@@ -1,7 +1,7 @@
 """Loads the compiled extension ``rim_fast._C`` once, and says on which GPUs its CUDA kernels can run.
 
 Importing ``rim_fast._C`` registers its CPU (and, in a CUDA build, CUDA) kernels with the PyTorch dispatcher
-for the ``rim_fast::`` ops defined in ``rim_fast.ops.cpp_update``; it has no Python functions. When it is
+for the ``rim_fast::`` ops defined in ``rim_fast.ops._cpp``; it has no Python functions. When it is
 missing or cannot be loaded, rim_fast still imports: it warns once and the ops run their PyTorch references.
 ``RIM_FAST_NO_EXT=1`` skips loading it (and building it, in setup.py) without a warning.
 

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 
 from . import __version__, _ext, ops
-from .ops import triton_gates, update as _update_ops
+from .ops import _triton as triton_backend
+from .ops._dispatch import OPS
 
 #: S2 of the benchmark table, as the ops see it: the image, the network's first conv, the GRU state
 _B, _S, _NF, _HIDDEN = 16, (64, 64), 32, 32
@@ -27,43 +28,33 @@ _STATE = (_B, _HIDDEN // 2, *(n // 4 for n in _S))  # one GRU of the GRUBlock, a
 
 
 def _sample_calls(device: torch.device) -> list:
-    """(op, arguments) for every public op on ``device``: S2-sized, uninitialised tensors."""
+    """(op name, arguments) for every public op on ``device``: S2-sized, uninitialised tensors."""
     def t(*shape):
         return torch.empty(shape, device=device)
     x, score = t(_B, 1, *_S), t(_B, 1, *_S)
     feat, w3 = t(_B, _NF, *_S), t(_NF, _NF, 3, 3)
     bias = t(_NF)
-    H = _STATE[1]
+    H, S = _STATE[1], _STATE[2:]
     bh = t(H)
     return [
-        (ops.conv, (feat, w3, bias, 1, "same", 1, 1)),
-        (ops.conv_same, (feat, w3, bias, 3, 2, 1, 1, True)),
-        (ops.conv_transpose, (t(_B, _NF, 32, 32), t(_NF, _NF, 3, 3), bias, 2, 1, 1, 1, 1)),
-        (ops.tanh, (feat,)),
-        (ops.conv_tanh, (feat, w3, bias, "same", 1, 1)),
-        (ops.upfirdn, (feat, t(4, 4), 1, 2, 1, 1)),
-        (ops.gru_gates_zr, (t(_B, 3 * H, *_STATE[2:]), t(_B, 2 * H, *_STATE[2:]), t(*_STATE), bh, bh)),
-        (ops.gru_gates_h, (t(_B, 3 * H, *_STATE[2:]), t(*_STATE), t(*_STATE), t(*_STATE), bh)),
-        (ops.gru_gates_zero_state, (t(_B, 2 * H, *_STATE[2:]), bh, bh)),
-        (_update_ops._preprocess, (score, t(*score.shape), t(*score.shape), 0, "adam", 0.9, 0.999, 1e-7)),
-        (_update_ops._update, (x, score, t(*x.shape), None)),
+        ("conv", (feat, w3, bias, 1, "same", 1, 1)),
+        ("conv_same", (feat, w3, bias, 3, 2, 1, 1, True)),
+        ("conv_transpose", (t(_B, _NF, 32, 32), t(_NF, _NF, 3, 3), bias, 2, 1, 1, 1, 1)),
+        ("tanh", (feat,)),
+        ("conv_tanh", (feat, w3, bias, "same", 1, 1)),
+        ("upfirdn", (feat, t(4, 4), 1, 2, 1, 1)),
+        ("gru_gates_zr", (t(_B, 3 * H, *S), t(_B, 2 * H, *S), t(*_STATE), bh, bh)),
+        ("gru_gates_h", (t(_B, 3 * H, *S), t(*_STATE), t(*_STATE), t(*_STATE), bh)),
+        ("gru_gates_zero_state", (t(_B, 2 * H, *S), bh, bh)),
+        ("preprocess_score", (score, t(*score.shape), t(*score.shape), 0, "adam", 0.9, 0.999, 1e-7)),
+        ("update_state", (x, score, t(*x.shape), None)),
     ]
 
 
-def _why_not(impl, args, device: torch.device, picked: str) -> str:
+def _why_not(impl, args, picked: str) -> str:
     """Why ``auto`` runs ``picked``, not ``impl``, for these arguments."""
-    why = impl.missing()
-    if why is not None:
-        return f"not installed: {why}"
-    if not impl.usable(*args):
-        if impl.name == "triton" and device.type == "cpu":
-            return "CPU tensors only through the Triton interpreter (TRITON_INTERPRET=1, for tests)"
-        if impl.name == "cpp" and device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            return _ext.cuda_problem(index) or "no CUDA kernel registered"
-        if device.type != "cpu" and impl.name in ("channels_last", "sigmoid_form", "onednn_fused"):
-            return "CPU tensors only (cuDNN serves GPU tensors directly)"
-        return "cannot run these inputs"
+    if impl.missing() is not None or not impl.usable(*args):
+        return impl.why_not(*args)
     if impl.auto(*args):
         return f"usable; {picked} comes first"
     rule = (impl.auto.__doc__ or "").strip().split("\n\n")[0]
@@ -81,9 +72,10 @@ def _devices() -> list:
 def _op_choices(device: torch.device) -> list:
     rows = []
     with torch.no_grad():
-        for op, args in _sample_calls(device):
+        for name, args in _sample_calls(device):
+            op = OPS[name]
             picked, _ = op._choose(args)
-            others = {impl.name: _why_not(impl, args, device, picked) for impl in op.impls if impl.name != picked}
+            others = {impl.name: _why_not(impl, args, picked) for impl in op.impls if impl.name != picked}
             if picked != "reference":
                 others["reference"] = "the fallback, where no faster implementation applies"
             rows.append({"op": op.name, "device": str(device), "auto": picked, "others": others})
@@ -96,7 +88,7 @@ def _triton() -> dict:
         version = triton.__version__
     except ImportError:
         version = None
-    return {"version": version, "gate_kernels": triton_gates.missing() or "available",
+    return {"version": version, "gate_kernels": triton_backend.missing() or "available",
             "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
 
 

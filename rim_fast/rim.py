@@ -322,8 +322,8 @@ class RIM(nn.Module):
         for t in range(self.T):
             with torch.no_grad(), self._no_autocast(amp):
                 score = self.model_score_fn(x, y, *args, **kwargs)
-                score, m, v = ops.preprocess_score(score, m, v, t, self._preprocessing, self.beta_1, self.beta_2,
-                                                   self.epsilon)
+                score, m, v = ops.preprocess_score(score, m, v, t, method=self._preprocessing, beta_1=self.beta_1,
+                                                   beta_2=self.beta_2, epsilon=self.epsilon)
             if recompute:
                 # the step's activations are recomputed in backward; x, score and h flow in as inputs
                 g, h = checkpoint(self._call_model, x, y, score, h, zero_state, use_reentrant=False)
@@ -434,6 +434,7 @@ class RIM(nn.Module):
         is CUDA. A new input shape compiles once, for that shape (static shapes: the Triton gate kernels get
         their launch grid as numbers, and CUDA graphs one graph per shape); calls with the same shapes never
         recompile. Returns the RIM."""
+        ops.check_compilable(self.device)
         kwargs.setdefault("fullgraph", True)
         kwargs.setdefault("dynamic", False)
         if self.device.type == "cuda" and "mode" not in kwargs and "options" not in kwargs:
@@ -487,7 +488,8 @@ class RIM(nn.Module):
         if time_step == 0 or not hasattr(self, "_score_mean"):
             self._score_mean, self._score_var = torch.zeros_like(score), torch.zeros_like(score)
         out, self._score_mean, self._score_var = ops.preprocess_score(
-            score, self._score_mean, self._score_var, time_step, "adam", self.beta_1, self.beta_2, self.epsilon)
+            score, self._score_mean, self._score_var, time_step, method="adam", beta_1=self.beta_1, beta_2=self.beta_2,
+            epsilon=self.epsilon)
         return out
 
     def rmsprop_score_update(self, score: Tensor, time_step: int):
@@ -495,7 +497,8 @@ class RIM(nn.Module):
             self._score_mean, self._score_var = torch.zeros_like(score), torch.zeros_like(score)
         method = "rmsprop" if self.compat.rmsprop_without_second_moment else "rmsprop_fixed"
         out, self._score_mean, self._score_var = ops.preprocess_score(
-            score, self._score_mean, self._score_var, time_step, method, self.beta_1, self.beta_2, self.epsilon)
+            score, self._score_mean, self._score_var, time_step, method=method, beta_1=self.beta_1, beta_2=self.beta_2,
+            epsilon=self.epsilon)
         return out
 
     def fit(self, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size=1, shuffle=False,

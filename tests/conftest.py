@@ -31,6 +31,49 @@ def tol(dtype):
     return {"rtol": rtol, "atol": atol}
 
 
+#: The error budget of every non-reference implementation (each op alone, and a whole RIM forward and backward):
+#: its error against a float64 run of the reference is at most BUDGET_FACTOR times the reference's own error in
+#: the same precision, plus BUDGET_SLACK[dtype]; errors are relative to the largest magnitude of the exact tensor.
+BUDGET_FACTOR = 2.0
+BUDGET_SLACK = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps,
+    torch.float16: 4 * torch.finfo(torch.float16).eps,
+}
+
+
+def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |actual - exact| / max |exact| (absolute where the exact tensor is all zero)."""
+    diff = (actual.double() - exact.double()).abs().max().item()
+    scale = exact.double().abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def budget_errors(fast, reference, exact, dtype, names=None) -> list:
+    """For tensors computed in ``dtype`` by an implementation under test (``fast``) and by the reference, and in
+    float64 by the reference (``exact``): [(name, fast error, reference error, allowed)] of those over budget.
+    The three sequences must have the same length."""
+    fast, reference, exact = list(fast), list(reference), list(exact)
+    assert len(fast) == len(reference) == len(exact), (len(fast), len(reference), len(exact))
+    names = list(names) if names is not None else [str(i) for i in range(len(exact))]
+    assert len(names) == len(exact)
+    over = []
+    for name, a, r, e in zip(names, fast, reference, exact):
+        e_fast, e_ref = relative_error(a, e), relative_error(r, e)
+        allowed = BUDGET_FACTOR * e_ref + BUDGET_SLACK[dtype]
+        if not e_fast <= allowed:
+            over.append((name, e_fast, e_ref, allowed))
+    return over
+
+
+def assert_error_budget(fast, reference, exact, dtype, names=None, what=""):
+    """``budget_errors`` is empty: every tensor of ``fast`` within budget (see BUDGET_FACTOR)."""
+    over = budget_errors(fast, reference, exact, dtype, names)
+    assert not over, f"{what} over the error budget: " + "; ".join(
+        f"{n}: {f:.3g} > {BUDGET_FACTOR:g} x {r:.3g} + {BUDGET_SLACK[dtype]:g}" for n, f, r, _ in over)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

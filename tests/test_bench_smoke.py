@@ -192,3 +192,16 @@ def test_runner_interrupted_reports_the_finished_cases(tmp_path):
     md = (tmp_path / "report.md").read_text()
     for r in summary["rows"]:
         assert f"| {r['workload']} | {r['mode']} | {r['provider']} |" in md
+
+
+@pytest.mark.parametrize("name", ["bench_conv", "bench_update_step", "bench_gru_gates"])
+def test_op_benchmarks_run_in_smoke_mode(name):
+    """Each op family's benchmark (the fourth part of its quartet) runs: every case checked against the reference
+    and timed once on tiny sizes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIM_FAST_BENCH_")}
+    env.update(RIM_FAST_BENCH_SMOKE="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    env = {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST_")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "bench", f"{name}.py"), "-q",
+                           "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

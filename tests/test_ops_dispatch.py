@@ -9,7 +9,7 @@ import torch
 
 import rim_fast
 from rim_fast import ops
-from rim_fast.ops import Impl, Op
+from rim_fast.ops._dispatch import Impl, Op
 
 
 def test_trace_counts_every_eager_op_call_of_a_rim():
@@ -100,3 +100,29 @@ def test_reference_gradcheck_float64():
     k = torch.rand(4, dtype=torch.float64)
     xs = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: ops.reference.upfirdn(v, torch.outer(k, k), 2, 1, 2, 1), (xs,))
+
+
+def test_kernels_backend_runs_the_kernels_or_raises_under_compile():
+    """RIM_FAST_BACKEND=kernels never takes the reference silently: on CPU tensors the Triton gates run only
+    through the interpreter, which cannot run inside torch.compile, so RIM.compile refuses up front and a
+    compiled call of a gate op raises with the reason (eagerly, the interpreter runs them)."""
+    from rim_fast.ops import _triton
+    if _triton.missing() is not None or not _triton.K.INTERPRETED:
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1) on the CPU")
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
+    rim = rim_fast.RIM((16,), net, score_fn=lambda x, y: y - x, T=2)
+    wzh, b = torch.randn(2, 6, 4), torch.randn(3)
+    with ops.use_backend("kernels"):
+        with ops.trace() as calls:
+            rim.predict(torch.randn(2, 1, 16))
+        assert calls[("gru_gates_zero_state", "triton")] > 0
+        with pytest.raises(RuntimeError, match="cannot run under torch.compile on cpu: on CPU tensors the Triton"):
+            rim.compile()
+        torch._dynamo.reset()
+        compiled = torch.compile(ops.gru_gates_zero_state, backend="eager", fullgraph=True)
+        with pytest.raises(Exception, match="the Triton interpreter cannot run inside torch.compile"):
+            compiled(wzh, b, b)
+    torch._dynamo.reset()
+    with ops.use_backend("auto"):  # auto compiles the reference
+        compiled = torch.compile(ops.gru_gates_zero_state, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(wzh, b, b), ops.reference.gru_gates_zero_state(wzh, b, b))

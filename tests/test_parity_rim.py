@@ -91,10 +91,10 @@ def test_rim_on_the_kernels_matches_torch_rim(device, dims, method, init, kind, 
     update step the C++/CUDA extension; the trace proves they ran. On CUDA, TF32 is off for both sides and the
     tolerances allow for cuDNN's merged-conv summation order (rim_fast runs [W_z;W_r;W_h] as one conv)."""
     from rim_fast import ops
-    from rim_fast.ops import triton_gates
-    if triton_gates.missing() is not None:
-        pytest.skip(f"Triton gate kernels cannot run here: {triton_gates.missing()}")
-    if device.type == "cpu" and not triton_gates.K.INTERPRETED:
+    from rim_fast.ops import _triton
+    if _triton.missing() is not None:
+        pytest.skip(f"Triton gate kernels cannot run here: {_triton.missing()}")
+    if device.type == "cpu" and not _triton.K.INTERPRETED:
         pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1 (conftest sets it where no GPU is "
                     "visible): on this GPU machine the CUDA case covers the kernels")
     if device.type == "cuda":

@@ -109,7 +109,7 @@ def spill_problems(usage: dict, ptxas: dict) -> list:
 # ---- recording the launchers' launches -----------------------------------------------------------------
 
 def kernel_module():
-    from rim_fast.ops.triton_gates import _import_kernels
+    from rim_fast.ops._triton import _import_kernels
     return _import_kernels()
 
 

@@ -71,5 +71,6 @@ class EncoderDecoder(Model):
         if (self.act is ops.tanh and isinstance(layer, _SameConvMixin) and layer.padding_mode == "zeros"
                 and not (layer._forward_hooks or layer._forward_pre_hooks or _global_forward_hooks
                          or _global_forward_pre_hooks)):
-            return ops.conv_tanh(x, layer.weight, layer.bias, layer.padding, layer.dilation[0], layer.groups)
+            return ops.conv_tanh(x, layer.weight, layer.bias, padding=layer.padding, dilation=layer.dilation[0],
+                                 groups=layer.groups)
         return self.act(layer(x))

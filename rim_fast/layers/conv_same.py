@@ -26,7 +26,8 @@ class _SameConvMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
             return super().forward(x)
-        return ops.conv(x, self.weight, self.bias, self.stride[0], self.padding, self.dilation[0], self.groups)
+        return ops.conv(x, self.weight, self.bias, stride=self.stride[0], padding=self.padding,
+                        dilation=self.dilation[0], groups=self.groups)
 
 
 class SameConv1d(_SameConvMixin, nn.Conv1d):
@@ -45,7 +46,7 @@ class SameLinear(nn.Linear):
     """nn.Linear through ``ops.conv`` (a 0-dimensional convolution)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.conv(x, self.weight, self.bias, 1, "same", 1, 1)
+        return ops.conv(x, self.weight, self.bias)
 
 
 _SAME = {0: SameLinear, 1: SameConv1d, 2: SameConv2d, 3: SameConv3d}
@@ -87,11 +88,11 @@ class _ConvNdSame(nn.Module):
                     tuple(x.shape[2:]), self.kernel_size, self.stride, self.dilation, self.axis_swap))
             return self.conv(x)
         if self.stride > 1:
-            return ops.conv_same(x, self.conv.weight, self.conv.bias, self.kernel_size, self.stride,
-                                 self.dilation, self.conv.groups, self.axis_swap)
+            return ops.conv_same(x, self.conv.weight, self.conv.bias, kernel_size=self.kernel_size, stride=self.stride,
+                                 dilation=self.dilation, groups=self.conv.groups, axis_swap=self.axis_swap)
         if self.conv.padding_mode != "zeros":
             return self.conv(x)
-        return ops.conv(x, self.conv.weight, self.conv.bias, 1, "same", self.dilation, self.conv.groups)
+        return ops.conv(x, self.conv.weight, self.conv.bias, dilation=self.dilation, groups=self.conv.groups)
 
 
 class _ConvTransposedNdSame(nn.Module):
@@ -122,8 +123,8 @@ class _ConvTransposedNdSame(nn.Module):
             out = self.conv(x)
         else:
             c = self.conv
-            out = ops.conv_transpose(x, c.weight, c.bias, self.stride, c.padding[0], c.output_padding[0],
-                                     c.groups, self.dilation)
+            out = ops.conv_transpose(x, c.weight, c.bias, stride=self.stride, padding=c.padding[0],
+                                     output_padding=c.output_padding[0], groups=c.groups, dilation=self.dilation)
         if self.crop_to_stride_multiple:
             out = out[(slice(None), slice(None)) + tuple(slice(0, n * self.stride) for n in spatial)]
         return out

@@ -39,7 +39,7 @@ class GRU(nn.Module):
         self.bias_h = nn.Parameter(torch.zeros(hidden_units, dtype=DTYPE))
 
     def _conv(self, x, weight):
-        return ops.conv(x, weight, None, 1, "same", 1, 1)
+        return ops.conv(x, weight)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor):
         """x: [B, in_ch, *S], h: [B, H, *S] -> (h', h')."""

@@ -46,7 +46,7 @@ def upsample(x: torch.Tensor, k=None, factor: int = 2, gain=1, dimensions: int =
     k = tuple(k) if k is not None else (1,) * factor
     kernel = _kernel(k, dimensions, gain * factor ** dimensions, x.device, x.dtype)
     p = len(k) - factor
-    return ops.upfirdn(x, kernel, factor, 1, (p + 1) // 2 + factor - 1, p // 2)
+    return ops.upfirdn(x, kernel, up=factor, down=1, pad0=(p + 1) // 2 + factor - 1, pad1=p // 2)
 
 
 def downsample(x: torch.Tensor, k=None, factor: int = 2, gain=1, dimensions: int = 2) -> torch.Tensor:
@@ -55,7 +55,7 @@ def downsample(x: torch.Tensor, k=None, factor: int = 2, gain=1, dimensions: int
     k = tuple(k) if k is not None else (1,) * factor
     kernel = _kernel(k, dimensions, gain, x.device, x.dtype)
     p = len(k) - factor
-    return ops.upfirdn(x, kernel, 1, factor, (p + 1) // 2, p // 2)
+    return ops.upfirdn(x, kernel, up=1, down=factor, pad0=(p + 1) // 2, pad1=p // 2)
 
 
 def naive_upsample(x: torch.Tensor, factor: int = 2, dimensions: int = 2) -> torch.Tensor:

@@ -1,17 +1,61 @@
-"""The op layer: every module computes through these functions.
+"""The op layer: every module computes through these functions, grouped by the op family they compute.
 
-Each public op has a pure-PyTorch reference (``rim_fast.ops.reference``) and, where one exists, compiled
-implementations (Triton kernels in ``rim_fast.kernels``, the C++/CUDA extension ``rim_fast._C``), chosen by
-``RIM_FAST_BACKEND`` (see ``_dispatch``). ``trace()`` shows which implementation served each call.
+- ``conv``: ``conv``, ``conv_same``, ``conv_transpose``, ``tanh``, ``conv_tanh``, ``upfirdn``;
+- ``gru_gates``: ``gru_gates_zr``, ``gru_gates_h``, ``gru_gates_zero_state`` (the element-wise halves of a ConvGRU);
+- ``update_step``: ``preprocess_score``, ``update_state`` (the RIM's score preprocessing and state update).
+
+Each op has a pure-PyTorch reference (``reference``: the spec, the fallback, the baseline of every test and
+benchmark) and may have faster implementations, which live in private modules named by backend, each with its
+``usable``/``auto`` rules next to them: ``_triton`` (Triton kernels, ``rim_fast.kernels``), ``_cpp`` (the
+C++/CUDA extension ``rim_fast._C``, csrc/), ``_cpu`` (CPU layouts and oneDNN). ``RIM_FAST_BACKEND`` chooses
+(``_dispatch``: ``auto``, ``reference``, ``kernels``); ``trace()`` shows what served each call, and
+``python -m rim_fast.info`` what ``auto`` picks on this machine. What ``auto`` picks, and why:
+
+=====================  =================  =================================================================
+op                     auto picks         where, and why
+=====================  =================  =================================================================
+conv, conv_same,       ``channels_last``  CPU, float32/64, bfloat16: oneDNN runs NHWC 2-20x faster than the
+conv_transpose                            reference's NCHW (1D as [B, C, 1, L]); elsewhere the reference (cuDNN)
+tanh                   ``cpp``            CPU float32/bfloat16, eager: one vectorised pass, accurate near 0;
+                                          reference (torch.tanh) under torch.compile (Inductor fuses it) and on
+                                          GPUs
+conv_tanh              ``onednn_fused``   CPU float32 without autograd, eager: the tanh rides on the conv's
+                                          output; else ``unfused``: the dispatched conv, then the dispatched tanh
+upfirdn                reference          -
+gru_gates_*            ``triton``         CUDA under torch.compile or CUDA-graph capture, and eager calls of
+                                          >= 2^23 elements (small eager calls are launch-bound: the reference's
+                                          few kernels are faster); the reference on the CPU
+preprocess_score       ``cpp``            eager, a method that computes (adam, rmsprop, arcsinh), no autograd,
+                                          on a device the extension was built for; reference under
+                                          torch.compile (Inductor fuses its element-wise ops with their
+                                          neighbours, which an opaque custom op prevents)
+update_state           ``cpp``            eager with a loss term (x_true): one fused pass instead of four ops
+                                          and their autograd nodes; a lone x + g is one PyTorch op already
+=====================  =================  =================================================================
 """
-from ._dispatch import BACKENDS, Impl, Op, backend, trace, use_backend
-from . import reference
+import torch
+
+from . import _triton, reference
+from ._dispatch import BACKENDS, backend, trace, use_backend
 from .conv import conv, conv_same, conv_tanh, conv_transpose, tanh, upfirdn
-from .gates import gru_gates_h, gru_gates_zero_state, gru_gates_zr
-from .update import preprocess_score, update_state
+from .gru_gates import gru_gates_h, gru_gates_zero_state, gru_gates_zr
+from .update_step import PREPROCESSING, preprocess_score, update_state
+
+
+
+def check_compilable(device: torch.device) -> None:
+    """Raise a RuntimeError, before anything is traced, when ``RIM_FAST_BACKEND=kernels`` cannot run the op layer
+    inside torch.compile on this device (the kernels backend runs the kernels or raises)."""
+    if backend() != "kernels":
+        return
+    problem = _triton.compile_why_not(torch.device(device))
+    if problem is not None:
+        raise RuntimeError(f"RIM_FAST_BACKEND=kernels cannot run under torch.compile on {device}: {problem}. Compile "
+                           f"with RIM_FAST_BACKEND=auto (or reference), or run eagerly.")
+
 
 __all__ = [
-    "BACKENDS", "Impl", "Op", "backend", "trace", "use_backend", "reference",
+    "BACKENDS", "backend", "check_compilable", "trace", "use_backend", "reference", "PREPROCESSING",
     "conv", "conv_same", "conv_tanh", "conv_transpose", "tanh", "upfirdn",
     "gru_gates_zr", "gru_gates_h", "gru_gates_zero_state",
     "preprocess_score", "update_state",

@@ -1,11 +1,12 @@
-"""Backend choice and call tracing for every rim_fast op.
+"""Backend choice and call tracing for every rim_fast op (the op families build on ``Op`` and ``Impl``).
 
 One switch, ``RIM_FAST_BACKEND=auto|reference|kernels``, read once at import:
 
 - ``reference``: the pure-PyTorch reference of every op (the spec, and the CPU fallback);
 - ``kernels``: the compiled implementation (Triton or the C++/CUDA extension) of every op that has one.
-  An op that has kernels but none usable for the tensors at hand raises; an op that has no kernel at all
-  (plain convolutions) runs its reference;
+  An op that has kernels but none usable for the tensors at hand raises, with each kernel's reason (under
+  torch.compile too); an op that has no kernel at all (plain convolutions) runs its reference, or a plain-PyTorch
+  variant (``kernel=False``) where it can;
 - ``auto`` (default): the fastest available implementation for the tensor's device and dtype; it never
   raises, and warns once per op when it has to fall back from a kernel it would have used.
 """
@@ -30,6 +31,8 @@ def _read_backend() -> str:
 
 
 _BACKEND = _read_backend()
+#: every op by name (the op families create them; ``python -m rim_fast.info`` and the tests look them up)
+OPS: dict = {}
 _TRACES: list = []
 _WARNED: set = set()
 
@@ -77,24 +80,32 @@ class Impl:
 
     ``usable(*args)`` says whether it can run these arguments now (device, dtype, compile state);
     ``auto(*args)`` whether ``auto`` should prefer it over the reference for them;
-    ``missing()`` returns None when the implementation is installed, else why it is not.
+    ``missing()`` returns None when the implementation is installed, else why it is not;
+    ``why_not(*args)``, optional, why it cannot run these arguments (errors and ``python -m rim_fast.info``).
     ``kernel=False`` marks a plain-PyTorch variant (e.g. another memory layout): ``RIM_FAST_BACKEND=kernels``
     uses it where it can, but never raises for it."""
 
     def __init__(self, name: str, fn: Callable, usable: Callable[..., bool],
                  auto: Callable[..., bool], missing: Callable[[], Optional[str]] = lambda: None,
-                 kernel: bool = True):
+                 kernel: bool = True, why_not: Optional[Callable[..., Optional[str]]] = None):
         self.name, self.fn, self.usable, self.auto, self.missing = name, fn, usable, auto, missing
-        self.kernel = kernel
+        self.kernel, self._why_not = kernel, why_not
+
+    def why_not(self, *args) -> str:
+        """Why it cannot run these arguments (call when ``missing()`` or ``usable(*args)`` says it cannot)."""
+        reason = self.missing() or (self._why_not(*args) if self._why_not is not None else None)
+        return reason or "cannot run these inputs"
 
 
 class Op:
-    """A public op: a reference plus zero or more compiled implementations, chosen per call."""
+    """An op: a reference plus zero or more other implementations, chosen per call. The op families
+    (``conv``, ``gru_gates``, ``update_step``) wrap theirs in typed public functions."""
 
     def __init__(self, name: str, reference: Callable):
         self.name = name
         self.reference = reference
         self.impls: list[Impl] = []
+        OPS[name] = self
 
     def register(self, impl: Impl) -> Impl:
         self.impls.append(impl)
@@ -106,18 +117,16 @@ class Op:
         if _BACKEND == "kernels":
             reasons = []
             for impl in self.impls:
-                why = impl.missing()
-                if why is None and impl.usable(*args):
+                if impl.missing() is None and impl.usable(*args):
                     return impl.name, impl.fn
                 if impl.kernel:
-                    reasons.append(f"{impl.name}: {why or 'cannot run these inputs'}")
-            # torch.compile traces CPU tensors with fake tensors that the Triton interpreter cannot run.
-            if not reasons or torch.compiler.is_compiling():
+                    reasons.append(f"{impl.name}: {impl.why_not(*args)}")
+            if not reasons:
                 return "reference", self.reference
             raise RuntimeError(
                 f"RIM_FAST_BACKEND=kernels, but no kernel of op '{self.name}' can run here "
                 f"({'; '.join(reasons)}). Build the extension / install Triton, set TRITON_INTERPRET=1 for "
-                f"CPU tensors, or use RIM_FAST_BACKEND=auto.")
+                f"eager CPU tensors, or use RIM_FAST_BACKEND=auto.")
         for impl in self.impls:
             if impl.auto(*args):
                 if impl.missing() is None and impl.usable(*args):
@@ -125,7 +134,7 @@ class Op:
                 if self.name not in _WARNED:
                     _WARNED.add(self.name)
                     warnings.warn(f"rim_fast: op '{self.name}' falls back from '{impl.name}' to the reference "
-                                  f"({impl.missing() or 'cannot run these inputs'})", RuntimeWarning, stacklevel=3)
+                                  f"({impl.why_not(*args)})", RuntimeWarning, stacklevel=4)
         return "reference", self.reference
 
     def __call__(self, *args):

@@ -1,23 +1,82 @@
-"""Convolution, activation and FIR resampling ops. cuDNN / oneDNN serve the convolutions; on the CPU the
-``channels_last`` implementations (``cpu_layout``) run them in the layout oneDNN is fastest in."""
+"""The convolution family: convolutions, the tanh activation, conv + tanh, FIR resampling.
+
+cuDNN / oneDNN serve the convolutions; on the CPU they run in channels-last layout (``_cpu``), tanh runs the
+C++ kernel of ``rim_fast._C`` (``_cpp``), and conv + tanh without autograd is one oneDNN primitive. Shapes:
+x [B, C_in, *S] with S of 1 to 3 spatial dims (or [B, C_in] for a linear layer in ``conv``), weight as
+torch's ``conv{1,2,3}d`` / ``conv_transpose{1,2,3}d`` take it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
 import torch
 
+from . import _cpp, _cpu, reference
 from ._dispatch import Impl, Op
-from . import cpu_layout, reference
 
-conv = Op("conv", reference.conv)
-conv_same = Op("conv_same", reference.conv_same)
-conv_transpose = Op("conv_transpose", reference.conv_transpose)
-upfirdn = Op("upfirdn", reference.upfirdn)
-tanh = Op("tanh", torch.tanh)
-conv_tanh = Op("conv_tanh", reference.conv_tanh)
+Tensor = torch.Tensor
 
-for _op, _fn in ((conv, cpu_layout.conv), (conv_same, cpu_layout.conv_same),
-                 (conv_transpose, cpu_layout.conv_transpose)):
-    _op.register(Impl("channels_last", _fn, usable=cpu_layout.usable, auto=cpu_layout.auto, kernel=False))
-tanh.register(Impl("sigmoid_form", cpu_layout.tanh, usable=cpu_layout.tanh_usable, auto=cpu_layout.tanh_auto,
-                   kernel=False))
-conv_tanh.register(Impl("onednn_fused", cpu_layout.conv_tanh, usable=cpu_layout.conv_tanh_usable,
-                        auto=cpu_layout.conv_tanh_usable, kernel=False))
-conv_tanh.register(Impl("channels_last", cpu_layout.conv_tanh_unfused, usable=cpu_layout.usable,
-                        auto=cpu_layout.auto, kernel=False))
+_conv = Op("conv", reference.conv)
+_conv_same = Op("conv_same", reference.conv_same)
+_conv_transpose = Op("conv_transpose", reference.conv_transpose)
+_tanh = Op("tanh", reference.tanh)
+_conv_tanh = Op("conv_tanh", reference.conv_tanh)
+_upfirdn = Op("upfirdn", reference.upfirdn)
+
+
+def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1,
+         padding: Union[str, int] = "same", dilation: int = 1, groups: int = 1) -> Tensor:
+    """N-d convolution (N = x.dim() - 2; N = 0 is a linear layer on [B, C_in] with weight [C_out, C_in]).
+
+    x: [B, C_in, *S]; weight: [C_out, C_in / groups, *k]; bias: [C_out] or None. Returns [B, C_out, *S']."""
+    return _conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, kernel_size: int, stride: int,
+              dilation: int = 1, groups: int = 1, axis_swap: bool = True) -> Tensor:
+    """score_models' strided "same" convolution: an asymmetric zero pad (``reference.conv_same_pads``; with
+    ``axis_swap``, torch_rim's F.pad order), then a valid convolution. x: [B, C_in, *S] -> [B, C_out, *S/stride]."""
+    return _conv_same(x, weight, bias, kernel_size, stride, dilation, groups, axis_swap)
+
+
+def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, stride: int, padding: int = 0,
+                   output_padding: int = 0, groups: int = 1, dilation: int = 1) -> Tensor:
+    """N-d transposed convolution. x: [B, C_in, *S]; weight: [C_in, C_out / groups, *k]; bias: [C_out] or None."""
+    return _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def tanh(x: Tensor) -> Tensor:
+    """tanh(x), any shape; the result keeps x's memory layout."""
+    return _tanh(x)
+
+
+def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, padding: Union[str, int] = "same",
+              dilation: int = 1, groups: int = 1) -> Tensor:
+    """tanh(conv(x)) with stride 1 (a network's conv followed by its activation). Shapes as ``conv``."""
+    return _conv_tanh(x, weight, bias, padding, dilation, groups)
+
+
+def upfirdn(x: Tensor, kernel: Tensor, *, up: int, down: int, pad0: int, pad1: int) -> Tensor:
+    """score_models' upfirdn per channel: upsample by ``up`` (zero insertion), pad ``pad0``/``pad1`` on every
+    spatial axis (negative crops), FIR-filter with ``kernel`` [k]*N, keep every ``down``-th sample.
+    x: [B, C, *S]."""
+    return _upfirdn(x, kernel, up, down, pad0, pad1)
+
+
+def _conv_then_tanh(x, weight, bias, padding, dilation, groups):
+    # the two ops, each dispatched (channels-last conv and the C++ tanh on the CPU; cuDNN and torch.tanh on GPUs)
+    return tanh(conv(x, weight, bias, padding=padding, dilation=dilation, groups=groups))
+
+
+def _always(*args) -> bool:
+    return True
+
+
+for _op, _fn in ((_conv, _cpu.conv), (_conv_same, _cpu.conv_same), (_conv_transpose, _cpu.conv_transpose)):
+    _op.register(Impl("channels_last", _fn, usable=_cpu.usable, auto=_cpu.usable, why_not=_cpu.why_not,
+                      kernel=False))
+_tanh.register(Impl("cpp", _cpp.tanh, usable=_cpp.tanh_usable, auto=_cpp.tanh_auto, missing=_cpp.missing,
+                    why_not=_cpp.tanh_why_not))
+_conv_tanh.register(Impl("onednn_fused", _cpu.conv_tanh, usable=_cpu.conv_tanh_usable, auto=_cpu.conv_tanh_usable,
+                         why_not=_cpu.conv_tanh_why_not, kernel=False))
+_conv_tanh.register(Impl("unfused", _conv_then_tanh, usable=_always, auto=_always, kernel=False))

@@ -33,6 +33,11 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, pad
     return _CONV[n](x, weight, bias, stride, padding, dilation, groups)
 
 
+def tanh(x: Tensor) -> Tensor:
+    """The activation, as torch computes it."""
+    return torch.tanh(x)
+
+
 def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation: int, groups: int) -> Tensor:
     """tanh(conv(x)), stride 1: a convolution followed by the tanh activation, fused where a backend can."""
     return torch.tanh(conv(x, weight, bias, 1, padding, dilation, groups))

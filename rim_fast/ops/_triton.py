@@ -1,4 +1,5 @@
-"""The Triton ConvGRU gate kernels as torch.compile-visible ops: ``rim_fast::gru_gates_zr``,
+"""The Triton backend of the ConvGRU gate family (``gru_gates``), with its ``usable``/``auto`` rules: the kernels of
+``rim_fast.kernels.gru_gates`` as torch.compile-visible ops: ``rim_fast::gru_gates_zr``,
 ``rim_fast::gru_gates_h``, ``rim_fast::gru_gates_zero_state`` (and their ``*_backward`` ops).
 
 Each op is a ``torch.library.triton_op`` whose body launches the kernels of ``rim_fast.kernels.gru_gates``
@@ -83,6 +84,42 @@ def usable(*args) -> bool:
     if device.type == "cpu" and K.INTERPRETED:
         return not torch.compiler.is_compiling() and all(t.dtype == torch.float32 for t in tensors)
     return False
+
+
+def why_not(*args) -> str:
+    """Why ``usable`` refuses these arguments."""
+    if _MISSING is not None:
+        return _MISSING
+    tensors = _tensors(args)
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        return "tensors on several devices"
+    if any(t.dtype not in _DTYPES for t in tensors):
+        return f"dtypes {sorted({str(t.dtype) for t in tensors})}: the kernels take float32, float16, bfloat16"
+    if len({t.dtype for t in tensors if t.dim() >= 2}) > 1:
+        return "mixed activation dtypes (autocast convolutions with a float32 state)"
+    if device.type == "cuda":
+        return "the Triton kernels were loaded for the interpreter (TRITON_INTERPRET=1), which runs CPU tensors only"
+    if device.type != "cpu":
+        return f"{device.type} tensors"
+    if not K.INTERPRETED:
+        return "CPU tensors run the Triton kernels only through the interpreter (TRITON_INTERPRET=1, for tests)"
+    if torch.compiler.is_compiling():
+        return ("the Triton interpreter cannot run inside torch.compile (CPU tensors); compile with "
+                "RIM_FAST_BACKEND=auto, or run eagerly")
+    return "the interpreter runs float32 only"
+
+
+def compile_why_not(device: torch.device) -> Optional[str]:
+    """Why the kernels cannot run inside torch.compile on this device type (None when they can)."""
+    if _MISSING is not None:
+        return _MISSING
+    if device.type == "cpu":
+        return ("on CPU tensors the Triton gate kernels run only through the interpreter, which cannot run inside "
+                "torch.compile")
+    if device.type == "cuda" and K.INTERPRETED:
+        return "the Triton kernels were loaded for the interpreter (TRITON_INTERPRET=1), which runs CPU tensors only"
+    return None
 
 
 #: eager calls on CUDA use the kernels from this many elements in the largest input on: below it the host's

@@ -1,5 +1,6 @@
-"""The C++/CUDA update-step ops (kernels in csrc/update_step.*): schemas, fakes, autograd, fallbacks, and the
-``cpp`` implementation of ``preprocess_score`` / ``update_state`` that ``rim_fast.ops.update`` registers.
+"""The C++/CUDA backend (``rim_fast._C``, csrc/) of the update-step family (``update_step``) and of tanh
+(``conv``): schemas, fakes, autograd, fallbacks, and the ``cpp`` implementations with their ``usable``/``auto``
+rules.
 
 Ops (namespace ``rim_fast``), all functional (new outputs; inputs are never written):
 
@@ -11,6 +12,8 @@ Ops (namespace ``rim_fast``), all functional (new outputs; inputs are never writ
 - ``update_state(x, g) -> x + g``
 - ``update_state_loss(x, g, x_true, w?) -> (x + g, sum(w (x + g - x_true)^2))``
 - ``update_state_loss_backward(grad_out, grad_loss, x_new, x_true, w?) -> grad of x (and of g)``
+- ``tanh(x) -> tanh(x)``: CPU only (float32, bfloat16), a rational approximation that keeps float32's relative
+  accuracy near 0 (csrc/tanh.h), in one vectorised pass; the output keeps x's layout. Backward: tanh_backward.
 
 One op per mode, so no output is ever optional. score, m, v, x, g, x_true, w: same shape [B, C, *S] (no
 broadcasting), float32/float64/bfloat16/float16; the moments m, v have score's dtype, or float32 for a
@@ -59,6 +62,7 @@ SCHEMAS = {
     "update_state_loss": "(Tensor x, Tensor g, Tensor x_true, Tensor? w) -> (Tensor, Tensor)",
     "update_state_loss_backward": ("(Tensor grad_out, Tensor grad_loss, Tensor x_new, Tensor x_true, Tensor? w) "
                                    "-> Tensor"),
+    "tanh": "(Tensor x) -> Tensor",
 }
 OPS = tuple(SCHEMAS)
 
@@ -105,6 +109,11 @@ def _update_state_loss_fake(x, g, x_true, w):
 @torch.library.register_fake(f"{NAMESPACE}::update_state_loss_backward")
 def _update_state_loss_backward_fake(grad_out, grad_loss, x_new, x_true, w):
     return x_new.new_empty(x_new.shape)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tanh")
+def _tanh_fake(x):
+    return torch.empty_like(x)  # x's layout, as the kernel's empty_like
 
 
 # ---- autograd ------------------------------------------------------------------------------------------
@@ -177,6 +186,18 @@ torch.library.register_autograd(f"{NAMESPACE}::update_state_loss_backward", _los
                                 setup_context=_loss_backward_setup)
 
 
+def _tanh_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _tanh_bwd(ctx, grad):
+    y, = ctx.saved_tensors
+    return torch.ops.aten.tanh_backward(grad, y)  # grad (1 - y^2), one fused pass
+
+
+torch.library.register_autograd(f"{NAMESPACE}::tanh", _tanh_bwd, setup_context=_tanh_setup)
+
+
 # ---- Python kernels used when rim_fast._C is not loaded -------------------------------------------------
 
 def _bias_corrected(step: Tensor):
@@ -203,6 +224,7 @@ _PY_KERNELS = {
     "update_state_loss": lambda x, g, x_true, w: reference.update_state(x, g, x_true, w),
     "update_state_loss_backward": lambda grad_out, grad_loss, x_new, x_true, w: (
         grad_out + (grad_loss if w is None else grad_loss * w) * (2 * (x_new - x_true))),
+    "tanh": lambda x: torch.tanh(x),
 }
 
 if _ext.module() is None:
@@ -308,6 +330,25 @@ def preprocess_usable(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
             and not _needs_grad(score, m, v))
 
 
+def _device_why_not(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        problem = _ext.cuda_problem(index)
+        if problem is not None:
+            return problem
+    if not has_kernel(device.type):
+        return f"rim_fast._C has no {device.type} kernels"
+    return ""
+
+
+def preprocess_why_not(score, m, v, t, method, beta_1, beta_2, epsilon) -> str:
+    if not preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon):
+        return "arguments outside the kernels' cover (device, dtypes, shapes of score/m/v, or t)"
+    if _needs_grad(score, m, v):
+        return "a gradient is needed (the kernels have no derivative; the reference serves such calls)"
+    return _device_why_not(score.device) or "cannot run these inputs"
+
+
 def preprocess_score(score, m, v, t, method, beta_1, beta_2, epsilon):
     """``reference.preprocess_score`` through the C++/CUDA kernels; returns (out, m', v')."""
     if method == "identity":
@@ -346,9 +387,43 @@ def update_usable(x, g, x_true=None, w=None) -> bool:
     return update_applies(x, g, x_true, w) and runs_on(x.device)
 
 
+def update_why_not(x, g, x_true=None, w=None) -> str:
+    if not update_applies(x, g, x_true, w):
+        return "x, g, x_true, w must share shape, dtype and device (no broadcasting), floating point"
+    return _device_why_not(x.device) or "cannot run these inputs"
+
+
 def update_state(x, g, x_true=None, w=None):
     """``reference.update_state`` through the C++/CUDA kernels; returns (x + g, loss term or None)."""
     if x_true is None:
         return _ops.update_state(x, g), None
     x_new, loss = _ops.update_state_loss(x, g, x_true, w)
     return x_new, loss
+
+
+_TANH_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def tanh_usable(x) -> bool:
+    """CPU float32/bfloat16 tensors, with the extension's CPU kernel registered."""
+    return isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype in _TANH_DTYPES and has_kernel("cpu")
+
+
+def tanh_auto(x) -> bool:
+    """Eagerly on the CPU: one pass at about the speed of a copy (torch.tanh's vectorised Sleef tanh costs
+    several; see bench/bench_conv.py). Under torch.compile Inductor generates its own tanh, fused with its
+    neighbours; CUDA's tanh is already one fast pass."""
+    return _ext.module() is not None and not torch.compiler.is_compiling() and tanh_usable(x)
+
+
+def tanh_why_not(x) -> str:
+    if x.device.type != "cpu":
+        return "CPU tensors only (CUDA's own tanh is one fast pass)"
+    if x.dtype not in _TANH_DTYPES:
+        return f"{x.dtype}: the kernel takes float32 and bfloat16"
+    return "rim_fast._C has no CPU kernels"
+
+
+def tanh(x: Tensor) -> Tensor:
+    """tanh(x) through the C++ CPU kernel (float32 math; bfloat16 stored after it)."""
+    return _ops.tanh(x)

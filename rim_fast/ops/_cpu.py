@@ -1,4 +1,5 @@
-"""CPU implementations of the convolution ops in channels-last layout, and a faster CPU tanh.
+"""The CPU backend of the convolution family: the convolutions in channels-last layout (``channels_last``) and
+conv + tanh as one oneDNN primitive (``onednn_fused``), each with its ``usable``/``auto`` rule.
 
 oneDNN runs fp32 convolutions in NHWC / NDHWC much faster than in NCHW on our CPUs (single-thread, the
 standard workloads: a 3x3 32->32 conv at 64x64 2x faster, the 2-channel input conv ~20x, stride-2 and
@@ -20,11 +21,14 @@ _FLOATS = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def usable(x, *args) -> bool:
+    """CPU tensors of 1 to 3 spatial dims, float32/float64/bfloat16 (``auto`` takes them all: oneDNN is faster in
+    channels-last than in the reference's NCHW)."""
     return x.device.type == "cpu" and x.dtype in _FLOATS and x.dim() in (3, 4, 5)
 
 
-def auto(x, *args) -> bool:
-    return usable(x)
+def why_not(x, *args) -> str:
+    return "CPU tensors only (cuDNN serves GPU tensors in their own layout)" if x.device.type != "cpu" else (
+        f"{x.dtype} / {x.dim() - 2} spatial dims not covered")
 
 
 def _to_cl(x: Tensor) -> Tensor:
@@ -71,40 +75,6 @@ def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: in
     return out.squeeze(2) if one_d else out
 
 
-class _SigmoidTanh(torch.autograd.Function):
-    """tanh(x) = 2 sigmoid(2x) - 1: eager torch.tanh is ~3x slower on our CPU. Backward 1 - y^2, as tanh's.
-
-    Absolute error <= 2.4e-7 (fp32); relative error grows near 0 (cancellation) -- fine for activations."""
-
-    @staticmethod
-    def forward(x):
-        # one allocation, the rest in place: on the CPU a fresh large tensor costs page faults comparable
-        # to a pass over it (measured: 3x faster than torch.tanh; a second temporary halves the gain)
-        return (x * 2).sigmoid_().mul_(2).sub_(1)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(grad, y)  # grad * (1 - y^2), one fused pass
-
-
-def tanh_usable(x) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-
-
-def tanh_auto(x) -> bool:
-    # under torch.compile Inductor generates its own vectorised tanh
-    return tanh_usable(x) and not torch.compiler.is_compiling()
-
-
-def tanh(x: Tensor) -> Tensor:
-    return _SigmoidTanh.apply(x)
-
-
 # ---- conv + tanh in one oneDNN primitive (inference) --------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -120,6 +90,16 @@ def _fused_works() -> bool:
         return bool(torch.allclose(out, torch.tanh(torch.tensor([[[[2.0, 3.0, 2.0]]]]))))
     except (RuntimeError, TypeError):
         return False
+
+
+def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return "CPU float32 only"
+    if torch.compiler.is_compiling():
+        return "not under torch.compile (Inductor fuses the conv's epilogue itself)"
+    if not _fused_works():
+        return "this torch has no working mkldnn._convolution_pointwise"
+    return "no autograd (the fused primitive has no derivative) and a symmetric padding only"
 
 
 def conv_tanh_usable(x, weight, bias, padding, dilation, groups) -> bool:
@@ -154,11 +134,3 @@ def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilati
                                                    [1, dilation] if one_d else [dilation] * spatial, groups,
                                                    "tanh", [], "")
     return out.squeeze(2) if one_d else out
-
-
-def conv_tanh_unfused(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation: int,
-                      groups: int) -> Tensor:
-    """The CPU path when the fused primitive cannot run (autograd): channels-last conv, sigmoid-form tanh
-    (torch.tanh under torch.compile, where Inductor generates its own)."""
-    out = conv(x, weight, bias, 1, padding, dilation, groups)
-    return torch.tanh(out) if torch.compiler.is_compiling() else tanh(out)

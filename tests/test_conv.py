@@ -1,0 +1,219 @@
+"""The convolution family (rim_fast/ops/conv.py): the CPU channels-last convolutions, the C++ tanh kernel
+(csrc/tanh.*) and conv + tanh against their references: forward, every gradient, the error budget of conftest,
+layouts, NaN-poisoned outputs, opcheck."""
+import pytest
+import torch
+
+from rim_fast import _ext, ops
+from rim_fast.ops import _cpp, _cpu, reference
+
+from conftest import BUDGET_FACTOR, BUDGET_SLACK, assert_error_budget, tol
+
+
+def conv_tol(dtype):
+    # another summation order over C_in * k^N (up to 81 here) terms of O(1) products: absolute error
+    # ~ eps * sqrt(terms) * |terms|, so the float32 bound is absolute at the output's scale
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else tol(dtype)
+
+CASES = [
+    pytest.param(1, (1,), 3, 1, id="1D-L1-k3"),
+    pytest.param(1, (17,), 3, 2, id="1D-L17-k3-s2"),
+    pytest.param(1, (16,), 4, 2, id="1D-L16-k4-s2"),
+    pytest.param(2, (7, 9), 3, 1, id="2D-7x9-k3"),
+    pytest.param(2, (8, 5), 5, 2, id="2D-8x5-k5-s2"),
+    pytest.param(3, (3, 4, 5), 3, 1, id="3D-3x4x5-k3"),
+    pytest.param(3, (4, 4, 4), 3, 2, id="3D-4x4x4-k3-s2"),
+]
+
+
+@pytest.mark.parametrize("dims,size,k,stride", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_channels_last_convs_match_reference(dims, size, k, stride, dtype):
+    x = torch.randn(2, 3, *size, dtype=dtype, requires_grad=True)
+    w = torch.randn(5, 3, *([k] * dims), dtype=dtype, requires_grad=True)
+    b = torch.randn(5, dtype=dtype, requires_grad=True)
+    if stride == 1:
+        args = (w, b, 1, "same", 1, 1)
+        ref, new = reference.conv(x, *args), _cpu.conv(x, *args)
+    else:
+        args = (w, b, k, stride, 1, 1, True)
+        ref, new = reference.conv_same(x, *args), _cpu.conv_same(x, *args)
+    assert new.shape == ref.shape
+    torch.testing.assert_close(new, ref, **conv_tol(dtype))
+    cot = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, (x, w, b), cot)
+    g_new = torch.autograd.grad(new, (x, w, b), cot)
+    for a, c in zip(g_new, g_ref):
+        torch.testing.assert_close(a, c, **conv_tol(dtype))
+
+    wt = torch.randn(3, 4, *([k] * dims), dtype=dtype)
+    ref_t = reference.conv_transpose(x, wt, None, 2, (k - 1) // 2, 1, 1, 1)
+    new_t = _cpu.conv_transpose(x, wt, None, 2, (k - 1) // 2, 1, 1, 1)
+    torch.testing.assert_close(new_t, ref_t, **conv_tol(dtype))
+
+
+def test_one_d_outputs_chain_without_copies():
+    x = torch.randn(2, 4, 16)
+    w = torch.randn(4, 4, 3)
+    y = _cpu.conv(x, w, None)
+    # the squeezed [B, C, 1, L] channels-last output is taken as is by the next conv
+    assert _cpu._to_cl(y).data_ptr() == y.data_ptr()
+    torch.testing.assert_close(_cpu.conv(y, w, None), reference.conv(reference.conv(x, w, None), w, None),
+                               **tol(torch.float32))
+
+
+# ---- tanh: the C++ CPU kernel ------------------------------------------------------------------------------
+
+@pytest.fixture
+def ext():
+    """The extension, with its outputs NaN-poisoned (csrc/outputs.h) for the test."""
+    module = _ext.module()
+    if module is None:
+        pytest.skip(f"rim_fast._C is not loaded: {_ext.missing()}")
+    module._set_test_hooks(True, False)
+    yield module
+    module._set_test_hooks(False, False)
+
+
+def _tanh_grid():
+    """Dense over the range where tanh is not +-1 in float32, and logarithmic down to the smallest values."""
+    x = torch.cat([torch.linspace(0, 10, 400_001), torch.logspace(-30, 1, 20_001), torch.tensor([8.999, 9.0, 9.001])])
+    return torch.cat([x, -x])
+
+
+def test_tanh_kernel_within_the_error_budget(ext):
+    x = _tanh_grid()
+    exact = torch.tanh(x.double())
+    fast, ref = _cpp.tanh(x), torch.tanh(x)
+    assert_error_budget([fast], [ref], [exact], torch.float32, ["tanh"])
+    # element by element too, relative to each value: the accuracy near 0 is what training needs
+    nonzero = exact != 0
+    rel = lambda y: ((y.double() - exact).abs()[nonzero] / exact.abs()[nonzero]).max().item()  # noqa: E731
+    assert rel(fast) <= BUDGET_FACTOR * rel(ref) + BUDGET_SLACK[torch.float32], (rel(fast), rel(ref))
+    assert rel(fast) < 4e-7  # 3 ulp (csrc/tanh.h)
+    small = nonzero & (x.abs() < 1)
+    assert ((fast.double() - exact).abs()[small] / exact.abs()[small]).max() < 1e-7  # 1.5 ulp below |x| = 1
+
+
+def test_tanh_kernel_special_values(ext):
+    x = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-38, -1e-45, 9.0, -9.0, 30.0, -1e30])
+    y = _cpp.tanh(x)
+    assert y[:2].tolist() == [0.0, 0.0] and torch.signbit(y[1]) and not torch.signbit(y[0])
+    assert y[2].isnan()
+    assert y[3:].tolist() == pytest.approx(torch.tanh(x[3:]).tolist(), rel=1e-7, abs=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_3d", "1D", "transposed",
+                                    "sliced", "empty"])
+def test_tanh_kernel_layouts(ext, layout):
+    """The output keeps a dense input's layout (no copy in either direction); other inputs work too."""
+    base = {"contiguous": torch.randn(2, 3, 4, 5), "1D": torch.randn(3, 5, 7), "empty": torch.randn(2, 0, 4),
+            "channels_last": torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+            "channels_last_3d": torch.randn(2, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d),
+            "transposed": torch.randn(5, 6).t(), "sliced": torch.randn(4, 6, 5)[:, ::2]}[layout]
+    y = _cpp.tanh(base)
+    assert y.shape == base.shape
+    if layout not in ("sliced", "empty"):  # dense: the kernel writes x's memory order
+        assert y.stride() == base.stride()
+    torch.testing.assert_close(y, torch.tanh(base), rtol=4e-7, atol=1e-30)
+
+
+def test_tanh_kernel_bfloat16(ext):
+    x = torch.randn(3, 8, 33) * 3
+    xb = x.bfloat16()
+    exact = torch.tanh(xb.double())
+    assert_error_budget([_cpp.tanh(xb)], [torch.tanh(xb)], [exact], torch.bfloat16, ["tanh bf16"])
+    assert _cpp.tanh(xb).dtype == torch.bfloat16
+
+
+def test_tanh_kernel_gradient(ext):
+    x = (torch.randn(4, 7, 9) * 2).requires_grad_()
+    cot = torch.randn(4, 7, 9)
+    g_fast, = torch.autograd.grad(_cpp.tanh(x), x, cot)
+    g_ref, = torch.autograd.grad(torch.tanh(x), x, cot)
+    x64 = x.detach().double().requires_grad_()
+    g_exact, = torch.autograd.grad(torch.tanh(x64), x64, cot.double())
+    assert_error_budget([g_fast], [g_ref], [g_exact], torch.float32, ["grad tanh"])
+    x64 = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(reference.tanh, (x64,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tanh_opcheck(ext, dtype):
+    x = torch.randn(2, 3, 4, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.rim_fast.tanh.default, (x.requires_grad_(dtype == torch.float32),))
+
+
+def test_tanh_kernel_skipped_write_is_caught(ext):
+    x = torch.randn(2, 3, 40)
+    assert not _cpp.tanh(x).isnan().any()
+    ext._set_test_hooks(True, True)
+    y = _cpp.tanh(x).reshape(-1)
+    assert y[-1].isnan() and not y[:-1].isnan().any()
+
+
+def test_tanh_dispatch():
+    """auto runs the kernel on CPU float32/bfloat16 tensors, the reference (torch.tanh) for float64, on other
+    devices and under torch.compile."""
+    x = torch.randn(2, 3, 4)
+    with ops.trace() as calls:
+        ops.tanh(x)
+        ops.tanh(x.double())
+    if _ext.module() is not None:
+        assert calls == {("tanh", "cpp"): 1, ("tanh", "reference"): 1}
+    else:
+        assert calls == {("tanh", "reference"): 2}
+    compiled = torch.compile(ops.tanh, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), torch.tanh(x))
+
+
+@pytest.mark.parametrize("dims,size,k", [(1, (9,), 3), (2, (7, 6), 3), (3, (3, 4, 5), 3), (2, (8, 8), 1)],
+                         ids=["1D", "2D", "3D", "2D-k1"])
+def test_conv_tanh_fused_and_unfused_match_reference(dims, size, k):
+    x = torch.randn(2, 3, *size)
+    w = torch.randn(4, 3, *([k] * dims))
+    b = torch.randn(4)
+    expected = reference.conv_tanh(x, w, b, "same", 1, 1)
+    with torch.no_grad():
+        assert _cpu.conv_tanh_usable(x, w, b, "same", 1, 1) == _cpu._fused_works()
+        if _cpu._fused_works():
+            torch.testing.assert_close(_cpu.conv_tanh(x, w, b, "same", 1, 1), expected, rtol=1e-5, atol=1e-6)
+        with ops.trace() as calls:
+            ops.conv_tanh(x, w, b, padding="same", dilation=1, groups=1)
+    assert calls[("conv_tanh", "onednn_fused" if _cpu._fused_works() else "unfused")] == 1
+    # with autograd the fused primitive (no derivative) is not taken, and gradients match the reference
+    w.requires_grad_(True)
+    assert not _cpu.conv_tanh_usable(x, w, b, "same", 1, 1)
+    out = ops.conv_tanh(x, w, b, padding="same", dilation=1, groups=1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    g, = torch.autograd.grad(out.sum(), w)
+    g_ref, = torch.autograd.grad(reference.conv_tanh(x, w, b, "same", 1, 1).sum(), w)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_tanh_even_kernel_is_not_fused():
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 2, 4, 4)
+    with torch.no_grad():
+        assert not _cpu.conv_tanh_usable(x, w, None, "same", 1, 1)
+
+
+def test_layer_hooks_see_the_conv_output():
+    """A same-conv followed by tanh runs as one op only when no forward hook watches the layer."""
+    import rim_fast
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
+    x = torch.randn(2, 1, 16)
+    h = torch.zeros(2, 6, 4)
+    seen = []
+    with torch.no_grad():
+        with ops.trace() as calls:
+            net(x, None, x, h)
+        assert calls[("conv_tanh", "onednn_fused" if _cpu._fused_works() else "unfused")] > 0
+        handle = net.input_layer.register_forward_hook(lambda m, i, o: seen.append(o))
+        out = net(x, None, x, h)
+        handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (2, 4, 16)
+    # the hooked layer's output is the conv's, before the activation
+    torch.testing.assert_close(seen[0], reference.conv(torch.cat([x, x], 1), net.input_layer.weight,
+                                                       net.input_layer.bias), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(out[0], net(x, None, x, h)[0], rtol=1e-5, atol=1e-6)
