@@ -1,0 +1,158 @@
+"""Benchmark of the convolution family (rim_fast/ops/conv.py) on the standard workloads' feature maps
+(pytest-benchmark).
+
+Tensors are the Hourglass's first-level activations, [B, nf=32, *size]: S1 [32, 32, 256], S2 [16, 32, 64x64],
+S3 [4, 32, 16x16x16], L2 [32, 32, 256x256] (CUDA only). Ops:
+  tanh       fwd: the activation; fwdbwd: and its gradient (tanh_backward from the output)
+  conv       a 3x3 "same" convolution nf -> nf, fwd (no autograd)
+  conv_tanh  the same convolution followed by tanh, fwd (no autograd: inference, where the fusion applies)
+Providers: "reference" (the reference op, eager: torch.tanh, NCHW convolutions), "compiled" (torch.compile of the
+reference, fullgraph, static shapes), and the implementations ``auto`` can pick on this device: "cpp" (tanh, the
+C++ CPU kernel), "channels_last" (CPU convolutions in oneDNN's preferred layout), "onednn_fused" and "unfused"
+(conv_tanh on the CPU). Every case is checked against the reference before it is timed (no time for a wrong case).
+
+GB/s for tanh (e = 4 bytes, N elements): fwd 2 e N (read x, write y); fwdbwd 5 e N (and read grad, y; write
+grad_x). GFLOP/s for the convolutions: 2 N nf 3^d (multiply-adds of the 3x3(x3) kernel).
+
+    pytest bench/bench_conv.py [--benchmark-json out.json]     # RIM_FAST_BENCH_SMOKE=1: tiny, 1 round
+    python -m bench.bench_conv                                  # the same as a table
+The first line printed names the machine (device, CUDA, torch, triton, threads, git revision).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.common import MODEL, SMOKE, machine_line, measure, synchronize, workloads
+from rim_fast.ops import _cpp, _cpu, reference
+from rim_fast.ops.conv import _conv_then_tanh
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NF = MODEL["nf"]
+CPU = DEVICE == "cpu"
+OPS = (("tanh", "fwd"), ("tanh", "fwdbwd"), ("conv", "fwd"), ("conv_tanh", "fwd"))
+PROVIDERS = {
+    "tanh": ("reference", "compiled") + (("cpp",) if CPU and _cpp.has_kernel("cpu") else ()),
+    "conv": ("reference", "compiled") + (("channels_last",) if CPU else ()),
+    "conv_tanh": ("reference", "compiled") + (("onednn_fused",) if CPU and _cpu._fused_works() else ())
+                 + (("unfused",) if CPU else ()),
+}
+BYTES_PER_ELEMENT = {("tanh", "fwd"): 2, ("tanh", "fwdbwd"): 5}
+
+
+def shapes() -> dict:
+    """name -> activation shape [B, nf, *size] of each standard workload on this device."""
+    return {name: (w["batch"], NF, *w["size"]) for name, w in workloads().items() if DEVICE in w["devices"]}
+
+
+def _function(op: str, provider: str):
+    if op == "tanh":
+        fn = _cpp.tanh if provider == "cpp" else reference.tanh
+    elif op == "conv":
+        impl = _cpu.conv if provider == "channels_last" else reference.conv
+
+        def fn(x, w, b):
+            return impl(x, w, b, 1, "same", 1, 1)
+    else:
+        impl = {"onednn_fused": _cpu.conv_tanh, "unfused": _conv_then_tanh}.get(provider, reference.conv_tanh)
+
+        def fn(x, w, b):
+            return impl(x, w, b, "same", 1, 1)
+    if provider == "compiled":
+        fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    return fn
+
+
+def _inputs(op, shape):
+    g = torch.Generator().manual_seed(0)
+    x = (2 * torch.randn(*shape, generator=g)).to(DEVICE)
+    if op == "tanh":
+        return [x]
+    dims = len(shape) - 2
+    w = (torch.randn(NF, NF, *[3] * dims, generator=g) / math.sqrt(NF * 3 ** dims)).to(DEVICE)
+    return [x, w, torch.randn(NF, generator=g).to(DEVICE)]
+
+
+def make_case(op: str, mode: str, provider: str, shape: tuple):
+    """(callable to time) for one case; the callable synchronises the device and returns the outputs."""
+    fn = _function(op, provider)
+    inputs = _inputs(op, shape)
+    if mode == "fwdbwd":
+        inputs[0].requires_grad_()
+    cot = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE) if mode == "fwdbwd" else None
+
+    def run():
+        with torch.set_grad_enabled(mode == "fwdbwd"):
+            out = fn(*inputs)
+            outs = (out,) + (torch.autograd.grad(out, inputs[0], cot) if mode == "fwdbwd" else ())
+        synchronize(DEVICE)
+        return outs
+    return run
+
+
+_REFERENCE = {}
+
+
+def check_and_baseline(op, mode, shape):
+    """The reference result and its median time for a case (measured once per run)."""
+    key = (op, mode, shape)
+    if key not in _REFERENCE:
+        run = make_case(op, mode, "reference", shape)
+        _REFERENCE[key] = ([o.detach() for o in run()], measure(run, DEVICE)["median"])
+    return _REFERENCE[key]
+
+
+def correct(outs, expected) -> bool:
+    # tanh within a few ulp; convolutions summed in another order (absolute at the output's scale)
+    return len(outs) == len(expected) and all(
+        torch.allclose(a.detach().double(), b.double(), rtol=1e-5, atol=1e-5) for a, b in zip(outs, expected))
+
+
+def throughput(op, mode, shape, seconds) -> dict:
+    n = math.prod(shape)
+    if op == "tanh":
+        return {"GBps": BYTES_PER_ELEMENT[(op, mode)] * 4 * n / seconds / 1e9}
+    return {"GFLOPs": 2 * n * NF * 3 ** (len(shape) - 2) / seconds / 1e9}
+
+
+CASES = [pytest.param(name, op, mode, provider, id=f"{name}-{op}-{mode}-{provider}")
+         for i, name in enumerate(shapes()) for op, mode in OPS for provider in PROVIDERS[op]
+         # smoke mode (CI): compiling costs seconds per case and tells nothing there; one workload suffices
+         if not (SMOKE and provider == "compiled" and i > 0)]
+
+
+@pytest.mark.parametrize("name,op,mode,provider", CASES)
+def test_conv_family(benchmark, name, op, mode, provider):
+    shape = shapes()[name]
+    expected, baseline = check_and_baseline(op, mode, shape)
+    run = make_case(op, mode, provider, shape)
+    ok = correct(run(), expected)
+    benchmark.extra_info.update(machine=machine_line(), shape="x".join(map(str, shape)), correct=ok)
+    # no timing (and no speedup) for a case whose result is wrong
+    assert ok, f"{provider} disagrees with the reference"
+    benchmark.pedantic(run, warmup_rounds=1 if SMOKE else 3, rounds=1 if SMOKE else 20, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(speedup_vs_reference=baseline / median, **throughput(op, mode, shape, median))
+
+
+def main():
+    print(machine_line())
+    print(f"{'case':40s} {'median ms':>10s} {'IQR ms':>8s} {'GB/s|GFLOP/s':>13s} {'speedup':>8s}")
+    for param in CASES:
+        name, op, mode, provider = param.values
+        shape = shapes()[name]
+        expected, baseline = check_and_baseline(op, mode, shape)
+        run = make_case(op, mode, provider, shape)
+        if not correct(run(), expected):
+            print(f"{param.id:40s} WRONG RESULT (not timed)")
+            continue
+        t = measure(run, DEVICE, warmup=3, rounds=20)
+        rate = next(iter(throughput(op, mode, shape, t["median"]).values()))
+        print(f"{param.id:40s} {t['median'] * 1e3:10.4f} {(t['q3'] - t['q1']) * 1e3:8.4f} {rate:13.1f} "
+              f"{baseline / t['median']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
