@@ -8,7 +8,6 @@ import torch
 
 import rim_fast
 from rim_fast import ops
-from rim_fast.ops import _triton
 
 from conftest import assert_error_budget, budget_errors
 
@@ -56,6 +55,7 @@ CONFIGS += [pytest.param(2, dict(score_fn=score_fn, score_preprocessing_method="
 
 @pytest.fixture(params=["auto", "kernels"])
 def backend(request):
+    from rim_fast.ops import _triton
     if request.param == "kernels" and not (_triton.missing() is None and _triton.K.INTERPRETED):
         pytest.skip("the kernels backend on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
     return request.param
