@@ -1,0 +1,184 @@
+"""Whole-loop CUDA graphs for eager inference, without torch.compile.
+
+A RIM on a GPU runs hundreds of small kernels per call; at 5-10 us of host time per launch, small workloads are
+launch-bound. ``GraphCache`` records a call (the whole T-step loop, score function included) once per signature
+and replays it afterwards: the inputs are copied into static buffers, the graph replays, and the outputs are
+handed out as copies that a later replay cannot overwrite.
+
+The cache's logic (signatures, static buffers, invalidation, fallback, output copies) is written against a small
+recorder interface, so that it is tested on the CPU with ``EagerRecorder``, a stand-in that replays by running
+the function again; ``CudaRecorder`` is the real thing (torch.cuda.CUDAGraph), tested on CUDA.
+
+Rules (each tested):
+- parameters updated in place are seen by the next replay (the graph reads their memory);
+- a parameter or buffer tensor replaced (``load_state_dict(assign=True)``, ``.to()``, a new model) invalidates
+  every graph (``watch``);
+- a call that cannot be captured (a host sync such as ``.item()``, a CPU allocation in the score function, ...)
+  makes its signature run eagerly from then on, with one warning; never an error, and the cache stays usable;
+- at most ``max_entries`` signatures are kept (the least recently used is dropped); ``clear()`` frees them all.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+Tensor = torch.Tensor
+
+#: the signature's entry when its call cannot be captured: it runs eagerly
+_EAGER = object()
+
+
+class CaptureError(RuntimeError):
+    """A call that cannot be recorded into a graph (the stand-in raises it where CUDA would fail)."""
+
+
+def signature(tree: Any) -> Optional[Hashable]:
+    """A hashable key of a call's arguments: the tree structure, every tensor's shape, dtype, device and
+    requires_grad, every other leaf's value; None when a leaf is not hashable (such calls stay eager)."""
+    leaves, spec = tree_flatten(tree)
+    key = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            key.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            key.append((type(leaf), leaf))
+    return tuple(key)
+
+
+class EagerRecorder:
+    """The stand-in for the CPU: ``capture`` runs the function once under a mode that raises ``CaptureError`` on
+    a host sync (what breaks a CUDA capture) and keeps its outputs as the static outputs; ``replay`` runs the
+    function again and copies the results into them, as a graph writes the same memory at every replay."""
+
+    class _NoHostSync(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+                raise CaptureError(f"{func} synchronises with the host: it cannot be captured")
+            return func(*args, **(kwargs or {}))
+
+    def capture(self, fn: Callable[[], Any]):
+        with self._NoHostSync():
+            out = fn()
+        return fn, out
+
+    def replay(self, graph, out) -> None:
+        new = graph()
+        for static, fresh in zip(tree_flatten(out)[0], tree_flatten(new)[0]):
+            if isinstance(static, Tensor):
+                static.copy_(fresh)
+
+
+class CudaRecorder:
+    """``torch.cuda.CUDAGraph``: warm-up calls on a side stream (lazy initialisation, cuDNN and Triton choices
+    happen outside the capture), then the capture into a memory pool shared by the RIM's graphs."""
+
+    def __init__(self, device: torch.device, warmup: int = 2):
+        self.device, self.warmup = device, warmup
+        self.pool = None
+
+    def capture(self, fn: Callable[[], Any]):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn()
+        except RuntimeError as err:
+            raise CaptureError(str(err)) from err
+        return graph, out
+
+    def replay(self, graph, out) -> None:
+        graph.replay()
+
+
+class _Entry:
+    def __init__(self, graph, inputs, out):
+        self.graph, self.inputs, self.out = graph, inputs, out
+
+
+class GraphCache:
+    """Records ``fn(*inputs)`` once per signature and replays it; see the module docstring."""
+
+    def __init__(self, recorder, max_entries: int = 8):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.recorder, self.max_entries = recorder, max_entries
+        self._entries: OrderedDict = OrderedDict()
+        self._watched: Optional[tuple] = None
+        self.captures = 0  # graphs recorded so far (tests and benchmarks read it)
+
+    def __len__(self) -> int:
+        return sum(entry is not _EAGER for entry in self._entries.values())
+
+    def clear(self) -> None:
+        """Drop every graph and its static buffers (the memory goes back to the allocator)."""
+        self._entries.clear()
+
+    def watch(self, tensors: Sequence[Tensor]) -> None:
+        """Invalidate every graph when these tensors (the parameters and buffers a call reads) are not the same
+        memory as at the last call: a graph would read the old tensors. In-place updates keep them."""
+        now = tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.device) for t in tensors)
+        if now != self._watched:
+            if self._watched is not None:
+                self.clear()
+            self._watched = now
+
+    def __call__(self, key: Optional[Hashable], fn: Callable[..., Any], inputs: Sequence[Any]) -> Any:
+        """``fn(*inputs)``: replayed from a graph recorded for ``key`` (recorded now on the first call);
+        eagerly when ``key`` is None or the signature could not be captured. Tensors in ``inputs`` are copied
+        into the graph's static buffers; the outputs are copies, never the graph's memory."""
+        if key is None:
+            return fn(*inputs)
+        entry = self._entries.get(key)
+        if entry is _EAGER:
+            self._entries.move_to_end(key)
+            return fn(*inputs)
+        if entry is None:
+            entry = self._record(key, fn, inputs)
+            if entry is _EAGER:
+                return fn(*inputs)
+        else:
+            self._entries.move_to_end(key)
+            for static, value in zip(tree_flatten(entry.inputs)[0], tree_flatten(list(inputs))[0]):
+                if isinstance(static, Tensor):
+                    static.copy_(value)
+            self.recorder.replay(entry.graph, entry.out)
+        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.out)
+
+    def _record(self, key, fn, inputs):
+        leaves, spec = tree_flatten(list(inputs))
+        static = tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
+        try:
+            graph, out = self.recorder.capture(lambda: fn(*static))
+        except Exception as err:  # noqa: BLE001 - whatever breaks a capture, the call runs eagerly
+            warnings.warn(f"rim_fast: this call cannot be recorded into a CUDA graph ({type(err).__name__}: {err}); "
+                          f"calls with the same signature run eagerly (a score function that synchronises with "
+                          f"the host, e.g. .item(), or allocates on the CPU cannot be captured)",
+                          RuntimeWarning, stacklevel=4)
+            self._store(key, _EAGER)
+            return _EAGER
+        self.captures += 1
+        entry = _Entry(graph, static, out)
+        self._store(key, entry)
+        return entry
+
+    def _store(self, key, entry) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
