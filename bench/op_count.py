@@ -1,0 +1,191 @@
+"""Ops per RIM step that would launch a kernel on a GPU, counted on any device (the CPU in CI).
+
+A ``TorchDispatchMode`` counts the aten ops a call runs, leaving out views and metadata (ops whose output
+aliases an input, shape queries) and bare allocations (``empty``), which launch nothing. The count follows what
+a GPU would run, whatever device it is taken on:
+
+- ``reference``: rim_fast with ``RIM_FAST_BACKEND=reference`` (the PyTorch references, as on a GPU);
+- ``kernels``: the references, except that each call of an op a GPU serves with one kernel (the Triton gates,
+  the C++/CUDA update step) counts one, whatever the CPU runs for it; CPU-only implementations (channels-last
+  layouts, the C++ CPU tanh, oneDNN's fused conv + tanh) are not used, so their layout copies are not counted;
+  a convolution followed by tanh counts two (cuDNN's convolution and the tanh), as on a GPU;
+- ``torch_rim``: torch_rim 0.2.9 itself.
+
+Modes: ``predict`` (no autograd) and ``train_step`` (``loss_fn`` and its backward; the optimizer's step is not
+counted). Per step = total / T.
+
+    python -m bench.op_count [--workload S2] [--T 10]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+import rim_fast
+from bench.common import MODEL, T as DEFAULT_T, workloads
+from rim_fast.ops._dispatch import OPS, use_backend
+
+#: the op families a GPU runs as one kernel per call in the ``kernels`` count
+ONE_KERNEL_OPS = ("gru_gates_zr", "gru_gates_h", "gru_gates_zero_state", "preprocess_score", "update_state")
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
+              "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
+              "_has_compatible_shallow_copy_type", "detach_", "_to_copy_meta"}
+
+
+def _launches(func) -> bool:
+    """Whether an aten op launches a kernel: not a view (an output aliasing an input) nor a bare allocation."""
+    schema = func._schema
+    if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+        return False
+    return func._schema.name.split("::")[-1] not in _NO_KERNEL
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the kernel-launching aten ops run inside it (``paused`` leaves some out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+        self.paused = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and _launches(func):
+            self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@contextlib.contextmanager
+def _paused(counter: LaunchCounter):
+    counter.paused += 1
+    try:
+        yield
+    finally:
+        counter.paused -= 1
+
+
+class _OneKernel(torch.autograd.Function):
+    """One counted launch forward and one backward around a reference computed uncounted (its outputs
+    flattened; ``holder`` receives their structure)."""
+
+    @staticmethod
+    def forward(ctx, counter, name, call, holder, *tensors):
+        with _paused(counter), torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+            flat, holder["spec"] = tree_flatten(call(*leaves))
+        ctx.counter, ctx.name, ctx.leaves, ctx.flat = counter, name, leaves, flat
+        return tuple(o.detach() for o in flat)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.counter.counts[f"rim_fast::{ctx.name}_backward"] += 1
+        pairs = [(o, g) for o, g in zip(ctx.flat, grads) if o.requires_grad and g is not None]
+        wanted = [t for t in ctx.leaves if t.requires_grad]
+        got = {}
+        if pairs and wanted:
+            with _paused(ctx.counter):
+                grads_in = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                               allow_unused=True)
+            got = {id(t): g for t, g in zip(wanted, grads_in)}
+        return (None, None, None, None) + tuple(got.get(id(t)) for t in ctx.leaves)
+
+
+@contextlib.contextmanager
+def _one_kernel_per_call(counter: LaunchCounter):
+    """The ``kernels`` count: each call of a ONE_KERNEL_OPS op counts one, and its backward one more; the
+    reference computes the values, uncounted."""
+    saved = {name: OPS[name].reference for name in ONE_KERNEL_OPS}
+
+    def counted(name, ref):
+        def run(*args):
+            counter.counts[f"rim_fast::{name}"] += 1
+            positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            tensors = [args[i] for i in positions]
+            if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+                with _paused(counter):
+                    return ref(*args)
+
+            def call(*ts):
+                full = list(args)
+                for i, t in zip(positions, ts):
+                    full[i] = t
+                return ref(*full)
+
+            holder = {}
+            flat = _OneKernel.apply(counter, name, call, holder, *tensors)
+            return tree_unflatten(list(flat), holder["spec"])
+        return run
+
+    try:
+        for name, ref in saved.items():
+            OPS[name].reference = counted(name, ref)
+        yield
+    finally:
+        for name, ref in saved.items():
+            OPS[name].reference = ref
+
+
+def _score(x, y):
+    return y - 0.7 * x
+
+
+def _rim(library, workload: str, T: int):
+    spec = workloads()[workload]
+    dims = spec["dims"]
+    torch.manual_seed(0)
+    if library == "torch_rim":
+        import rim
+        net = rim.Hourglass(1, dimensions=dims, **MODEL)
+        return rim.RIM(spec["size"], net, T=T, score_fn=_score, device="cpu"), spec
+    net = rim_fast.Hourglass(1, dimensions=dims, **MODEL)
+    return rim_fast.RIM(spec["size"], net, T=T, score_fn=_score, device="cpu"), spec
+
+
+def count(provider: str, mode: str, workload: str = "S2", T: int = DEFAULT_T) -> Counter:
+    """Kernel-launching ops of one call (``predict``) or of ``loss_fn`` and its backward (``train_step``)."""
+    rim, spec = _rim("torch_rim" if provider == "torch_rim" else "rim_fast", workload, T)
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(spec["batch"], 1, *spec["size"], generator=g)
+    x = torch.randn(spec["batch"], 1, *spec["size"], generator=g)
+    counter = LaunchCounter()
+    patch = _one_kernel_per_call(counter) if provider == "kernels" else contextlib.nullcontext()
+    backend = use_backend("reference") if provider != "torch_rim" else contextlib.nullcontext()
+    with backend, patch, counter:
+        if mode == "predict":
+            with torch.no_grad():
+                rim.predict(y)
+        else:
+            rim.loss_fn(y, x).backward()
+    return counter.counts
+
+
+def per_step(provider: str, mode: str, workload: str = "S2", T: int = DEFAULT_T) -> float:
+    return sum(count(provider, mode, workload, T).values()) / T
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", default="S2")
+    parser.add_argument("--T", type=int, default=DEFAULT_T)
+    parser.add_argument("--detail", action="store_true", help="the ops of each count")
+    args = parser.parse_args(argv)
+    print(f"ops per RIM step that launch a GPU kernel ({args.workload}, T={args.T}):")
+    for provider in ("torch_rim", "reference", "kernels"):
+        for mode in ("predict", "train_step"):
+            counts = count(provider, mode, args.workload, args.T)
+            print(f"  {provider:10s} {mode:10s} {sum(counts.values()) / args.T:7.1f}")
+            if args.detail:
+                for op, n in counts.most_common():
+                    print(f"      {op:40s} {n / args.T:6.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""bench/op_count.py: ops per RIM step that would launch a GPU kernel, counted on the CPU."""
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.op_count import LaunchCounter, count  # noqa: E402
+
+
+def test_views_metadata_and_allocations_launch_nothing():
+    x = torch.randn(4, 6)
+    with LaunchCounter() as counter:
+        x.view(2, 12)
+        x.t()
+        x[:, 1:3]
+        x.unsqueeze(0).expand(3, 4, 6)
+        x.reshape(24)
+        torch.empty(5)
+        torch.empty_like(x)
+        x.shape, x.size(0)
+    assert counter.total == 0, counter.counts
+    with LaunchCounter() as counter:
+        y = x + 1
+        torch.tanh(y)
+        x.t().contiguous()  # a real copy
+        torch.cat([x, x])
+    assert counter.total == 4, counter.counts
+
+
+def test_counts_per_provider_and_mode():
+    """On a tiny workload: torch_rim launches the most, the references fewer, and with each gate and update-step
+    call as one kernel fewer still; a training step more than a prediction."""
+    totals = {(p, m): sum(count(p, m, "S1", T=2).values())
+              for p in ("torch_rim", "reference", "kernels") for m in ("predict", "train_step")}
+    for mode in ("predict", "train_step"):
+        assert totals[("kernels", mode)] < totals[("reference", mode)] < totals[("torch_rim", mode)], totals
+    for provider in ("torch_rim", "reference", "kernels"):
+        assert totals[(provider, "train_step")] > totals[(provider, "predict")]
+    kernels = count("kernels", "train_step", "S1", T=2)
+    assert kernels["rim_fast::update_state"] == 2 and kernels["rim_fast::update_state_backward"] == 2
+    assert kernels["rim_fast::preprocess_score"] == 2
