@@ -17,10 +17,16 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+from torch.nn import Module
+
+from .architectures import ARCHITECTURES
+from .definitions import DEVICE
+from .validation import choice
 
 _INDEX = re.compile(r"[0-9]+")
 _SCORE = re.compile(r"([0-9]{1}.[0-9]+e[+-][0-9]{2})")
@@ -197,3 +203,47 @@ def append_score_sheet(directory: str, index: int, cost: float) -> None:
 def atomic_write_bytes(data_writer, path: str) -> None:
     """Write a file atomically with ``data_writer(f)`` (a binary file object)."""
     _atomic_write(path, data_writer)
+
+
+def load_architecture(checkpoints_directory, model: Union[str, Module] = None, dimensions=1,
+                      hyperparameters=None, device=DEVICE) -> tuple:
+    """Build (or take) the model of a checkpoints directory and load its latest readable checkpoint
+    (torch_rim's ``rim.utils.load_architecture``, also importable from ``rim_fast.utils``).
+
+    Returns (model, hparams). ``model`` may be None (read ``model_hparams.json``), an architecture name
+    ("hourglass", "unet") or a module; ``hyperparameters`` override the saved ones."""
+    if not isinstance(checkpoints_directory, (str, os.PathLike)) or not os.path.isdir(checkpoints_directory):
+        raise ValueError(f"checkpoints_directory {checkpoints_directory!r} is not an existing directory")
+    if model is None or isinstance(model, str):
+        model, hparams = _build_architecture(checkpoints_directory, model, dimensions, hyperparameters, device)
+    else:
+        hparams = getattr(model, "hyperparameters", {})
+    found = list_checkpoints(checkpoints_directory)
+    for files in reversed(found):
+        try:
+            state = load_file(files.model, map_location=device)
+        except RuntimeError as e:
+            warnings.warn(f"{e}; trying the previous checkpoint", RuntimeWarning)
+            continue
+        model.load_state_dict(state)
+        break
+    else:
+        if found:
+            raise RuntimeError(f"no readable checkpoint in {checkpoints_directory!r}")
+    return model, hparams
+
+
+def _build_architecture(directory: str, name: Optional[str], dimensions, hyperparameters, device) -> tuple:
+    """(model, hparams) from ``model_hparams.json`` (required when ``name`` is None), updated with
+    ``hyperparameters``; the architecture ``name``, else the saved one, else "hourglass"."""
+    hparams_path = os.path.join(directory, "model_hparams.json")
+    if os.path.exists(hparams_path):
+        hparams = read_json(hparams_path)
+    elif name is None:
+        raise ValueError(f"checkpoints_directory {directory!r} has no model_hparams.json; pass the model")
+    else:
+        hparams = {}
+    hparams.update(hyperparameters or {})
+    hparams.setdefault("dimensions", dimensions)
+    name = choice("model", name or hparams.get("architecture", "hourglass"), ARCHITECTURES, ignore_case=True)
+    return ARCHITECTURES[name](**hparams).to(device), hparams

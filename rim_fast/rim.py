@@ -15,7 +15,7 @@ from . import ops
 from .architectures.base import EncoderDecoder
 from .compat import CompatLike, resolve
 from .definitions import DEVICE
-from .utils import load_architecture
+from .checkpoints import load_architecture
 
 _INITIALIZATIONS = ("zeros", "approximate_inverse", "model")
 _DEFAULTS = {"T": 10, "score_preprocessing_method": "Identity", "initialization_method": "zeros",
@@ -240,10 +240,17 @@ class RIM(nn.Module):
             break
         return out
 
+    def _zero_state_hint(self, previous: Optional[str] = None, *, initial: bool = False) -> Optional[str]:
+        """The network's ``zero_state`` promise for its next call (``Model.zero_state_hint``): ``initial`` when h
+        is the network's initial zero state, else for the state that a call given ``previous`` returned. None
+        for networks that take no promise (torch_rim's, users' own)."""
+        hint = getattr(self.model, "zero_state_hint", None)
+        return None if hint is None else hint(previous, initial=initial)
+
     def _call_model(self, x, y, score, h, zero_state):
-        if zero_state is not None and getattr(self.model, "supports_zero_state_hint", False):
-            return self.model(x, y, score, h, zero_state=zero_state)
-        return self.model(x, y, score, h)
+        if zero_state is None:
+            return self.model(x, y, score, h)
+        return self.model(x, y, score, h, zero_state=zero_state)
 
     def _no_autocast(self, amp: bool):
         """The score, the preprocessing and the link functions run in the state's precision under autocast."""
@@ -272,7 +279,7 @@ class RIM(nn.Module):
         h = self._initial_hidden_state(batch_size, dtype)
         shape = (batch_size, self.C, *self.dimensions)
         out = []
-        zero_state = "all"
+        zero_state = self._zero_state_hint(initial=True)
         if self.initialization_method == "zeros":
             x = torch.zeros(shape, device=self.device, dtype=dtype)
         elif self.initialization_method == "approximate_inverse":
@@ -295,7 +302,7 @@ class RIM(nn.Module):
             if amp:
                 x, h = x.to(dtype), h.to(dtype)
             out.append(x)
-            zero_state = "first" if self.compat.stale_gru_state else None
+            zero_state = self._zero_state_hint(zero_state)
         m = v = None
         if self._preprocessing in ("adam", "rmsprop", "rmsprop_fixed"):
             m, v = torch.zeros_like(x), torch.zeros_like(x)
@@ -317,7 +324,6 @@ class RIM(nn.Module):
             if time_weights is not None:
                 loss = loss * time_weights[0]
             offset = 1
-        stale = self.compat.stale_gru_state
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for t in range(self.T):
             with torch.no_grad(), self._no_autocast(amp):
@@ -331,7 +337,7 @@ class RIM(nn.Module):
                 g, h = self._call_model(x, y, score, h, zero_state)
             if amp:
                 g, h = g.to(x.dtype), h.to(h_dtype)
-            zero_state = "first" if stale and zero_state is not None else None
+            zero_state = self._zero_state_hint(zero_state)
             x, loss_t = ops.update_state(x, g, x_true, w)
             if loss_t is not None:
                 if time_weights is not None:

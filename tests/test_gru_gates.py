@@ -307,6 +307,20 @@ def test_gru_block_zero_state_hint(backend, hint):
     assert gates(plain) == {("gru_gates_zr", impl): 2, ("gru_gates_h", impl): 2}
 
 
+@pytest.mark.parametrize("compat,later", [("torch_rim", "first"), ("fixed", None)])
+def test_gru_block_zero_state_hint_follows_its_compat(compat, later):
+    """The block knows what stays zero: all of the initial state; after a call, h_1 only where it returns the
+    h_1 it received (stale_gru_state), nothing otherwise. The promise it gives holds on the state it returns."""
+    block = rim_fast.GRUBlock(4, hidden_units=6, kernel_size=3, dimensions=1, conv_kernel_size=3, compat=compat)
+    _nonzero_biases(block)
+    assert block.zero_state_hint(initial=True) == "all"
+    assert block.zero_state_hint("all") == block.zero_state_hint("first") == later
+    assert block.zero_state_hint(None) is None
+    _, h = block(torch.randn(2, 4, 8), torch.zeros(2, 6, 8), zero_state="all")
+    assert (torch.count_nonzero(h[:, :3]) == 0) == (later == "first")
+    assert torch.count_nonzero(h[:, 3:]) > 0
+
+
 # ---- a whole RIM on the kernels -------------------------------------------------------------------------
 
 def _all_ops():

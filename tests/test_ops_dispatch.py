@@ -31,6 +31,60 @@ def test_trace_counts_every_eager_op_call_of_a_rim():
     assert not outside
 
 
+def _gate_calls(calls) -> dict:
+    per_op = {}
+    for (op, _), n in calls.items():
+        if op.startswith("gru_gates"):
+            per_op[op] = per_op.get(op, 0) + n
+    return per_op
+
+
+def test_without_stale_gru_state_only_the_first_step_skips_u_convolutions():
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6, compat="fixed")
+    r = rim_fast.RIM((16,), net, score_fn=lambda x, y: y - x, T=3, device="cpu")
+    with ops.trace() as calls:
+        r.predict(torch.randn(2, 1, 16))
+    # step 0: both cells from the zero state; steps 1-2: both cells in full (gru1's state is no longer zero)
+    assert _gate_calls(calls) == {"gru_gates_zero_state": 2, "gru_gates_zr": 4, "gru_gates_h": 4}
+
+
+class _WithoutHints(torch.nn.Module):
+    """A network with torch_rim's interface only: forward(x, y, score, h), no zero_state_hint."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.channels = net, net.channels
+
+    def initalize_hidden_states(self, dimensions, batch_size):
+        return self.net.initalize_hidden_states(dimensions, batch_size)
+
+    def forward(self, x, y, score, h):
+        return self.net(x, y, score, h)
+
+
+@pytest.mark.parametrize("compat", ["torch_rim", "fixed"])
+@pytest.mark.parametrize("init", ["zeros", "model"])
+def test_zero_state_hints_change_no_bit(compat, init):
+    """The RIM passes the network's own hints; a network without hints gets none, and the same numbers."""
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6, compat=compat)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "bias_" in name:
+                p.uniform_(-0.5, 0.5)
+    kw = dict(score_fn=lambda x, y: y - x, T=3, initialization_method=init, compat=compat, device="cpu")
+    hinted, plain = rim_fast.RIM((16,), net, **kw), rim_fast.RIM((16,), _WithoutHints(net), **kw)
+    y = torch.randn(2, 1, 16)
+    with ops.trace() as hinted_calls:
+        a = hinted(y)
+    with ops.trace() as plain_calls:
+        b = plain(y)
+    assert len(a) == len(b) == 3 + (init == "model")
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert _gate_calls(hinted_calls)["gru_gates_zero_state"] > 0
+    assert "gru_gates_zero_state" not in _gate_calls(plain_calls)
+
+
 def test_zero_state_hint_is_not_taken_without_a_promise():
     net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
     x = torch.randn(2, 1, 16)

@@ -1,5 +1,9 @@
+"""The backbone interface of a RIM (``Model``, torch_rim's) and what the Hourglass and the Unet share
+(``EncoderDecoder``: their arguments and checks, ``hyperparameters``, layer factories, hidden state)."""
+from __future__ import annotations
+
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -7,14 +11,19 @@ from torch.nn import Module
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .. import ops
-from ..layers.conv_same import _SameConvMixin
+from ..compat import Compat, CompatLike, resolve
+from ..layers import GRUBlock, same_conv
+from ..layers.activation import get_activation
+from ..layers.conv_same import CONV_SAME, CONV_TRANSPOSED_SAME, _SameConvMixin
+from ..layers.resample import FIRResample
+from ..validation import choice, integer, integers, spatial_dimensions
+
+#: (in_ch, out_ch, kernel_size) -> module
+LayerFactory = Callable[[int, int, int], Module]
 
 
 class Model(Module, ABC):
     """Interface of a RIM backbone: forward(x, y, score, h) -> (g, h'), and its initial hidden state."""
-
-    #: rim_fast models accept the ``zero_state`` hint (see GRUBlock); a RIM passes it only to these
-    supports_zero_state_hint = False
 
     @abstractmethod
     def initalize_hidden_states(self, dimensions: Sequence[int], batch_size: int) -> Tensor:
@@ -24,15 +33,120 @@ class Model(Module, ABC):
         """Correctly spelt alias of ``initalize_hidden_states`` (torch_rim's name)."""
         return self.initalize_hidden_states(dimensions, batch_size)
 
+    def zero_state_hint(self, previous: Optional[str] = None, *, initial: bool = False) -> Optional[str]:
+        """The ``zero_state`` argument for a call of ``forward`` (None: pass none): ``initial=True`` when h is the
+        initial state (``initalize_hidden_states``, all zeros), otherwise for the state that a call given
+        ``previous`` returned. A model whose forward takes no ``zero_state`` keeps this default."""
+        return None
+
+
+def resampling_layers(dimensions: int, resample_with_conv: bool, fir_kernel,
+                      compat: Compat) -> tuple[LayerFactory, LayerFactory]:
+    """(downsample_layer, upsample_layer): stride-2 Conv*dSame / ConvTransposed*dSame, or FIR resampling
+    followed by a "same" conv with ``resample_with_conv=False``."""
+    if resample_with_conv:
+        down = lambda i, o, k: CONV_SAME[dimensions](i, o, k, stride=2,  # noqa: E731
+                                                     axis_swap=compat.conv_same_axis_swap)
+        # score_models' transposed conv gives 2n+1 samples for even kernels: crop to 2n
+        up = lambda i, o, k: CONV_TRANSPOSED_SAME[dimensions](i, o, k, stride=2,  # noqa: E731
+                                                              crop_to_stride_multiple=True)
+    else:
+        down = lambda i, o, k: FIRResample(i, o, k, dimensions, fir_kernel, up=False)  # noqa: E731
+        up = lambda i, o, k: FIRResample(i, o, k, dimensions, fir_kernel, up=True)  # noqa: E731
+    return down, up
+
+
+def _check_fir_kernel(fir_kernel) -> None:
+    try:
+        taps = [float(v) for v in fir_kernel]
+    except (TypeError, ValueError):
+        taps = None
+    if not taps or sum(taps) == 0:
+        raise ValueError(f"fir_kernel must be a non-empty 1-D sequence of numbers with a non-zero sum (the "
+                         f"separable FIR filter of resample_with_conv=False), got {fir_kernel!r}")
+
+
+def _check_arguments(channels, dimensions, nf, ch_mult, hidden_units, num_layers, kernel_size, conv_kernel_size,
+                     input_kernel_size, condition_on_observation, resample_with_conv, fir_kernel,
+                     combine_method) -> tuple:
+    """The checks of the Hourglass/Unet arguments; returns ch_mult as a tuple of ints."""
+    spatial_dimensions(dimensions)
+    for name, value in (("channels", channels), ("nf", nf), ("kernel_size", kernel_size)):
+        integer(name, value)
+    GRUBlock.check_hidden_units(hidden_units)
+    integer("num_layers", num_layers, minimum=0)
+    ch_mult = integers("ch_mult", ch_mult)
+    for name, value in (("conv_kernel_size", conv_kernel_size), ("input_kernel_size", input_kernel_size)):
+        integer(name, value, optional=True, note=" (None = kernel_size; square kernels only)")
+    choice("combine_method", combine_method, ("cat", "sum"))
+    if condition_on_observation:
+        raise ValueError("condition_on_observation=True is not currently supported")
+    if not resample_with_conv:
+        _check_fir_kernel(fir_kernel)
+    return ch_mult
+
 
 class EncoderDecoder(Model):
-    """Shared parts of the Hourglass and the Unet: spatial sizes must survive len(ch_mult) halvings; a
-    "same" conv followed by the activation goes through ``ops.conv_tanh`` when the activation is tanh."""
+    """What the Hourglass and the Unet share: torch_rim's Hourglass arguments, their checks and
+    ``hyperparameters``; the zero state at the bottleneck's resolution (spatial sizes must survive len(ch_mult)
+    halvings); a "same" conv followed by the activation as ``ops.conv_tanh`` when the activation is tanh.
 
-    dimensions: int
-    num_resolutions: int
-    hidden_units: int
-    channels: int
+    A subclass names its ``architecture`` (the key of ``rim_fast.architectures.ARCHITECTURES``) and builds its
+    layers in ``_build``, with a ``gru_layer`` (GRUBlock) at the bottleneck."""
+
+    architecture: str
+    gru_layer: GRUBlock
+
+    def __init__(self, channels, dimensions=1, nf=32, ch_mult=(2, 2), hidden_units=32, num_layers=2,
+                 kernel_size=3, conv_kernel_size=None, input_kernel_size=None, condition_on_observation=False,
+                 resample_with_conv=True, fir_kernel=(1, 3, 3, 1), combine_method="cat", activation="tanh",
+                 compat: CompatLike = None, **kwargs):
+        super().__init__()
+        ch_mult = _check_arguments(channels, dimensions, nf, ch_mult, hidden_units, num_layers, kernel_size,
+                                   conv_kernel_size, input_kernel_size, condition_on_observation,
+                                   resample_with_conv, fir_kernel, combine_method)
+        conv_kernel_size = kernel_size if conv_kernel_size is None else conv_kernel_size
+        input_kernel_size = kernel_size if input_kernel_size is None else input_kernel_size
+        self.compat = resolve(compat)
+        self.hyperparameters = {
+            "channels": channels, "architecture": self.architecture, "nf": nf, "ch_mult": ch_mult,
+            "dimensions": dimensions, "num_layers": num_layers, "resample_with_conv": resample_with_conv,
+            "fir_kernel": tuple(fir_kernel), "combine_method": combine_method,
+            "condition_on_observation": condition_on_observation, "kernel_size": kernel_size,
+            "conv_kernel_size": conv_kernel_size, "input_kernel_size": input_kernel_size,
+            "activation": activation,
+            # torch_rim did not save hidden_units, so its models reloaded with the default; its
+            # Hourglass(**hparams) accepts both keys
+            "hidden_units": hidden_units, "compat": self.compat.name,
+        }
+        self.nf = nf
+        self.channels = channels
+        self.dimensions = dimensions
+        self.act = get_activation(activation)
+        self.num_resolutions = len(ch_mult)
+        self.num_layers = num_layers
+        self.hidden_units = hidden_units
+        self.condition_on_observation = condition_on_observation
+        self.combine_method = combine_method
+        down, up = resampling_layers(dimensions, resample_with_conv, fir_kernel, self.compat)
+        self._build(down, up, ch_mult, kernel_size, conv_kernel_size, input_kernel_size)
+
+    @abstractmethod
+    def _build(self, down: LayerFactory, up: LayerFactory, ch_mult: tuple, kernel_size: int, conv_kernel_size: int,
+               input_kernel_size: int) -> None:
+        """Create the layers (in torch_rim's order: the order of ``parameters()`` that optimizer files follow)."""
+
+    def _conv(self, in_ch: int, out_ch: int, kernel_size: int) -> Module:
+        """A stride-1 "same" conv of this network's dimensions (torch_rim's ``nn.ConvNd(..., padding="same")``)."""
+        return same_conv(self.dimensions, in_ch, out_ch, kernel_size)
+
+    def _bottleneck(self, channels: int, kernel_size: int, conv_kernel_size: int) -> GRUBlock:
+        return GRUBlock(channels, self.hidden_units, kernel_size, self.dimensions, conv_kernel_size,
+                        compat=self.compat)
+
+    def zero_state_hint(self, previous: Optional[str] = None, *, initial: bool = False) -> Optional[str]:
+        """The bottleneck GRUBlock's hint (see ``GRUBlock.zero_state_hint``): h is its state."""
+        return self.gru_layer.zero_state_hint(previous, initial=initial)
 
     def _check_spatial(self, spatial: Sequence[int], what: str) -> None:
         spatial = tuple(int(n) for n in spatial)

@@ -8,16 +8,16 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..validation import integer
 from .spectral_norm import SpectralNorm
 
 _NN_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _NN_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
-def _check_kernel_size(kernel_size, stride, dilation):
+def _check_sizes(kernel_size, stride, dilation):
     for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int (square kernels only), got {value!r}")
+        integer(name, value, note=" (square kernels only)")
 
 
 class _SameConvMixin:
@@ -56,32 +56,42 @@ def same_conv(dimensions: int, in_ch: int, out_ch: int, kernel_size: int, bias: 
     """torch_rim's ``nn.Conv{N}d(in, out, k, padding="same")`` (``nn.Linear`` for dimensions 0)."""
     if dimensions == 0:
         return SameLinear(in_ch, out_ch, bias=bias)
-    _check_kernel_size(kernel_size, 1, 1)
+    _check_sizes(kernel_size, 1, 1)
     return _SAME[dimensions](in_ch, out_ch, kernel_size, padding="same", bias=bias)
 
 
-class _ConvNdSame(nn.Module):
+class _StridedSame(nn.Module):
+    """What Conv*dSame and ConvTransposed*dSame share: the wrapped ``conv`` (score_models' SpectralNorm around
+    it with ``spectral_norm``), the sizes, and the input check."""
     _dims = 0
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=0,
-                 dilation: int = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
-                 spectral_norm: bool = False, device=None, dtype=None, *, axis_swap: bool = True):
+    def __init__(self, conv: nn.Module, spectral_norm: bool, kernel_size: int, stride: int, dilation: int):
         super().__init__()
-        _check_kernel_size(kernel_size, stride, dilation)
-        conv = _NN_CONV[self._dims](in_channels, out_channels, kernel_size, stride=stride,
-                                    padding="valid" if stride > 1 else "same", dilation=dilation, groups=groups,
-                                    bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
         self.conv = SpectralNorm(conv) if spectral_norm else conv
         self.stride = stride
         self.dilation = dilation
         self.kernel_size = kernel_size
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != self._dims + 2:
+            raise ValueError(f"{type(self).__name__} expects a [B, C, *spatial] tensor with {self._dims} spatial "
+                             f"dims, got shape {tuple(x.shape)}")
+
+
+class _ConvNdSame(_StridedSame):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=0,
+                 dilation: int = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 spectral_norm: bool = False, device=None, dtype=None, *, axis_swap: bool = True):
+        _check_sizes(kernel_size, stride, dilation)
+        conv = _NN_CONV[self._dims](in_channels, out_channels, kernel_size, stride=stride,
+                                    padding="valid" if stride > 1 else "same", dilation=dilation, groups=groups,
+                                    bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
+        super().__init__(conv, spectral_norm, kernel_size, stride, dilation)
         #: score_models pads the last axis with the first axis' amount (see compat.Compat.conv_same_axis_swap)
         self.axis_swap = axis_swap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self._dims + 2:
-            raise ValueError(f"{type(self).__name__} expects a [B, C, *spatial] tensor with {self._dims} spatial "
-                             f"dims, got shape {tuple(x.shape)}")
+        self._check_input(x)
         if isinstance(self.conv, SpectralNorm):
             if self.stride > 1:
                 x = torch.nn.functional.pad(x, ops.reference.conv_same_pads(
@@ -95,29 +105,21 @@ class _ConvNdSame(nn.Module):
         return ops.conv(x, self.conv.weight, self.conv.bias, dilation=self.dilation, groups=self.conv.groups)
 
 
-class _ConvTransposedNdSame(nn.Module):
-    _dims = 0
-
+class _ConvTransposedNdSame(_StridedSame):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=0,
                  dilation: int = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  spectral_norm: bool = False, device=None, dtype=None, *, crop_to_stride_multiple: bool = False):
-        super().__init__()
-        _check_kernel_size(kernel_size, stride, dilation)
+        _check_sizes(kernel_size, stride, dilation)
         conv = _NN_CONV_T[self._dims](in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
                                       groups=groups, bias=bias, padding=dilation * (kernel_size - 1) // 2 + padding,
                                       output_padding=stride - 1, padding_mode=padding_mode, device=device,
                                       dtype=dtype)
-        self.conv = SpectralNorm(conv) if spectral_norm else conv
-        self.stride = stride
-        self.dilation = dilation
-        self.kernel_size = kernel_size
+        super().__init__(conv, spectral_norm, kernel_size, stride, dilation)
         #: score_models returns stride*n + 1 samples for even kernels; True crops to stride*n (TF "same")
         self.crop_to_stride_multiple = crop_to_stride_multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self._dims + 2:
-            raise ValueError(f"{type(self).__name__} expects a [B, C, *spatial] tensor with {self._dims} spatial "
-                             f"dims, got shape {tuple(x.shape)}")
+        self._check_input(x)
         spatial = x.shape[2:]
         if isinstance(self.conv, SpectralNorm):
             out = self.conv(x)

@@ -7,13 +7,8 @@ from torch import nn
 
 from .. import ops
 from ..definitions import DTYPE
+from ..validation import integer, spatial_dimensions
 from .conv_same import same_conv
-
-
-def _check_dimensions(dimensions):
-    if dimensions not in (0, 1, 2, 3):
-        raise ValueError(f"The dimensions {dimensions} is not supported. Only 0, 1, 2 and 3 dimensional input "
-                         f"(not including channels) are.")
 
 
 class GRU(nn.Module):
@@ -24,7 +19,9 @@ class GRU(nn.Module):
 
     def __init__(self, in_ch: int, hidden_units: int = 32, kernel_size: int = 5, dimensions: int = 0):
         super().__init__()
-        _check_dimensions(dimensions)
+        spatial_dimensions(dimensions, allowed=(0, 1, 2, 3))
+        for name, value in (("in_ch", in_ch), ("hidden_units", hidden_units), ("kernel_size", kernel_size)):
+            integer(name, value, owner="GRU")
         self.dimensions = dimensions
         self.bias_broadcast = [1, -1] + [1] * dimensions
         layer = lambda i, o: same_conv(dimensions, i, o, kernel_size, bias=False)  # noqa: E731

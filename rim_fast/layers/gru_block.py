@@ -8,31 +8,28 @@ from torch import nn
 
 from .. import ops
 from ..compat import CompatLike, resolve
+from ..validation import integer, spatial_dimensions
 from .conv_same import same_conv
-from .gru import GRU, _check_dimensions
-
-#: values of the ``zero_state`` hint a RIM passes down: the whole state is zero, or its first half is
-ZERO_STATE_HINTS = (None, "all", "first")
+from .gru import GRU
 
 
 class GRUBlock(nn.Module):
     """Recurrent block with two hidden states (Morningstar et al. 2019), state h = [h_1 | h_2] on channels.
 
-    In compat mode (default) the returned state keeps the *incoming* h_1 (torch_rim bug 1: the first GRU is
-    stateless); ``compat="fixed"`` (or ``{"stale_gru_state": False}``) returns the updated one.
+    In compat mode (default) the returned state keeps the *incoming* h_1, as torch_rim's GRUBlock does, so the
+    first GRU is stateless; ``compat="fixed"`` (or ``{"stale_gru_state": False}``) returns the updated one.
+
     ``zero_state`` is a promise by the caller: ``"all"`` = h is exactly zero, ``"first"`` = h_1 is; cells whose
-    state is known to be zero skip their U convolutions (bit-identical)."""
+    state is known to be zero skip their U convolutions (bit-identical). ``zero_state_hint`` gives the promise
+    a caller can make, knowing only that the state is the initial zero state or what the block returned."""
 
     def __init__(self, in_ch: int, hidden_units: int = 32, kernel_size: int = 5, dimensions: int = 0,
                  conv_kernel_size: int = 11, compat: CompatLike = None):
         super().__init__()
-        _check_dimensions(dimensions)
-        if isinstance(hidden_units, bool) or not isinstance(hidden_units, int) or hidden_units < 2 \
-                or hidden_units % 2 != 0:
-            raise ValueError(f"hidden units {hidden_units} must be divisible by 2")
+        spatial_dimensions(dimensions, allowed=(0, 1, 2, 3))
+        self.check_hidden_units(hidden_units)
         for name, value in (("in_ch", in_ch), ("kernel_size", kernel_size), ("conv_kernel_size", conv_kernel_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GRUBlock: {name} must be a positive int, got {value!r}")
+            integer(name, value, owner="GRUBlock")
         self.dimensions = dimensions
         self.compat = resolve(compat)
         half = hidden_units // 2
@@ -40,6 +37,21 @@ class GRUBlock(nn.Module):
         self.gru2 = GRU(half, half, kernel_size, dimensions)
         self.hidden_layer = same_conv(dimensions, half, half, conv_kernel_size, bias=False)
         self.reshape_layer = same_conv(dimensions, half, in_ch, conv_kernel_size, bias=False)
+
+    @staticmethod
+    def check_hidden_units(hidden_units) -> None:
+        """hidden_units is split in two halves, one per GRU (torch_rim's message)."""
+        integer("hidden_units", hidden_units, owner="GRUBlock")
+        if hidden_units % 2:
+            raise ValueError(f"hidden units {hidden_units} must be divisible by 2")
+
+    def zero_state_hint(self, previous: Optional[str] = None, *, initial: bool = False) -> Optional[str]:
+        """The ``zero_state`` promise for a call: ``initial=True`` when h is the initial zero state (all of it is
+        zero); otherwise for the state that a call with hint ``previous`` returned. With ``stale_gru_state`` the
+        block returns the h_1 it received, so a zero h_1 stays zero ("first"); otherwise nothing is known."""
+        if initial:
+            return "all"
+        return "first" if previous is not None and self.compat.stale_gru_state else None
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, zero_state: Optional[str] = None):
         """x: [B, in_ch, *S], h: [B, hidden_units, *S] -> (out [B, in_ch, *S], h' [B, hidden_units, *S])."""

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..validation import choice, integer
+from .conv_same import same_conv
 
 
 def _setup_kernel(k, dimensions: int) -> np.ndarray:
@@ -32,10 +34,8 @@ def _kernel(k: tuple, dimensions: int, scale: float, device: torch.device, dtype
 
 
 def _check(x, dimensions, factor):
-    if dimensions not in (1, 2, 3):
-        raise ValueError(f"dimensions must be 1, 2 or 3, got {dimensions!r}")
-    if not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"factor must be a positive int, got {factor!r}")
+    choice("dimensions", dimensions, (1, 2, 3))
+    integer("factor", factor)
     if x.dim() != dimensions + 2:
         raise ValueError(f"x must be [B, C, *spatial] with {dimensions} spatial dims, got shape {tuple(x.shape)}")
 
@@ -76,12 +76,12 @@ def naive_downsample(x: torch.Tensor, factor: int = 2, dimensions: int = 2) -> t
 class FIRResample(nn.Module):
     """FIR up- or downsampling by 2 followed by a "same" convolution that changes the channel count.
 
-    This is what torch_rim's ``resample_with_conv=False`` meant to build (its version crashes, bug 5)."""
+    This is what torch_rim's ``resample_with_conv=False`` meant to build: its version put plain functions in an
+    ``nn.ModuleList`` (a TypeError) and kept the channel count that ``ch_mult`` expects to change."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, dimensions: int, fir_kernel=(1, 3, 3, 1),
                  up: bool = False):
         super().__init__()
-        from .conv_same import same_conv
         self.up = up
         self.dimensions = dimensions
         self.fir_kernel = tuple(fir_kernel)
