@@ -13,16 +13,16 @@ from typing import Union
 
 @dataclass(frozen=True)
 class Compat:
-    #: GRUBlock returns the *incoming* first-GRU state (torch_rim bug 1): gru1 is stateless.
+    #: GRUBlock returns the *incoming* first-GRU state, as torch_rim's does: gru1 is stateless.
     stale_gru_state: bool = True
-    #: RMSProp never updates its second moment (bug 2): the output is score / epsilon.
+    #: RMSProp never updates its second moment, as torch_rim's: the output is score / epsilon.
     rmsprop_without_second_moment: bool = True
-    #: initialization "model" calls model(x, score, y, h) (bug 3): the observation is fed as the score.
+    #: initialization "model" calls model(x, score, y, h), as torch_rim does: the observation is fed as the score.
     model_init_swaps_y_and_score: bool = True
     #: Conv*dSame (stride > 1) pads the last axis with the first axis' amount (score_models' F.pad order).
     conv_same_axis_swap: bool = True
     #: RIM(checkpoints_directory=...) ignores the saved T, preprocessing, initialisation, epsilon and betas
-    #: and uses the constructor's defaults (bug 15); fixed: unspecified arguments take the saved values.
+    #: and uses the constructor's defaults, as torch_rim does; fixed: unspecified arguments take the saved values.
     ignore_saved_rim_settings: bool = True
 
     def as_dict(self) -> dict:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import numbers
 import warnings
 from typing import Callable, Optional
 
@@ -13,30 +12,93 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .architectures.base import EncoderDecoder
-from .compat import CompatLike, resolve
-from .definitions import DEVICE
 from .checkpoints import load_architecture
+from .compat import Compat, CompatLike, resolve
+from .definitions import DEVICE
+from .validation import as_device, choice, flag, function, integer, integers, same_device, tensor
 
 _INITIALIZATIONS = ("zeros", "approximate_inverse", "model")
 _DEFAULTS = {"T": 10, "score_preprocessing_method": "Identity", "initialization_method": "zeros",
              "epsilon": 1e-7, "beta_1": 0.9, "beta_2": 0.999}
+_CHECK_FINITE = (False, True, "error", "warn")
+#: score_preprocessing_method as torch_rim spells it (matched in any case) -> the method of ops.preprocess_score
+SCORE_PREPROCESSING = {"Identity": "identity", "arcsinh": "arcsinh", "ADAM": "adam", "RMSPROP": "rmsprop"}
+#: the ops.preprocess_score methods that carry moments (m, v) from step to step
+_WITH_MOMENTS = ("adam", "rmsprop", "rmsprop_fixed")
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Equal devices, an index left out ("cuda") matching any index of its type."""
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+def preprocessing_method(score_preprocessing_method, compat: Compat) -> str:
+    """The ``ops.preprocess_score`` method of a ``score_preprocessing_method``. RMSPROP is torch_rim's update
+    (its second moment never moves: score / epsilon) under the compat flag ``rmsprop_without_second_moment``,
+    and "rmsprop_fixed" without it."""
+    name = choice("score_preprocessing_method", score_preprocessing_method, SCORE_PREPROCESSING, ignore_case=True)
+    method = SCORE_PREPROCESSING[name]
+    if method == "rmsprop" and not compat.rmsprop_without_second_moment:
+        return "rmsprop_fixed"
+    return method
 
 
-def _check_tensor_arg(name: str, value, device: torch.device, allow_complex: bool = False) -> None:
-    """Metadata checks only (no host sync): a floating tensor on the RIM's device."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not (value.is_floating_point() or (allow_complex and value.is_complex())):
-        raise TypeError(f"{name} must be a floating-point{' (or complex)' if allow_complex else ''} tensor, got "
-                        f"dtype {value.dtype}")
-    if not _same_device(value.device, device):
-        raise ValueError(f"{name} is on {value.device} but the RIM runs on {device}; move it with "
-                         f".to(rim.device)")
+def _network(model, checkpoints_directory, device: torch.device, hyperparameters: dict) -> tuple:
+    """(network, saved settings): the network given or loaded from ``checkpoints_directory``, and the
+    hyperparameters saved there ({} without a directory). ``hyperparameters`` (the RIM's extra keyword
+    arguments) is updated in place with the saved ones, or with the given network's own."""
+    saved = {}
+    if checkpoints_directory is not None:
+        model, hyperparams = load_architecture(checkpoints_directory, model=model, device=device,
+                                               hyperparameters=hyperparameters)
+        saved = dict(hyperparams)
+        hyperparameters.update(hyperparams)
+    else:
+        hyperparameters.update(getattr(model, "hyperparameters", {}))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not hasattr(model, "channels"):
+        raise ValueError("model must have a 'channels' attribute (the number of channels of x)")
+    return model, saved
+
+
+def _settings(given: dict, saved: dict, compat: Compat) -> dict:
+    """The RIM settings of ``_DEFAULTS``, checked: each as given; else, with the compat flag
+    ``ignore_saved_rim_settings`` off, as saved with the network; else torch_rim's default."""
+    settings = {}
+    for key, default in _DEFAULTS.items():
+        value = given[key]
+        if value is None and not compat.ignore_saved_rim_settings and key in saved:
+            value = saved[key]
+        settings[key] = default if value is None else value
+    settings["T"] = integer("T", settings["T"])
+    choice("initialization_method", settings["initialization_method"], _INITIALIZATIONS)
+    return settings
+
+
+def _spatial_sizes(dimensions, model: nn.Module) -> tuple:
+    """``dimensions`` (a tuple of spatial sizes, or one int) as a tuple of ints the network can take."""
+    if isinstance(dimensions, int):
+        dimensions = (dimensions,)
+    dimensions = integers("dimensions", dimensions, note=" (the spatial sizes of x)")
+    if hasattr(model, "_check_spatial"):
+        model._check_spatial(dimensions, "dimensions")
+    return dimensions
+
+
+def _link_functions(link_function, inverse_link_function) -> tuple:
+    """(link, inverse link): both given, or neither (identities)."""
+    for name, fn in (("link_function", link_function), ("inverse_link_function", inverse_link_function)):
+        if fn is not None:
+            function(name, fn)
+    if (link_function is None) != (inverse_link_function is None):
+        raise ValueError("Both link function and its inverse must be provided")
+    if link_function is None:
+        return nn.Identity(), nn.Identity()
+    return link_function, inverse_link_function
+
+
+def _approximate_inverse(approximate_inverse_fn) -> Callable:
+    """The y -> x function that ``initialization_method="approximate_inverse"`` needs."""
+    if approximate_inverse_fn is None or not callable(approximate_inverse_fn):
+        raise ValueError("approximate_inverse_fn must be provided (a callable y -> x) with "
+                         "initialization_method='approximate_inverse'")
+    return approximate_inverse_fn
 
 
 def _check_score_shape(score, x: Tensor, y: Tensor, who: str) -> None:
@@ -60,19 +122,34 @@ def _check_energy_shape(energy, x: Tensor) -> None:
                          f"{tuple(energy.shape)} (a batch sum or mean would scale every sample's score)")
 
 
-def _check_finite_flag(value) -> None:
-    if not (value is False or value is True or value in ("error", "warn")):
-        raise ValueError(f"check_finite must be one of False, True (= 'error') or 'warn', got {value!r}")
+def _score_functions(rim: "RIM", score_fn, energy_fn) -> tuple:
+    """(score_fn, model_score_fn), torch_rim's pair: the score of x in physical space, and the score of x in model
+    space, through the vector-Jacobian product of ``rim.link_function``. Given ``energy_fn`` only, both are the
+    gradient of the per-sample energy by ``torch.func.vjp``. They read ``rim.score_fn``, ``rim.energy_fn`` and
+    ``rim.link_function`` when called, as torch_rim's closures do."""
+    if score_fn is not None:
+        function("score_fn", score_fn)
 
+        def model_score_fn(x, y, *args, **kwargs):
+            linked_x, vjp_func = vjp(rim.link_function, x)
+            score = rim.score_fn(linked_x, y, *args, **kwargs)
+            _check_score_shape(score, linked_x, y, "score_fn")
+            return vjp_func(score)[0]
+        return score_fn, model_score_fn
+    if energy_fn is None:
+        raise ValueError("Either 'score_fn' or 'energy_fn' need to be provided")
+    function("energy_fn", energy_fn)
 
-def _preprocessing_name(method) -> str:
-    if not isinstance(method, str):
-        raise TypeError(f"score_preprocessing_method must be a str, got {type(method).__name__}")
-    name = method.lower()
-    if name not in ("adam", "rmsprop", "arcsinh", "identity"):
-        raise ValueError(f"score_preprocessing_method {method!r} is not implemented; expected one of 'ADAM', "
-                         f"'RMSPROP', 'arcsinh', 'identity' (any case)")
-    return name
+    def score_fn(x, y, *args, **kwargs):
+        energy, vjp_func = vjp(lambda x: rim.energy_fn(x, y, *args, **kwargs), x)
+        _check_energy_shape(energy, x)
+        return vjp_func(torch.ones_like(energy))[0]
+
+    def model_score_fn(x, y, *args, **kwargs):
+        energy, vjp_func = vjp(lambda x: rim.energy_fn(rim.link_function(x), y, *args, **kwargs), x)
+        _check_energy_shape(energy, x)
+        return vjp_func(torch.ones_like(energy))[0]
+    return score_fn, model_score_fn
 
 
 class RIM(nn.Module):
@@ -109,124 +186,36 @@ class RIM(nn.Module):
         super().__init__()
         if model is None and checkpoints_directory is None:
             raise ValueError("Must provide one of 'model' or 'checkpoints_directory'")
-        if not isinstance(gradient_checkpointing, bool):
-            raise TypeError(f"gradient_checkpointing must be a bool, got {gradient_checkpointing!r}")
-        _check_finite_flag(check_finite)
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device {device!r} is not a torch device ({e})") from None
-        saved = {}
-        if checkpoints_directory is not None:
-            model, hyperparams = load_architecture(checkpoints_directory, model=model, device=device,
-                                                   hyperparameters=hyperparameters)
-            saved = dict(hyperparams)
-            hyperparameters.update(hyperparams)
-        else:
-            hyperparameters.update(getattr(model, "hyperparameters", {}))
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not hasattr(model, "channels"):
-            raise ValueError("model must have a 'channels' attribute (the number of channels of x)")
+        flag("gradient_checkpointing", gradient_checkpointing)
+        choice("check_finite", check_finite, _CHECK_FINITE)
+        device = as_device("device", device)
+        model, saved = _network(model, checkpoints_directory, device, hyperparameters)
         self.compat = resolve(compat if compat is not None else getattr(model, "compat", None))
-        given = {"T": T, "score_preprocessing_method": score_preprocessing_method,
-                 "initialization_method": initialization_method, "epsilon": epsilon, "beta_1": beta_1,
-                 "beta_2": beta_2}
-        settings = {}
-        for key, value in given.items():
-            if value is None and not self.compat.ignore_saved_rim_settings and key in saved:
-                value = saved[key]
-            settings[key] = _DEFAULTS[key] if value is None else value
-        T = settings["T"]
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ValueError(f"T must be an int >= 1, got {T!r}")
-        if isinstance(dimensions, int):
-            dimensions = (dimensions,)
-        try:
-            dimensions = tuple(dimensions)
-        except TypeError:
-            raise TypeError(f"dimensions must be a tuple of spatial sizes, got {dimensions!r}") from None
-        if not dimensions or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
-                                 for n in dimensions):
-            raise ValueError(f"dimensions must be a non-empty tuple of positive ints (the spatial sizes of x), got "
-                             f"{dimensions!r}")
-        dimensions = tuple(int(n) for n in dimensions)
-        if hasattr(model, "_check_spatial"):
-            model._check_spatial(dimensions, "dimensions")
+        settings = _settings({"T": T, "score_preprocessing_method": score_preprocessing_method,
+                              "initialization_method": initialization_method, "epsilon": epsilon,
+                              "beta_1": beta_1, "beta_2": beta_2}, saved, self.compat)
+        self.dimensions = _spatial_sizes(dimensions, model)
         self.device = device
-        # torch_rim left a passed-in model where it was while creating x and h on `device` (bug 12)
+        # x and h are created on `device`, so the network goes there too (torch_rim left a given model where it was)
         self.model = model.to(device)
         self.C = self.model.channels
-        self.T = T
-        self.dimensions = dimensions
-        self.epsilon = settings["epsilon"]
-        self.beta_1 = settings["beta_1"]
-        self.beta_2 = settings["beta_2"]
+        self.T = settings["T"]
+        self.epsilon, self.beta_1, self.beta_2 = settings["epsilon"], settings["beta_1"], settings["beta_2"]
         self.gradient_checkpointing = gradient_checkpointing
         self.check_finite = check_finite
-
-        for name, fn in (("link_function", link_function), ("inverse_link_function", inverse_link_function)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
-        if link_function is not None:
-            if inverse_link_function is None:
-                raise ValueError("Both link function and its inverse must be provided")
-            self.link_function = link_function
-            self.inverse_link_function = inverse_link_function
-        else:
-            if inverse_link_function is not None:
-                raise ValueError("Both link function and its inverse must be provided")
-            self.link_function = nn.Identity()
-            self.inverse_link_function = nn.Identity()
-        initialization_method = settings["initialization_method"]
-        if initialization_method not in _INITIALIZATIONS:
-            raise ValueError(f"Initialization method {initialization_method!r} not supported; expected one of "
-                             f"{_INITIALIZATIONS}")
-        if initialization_method == "approximate_inverse":
-            if approximate_inverse_fn is None or not callable(approximate_inverse_fn):
-                raise ValueError("approximate_inverse_fn must be provided (a callable y -> x) with "
-                                 "initialization_method='approximate_inverse'")
-            self.approximate_inverse_fn = approximate_inverse_fn
-        self.initialization_method = initialization_method
+        self.link_function, self.inverse_link_function = _link_functions(link_function, inverse_link_function)
+        self.initialization_method = settings["initialization_method"]
+        if self.initialization_method == "approximate_inverse":
+            self.approximate_inverse_fn = _approximate_inverse(approximate_inverse_fn)
         self.score_preprocessing_method = settings["score_preprocessing_method"]
-        self._preprocessing = _preprocessing_name(self.score_preprocessing_method)
-        if self._preprocessing == "rmsprop" and not self.compat.rmsprop_without_second_moment:
-            self._preprocessing = "rmsprop_fixed"
-        hyperparameters.update({k: settings[k] for k in _DEFAULTS})
+        self._preprocessing = preprocessing_method(self.score_preprocessing_method, self.compat)
+        hyperparameters.update(settings)
         self.hyperparameters = hyperparameters
-
-        if score_fn is None:
-            if energy_fn is None:
-                raise ValueError("Either 'score_fn' or 'energy_fn' need to be provided")
-            if not callable(energy_fn):
-                raise TypeError("energy_fn must be callable")
-
-            def score_fn(x, y, *args, **kwargs):
-                energy, vjp_func = vjp(lambda x: self.energy_fn(x, y, *args, **kwargs), x)
-                _check_energy_shape(energy, x)
-                return vjp_func(torch.ones_like(energy))[0]
-
-            def model_score_fn(x, y, *args, **kwargs):
-                energy, vjp_func = vjp(lambda x: self.energy_fn(self.link_function(x), y, *args, **kwargs), x)
-                _check_energy_shape(energy, x)
-                return vjp_func(torch.ones_like(energy))[0]
-        else:
-            if not callable(score_fn):
-                raise TypeError("score_fn must be callable")
-
-            def model_score_fn(x, y, *args, **kwargs):
-                linked_x, vjp_func = vjp(self.link_function, x)
-                score = self.score_fn(linked_x, y, *args, **kwargs)
-                _check_score_shape(score, linked_x, y, "score_fn")
-                return vjp_func(score)[0]
-        self.score_fn = score_fn
-        self.model_score_fn = model_score_fn
+        self.score_fn, self.model_score_fn = _score_functions(self, score_fn, energy_fn)
         self.energy_fn = energy_fn
 
-    # ---- the loop ------------------------------------------------------------------------------------
-
     def _state_dtype(self) -> torch.dtype:
-        # torch_rim always used float32 (bug 18); a float64 model gets a float64 state instead of a crash
+        # torch_rim always used float32, and a float64 model crashed; a float64 model gets a float64 state
         for p in self.model.parameters():
             if p.is_floating_point():
                 return torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -304,7 +293,7 @@ class RIM(nn.Module):
             out.append(x)
             zero_state = self._zero_state_hint(zero_state)
         m = v = None
-        if self._preprocessing in ("adam", "rmsprop", "rmsprop_fixed"):
+        if self._preprocessing in _WITH_MOMENTS:
             m, v = torch.zeros_like(x), torch.zeros_like(x)
         return out, x, h, m, v, zero_state
 
@@ -347,24 +336,18 @@ class RIM(nn.Module):
                 out.append(x)
         return (out if keep_trajectory else [x]), loss
 
-    # ---- argument checks at the API boundary (metadata only; the finite check is opt-in) -------------
-
     def _check_observation(self, y, args, kwargs) -> None:
-        if not isinstance(y, Tensor):
-            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-        if not (y.is_floating_point() or y.is_complex()):
-            raise TypeError(f"y must be a floating-point (or complex) tensor, got dtype {y.dtype}")
+        """y, the score function's tensor arguments and the network on the RIM's device (metadata only)."""
+        tensor("y", y, self.device, allow_complex=True)
         if y.dim() < 1 or y.shape[0] < 1:
             raise ValueError(f"y must have a leading batch dimension of size >= 1, got shape {tuple(y.shape)}")
-        if not _same_device(y.device, self.device):
-            raise ValueError(f"y is on {y.device} but the RIM runs on {self.device}; move it with y.to(rim.device)")
         for where, value in [(f"args[{i}]", a) for i, a in enumerate(args)] + \
                 [(f"kwargs[{k!r}]", a) for k, a in kwargs.items()]:
-            if isinstance(value, Tensor) and not _same_device(value.device, self.device):
+            if isinstance(value, Tensor) and not same_device(value.device, self.device):
                 raise ValueError(f"score function argument {where} is on {value.device} but the RIM runs on "
                                  f"{self.device}")
         for p in self.model.parameters():
-            if not _same_device(p.device, self.device):
+            if not same_device(p.device, self.device):
                 raise ValueError(f"the network's parameters are on {p.device} but RIM.device is {self.device}; move "
                                  f"the RIM itself (rim.to(device)), not only rim.model")
             break
@@ -373,7 +356,7 @@ class RIM(nn.Module):
         return (y.shape[0], self.C, *self.dimensions)
 
     def _check_target(self, x_true, y: Tensor) -> None:
-        _check_tensor_arg("x_true", x_true, self.device)
+        tensor("x_true", x_true, self.device)
         shape = self._x_shape(y)
         if x_true.dim() != len(shape) or any(a != b and a != 1 for a, b in zip(x_true.shape, shape)):
             raise ValueError(f"x_true must have x's shape [B, C, *dimensions] = {shape} (B from y), got "
@@ -382,7 +365,7 @@ class RIM(nn.Module):
     def _loss_weights(self, y: Tensor, w, time_weights):
         shape = self._x_shape(y)
         if w is not None:
-            _check_tensor_arg("w", w, self.device)
+            tensor("w", w, self.device)
             try:
                 ok = torch.broadcast_shapes(w.shape, shape) == shape
             except RuntimeError:
@@ -398,7 +381,7 @@ class RIM(nn.Module):
                 except (TypeError, ValueError, RuntimeError):
                     raise TypeError(f"time_weights must be a sequence of numbers or a 1-D tensor, got "
                                     f"{type(time_weights).__name__}") from None
-            _check_tensor_arg("time_weights", time_weights, self.device)
+            tensor("time_weights", time_weights, self.device)
             if time_weights.shape != (n,):
                 extra = " (T + 1 with initialization_method='model': the first weighs x_0)" if n > self.T else ""
                 raise ValueError(f"time_weights must have one weight per step, shape [{n}]{extra}, got "
@@ -487,8 +470,6 @@ class RIM(nn.Module):
             x_true = self.inverse_link_function(x_true)
         _, loss = self._run(y, args, kwargs, x_true=x_true, keep_trajectory=False, w=w, time_weights=time_weights)
         return loss / B
-
-    # ---- torch_rim's stateful preprocessing API, kept for callers that used it ------------------------
 
     def adam_score_update(self, score: Tensor, time_step: int):
         if time_step == 0 or not hasattr(self, "_score_mean"):

@@ -3,12 +3,13 @@
 Kept from torch_rim 0.2.9: the arguments, Adam, the per-epoch scheduler step, the warm-up rule, the directory
 layout and file names, EMA weights in the model files, ``epochs`` = the epochs this call runs.
 
-Fixed (no trained model depends on them): resuming a given ``model_checkpoint`` (bug 9), optimizer files
-paired with model files by index (bugs 10, 11), batches moved to the RIM's device (12), patience reset after an
-improvement (13), per-epoch averages over the iterations actually run (14), ``logdir`` created when missing
-and a retention policy that keeps ``models_to_keep`` checkpoints whatever their names (20), no device sync
-per step (19: the loss is summed on the device and read once per epoch, and about once a second for the
-progress bar), every file written atomically.
+Fixed (no trained model depends on them): resuming a given ``model_checkpoint`` works (torch_rim's resume
+crashed); optimizer files are paired with model files by index (torch_rim indexed two unordered globs with a
+bool); batches are moved to the RIM's device; patience resets after an improvement (torch_rim counted every
+non-improving epoch); per-epoch averages divide by the iterations actually run; ``logdir`` is created when
+missing; retention keeps ``models_to_keep`` checkpoints whatever their names (a non-finite cost still gives a
+parseable name); no device sync per step (the loss is summed on the device and read once per epoch, and about
+once a second for the progress bar); every file is written atomically.
 
 Added: exact resume (a ``trainstate_*.pth`` per checkpoint, see ``rim_fast.checkpoints``), ``max_epochs``,
 ``on_nan``, ``check_finite``, ``precision="bf16-mixed"``, ``gradient_checkpointing``,
@@ -50,6 +51,7 @@ from tqdm import tqdm
 
 from . import checkpoints as ckpt
 from .utils import NullEMA
+from .validation import choice, flag, function, integer, number
 
 PRECISIONS = {"32": "32", "32-true": "32", "fp32": "32", "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed"}
 ON_NAN = ("stop", "skip")
@@ -59,62 +61,37 @@ _PROGRESS_INTERVAL_S = 1.0
 _CURVE_INTERVAL_S = 60.0
 
 
-def _positive_int(name, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if allow_zero else 1):
-        raise ValueError(f"{name} must be an int >= {0 if allow_zero else 1}, got {value!r}")
-
-
 def _check_fit_args(epochs, learning_rate, batch_size, patience, checkpoints, models_to_keep, warmup, clip,
                     ema_decay, n_iterations_in_epoch, tolerance=0, max_time=float("inf"), max_epochs=None,
                     accumulate_grad_batches=1, precision="32", on_nan="stop", check_finite=None,
                     gradient_checkpointing=None, scheduler=None, model_checkpoint=None, seed=None):
-    _positive_int("epochs", epochs, allow_zero=True)
-    _positive_int("batch_size", batch_size)
-    _positive_int("checkpoints", checkpoints)
-    _positive_int("models_to_keep", models_to_keep)
-    _positive_int("warmup", warmup, allow_zero=True)
-    _positive_int("accumulate_grad_batches", accumulate_grad_batches)
+    for name, value in (("epochs", epochs), ("warmup", warmup)):
+        integer(name, value, minimum=0)
+    for name, value in (("batch_size", batch_size), ("checkpoints", checkpoints), ("models_to_keep", models_to_keep),
+                        ("accumulate_grad_batches", accumulate_grad_batches)):
+        integer(name, value)
     if n_iterations_in_epoch is not None:
-        _positive_int("n_iterations_in_epoch", n_iterations_in_epoch)
-    if max_epochs is not None:
-        _positive_int("max_epochs", max_epochs, allow_zero=True)
-    if model_checkpoint is not None:
-        _positive_int("model_checkpoint", model_checkpoint, allow_zero=True)
-    if seed is not None:
-        _positive_int("seed", seed, allow_zero=True)
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0 \
-            or math.isinf(learning_rate):
-        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
-    if isinstance(patience, bool) or not isinstance(patience, (int, float)) or not patience > 0:
-        raise ValueError(f"patience must be a number > 0 (float('inf') disables it), got {patience!r}")
-    if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
-        raise ValueError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
-    if not isinstance(max_time, (int, float)) or not max_time > 0:
-        raise ValueError(f"max_time must be a number of hours > 0, got {max_time!r}")
-    if not isinstance(clip, (int, float)) or not clip >= 0:
-        raise ValueError(f"clip must be a number >= 0, got {clip!r}")
-    if not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
-    if str(precision) not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(set(PRECISIONS))}, got {precision!r}")
-    if on_nan not in ON_NAN:
-        raise ValueError(f"on_nan must be one of {ON_NAN}, got {on_nan!r}")
-    if not (check_finite is None or check_finite is False or check_finite is True or check_finite in ("error",
-                                                                                                       "warn")):
-        raise ValueError(f"check_finite must be None (CPU batches only), True/'error', 'warn' or False, got "
-                         f"{check_finite!r}")
-    if gradient_checkpointing is not None and not isinstance(gradient_checkpointing, bool):
-        raise TypeError(f"gradient_checkpointing must be None or a bool, got {gradient_checkpointing!r}")
-    if scheduler is not None and not callable(scheduler):
-        raise TypeError("scheduler must be a callable optimizer -> LR scheduler (e.g. "
-                        "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10))")
+        integer("n_iterations_in_epoch", n_iterations_in_epoch)
+    for name, value in (("max_epochs", max_epochs), ("model_checkpoint", model_checkpoint), ("seed", seed)):
+        integer(name, value, minimum=0, optional=True)
+    number("learning_rate", learning_rate, above=0, finite=True)
+    number("patience", patience, above=0, note=" (float('inf') disables it)")
+    number("tolerance", tolerance, at_least=0, below=1)
+    number("max_time", max_time, above=0, note=" (hours)")
+    number("clip", clip, at_least=0)
+    number("ema_decay", ema_decay, at_least=0, below=1)
+    choice("precision", str(precision), PRECISIONS)
+    choice("on_nan", on_nan, ON_NAN)
+    choice("check_finite", check_finite, (None, False, True, "error", "warn"), note=" (None: CPU batches only)")
+    flag("gradient_checkpointing", gradient_checkpointing, optional=True)
+    if scheduler is not None:
+        function("scheduler", scheduler, note=" (optimizer -> LR scheduler, e.g. "
+                                              "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10))")
 
 
 def _to_device(value, device):
     return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
-
-# ---- torch.distributed ------------------------------------------------------------------------------------
 
 class _Dist:
     """The process group as fit sees it (a single process when none is initialised)."""
@@ -153,8 +130,6 @@ class _Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-
-# ---- training state -----------------------------------------------------------------------------------------
 
 def _rng_state(device: torch.device) -> dict:
     _, keys, pos, has_gauss, cached = np.random.get_state()
