@@ -471,22 +471,22 @@ class RIM(nn.Module):
         _, loss = self._run(y, args, kwargs, x_true=x_true, keep_trajectory=False, w=w, time_weights=time_weights)
         return loss / B
 
-    def adam_score_update(self, score: Tensor, time_step: int):
+    def _stateful_score_update(self, score: Tensor, time_step: int, name: str) -> Tensor:
+        """torch_rim's stateful preprocessing: the moments live on the module, reset at step 0."""
         if time_step == 0 or not hasattr(self, "_score_mean"):
             self._score_mean, self._score_var = torch.zeros_like(score), torch.zeros_like(score)
         out, self._score_mean, self._score_var = ops.preprocess_score(
-            score, self._score_mean, self._score_var, time_step, method="adam", beta_1=self.beta_1, beta_2=self.beta_2,
-            epsilon=self.epsilon)
+            score, self._score_mean, self._score_var, time_step, method=preprocessing_method(name, self.compat),
+            beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon)
         return out
 
+    def adam_score_update(self, score: Tensor, time_step: int):
+        """torch_rim's API, kept for callers that used it (the loop carries its moments itself)."""
+        return self._stateful_score_update(score, time_step, "ADAM")
+
     def rmsprop_score_update(self, score: Tensor, time_step: int):
-        if time_step == 0 or not hasattr(self, "_score_mean"):
-            self._score_mean, self._score_var = torch.zeros_like(score), torch.zeros_like(score)
-        method = "rmsprop" if self.compat.rmsprop_without_second_moment else "rmsprop_fixed"
-        out, self._score_mean, self._score_var = ops.preprocess_score(
-            score, self._score_mean, self._score_var, time_step, method=method, beta_1=self.beta_1, beta_2=self.beta_2,
-            epsilon=self.epsilon)
-        return out
+        """torch_rim's API, kept for callers that used it (the loop carries its moments itself)."""
+        return self._stateful_score_update(score, time_step, "RMSPROP")
 
     def fit(self, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size=1, shuffle=False,
             patience=float("inf"), tolerance=0, max_time=float("inf"), warmup=0, clip=0.,
