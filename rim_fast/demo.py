@@ -1,6 +1,6 @@
 """Demo: train a small RIM to deblur synthetic 2D images on the CPU, then report and plot.
 
-    python -m rim_fast.demo [--seconds 60] [--out demo_output] [--short]
+    python -m rim_fast.demo [--seconds 60] [--steps N] [--out demo_output] [--short]
 
 The inverse problem: y = k * x + n, a Gaussian blur k (symmetric, so A^T = A) and white noise of std sigma;
 the likelihood score A^T (y - A x) / sigma^2 reaches the score function through *args (the noise level),
@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from . import RIM, Unet
+
+#: training steps of ``--short``: enough for the RIM to beat the observation clearly (measured at size 16: RMSE
+#: 0.149 (observation) -> 0.120 (RIM); 40 steps reach 0.133, 20 steps 0.148)
+SHORT_STEPS = 60
 
 
 def gaussian_kernel(size: int = 7, width: float = 1.5) -> torch.Tensor:
@@ -71,10 +75,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="training time budget")
     parser.add_argument("--out", default="demo_output", help="where the PNG goes")
-    parser.add_argument("--short", action="store_true", help="a few seconds, for CI")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train exactly this many steps (reproducible), whatever the time budget")
+    parser.add_argument("--short", action="store_true", help=f"--steps {SHORT_STEPS} (a few seconds), for CI")
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args(argv)
-    seconds = 4.0 if args.short else args.seconds
+    if args.short and args.steps is None:
+        args.steps = SHORT_STEPS
     torch.manual_seed(0)
     problem = DeblurProblem(size=args.size)
     net = Unet(1, dimensions=2, nf=16, ch_mult=(2, 2), hidden_units=16)
@@ -85,7 +92,7 @@ def main(argv=None) -> dict:
     y_test, x_test, s_test = problem.sample(32)
 
     start, steps = time.time(), 0
-    while time.time() - start < seconds:
+    while (steps < args.steps) if args.steps is not None else (time.time() - start < args.seconds):
         y, x, sigma = problem.sample(16)
         optimizer.zero_grad()
         loss = rim.loss_fn(y, x, sigma)

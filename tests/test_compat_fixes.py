@@ -142,9 +142,21 @@ def test_fir_resampling_hourglass_builds_and_runs():
 
 
 def test_model_is_moved_to_the_rim_device():
+    # torch_rim left a given model where it was while making x and h on its device; the "meta" device tells the
+    # two apart on a machine without a GPU
+    net = rim_fast.Hourglass(1, dimensions=1, nf=4)
+    net.register_buffer("running_scale", torch.ones(3))
+    r = rim_fast.RIM((8,), net, score_fn=score_fn, T=2, device="meta")
+    tensors = dict(r.model.named_parameters()) | dict(r.model.named_buffers())
+    assert "running_scale" in tensors and len(tensors) > 1
+    assert {name: t.device.type for name, t in tensors.items() if t.device.type != "meta"} == {}
+    assert r.device == torch.device("meta")
+
+
+def test_float64_model_gets_a_float64_state():
+    # torch_rim forced a float32 state, and a float64 model crashed
     net = rim_fast.Hourglass(1, dimensions=1, nf=4).double()
     r = rim_fast.RIM((8,), net, score_fn=score_fn, T=2, device="cpu")
-    # a float64 model gets a float64 state (torch_rim forced float32 and crashed)
     y = torch.randn(2, 1, 8, dtype=torch.float64)
     assert r.predict(y).dtype == torch.float64
 
