@@ -18,7 +18,9 @@ def paired_models(cls_name="Hourglass", **kwargs):
     new.load_state_dict(ref.state_dict())
     # non-zero GRU biases so that every bias path is exercised
     with torch.no_grad():
-        for (name, p_ref), p_new in zip(ref.named_parameters(), new.parameters()):
+        named_ref, params_new = list(ref.named_parameters()), list(new.parameters())
+        assert len(named_ref) == len(params_new)
+        for (name, p_ref), p_new in zip(named_ref, params_new):
             if "bias_" in name:
                 p_ref.uniform_(-0.5, 0.5)
                 p_new.copy_(p_ref)

@@ -42,6 +42,11 @@ def _pair(dims, kw, device="cpu"):
     return eager, compiled
 
 
+def _trajectory_length(rim) -> int:
+    """T steps, and x_0 first with initialization "model"."""
+    return rim.T + (rim.initialization_method == "model")
+
+
 def _assert_same_loss_and_grads(compiled, eager, y, x_true, atol=1e-6):
     """loss_fn equal, and after backward every parameter gradient (grads zeroed first)."""
     compiled.model.zero_grad()
@@ -50,7 +55,9 @@ def _assert_same_loss_and_grads(compiled, eager, y, x_true, atol=1e-6):
     assert_close(loss_c, loss_e)
     loss_c.backward()
     loss_e.backward()
-    for (name, p_e), p_c in zip(eager.model.named_parameters(), compiled.model.parameters()):
+    named_e, params_c = list(eager.model.named_parameters()), list(compiled.model.parameters())
+    assert len(named_e) == len(params_c)
+    for (name, p_e), p_c in zip(named_e, params_c):
         assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=atol, msg=name)
 
 
@@ -79,7 +86,9 @@ def test_compiled_forward_trajectory_and_no_graph_breaks():
     explanation = torch._dynamo.explain(eager._loop)(y, (), {}, None, True)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     compiled.compile()
-    for a, b in zip(compiled(y), eager(y)):
+    traj_c, traj_e = compiled(y), eager(y)
+    assert len(traj_c) == len(traj_e) == _trajectory_length(eager)
+    for a, b in zip(traj_c, traj_e):
         assert_close(a, b)
 
 
@@ -156,7 +165,9 @@ def test_reduce_overhead_on_cuda_equals_eager_and_outputs_survive():
         compiled(y2)
     assert y1._version == y1_version and torch.equal(y1, y1_before)  # the user's input is never written
     assert_close(first, eager.predict(y1))
-    for a, b in zip(traj, eager(y1)):
+    traj_e = eager(y1)
+    assert len(traj) == len(traj_e) == _trajectory_length(eager)
+    for a, b in zip(traj, traj_e):
         assert_close(a, b)
     _assert_same_loss_and_grads(compiled, eager, y1, torch.rand_like(y1), atol=1e-5)
 
@@ -188,7 +199,9 @@ def test_every_preprocessing_and_initialisation_compiles_fullgraph(kw):
     compiled.compile(backend=counter)
     y = torch.randn(2, 1, 16)
     x_true = torch.rand(2, 1, 16) + 0.1
-    for a, b in zip(compiled(y), eager(y)):
+    traj_c, traj_e = compiled(y), eager(y)
+    assert len(traj_c) == len(traj_e) == _trajectory_length(eager)
+    for a, b in zip(traj_c, traj_e):
         assert_close(a, b)
     _assert_same_loss_and_grads(compiled, eager, y, x_true)
     assert counter.frame_count == 2  # forward (trajectory) and loss_fn

@@ -43,6 +43,7 @@ def test_channels_last_convs_match_reference(dims, size, k, stride, dtype):
     cot = torch.randn_like(ref)
     g_ref = torch.autograd.grad(ref, (x, w, b), cot)
     g_new = torch.autograd.grad(new, (x, w, b), cot)
+    assert len(g_new) == len(g_ref)
     for a, c in zip(g_new, g_ref):
         torch.testing.assert_close(a, c, **conv_tol(dtype))
 

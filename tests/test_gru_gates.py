@@ -99,11 +99,13 @@ def compare(fn_ref, fn_new, inputs, n_out, dtype=torch.float32, cotangent_seed=1
         out_ref, out_new = (out_ref,), (out_new,)
     g = torch.Generator().manual_seed(cotangent_seed)
     cots = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in out_ref]
+    assert len(out_new) == len(out_ref) == n_out
     for i, (a, b) in enumerate(zip(out_new, out_ref)):
         assert b.dtype == a.dtype and a.shape == b.shape
         torch.testing.assert_close(a, b, **tol(dtype), msg=lambda m: f"output {i}: {m}")
     grads_ref = torch.autograd.grad(out_ref, ref_in, cots, allow_unused=True)
     grads_new = torch.autograd.grad(out_new, new_in, cots, allow_unused=True)
+    assert len(grads_new) == len(grads_ref) == len(ref_in)
     for i, (a, b, x) in enumerate(zip(grads_new, grads_ref, ref_in)):
         assert a is not None, f"grad {i} missing"
         # an input the reference's graph does not reach (h when only z is used) has a zero gradient
@@ -276,6 +278,7 @@ def test_gru_forward_zero_state(backend, dims, S):
     params = [x] + list(gru.parameters())
     g_fast = torch.autograd.grad(fast.square().sum(), params)
     g_full = torch.autograd.grad(full.square().sum(), params)
+    assert len(g_fast) == len(g_full) == len(params)
     for a, b in zip(g_fast, g_full):
         torch.testing.assert_close(a, b, **tol(torch.float32))
 
@@ -350,6 +353,7 @@ def test_rim_on_gate_kernels(monkeypatch, dims, S):
         results[backend] = (trajectory, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
                             calls)
     (traj_ref, loss_ref, grads_ref, _), (traj_new, loss_new, grads_new, calls) = results["reference"], results["kernels"]
+    assert len(traj_new) == len(traj_ref) == rim.T
     for a, b in zip(traj_new, traj_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss_new, loss_ref, rtol=1e-5, atol=1e-6)
@@ -436,6 +440,7 @@ def test_cuda_compile_sees_kernels(dims, S):
         compiled = torch.compile(cell, fullgraph=True)
         (out, grads), code = run_and_get_code(run, compiled)
     torch.testing.assert_close(out, eager_out, **tol(torch.float32))
+    assert len(grads) == len(eager_grads) == len(inputs)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     source = "\n".join(code)

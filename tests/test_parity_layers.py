@@ -128,7 +128,9 @@ def test_gru_matches_torch_rim(dims, size):
     cot = torch.randn_like(a)
     ga = torch.autograd.grad(a, [x, h, *ref.parameters()], cot)
     gb = torch.autograd.grad(b, [x, h, *new.parameters()], cot)
-    for name, u, v in zip(["x", "h"] + [n for n, _ in ref.named_parameters()], ga, gb):
+    names = ["x", "h"] + [n for n, _ in ref.named_parameters()]
+    assert len(names) == len(ga) == len(gb)
+    for name, u, v in zip(names, ga, gb):
         assert_close(u, v, msg=name)
 
 
@@ -141,6 +143,7 @@ def test_gru_block_matches_torch_rim(dims, size):
     h = torch.randn(2, 6, *size, requires_grad=True)
     a = ref(x, h)
     b = new(x, h)
+    assert len(a) == len(b) == 2
     for u, v in zip(a, b):
         assert_close(u, v)
     # stale first state (bug 1) is reproduced
@@ -149,6 +152,7 @@ def test_gru_block_matches_torch_rim(dims, size):
     loss_b = (b[0] * 1.3).sum() + (b[1] ** 2).sum()
     ga = torch.autograd.grad(loss_a, [x, h, *ref.parameters()], allow_unused=True)
     gb = torch.autograd.grad(loss_b, [x, h, *new.parameters()], allow_unused=True)
+    assert len(ga) == len(gb)
     for u, v in zip(ga, gb):
         if u is None:
             assert v is None or torch.count_nonzero(v) == 0

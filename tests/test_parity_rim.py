@@ -73,7 +73,9 @@ def _check_parity(dims, method, init, kind, link, device="cpu", rtol=1e-5, atol=
     assert_close(loss_ref, loss_new, rtol=rtol, atol=atol)
     loss_ref.backward()
     loss_new.backward()
-    for (name, p_ref), p_new in zip(ref_model.named_parameters(), new_model.parameters()):
+    named_ref, params_new = list(ref_model.named_parameters()), list(new_model.parameters())
+    assert len(named_ref) == len(params_new)
+    for (name, p_ref), p_new in zip(named_ref, params_new):
         if p_ref.grad is None:
             assert p_new.grad is None or torch.count_nonzero(p_new.grad) == 0, name
         else:
@@ -115,7 +117,9 @@ def test_reference_path_is_bit_identical_on_the_default_configuration():
     y = torch.randn(2, 1, 8, 8)
     with rim_fast.ops.use_backend("reference"):
         out = new(y)
-    for a, b in zip(ref(y), out):
+    out_ref = ref(y)
+    assert len(out_ref) == len(out) == 3
+    for a, b in zip(out_ref, out):
         assert torch.equal(a, b)
 
 

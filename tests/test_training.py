@@ -128,7 +128,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(kw):
     assert torch.equal(loss_p, loss_c)
     loss_p.backward()
     loss_c.backward()
-    for (name, a), b in zip(plain.model.named_parameters(), ckpted.model.parameters()):
+    named_plain, params_ckpted = list(plain.model.named_parameters()), list(ckpted.model.parameters())
+    assert len(named_plain) == len(params_ckpted)
+    for (name, a), b in zip(named_plain, params_ckpted):
         assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-9, msg=name)
     assert any(torch.count_nonzero(p.grad) for p in ckpted.model.parameters())
 
@@ -237,7 +239,9 @@ def test_accumulation_equals_the_larger_batch_including_a_short_last_window():
     # batches of 2 in windows of 2 (the epoch's last window has 1 batch) = batches of 4 and 2
     losses_a = a.fit(data, epochs=3, batch_size=2, accumulate_grad_batches=2, learning_rate=1e-3, verbose=-1)
     b.fit(data, epochs=3, batch_size=4, learning_rate=1e-3, verbose=-1)
-    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+    named_a, params_b = list(a.model.named_parameters()), list(b.model.parameters())
+    assert len(named_a) == len(params_b)
+    for (name, pa), pb in zip(named_a, params_b):
         assert_close(pa, pb, rtol=1e-5, atol=1e-7, msg=name)
     assert len(losses_a) == 3
 

@@ -152,6 +152,7 @@ def test_preprocess_matches_reference(ext, device, dtype, shape, layout, method)
         with ops.trace() as calls, ops.use_backend("kernels"):
             actual = ops.preprocess_score(score, m, v, t, method=method, beta_1=BETA_1, beta_2=BETA_2, epsilon=EPS)
         assert calls == {("preprocess_score", "cpp"): 1}
+        assert len(actual) == len(expected) == 3
         for name, a, e in zip(("out", "m'", "v'"), actual, expected):
             assert a.dtype == e.dtype and a.shape == e.shape
             assert_close(a, e, dtype, f"{method} t={t} {name}")
@@ -169,6 +170,7 @@ def test_preprocess_step_as_tensor(ext, device, method):
         expected = reference.preprocess_score(score, m, v, t, method, BETA_1, BETA_2, EPS)
         for step in (torch.tensor(t), torch.tensor(float(t), device=device), torch.tensor([t], device=device)):
             actual = _cpp.preprocess_score(score, m, v, step, method, BETA_1, BETA_2, EPS)
+            assert len(actual) == len(expected)
             for a, e in zip(actual, expected):
                 assert_close(a, e, torch.float32, f"{method} t={t} step={step}")
 
@@ -242,6 +244,7 @@ def test_update_loss_only_gradient(ext, device):
     x, g, x_true, _ = _update_case((2, 1, 11, 5), torch.float64, device, "contiguous", True, False)
     e = torch.autograd.grad(reference.update_state(x, g, x_true)[1], [x, g])
     a = torch.autograd.grad(_cpp.update_state(x, g, x_true)[1], [x, g])
+    assert len(a) == len(e)
     for ai, ei in zip(a, e):
         assert_close(ai, ei, torch.float64, "loss-only gradient")
 
@@ -439,6 +442,7 @@ def test_compile_per_step_does_not_recompile(ext):
             for t in range(6):
                 actual = step_fn(score, m, v, torch.tensor(t) if as_tensor else t, x, x_true)
                 expected = _compiled_step(score, m, v, t, x, x_true)
+                assert len(actual) == len(expected)
                 for a, e in zip(actual, expected):
                     assert_close(a, e, torch.float32, f"compiled step t={t}")
         assert counter.frame_count <= max_frames, f"t as {'tensor' if as_tensor else 'int'}: {counter.frame_count}"
@@ -463,6 +467,7 @@ def test_inductor_equals_eager(ext, device):
         for t in (0, 2):
             eager = run(t)
             comp = compiled(t)
+            assert len(comp) == len(eager)
             for a, e in zip(comp, eager):
                 assert_close(a, e, torch.float32, f"inductor t={t}")
             ge = torch.autograd.grad(eager[0].sum() + eager[3], x)
@@ -501,6 +506,7 @@ def test_rim_kernels_equal_reference(ext, device, dims, method, monkeypatch):
     assert ("preprocess_score", "reference") not in calls and ("update_state", "reference") not in calls
     assert ref_calls[("preprocess_score", "reference")] == 6
     close = dict(rtol=1e-6, atol=1e-7)
+    assert len(traj) == len(ref_traj)
     for a, e in zip(traj, ref_traj):
         torch.testing.assert_close(a, e, **close)
     torch.testing.assert_close(loss, ref_loss, **close)
@@ -534,6 +540,7 @@ def test_cuda_graph_replay_with_device_step(ext):
         graph.replay()
         with ops.use_backend("reference"):
             expected = _compiled_step(score, m, v, t, x, x_true)
+        assert len(outputs) == len(expected)
         for a, e in zip(outputs, expected):
             assert_close(a, e, torch.float32, f"graph replay t={t}")
 
@@ -593,6 +600,7 @@ def test_without_extension_ops_still_work():
         torch.testing.assert_close(out[0], ref[0]); torch.testing.assert_close(out[1], ref[1])
         out = torch.ops.rim_fast.preprocess_adam(x, g, v, torch.tensor(3), 0.9, 0.999, 1e-7)
         ref = reference.preprocess_score(x, g, v, 3, "adam", 0.9, 0.999, 1e-7)
+        assert len(out) == len(ref)
         for a, e in zip(out, ref):
             torch.testing.assert_close(a, e)
         torch.library.opcheck(torch.ops.rim_fast.update_state_loss.default, (x, g, t, None))
