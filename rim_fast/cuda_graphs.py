@@ -27,6 +27,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from . import ops
+
 Tensor = torch.Tensor
 
 #: the signature's entry when its call cannot be captured: it runs eagerly
@@ -66,7 +68,7 @@ class EagerRecorder:
             return func(*args, **(kwargs or {}))
 
     def capture(self, fn: Callable[[], Any]):
-        with self._NoHostSync():
+        with ops.graph_region(), self._NoHostSync():
             out = fn()
         return fn, out
 
@@ -86,20 +88,21 @@ class CudaRecorder:
         self.pool = None
 
     def capture(self, fn: Callable[[], Any]):
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = fn()
-        except RuntimeError as err:
-            raise CaptureError(str(err)) from err
+        with ops.graph_region():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = fn()
+            except RuntimeError as err:
+                raise CaptureError(str(err)) from err
         return graph, out
 
     def replay(self, graph, out) -> None:

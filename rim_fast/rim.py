@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.func import vjp
+from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .architectures.base import EncoderDecoder
 from .checkpoints import load_architecture
 from .compat import Compat, CompatLike, resolve
+from .cuda_graphs import CudaRecorder, GraphCache, signature
 from .definitions import DEVICE
 from .validation import as_device, choice, flag, function, integer, integers, same_device, tensor
 
@@ -182,11 +185,12 @@ class RIM(nn.Module):
                  initialization_method: str = None, approximate_inverse_fn: Callable = None,
                  score_preprocessing_method: str = None, epsilon=None, beta_1=None, beta_2=None,
                  device=DEVICE, compat: CompatLike = None, gradient_checkpointing: bool = False,
-                 check_finite=False, **hyperparameters):
+                 check_finite=False, cuda_graphs: bool = True, **hyperparameters):
         super().__init__()
         if model is None and checkpoints_directory is None:
             raise ValueError("Must provide one of 'model' or 'checkpoints_directory'")
         flag("gradient_checkpointing", gradient_checkpointing)
+        flag("cuda_graphs", cuda_graphs)
         choice("check_finite", check_finite, _CHECK_FINITE)
         device = as_device("device", device)
         model, saved = _network(model, checkpoints_directory, device, hyperparameters)
@@ -203,6 +207,7 @@ class RIM(nn.Module):
         self.epsilon, self.beta_1, self.beta_2 = settings["epsilon"], settings["beta_1"], settings["beta_2"]
         self.gradient_checkpointing = gradient_checkpointing
         self.check_finite = check_finite
+        self.cuda_graphs = cuda_graphs and os.environ.get("RIM_FAST_CUDA_GRAPHS", "1") != "0"
         self.link_function, self.inverse_link_function = _link_functions(link_function, inverse_link_function)
         self.initialization_method = settings["initialization_method"]
         if self.initialization_method == "approximate_inverse":
@@ -408,13 +413,56 @@ class RIM(nn.Module):
         amp = self._autocast_enabled()
         compiled = self.__dict__.get("_compiled_loop")
         if compiled is None:
-            return self._loop(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
+            graphs = self._graphs_for(y, args, kwargs, x_true, w, time_weights)
+            if graphs is None:
+                return self._loop(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
+            inputs = [y, args, kwargs, x_true, w, time_weights]
+            key = signature((inputs, keep_trajectory, amp, self._loop_settings(amp)))
+            return graphs(key, lambda y, args, kwargs, x_true, w, time_weights: self._loop(
+                y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp), inputs)
         out, loss = compiled(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
         if self.__dict__.get("_uses_cuda_graphs"):
             # a later CUDA-graph replay reuses the output memory (pytorch #152887): hand out copies
             out = [x.clone() for x in out]
             loss = None if loss is None else loss.clone()
         return out, loss
+
+    def _graph_recorder(self):
+        """How this RIM records graphs: CUDA graphs on a GPU, none elsewhere (tests put the CPU stand-in here)."""
+        return CudaRecorder(self.device) if self.device.type == "cuda" else None
+
+    def _graphs_for(self, *inputs) -> Optional[GraphCache]:
+        """The graph cache for an eager call: None when graphs are off (``cuda_graphs=False``,
+        ``RIM_FAST_CUDA_GRAPHS=0``), elsewhere than on a GPU, or when the call needs autograd (training runs
+        eagerly or compiled); it is checked against the parameters' and buffers' memory first."""
+        if not self.cuda_graphs:
+            return None
+        if torch.is_grad_enabled() and (any(p.requires_grad for p in self.parameters()) or any(
+                t.requires_grad for t in tree_flatten(list(inputs))[0] if isinstance(t, Tensor))):
+            return None
+        graphs = self.__dict__.get("_graph_cache")
+        if graphs is None:
+            recorder = self._graph_recorder()
+            if recorder is None:
+                return None
+            graphs = self.__dict__["_graph_cache"] = GraphCache(recorder)
+        graphs.watch([*self.parameters(), *self.buffers()])
+        return graphs
+
+    def _loop_settings(self, amp: bool) -> tuple:
+        """What a recorded loop depends on besides its inputs: the RIM's settings and functions, autocast."""
+        return (self.T, self._preprocessing, self.epsilon, self.beta_1, self.beta_2, self.initialization_method,
+                self.compat, id(self.model), id(self.score_fn), id(self.energy_fn), id(self.model_score_fn),
+                id(self.link_function), id(self.inverse_link_function),
+                id(getattr(self, "approximate_inverse_fn", None)),
+                torch.get_autocast_dtype(self.device.type) if amp else None, ops.backend())
+
+    def clear_cuda_graphs(self) -> None:
+        """Drop the CUDA graphs recorded for eager inference (their memory goes back to the allocator); the next
+        call of each signature records again."""
+        graphs = self.__dict__.get("_graph_cache")
+        if graphs is not None:
+            graphs.clear()
 
     def compile(self, **kwargs) -> "RIM":
         """Compile the whole unrolled T-step loop as one graph; ``forward``, ``predict`` and ``loss_fn`` (and

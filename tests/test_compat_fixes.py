@@ -46,7 +46,8 @@ def test_rmsprop_fixed_uses_a_second_moment():
     out_c, _, v_c = rim_fast.ops.preprocess_score(s, m, v, 0, method="rmsprop", beta_1=0.9, beta_2=0.999, epsilon=1e-7)
     assert_close(out_c, s / 1e-7)
     assert torch.equal(v_c, v)
-    out_f, _, v_f = rim_fast.ops.preprocess_score(s, m, v, 0, method="rmsprop_fixed", beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+    out_f, _, v_f = rim_fast.ops.preprocess_score(s, m, v, 0, method="rmsprop_fixed", beta_1=0.9, beta_2=0.999,
+                                                  epsilon=1e-7)
     # first step with bias correction: v_hat = s^2, so out = s / (|s| + eps) = sign(s)
     assert_close(out_f, torch.sign(s), rtol=1e-5, atol=1e-5)
     r = rim_fast.RIM((16,), net, score_fn=score_fn, score_preprocessing_method="RMSPROP", compat="fixed", T=2,

@@ -164,3 +164,153 @@ def test_cuda_capture_error_falls_back_and_cache_stays_usable():
     y = torch.randn(8, device="cuda")
     torch.testing.assert_close(cache(signature((y,)), torch.neg, [y]), -y)
     torch.testing.assert_close(cache(signature((y,)), torch.neg, [y]), -y)
+
+
+# ---- the RIM's eager inference through the cache ------------------------------------------------------------
+
+import rim_fast  # noqa: E402
+
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """RIMs record their eager inference with the CPU stand-in (a GPU records CUDA graphs)."""
+    monkeypatch.setattr(rim_fast.RIM, "_graph_recorder", lambda self: Counting())
+
+
+def _score(x, y, a=None, scale=1.0):
+    return (y - 0.7 * x) * scale if a is None else (y - a * x) * scale
+
+
+def _pair(**kw):
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=2, nf=4, hidden_units=6)
+    graphed = rim_fast.RIM((8, 8), net, T=3, score_fn=_score, score_preprocessing_method="ADAM", **kw)
+    net2 = rim_fast.Hourglass(1, dimensions=2, nf=4, hidden_units=6)
+    net2.load_state_dict(net.state_dict())
+    eager = rim_fast.RIM((8, 8), net2, T=3, score_fn=_score, score_preprocessing_method="ADAM", cuda_graphs=False)
+    return graphed, eager
+
+
+def _captures(rim):
+    cache = rim.__dict__.get("_graph_cache")
+    return 0 if cache is None else cache.captures
+
+
+def test_rim_records_once_per_signature_and_replays(stand_in):
+    graphed, eager = _pair()
+    with torch.no_grad():
+        y1, y2, y3 = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.randn(3, 1, 8, 8)
+        out1 = graphed.predict(y1)
+        out2 = graphed.predict(y2)
+        assert _captures(graphed) == 1 and graphed._graph_cache.recorder.replays == 1
+        torch.testing.assert_close(out1, eager.predict(y1))  # out1 survived the replay for y2
+        torch.testing.assert_close(out2, eager.predict(y2))
+        graphed.predict(y3)  # another batch size
+        traj = graphed(y1)  # forward keeps the trajectory: another signature
+        assert _captures(graphed) == 3
+        expected = eager(y1)
+        assert len(traj) == len(expected) == 3
+        for a, b in zip(traj, expected):
+            torch.testing.assert_close(a, b)
+        a = torch.tensor(0.5)
+        graphed.predict(y1, a)  # a score-function argument: another structure
+        graphed.predict(y1, torch.tensor(0.9))  # same structure, new value: replayed with it
+        torch.testing.assert_close(graphed.predict(y1, torch.tensor(0.9)), eager.predict(y1, torch.tensor(0.9)))
+        graphed.predict(y1, a, scale=2.0)
+        graphed.predict(y1, a, scale=3.0)  # a non-tensor argument's value is part of the signature
+        torch.testing.assert_close(graphed.predict(y1, a, scale=3.0), eager.predict(y1, a, scale=3.0))
+        assert _captures(graphed) == 6
+
+
+def test_rim_graphs_see_in_place_updates_and_drop_replaced_parameters(stand_in):
+    graphed, eager = _pair()
+    y = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        graphed.predict(y)
+        for p, q in zip(graphed.model.parameters(), eager.model.parameters()):  # an optimizer step: in place
+            p.add_(0.01)
+            q.add_(0.01)
+        torch.testing.assert_close(graphed.predict(y), eager.predict(y))
+        assert _captures(graphed) == 1
+        state = {k: v + 0.02 for k, v in eager.model.state_dict().items()}
+        graphed.model.load_state_dict(state, assign=True)  # new tensors: the graph would read the old ones
+        eager.model.load_state_dict(state)
+        torch.testing.assert_close(graphed.predict(y), eager.predict(y))
+        assert _captures(graphed) == 2
+        graphed.to(torch.float64)  # .to(): new tensors again
+        eager.to(torch.float64)
+        torch.testing.assert_close(graphed.predict(y.double()), eager.predict(y.double()))
+        assert _captures(graphed) == 3
+
+
+def test_rim_settings_are_part_of_the_signature(stand_in):
+    graphed, eager = _pair()
+    y = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        graphed.predict(y)
+        graphed.T = eager.T = 5
+        torch.testing.assert_close(graphed.predict(y), eager.predict(y))
+        assert _captures(graphed) == 2
+
+
+def test_rim_uncapturable_score_function_runs_eagerly_with_one_warning(stand_in):
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=2, nf=4, hidden_units=6)
+
+    def syncing_score(x, y):
+        return (y - x) / (1 + float(x.abs().max().item()))
+
+    rim = rim_fast.RIM((8, 8), net, T=2, score_fn=syncing_score)
+    y = torch.randn(2, 1, 8, 8)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [rim.predict(y) for _ in range(3)]
+    assert len([w for w in caught if "cannot be recorded" in str(w.message)]) == 1
+    rim.cuda_graphs = False
+    with torch.no_grad():
+        expected = rim.predict(y)
+    for out in outs:
+        torch.testing.assert_close(out, expected)
+
+
+def test_rim_autograd_calls_and_opt_outs_stay_eager(stand_in, monkeypatch):
+    graphed, _ = _pair()
+    y, x = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    graphed.loss_fn(y, x).backward()  # training: autograd, eager
+    graphed.predict(y)  # grad enabled and parameters that require it: eager
+    assert _captures(graphed) == 0
+    off, _ = _pair(cuda_graphs=False)
+    monkeypatch.setenv("RIM_FAST_CUDA_GRAPHS", "0")
+    env_off, _ = _pair()
+    with torch.no_grad():
+        off.predict(y)
+        env_off.predict(y)
+    assert _captures(off) == 0 and _captures(env_off) == 0
+    with torch.no_grad():
+        graphed.predict(y)
+        graphed.clear_cuda_graphs()
+        graphed.predict(y)
+    assert _captures(graphed) == 2
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        _pair(cuda_graphs="yes")
+
+
+@requires_cuda
+def test_rim_predict_on_cuda_through_graphs_runs_the_kernels():
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=2, nf=8, hidden_units=12)
+    graphed = rim_fast.RIM((16, 16), net, T=4, score_fn=_score, score_preprocessing_method="ADAM", device="cuda")
+    eager = rim_fast.RIM((16, 16), net, T=4, score_fn=_score, score_preprocessing_method="ADAM", device="cuda",
+                         cuda_graphs=False)
+    y1, y2 = torch.randn(4, 1, 16, 16, device="cuda"), torch.randn(4, 1, 16, 16, device="cuda")
+    with torch.no_grad():
+        with rim_fast.ops.trace() as calls:
+            out1 = graphed.predict(y1)
+        out2 = graphed.predict(y2)
+        torch.testing.assert_close(out1, eager.predict(y1), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out2, eager.predict(y2), rtol=1e-4, atol=1e-5)
+    assert graphed._graph_cache.captures == 1
+    # the warm-up and the capture run the Triton gates and the CUDA update step (their launches are free in a graph)
+    assert calls[("gru_gates_zr", "triton")] > 0 and calls[("update_state", "reference")] >= 0
+    assert calls[("preprocess_score", "cpp")] > 0 or rim_fast.ops._cpp.missing() is not None

@@ -617,7 +617,8 @@ def test_without_extension_ops_still_work():
             import torch, rim_fast
             from rim_fast import ops
             with ops.trace() as calls:
-                ops.preprocess_score(torch.randn(3), torch.zeros(3), torch.zeros(3), 0, method="adam", beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+                ops.preprocess_score(torch.randn(3), torch.zeros(3), torch.zeros(3), 0, method="adam", beta_1=0.9,
+                                     beta_2=0.999, epsilon=1e-7)
         assert calls == {("preprocess_score", "reference"): 1}, calls
         messages = [str(w.message) for w in caught if "rim_fast" in str(w.message)]
         assert len(messages) == 1 and "rim_fast._C could not be loaded" in messages[0], messages

@@ -36,7 +36,7 @@ update_state           ``cpp``            eager with a loss term (x_true): one f
 import torch
 
 from . import _triton, reference
-from ._dispatch import BACKENDS, backend, trace, use_backend
+from ._dispatch import BACKENDS, backend, graph_region, trace, use_backend
 from .conv import conv, conv_same, conv_tanh, conv_transpose, tanh, upfirdn
 from .gru_gates import gru_gates_h, gru_gates_zero_state, gru_gates_zr
 from .update_step import PREPROCESSING, preprocess_score, update_state
@@ -55,7 +55,7 @@ def check_compilable(device: torch.device) -> None:
 
 
 __all__ = [
-    "BACKENDS", "backend", "check_compilable", "trace", "use_backend", "reference", "PREPROCESSING",
+    "BACKENDS", "backend", "check_compilable", "graph_region", "trace", "use_backend", "reference", "PREPROCESSING",
     "conv", "conv_same", "conv_tanh", "conv_transpose", "tanh", "upfirdn",
     "gru_gates_zr", "gru_gates_h", "gru_gates_zero_state",
     "preprocess_score", "update_state",

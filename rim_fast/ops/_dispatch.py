@@ -37,6 +37,26 @@ _TRACES: list = []
 _WARNED: set = set()
 
 
+_GRAPH_REGION = [0]
+
+
+@contextlib.contextmanager
+def graph_region() -> Iterator[None]:
+    """Calls recorded into a CUDA graph, and their warm-up: ``auto`` picks what it picks under capture (the
+    kernels whose launch cost a graph removes) in the warm-up too, so that nothing is first run (and compiled)
+    inside the capture."""
+    _GRAPH_REGION[0] += 1
+    try:
+        yield
+    finally:
+        _GRAPH_REGION[0] -= 1
+
+
+def in_graph_region() -> bool:
+    """Whether a call is being recorded into a CUDA graph (or warmed up for it)."""
+    return _GRAPH_REGION[0] > 0 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def backend() -> str:
     """The backend selected by ``RIM_FAST_BACKEND`` (read once, at import)."""
     return _BACKEND

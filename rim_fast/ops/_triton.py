@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._dispatch import in_graph_region
+
 Tensor = torch.Tensor
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -136,7 +138,7 @@ def auto(*args) -> bool:
     tensors = _tensors(args)
     if not all(t.is_cuda and t.dtype in _DTYPES for t in tensors):
         return False
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+    if torch.compiler.is_compiling() or in_graph_region():
         return True
     return max(t.numel() for t in tensors) >= AUTO_EAGER_MIN_ELEMENTS
 
