@@ -76,7 +76,10 @@ class EagerRecorder:
         new = graph()
         for static, fresh in zip(tree_flatten(out)[0], tree_flatten(new)[0]):
             if isinstance(static, Tensor):
-                static.copy_(fresh)
+                # a graph writes its outputs' memory in any mode; outputs made under inference_mode take
+                # in-place writes only inside it
+                with torch.inference_mode(static.is_inference()):
+                    static.copy_(fresh)
 
 
 class CudaRecorder:
@@ -165,7 +168,9 @@ class GraphCache:
 
     def _record(self, key, fn, inputs):
         leaves, spec = tree_flatten(list(inputs))
-        static = tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
+        # normal tensors even when the first call runs under inference_mode: later calls copy into them in any mode
+        with torch.inference_mode(False):
+            static = tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
         try:
             graph, out = self.recorder.capture(lambda: fn(*static))
         except Exception as err:  # noqa: BLE001 - whatever breaks a capture, the call runs eagerly

@@ -314,3 +314,19 @@ def test_rim_predict_on_cuda_through_graphs_runs_the_kernels():
     # the warm-up and the capture run the Triton gates and the CUDA update step (their launches are free in a graph)
     assert calls[("gru_gates_zr", "triton")] > 0 and calls[("update_state", "reference")] >= 0
     assert calls[("preprocess_score", "cpp")] > 0 or rim_fast.ops._cpp.missing() is not None
+
+
+def test_rim_graphs_under_inference_mode_and_no_grad_alike(stand_in):
+    graphed, eager = _pair()
+    y1, y2 = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    with torch.inference_mode():
+        out1 = graphed.predict(y1)
+    with torch.no_grad():
+        out2 = graphed.predict(y2)
+    with torch.inference_mode():
+        out3 = graphed.predict(y2)
+    with torch.no_grad():
+        torch.testing.assert_close(out1, eager.predict(y1))
+        torch.testing.assert_close(out2, eager.predict(y2))
+        torch.testing.assert_close(out3, out2)
+    assert _captures(graphed) == 1
