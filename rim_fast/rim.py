@@ -18,6 +18,7 @@ from .checkpoints import load_architecture
 from .compat import Compat, CompatLike, resolve
 from .cuda_graphs import CudaRecorder, GraphCache, signature
 from .definitions import DEVICE
+from .layers import per_call_cache
 from .validation import as_device, choice, flag, function, integer, integers, same_device, tensor
 
 _INITIALIZATIONS = ("zeros", "approximate_inverse", "model")
@@ -127,13 +128,18 @@ def _check_energy_shape(energy, x: Tensor) -> None:
 
 def _score_functions(rim: "RIM", score_fn, energy_fn) -> tuple:
     """(score_fn, model_score_fn), torch_rim's pair: the score of x in physical space, and the score of x in model
-    space, through the vector-Jacobian product of ``rim.link_function``. Given ``energy_fn`` only, both are the
-    gradient of the per-sample energy by ``torch.func.vjp``. They read ``rim.score_fn``, ``rim.energy_fn`` and
-    ``rim.link_function`` when called, as torch_rim's closures do."""
+    space, through the vector-Jacobian product of ``rim.link_function`` (skipped for an identity, whose vjp is its
+    cotangent). Given ``energy_fn`` only, both are the gradient of the per-sample energy by ``torch.func.vjp``.
+    They read ``rim.score_fn``, ``rim.energy_fn`` and ``rim.link_function`` when called, as torch_rim's closures
+    do."""
     if score_fn is not None:
         function("score_fn", score_fn)
 
         def model_score_fn(x, y, *args, **kwargs):
+            if isinstance(rim.link_function, nn.Identity):  # the vjp of an identity is its cotangent
+                score = rim.score_fn(x, y, *args, **kwargs)
+                _check_score_shape(score, x, y, "score_fn")
+                return score
             linked_x, vjp_func = vjp(rim.link_function, x)
             score = rim.score_fn(linked_x, y, *args, **kwargs)
             _check_score_shape(score, linked_x, y, "score_fn")
@@ -149,6 +155,8 @@ def _score_functions(rim: "RIM", score_fn, energy_fn) -> tuple:
         return vjp_func(torch.ones_like(energy))[0]
 
     def model_score_fn(x, y, *args, **kwargs):
+        if isinstance(rim.link_function, nn.Identity):
+            return score_fn(x, y, *args, **kwargs)
         energy, vjp_func = vjp(lambda x: rim.energy_fn(rim.link_function(x), y, *args, **kwargs), x)
         _check_energy_shape(energy, x)
         return vjp_func(torch.ones_like(energy))[0]
@@ -413,13 +421,17 @@ class RIM(nn.Module):
         amp = self._autocast_enabled()
         compiled = self.__dict__.get("_compiled_loop")
         if compiled is None:
-            graphs = self._graphs_for(y, args, kwargs, x_true, w, time_weights)
-            if graphs is None:
-                return self._loop(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
+            def loop(y, args, kwargs, x_true, w, time_weights):
+                # what depends on the parameters alone is built once per call (layers.per_call_cache), inside
+                # whatever records the call
+                with per_call_cache():
+                    return self._loop(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
+
             inputs = [y, args, kwargs, x_true, w, time_weights]
-            key = signature((inputs, keep_trajectory, amp, self._loop_settings(amp)))
-            return graphs(key, lambda y, args, kwargs, x_true, w, time_weights: self._loop(
-                y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp), inputs)
+            graphs = self._graphs_for(*inputs)
+            if graphs is None:
+                return loop(*inputs)
+            return graphs(signature((inputs, keep_trajectory, amp, self._loop_settings(amp))), loop, inputs)
         out, loss = compiled(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
         if self.__dict__.get("_uses_cuda_graphs"):
             # a later CUDA-graph replay reuses the output memory (pytorch #152887): hand out copies

@@ -41,4 +41,16 @@ def test_counts_per_provider_and_mode():
         assert totals[(provider, "train_step")] > totals[(provider, "predict")]
     kernels = count("kernels", "train_step", "S1", T=2)
     assert kernels["rim_fast::update_state"] == 2 and kernels["rim_fast::update_state_backward"] == 2
-    assert kernels["rim_fast::preprocess_score"] == 2
+    assert "rim_fast::preprocess_score" not in kernels  # Identity preprocessing launches nothing
+
+
+def test_merged_gru_weights_are_built_once_per_call():
+    """layers.per_call_cache: the GRUs' merged weights (and the zero-state shortcut's zero-gradient term) are built
+    once per RIM call, so the ops that grow with T are the steps' own: two more steps add two steps' worth."""
+    for mode in ("predict", "train_step"):
+        c2, c4, c6 = (count("kernels", mode, "S1", T=T) for T in (2, 4, 6))
+        step = {op: (c4[op] - c2[op]) / 2 for op in c4}
+        assert all(c6[op] - c4[op] == c4[op] - c2[op] for op in c6), (c2, c4, c6)  # linear in T
+        # per step: the network's input [x, score] and the GRUBlock's state [h_1, h_2]; no weight concatenation
+        assert step["aten.cat"] == 2, step
+        assert c2["aten.cat"] - 2 * step["aten.cat"] >= 4  # the merged weights, once per call
