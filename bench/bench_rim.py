@@ -13,7 +13,10 @@ those groups, in that order (e.g. a second GPU run for what the first one cut).
 Providers
   torch_rim            torch_rim's RIM, eager (the baseline of every Hourglass workload)
   rim_fast_reference   rim_fast with ``ops.use_backend("reference")`` (pure PyTorch)
-  rim_fast             rim_fast as imported (``RIM_FAST_BACKEND``, default auto)
+  rim_fast             rim_fast as imported (``RIM_FAST_BACKEND``, default auto; on CUDA, predict replays the whole
+                       loop from a CUDA graph recorded on the first call: rim_fast.cuda_graphs)
+  rim_fast_nographs    the same with ``RIM(cuda_graphs=False)``: the graphs' effect is its own number (CUDA only; on
+                       the CPU it is rim_fast)
   rim_fast_compiled    ``RIM.compile()``: the whole T-step loop as one graph (fullgraph; CUDA graphs on CUDA)
   torch_rim_compiled   torch.compile(rim.predict) / torch.compile(rim.loss_fn), no fullgraph (the graph count and
                        graph breaks are recorded). On CUDA with ``mode="reduce-overhead"``: the fair compiled
@@ -104,9 +107,11 @@ import torch.nn.functional as F
 
 import rim
 import rim_fast
-from bench.common import MODEL, PRIORITY, SMOKE, T as DEFAULT_T, end_to_end_workloads, machine_line, synchronize
+from bench.common import (MODEL, PRIORITY, SMOKE, T as DEFAULT_T, blur_kernel, end_to_end_workloads,
+                          machine_line, make_score_fn, synchronize)
 
-PROVIDERS = ("torch_rim", "rim_fast_reference", "rim_fast", "rim_fast_compiled", "torch_rim_compiled")
+PROVIDERS = ("torch_rim", "rim_fast_reference", "rim_fast", "rim_fast_nographs", "rim_fast_compiled",
+             "torch_rim_compiled")
 COMPILED = ("torch_rim_compiled", "rim_fast_compiled")
 MODES = ("predict", "train_step")
 #: CPU fp32 tolerances of the check (relative to the largest magnitude of the baseline's tensor)
@@ -151,7 +156,8 @@ ALL_WORKLOADS = end_to_end_workloads()
 WORKLOAD_NAMES = _env_list("RIM_FAST_BENCH_WORKLOADS", ALL_WORKLOADS,
                            [n for n, w in ALL_WORKLOADS.items() if DEVICE in w["devices"]])
 MODE_NAMES = _env_list("RIM_FAST_BENCH_MODES", MODES, MODES)
-PROVIDER_NAMES = _env_list("RIM_FAST_BENCH_PROVIDERS", PROVIDERS, PROVIDERS)
+PROVIDER_NAMES = _env_list("RIM_FAST_BENCH_PROVIDERS", PROVIDERS,
+                           [p for p in PROVIDERS if CUDA or p != "rim_fast_nographs"])
 
 
 def _groups() -> list:
@@ -176,27 +182,6 @@ CASES = [pytest.param(w, m, p, id=f"{w}-{DEVICE}-{m}-{p}")
 
 
 # ---- the workload: weights, inputs, score function ---------------------------------------------------------
-
-def _blur_kernel(dims: int) -> torch.Tensor:
-    k1 = torch.tensor([0.25, 0.5, 0.25])
-    k = k1
-    for _ in range(dims - 1):
-        k = k[..., None] * k1
-    return k[None, None]  # [1, 1, 3, ..., 3]
-
-
-def make_score_fn(dims: int, device):
-    """A^T (y - A x) for A a zero-padded [1, 2, 1]/4 blur per axis (symmetric, so A^T = A); C = 1."""
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    kernel = _blur_kernel(dims).to(device)
-
-    def blur(x):
-        return conv(x, kernel.to(x.dtype), padding=1)
-
-    def score_fn(x, y):
-        return blur(y - blur(x))
-    return score_fn
-
 
 def _arch(spec):
     return rim_fast.Unet if spec["arch"] == "Unet" else rim_fast.Hourglass
@@ -224,7 +209,7 @@ def workload_data(name: str):
     shape = (spec["batch"], 1, *spec["size"])
     x_true = torch.rand(shape, generator=gen)
     blur = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    y = blur(x_true, _blur_kernel(dims), padding=1) + 0.01 * torch.randn(shape, generator=gen)
+    y = blur(x_true, blur_kernel(dims), padding=1) + 0.01 * torch.randn(shape, generator=gen)
     return {"state": {k: v.clone() for k, v in state.items()}, "y": y.to(DEVICE), "x_true": x_true.to(DEVICE),
             "score_fn": make_score_fn(dims, DEVICE)}
 
@@ -241,7 +226,8 @@ def build(name: str, provider: str, dtype=torch.float32):
     model = _arch(spec)(1, dimensions=spec["dims"], **MODEL)
     model.load_state_dict(data["state"])
     model = model.to(DEVICE, dtype)
-    return rim_fast.RIM(spec["size"], model, score_fn=data["score_fn"], T=T, device=DEVICE)
+    return rim_fast.RIM(spec["size"], model, score_fn=data["score_fn"], T=T, device=DEVICE,
+                        cuda_graphs=provider != "rim_fast_nographs")
 
 
 def _backend_ctx(provider: str):

@@ -9,6 +9,7 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 #: RIM_FAST_BENCH_SMOKE=1: tiny sizes and one round, so CI exercises the benchmarks without timing them.
 SMOKE = os.environ.get("RIM_FAST_BENCH_SMOKE") == "1"
@@ -101,3 +102,24 @@ def end_to_end_workloads() -> dict:
     table = {name: dict(spec, arch="Hourglass") for name, spec in workloads().items()}
     table["U2"] = dict(table["S2"], arch="Unet")
     return table
+
+
+def blur_kernel(dims: int) -> torch.Tensor:
+    k1 = torch.tensor([0.25, 0.5, 0.25])
+    k = k1
+    for _ in range(dims - 1):
+        k = k[..., None] * k1
+    return k[None, None]  # [1, 1, 3, ..., 3]
+
+
+def make_score_fn(dims: int, device):
+    """A^T (y - A x) for A a zero-padded [1, 2, 1]/4 blur per axis (symmetric, so A^T = A); C = 1."""
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    kernel = blur_kernel(dims).to(device)
+
+    def blur(x):
+        return conv(x, kernel.to(x.dtype), padding=1)
+
+    def score_fn(x, y):
+        return blur(y - blur(x))
+    return score_fn

@@ -182,7 +182,7 @@ fi
 . "$WORK/preflight.env"
 
 if [ "$MODE" = full ]; then
-  BENCH_ARGS=(--device cuda --providers torch_rim,rim_fast,rim_fast_compiled,torch_rim_compiled
+  BENCH_ARGS=(--device cuda --providers torch_rim,rim_fast,rim_fast_nographs,rim_fast_compiled,torch_rim_compiled
               --groups "${GROUPS_ARG:-L2:predict,S2:predict,S2:train_step,S1:predict,S1:train_step,L2:train_step}")
   BENCH_PYTEST=()
 else

@@ -12,9 +12,13 @@ a GPU would run, whatever device it is taken on:
 - ``torch_rim``: torch_rim 0.2.9 itself.
 
 Modes: ``predict`` (no autograd) and ``train_step`` (``loss_fn`` and its backward; the optimizer's step is not
-counted). Per step = total / T.
+counted). Per step = total / T. The RIM is the benchmark's (bench.common: the workload's Hourglass, its blur score
+function A^T (y - A x), 3 ops a step; Identity preprocessing, which launches nothing).
 
-    python -m bench.op_count [--workload S2] [--T 10]
+    python -m bench.op_count [--workload S2] [--T 10] [--detail]
+
+The counts depend on the number of spatial dimensions, not on the sizes: they are taken at the tiny sizes of
+bench.common.SMOKE_WORKLOADS (S2 and L2 count the same). ``bench.run`` adds them to its report.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import rim_fast
-from bench.common import MODEL, T as DEFAULT_T, workloads
+from bench.common import MODEL, SMOKE_WORKLOADS, T as DEFAULT_T, make_score_fn
 from rim_fast.ops._dispatch import OPS, use_backend
 
 #: the op families a GPU runs as one kernel per call in the ``kernels`` count
@@ -106,7 +110,8 @@ def _one_kernel_per_call(counter: LaunchCounter):
 
     def counted(name, ref):
         def run(*args):
-            counter.counts[f"rim_fast::{name}"] += 1
+            if not (name == "preprocess_score" and args[4] == "identity"):  # identity launches nothing
+                counter.counts[f"rim_fast::{name}"] += 1
             positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
             tensors = [args[i] for i in positions]
             if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
@@ -133,20 +138,18 @@ def _one_kernel_per_call(counter: LaunchCounter):
             OPS[name].reference = ref
 
 
-def _score(x, y):
-    return y - 0.7 * x
-
-
 def _rim(library, workload: str, T: int):
-    spec = workloads()[workload]
+    # the ops do not depend on the sizes, only on the number of spatial dimensions: the tiny sizes count fast
+    spec = SMOKE_WORKLOADS[workload]
     dims = spec["dims"]
+    score_fn = make_score_fn(dims, "cpu")
     torch.manual_seed(0)
     if library == "torch_rim":
         import rim
         net = rim.Hourglass(1, dimensions=dims, **MODEL)
-        return rim.RIM(spec["size"], net, T=T, score_fn=_score, device="cpu"), spec
+        return rim.RIM(spec["size"], net, T=T, score_fn=score_fn, device="cpu"), spec
     net = rim_fast.Hourglass(1, dimensions=dims, **MODEL)
-    return rim_fast.RIM(spec["size"], net, T=T, score_fn=_score, device="cpu"), spec
+    return rim_fast.RIM(spec["size"], net, T=T, score_fn=score_fn, device="cpu"), spec
 
 
 def count(provider: str, mode: str, workload: str = "S2", T: int = DEFAULT_T) -> Counter:
@@ -171,6 +174,16 @@ def per_step(provider: str, mode: str, workload: str = "S2", T: int = DEFAULT_T)
     return sum(count(provider, mode, workload, T).values()) / T
 
 
+PROVIDERS = ("torch_rim", "reference", "kernels")
+MODES = ("predict", "train_step")
+
+
+def table(workloads, modes=MODES, T: int = DEFAULT_T) -> list:
+    """[{workload, mode, provider, per_step}] for the report of bench.run."""
+    return [{"workload": w, "mode": m, "provider": p, "per_step": per_step(p, m, w, T)}
+            for w in workloads for m in modes for p in PROVIDERS]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", default="S2")
@@ -178,8 +191,8 @@ def main(argv=None) -> None:
     parser.add_argument("--detail", action="store_true", help="the ops of each count")
     args = parser.parse_args(argv)
     print(f"ops per RIM step that launch a GPU kernel ({args.workload}, T={args.T}):")
-    for provider in ("torch_rim", "reference", "kernels"):
-        for mode in ("predict", "train_step"):
+    for provider in PROVIDERS:
+        for mode in MODES:
             counts = count(provider, mode, args.workload, args.T)
             print(f"  {provider:10s} {mode:10s} {sum(counts.values()) / args.T:7.1f}")
             if args.detail:

@@ -18,7 +18,8 @@ import json
 import os
 import sys
 
-PROVIDER_ORDER = ("torch_rim", "torch_rim_compiled", "rim_fast_reference", "rim_fast", "rim_fast_compiled")
+PROVIDER_ORDER = ("torch_rim", "torch_rim_compiled", "rim_fast_reference", "rim_fast_nographs", "rim_fast",
+                  "rim_fast_compiled")
 MODE_ORDER = ("predict", "train_step")
 MiB = 2 ** 20
 #: the measurements of a case copied from its results line into its row
@@ -272,12 +273,36 @@ def chart(summary: dict, path: str) -> str | None:
 
 
 
+def op_counts_markdown(rows: list) -> list:
+    """The section of report.md for OUT/op_counts.json (bench.op_count)."""
+    lines = ["## Ops per RIM step that launch a GPU kernel (counted on the CPU, bench/op_count.py)", ""]
+    if any("error" in r for r in rows):
+        return lines + [f"Not counted: {rows[0].get('error')}", ""]
+    lines += ["torch_rim 0.2.9; rim_fast's references; rim_fast as a GPU runs it (each Triton gate and C++/CUDA "
+              "update-step call one kernel, forward and backward). Views, metadata and allocations are not counted; "
+              "train_step is loss_fn and its backward (no optimizer step).", "",
+              "| workload | mode | torch_rim | rim_fast reference | rim_fast kernels |", "| --- | --- | ---: | ---: | ---: |"]
+    by_key = {(r["workload"], r["mode"], r["provider"]): r["per_step"] for r in rows}
+    for workload, mode in dict.fromkeys((r["workload"], r["mode"]) for r in rows):
+        cells = [f"{by_key[(workload, mode, p)]:.1f}" if (workload, mode, p) in by_key else "-"
+                 for p in ("torch_rim", "reference", "kernels")]
+        lines.append(f"| {workload} | {mode} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write(status_path: str, out_dir: str) -> dict:
-    """Write report.md, summary.json and speedups.png into ``out_dir``; returns the summary (with "markdown")."""
+    """Write report.md, summary.json and speedups.png into ``out_dir``; returns the summary (with "markdown").
+    OUT/op_counts.json, when bench.run wrote it, adds the ops per step."""
     summary = load(status_path)
     os.makedirs(out_dir, exist_ok=True)
+    counts_path = os.path.join(out_dir, "op_counts.json")
+    if os.path.exists(counts_path):
+        with open(counts_path) as f:
+            summary["op_counts"] = json.load(f)
     note = chart(summary, os.path.join(out_dir, "speedups.png"))
     md = markdown(summary)
+    if summary.get("op_counts"):
+        md += "\n" + "\n".join(op_counts_markdown(summary["op_counts"]))
     if note:
         md += f"\n({note})\n"
     with open(os.path.join(out_dir, "report.md"), "w") as f:

@@ -117,12 +117,30 @@ def main(argv=None) -> int:
         return code or 1
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
+    _write_op_counts(status, out, settings.get("T"))
     from bench.report import write
     summary = write(status, out)
     print()
     print(summary["markdown"])
     print(f"written: {out}/report.md, summary.json" + (", speedups.png" if summary.get("chart") else ""))
     return code
+
+
+def _write_op_counts(status: str, out: str, T) -> None:
+    """OUT/op_counts.json: ops per RIM step that would launch a GPU kernel (bench.op_count, counted on the CPU)
+    for the run's Hourglass workloads, which the report shows beside the timings."""
+    import json
+    from bench.common import SMOKE_WORKLOADS, T as DEFAULT_T
+    from bench.op_count import table
+    with open(status) as f:
+        names = {json.loads(line).get("workload") for line in f if line.strip()}
+    workloads = [w for w in SMOKE_WORKLOADS if w in names]
+    try:
+        rows = table(workloads, T=int(T) if T else DEFAULT_T)
+    except Exception as err:  # noqa: BLE001 - a measurement beside the benchmark, never its failure
+        rows = [{"error": f"{type(err).__name__}: {err}"}]
+    with open(os.path.join(out, "op_counts.json"), "w") as f:
+        json.dump(rows, f, indent=1)
 
 
 def _prewarm(env: dict) -> int:

@@ -205,3 +205,19 @@ def test_op_benchmarks_run_in_smoke_mode(name):
                            "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_report_has_the_op_counts(smoke_run):
+    """bench.run adds the ops per RIM step (bench/op_count.py) for each Hourglass workload of the run."""
+    out, _ = smoke_run
+    with open(os.path.join(out, "op_counts.json")) as f:
+        rows = json.load(f)
+    by_key = {(r["workload"], r["mode"], r["provider"]): r["per_step"] for r in rows}
+    assert {w for w, _, _ in by_key} == {"S1", "S2", "S3"}
+    for (workload, mode, provider), n in by_key.items():
+        if provider == "kernels":
+            assert 0 < n < by_key[(workload, mode, "reference")] < by_key[(workload, mode, "torch_rim")]
+    with open(os.path.join(out, "report.md")) as f:
+        report = f.read()
+    assert "## Ops per RIM step that launch a GPU kernel" in report
+    assert "| S2 | predict |" in report
