@@ -1,4 +1,4 @@
-"""Whole-loop CUDA graphs for eager inference, without torch.compile.
+"""Whole-loop CUDA graphs for eager inference, and a training step in one graph, without torch.compile.
 
 A RIM on a GPU runs hundreds of small kernels per call; at 5-10 us of host time per launch, small workloads are
 launch-bound. ``GraphCache`` records a call (the whole T-step loop, score function included) once per signature
@@ -16,6 +16,10 @@ Rules (each tested):
 - a call that cannot be captured (a host sync such as ``.item()``, a CPU allocation in the score function, ...)
   makes its signature run eagerly from then on, with one warning; never an error, and the cache stays usable;
 - at most ``max_entries`` signatures are kept (the least recently used is dropped); ``clear()`` frees them all.
+
+``TrainStepGraph`` records a whole training step (forward, backward, clipping, optimizer step, EMA update) on the
+same recorders; ``set_lr``, ``ema_decay`` and ``ema_update`` keep the learning rate and torch_ema's decay in
+device tensors that a replay reads.
 """
 from __future__ import annotations
 
@@ -190,3 +194,87 @@ class GraphCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+
+class TrainStepGraph:
+    """A whole training step (zero_grad, forward, backward, gradient clipping, optimizer step, EMA update) recorded
+    once and replayed for every batch of the same shapes, so that a step costs one launch.
+
+    ``step(*batch)`` does the whole step and returns the loss, with device work only: no ``.item()``, no Python
+    number that changes from step to step (the learning rate and the EMA decay are device tensors updated in
+    place between steps, see ``set_lr`` and ``ema_update``), and gradients set to None at its start. The first
+    batch runs eagerly (it creates the optimizer's state), then the step is recorded: the warm-up and the capture
+    run real steps, so every tensor of ``state()`` (parameters, optimizer state, EMA shadows) is restored in place
+    afterwards and each batch is stepped exactly once. Batches of another shape (the last, partial one) run
+    eagerly; a step that cannot be recorded runs eagerly from then on, with one warning. On a GPU the optimizer
+    must be capturable (``torch.optim.Adam(..., capturable=True)``, the learning rate a tensor)."""
+
+    def __init__(self, step: Callable[..., Tensor], state: Callable[[], Sequence[Tensor]], recorder):
+        self.step, self.state, self.recorder = step, state, recorder
+        self._key = None
+        self._entry = None
+        self.eager = False
+        self.replays = 0
+
+    def __call__(self, *batch) -> Tensor:
+        key = signature(batch)
+        if self.eager or key is None or (self._key is not None and key != self._key):
+            return self.step(*batch)
+        if self._key is None:
+            self._key = key
+            loss = self.step(*batch)
+            self._record(batch)
+            return loss
+        for static, value in zip(self._entry.inputs, batch):
+            if isinstance(static, Tensor):
+                static.copy_(value)
+        self.recorder.replay(self._entry.graph, self._entry.out)
+        self.replays += 1
+        return self._entry.out.clone()
+
+    def _record(self, batch) -> None:
+        with torch.inference_mode(False):
+            static = [t.clone() if isinstance(t, Tensor) else t for t in batch]
+        saved = [t.detach().clone() for t in self.state()]
+        try:
+            graph, out = self.recorder.capture(lambda: self.step(*static))
+        except Exception as err:  # noqa: BLE001 - whatever breaks a capture, the steps run eagerly
+            warnings.warn(f"rim_fast: the training step cannot be recorded into a CUDA graph ({type(err).__name__}: "
+                          f"{err}); it runs eagerly", RuntimeWarning, stacklevel=3)
+            self.eager = True
+            graph = out = None
+        finally:
+            with torch.no_grad():
+                for tensor, value in zip(self.state(), saved):
+                    tensor.copy_(value)
+        if not self.eager:
+            self._entry = _Entry(graph, static, out)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate, in place when it is a tensor (a recorded step reads it)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def ema_decay(ema) -> float:
+    """The decay torch_ema's ``ExponentialMovingAverage.update`` would use for its next update; counts it."""
+    decay = ema.decay
+    if ema.num_updates is not None:
+        ema.num_updates += 1
+        decay = min(decay, (1 + ema.num_updates) / (10 + ema.num_updates))
+    return decay
+
+
+def ema_update(ema, parameters: Sequence[Tensor], one_minus_decay: Tensor) -> None:
+    """torch_ema's update of the shadow parameters, s -= (s - p) (1 - decay), operation for operation, with
+    ``1 - decay`` a device tensor (filled before each step with ``1.0 - ema_decay(ema)``), so that a recorded step
+    reads the decay of each replay."""
+    with torch.no_grad():
+        for shadow, param in zip(ema.shadow_params, parameters):
+            tmp = shadow - param
+            tmp.mul_(one_minus_decay)
+            shadow.sub_(tmp)

@@ -330,3 +330,113 @@ def test_rim_graphs_under_inference_mode_and_no_grad_alike(stand_in):
         torch.testing.assert_close(out2, eager.predict(y2))
         torch.testing.assert_close(out3, out2)
     assert _captures(graphed) == 1
+
+
+# ---- a training step in one graph (the recipe for one's own loop) ------------------------------------------
+
+from torch_ema import ExponentialMovingAverage  # noqa: E402
+
+from rim_fast.cuda_graphs import TrainStepGraph, ema_decay, ema_update, set_lr  # noqa: E402
+
+
+def _trainer(graphed: bool, recorder=None, sync: bool = False):
+    """A RIM, its Adam and EMA, and a step function: eager torch_rim-style, or the graph-friendly form of it."""
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=2, nf=4, hidden_units=6)
+    rim = rim_fast.RIM((8, 8), net, T=2, score_fn=_score, score_preprocessing_method="ADAM")
+    params = list(rim.model.parameters())
+    # SGD with momentum: Adam reads its step counter on the host unless capturable, which only GPUs allow
+    optimizer = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    ema = ExponentialMovingAverage(params, decay=0.9)
+    one_minus_decay = torch.zeros(())
+
+    def step(y, x):
+        optimizer.zero_grad(set_to_none=True)
+        loss = rim.loss_fn(y, x)
+        if sync:
+            loss = loss * (1 + 0 * loss.item())  # a host sync: not capturable
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
+        optimizer.step()
+        if graphed:
+            ema_update(ema, params, one_minus_decay)
+        else:
+            ema.update()
+        return loss.detach()
+
+    def state():
+        return [*params, *[t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)],
+                *ema.shadow_params]
+
+    def run(y, x, lr):
+        if graphed:
+            set_lr(optimizer, lr)
+            one_minus_decay.fill_(1.0 - ema_decay(ema))
+            return train(y, x)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return step(y, x)
+
+    train = TrainStepGraph(step, state, recorder) if graphed else None
+    return rim, ema, run, train
+
+
+def _batches():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(b, 1, 8, 8, generator=g), torch.randn(b, 1, 8, 8, generator=g)) for b in (2, 2, 2, 2, 1)]
+
+
+def test_train_step_graph_steps_exactly_like_eager():
+    """Five steps (the last batch partial) with a learning-rate schedule and EMA: recorded once, replayed for the
+    full batches, eager for the partial one; losses, parameters and EMA shadows equal to the eager loop's."""
+    eager_rim, eager_ema, eager_run, _ = _trainer(False)
+    rim, ema, run, train = _trainer(True, Counting())
+    for i, (y, x) in enumerate(_batches()):
+        lr = 1e-2 * (i + 1) / 5
+        torch.testing.assert_close(run(y, x, lr), eager_run(y, x, lr), rtol=0, atol=0)
+    assert train._entry is not None and not train.eager
+    assert train.replays == 3  # batches 2-4; the first ran eagerly before the recording, the partial one eagerly
+    for p, q in zip(rim.model.parameters(), eager_rim.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for s, t in zip(ema.shadow_params, eager_ema.shadow_params):
+        torch.testing.assert_close(s, t, rtol=0, atol=0)
+    assert ema.num_updates == eager_ema.num_updates == 5
+
+
+def test_train_step_graph_falls_back_on_a_host_sync():
+    eager_rim, _, eager_run, _ = _trainer(False)
+    rim, _, run, train = _trainer(True, Counting(), sync=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (y, x) in enumerate(_batches()):
+            torch.testing.assert_close(run(y, x, 1e-2), eager_run(y, x, 1e-2), rtol=0, atol=0)
+    assert train.eager and train.replays == 0
+    assert len([w for w in caught if "training step cannot be recorded" in str(w.message)]) == 1
+    for p, q in zip(rim.model.parameters(), eager_rim.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_train_step_graph_on_cuda_with_capturable_adam():
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=2, nf=8, hidden_units=12)
+    rim = rim_fast.RIM((16, 16), net, T=3, score_fn=_score, device="cuda")
+    params = list(rim.model.parameters())
+    lr = torch.tensor(1e-3, device="cuda")
+    optimizer = torch.optim.Adam(params, lr=lr, capturable=True)
+
+    def step(y, x):
+        optimizer.zero_grad(set_to_none=True)
+        loss = rim.loss_fn(y, x)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def state():
+        return [*params, *[t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]]
+
+    train = TrainStepGraph(step, state, CudaRecorder(torch.device("cuda")))
+    y, x = torch.randn(4, 1, 16, 16, device="cuda"), torch.randn(4, 1, 16, 16, device="cuda")
+    losses = [float(train(y, x)) for _ in range(6)]
+    assert train.replays == 5 and not train.eager
+    assert losses[-1] < losses[0]
