@@ -325,7 +325,11 @@ def _fit(rim, dataset, group, epochs, learning_rate, scheduler, batch_size, shuf
     else:
         scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.)
     if ema_decay > 0:
-        from torch_ema import ExponentialMovingAverage
+        try:
+            from torch_ema import ExponentialMovingAverage
+        except ImportError as err:
+            raise ImportError(f"ema_decay={ema_decay} needs the torch-ema package: pip install torch-ema (or "
+                              f"pip install 'rim-fast[train]'); ema_decay=0 trains without it") from err
         ema = ExponentialMovingAverage(rim.model.parameters(), decay=ema_decay)
     else:
         ema = NullEMA()
