@@ -1,5 +1,14 @@
-"""rim_fast build: the Python package, the Triton kernels (installed as rim_fast.kernels) and the C++/CUDA
-extension rim_fast._C (built by torch's BuildExtension with ninja; see csrc/).
+"""rim_fast build: the C++/CUDA extension rim_fast._C (built by torch's BuildExtension, with ninja when installed;
+see csrc/). The package's metadata, its Python packages and the Triton kernels (installed as rim_fast.kernels) are
+declared in pyproject.toml.
+
+    pip install --no-build-isolation .      # in an environment with torch: the package and the extension
+    pip install .                           # pip's isolated build has no torch: the pure-Python package
+
+The extension is built against the torch of the build environment, which must be the one it runs with. A build
+that fails (no compiler, a compiler error) does not abort the install: the package installs without the extension,
+runs the PyTorch references, and ``python -m rim_fast.info`` says why (the note ``rim_fast/_C_BUILD_ERROR.txt``).
+``RIM_FAST_REQUIRE_EXT=1`` makes such a failure fail the install instead (``make`` sets it).
 
 The extension is a CUDAExtension when torch is a CUDA build and nvcc is found, else a CppExtension:
 - ``RIM_FAST_NO_EXT=1``   build no extension (rim_fast then runs its pure-PyTorch references);
@@ -15,6 +24,8 @@ The arch list built is recorded in the extension (``rim_fast._C.CUDA_ARCHS``, wi
 at run time a GPU with no matching image or PTX takes the references with one warning instead of failing with
 "no kernel image is available" (``rim_fast._ext``; ``python -m rim_fast.info`` shows it).
 
+- ``RIM_FAST_BREAK_BUILD=1``  (tests) pass the compiler an unknown flag, so that the build fails.
+
 In-place build (the .so lands in rim_fast/, importable from the source tree):
     CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace
 or, for an editable install, pip install --no-build-isolation -e .
@@ -25,6 +36,10 @@ import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+#: written beside rim_fast/__init__.py when the package installs without its extension; rim_fast._ext reads it
+BUILD_NOTE = "_C_BUILD_ERROR.txt"
 
 ext_modules = []
 cmdclass = {}
@@ -103,16 +118,68 @@ def _cuda_arch_flags(torch, cpp_extension, cuda_home):
     return flags, archs
 
 
+def _note_build_py(note: str):
+    """A build_py that writes ``note`` (why there is no extension) into the built package."""
+    class BuildPyWithNote(build_py):
+        def run(self):
+            super().run()
+            if not self.editable_mode:
+                path = os.path.join(self.build_lib, "rim_fast", BUILD_NOTE)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(note + "\n")
+    return BuildPyWithNote
+
+
+def _tolerant_build_ext(base):
+    """torch's BuildExtension that, when compiling or linking fails, prints a warning and writes BUILD_NOTE where
+    rim_fast._C would have gone (and into the source tree for an in-place build), instead of failing the install
+    (unless RIM_FAST_REQUIRE_EXT=1); a successful build removes an earlier note."""
+    class TolerantBuildExtension(base):
+        def run(self):
+            self._failure = None
+            inplace = self.inplace
+            super().run()
+            notes = [os.path.join(self.build_lib, "rim_fast", BUILD_NOTE)]
+            if inplace:
+                notes.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rim_fast", BUILD_NOTE))
+            for path in notes:
+                if self._failure is None:
+                    if os.path.exists(path):
+                        os.remove(path)
+                    continue
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(self._failure + "\n")
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001 - CompileError, LinkError, ninja's RuntimeError, ...
+                if os.environ.get("RIM_FAST_REQUIRE_EXT") == "1":
+                    raise
+                why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                self._failure = (f"the C++/CUDA extension failed to build ({why}); reinstall with `pip install -v "
+                                 f"--no-build-isolation .` to see the compiler's output")
+                print(f"rim_fast: WARNING: {self._failure}. Installing without it: rim_fast runs the PyTorch "
+                      f"references.")
+                # nothing to copy in place or to install
+                self.extensions = []
+    return TolerantBuildExtension
+
+
 def _extension():
     if os.environ.get("RIM_FAST_NO_EXT") == "1":
-        return [], {}
+        return [], {"build_py": _note_build_py("built without the C++/CUDA extension (RIM_FAST_NO_EXT=1)")}
     try:
         import torch
     except ImportError:
         # no torch in the build environment (e.g. pip's build isolation): build the pure-Python package
         print("rim_fast: torch is not importable, building without the C++/CUDA extension "
               "(use pip install --no-build-isolation)")
-        return [], {}
+        return [], {"build_py": _note_build_py(
+            "built without the C++/CUDA extension: torch was not importable in the build environment (pip's "
+            "build isolation); reinstall with `pip install --no-build-isolation .` where torch is installed")}
     _choose_cuda_home()
     from torch.utils import cpp_extension
 
@@ -125,6 +192,8 @@ def _extension():
         # selects (tanh.h; no FP exception is ever read); -ffp-contract=off keeps a*b+c two roundings (aarch64
         # would fuse it), as the reference and the CUDA kernel (-fmad=false) compute it
         cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+    if os.environ.get("RIM_FAST_BREAK_BUILD") == "1":
+        cxx_flags.append("-frim-fast-no-such-flag")
     link_flags = []
     if sys.platform.startswith("linux"):
         # at::parallel_for splits the CPU kernels over threads only when compiled with OpenMP (ATen's
@@ -160,21 +229,10 @@ def _extension():
         print("rim_fast: building rim_fast._C for the CPU only")
         ext = cpp_extension.CppExtension("rim_fast._C", sources, extra_compile_args={"cxx": cxx_flags},
                                          extra_link_args=link_flags)
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+    return [ext], {"build_ext": _tolerant_build_ext(cpp_extension.BuildExtension)}
 
 
 ext_modules, cmdclass = _extension()
 
-setup(
-    name="rim_fast",
-    version="0.1.0",
-    description="Fast, drop-in Recurrent Inference Machines (torch_rim compatible): Triton + C++/CUDA kernels",
-    packages=["rim_fast", "rim_fast.ops", "rim_fast.layers", "rim_fast.architectures", "rim_fast.kernels"],
-    package_dir={"rim_fast": "rim_fast", "rim_fast.kernels": "kernels"},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.6", "numpy", "tqdm", "torch-ema"],
-    extras_require={"test": ["torch-rim==0.2.9", "pytest", "pytest-benchmark", "hypothesis", "expecttest",
-                             "matplotlib"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# name, version, dependencies, packages: pyproject.toml
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -38,6 +38,11 @@ def _load() -> None:
     except (ImportError, OSError) as exc:
         _error = (f"rim_fast._C could not be loaded ({type(exc).__name__}: {exc}); build it with "
                   f"`python setup.py build_ext --inplace` (see setup.py)")
+        # setup.py leaves a note when the package was installed without the extension (a failed or skipped build)
+        note = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_BUILD_ERROR.txt")
+        if isinstance(exc, ModuleNotFoundError) and os.path.exists(note):
+            with open(note) as f:
+                _error = f"rim_fast._C was not installed: {f.read().strip()}"
         warnings.warn(f"rim_fast: {_error}. The C++/CUDA update-step kernels are unavailable; rim_fast runs "
                       f"their PyTorch references instead.", RuntimeWarning, stacklevel=2)
 
