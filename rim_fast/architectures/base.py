@@ -2,6 +2,8 @@
 (``EncoderDecoder``: their arguments and checks, ``hyperparameters``, layer factories, hidden state)."""
 from __future__ import annotations
 
+import difflib
+import inspect
 from abc import ABC, abstractmethod
 from typing import Callable, Optional, Sequence
 
@@ -66,6 +68,27 @@ def _check_fir_kernel(fir_kernel) -> None:
                          f"separable FIR filter of resample_with_conv=False), got {fir_kernel!r}")
 
 
+#: keys that torch_rim writes into model_hparams.json beside the network's own (the RIM's settings), which
+#: load_architecture passes to the network: accepted and ignored, as torch_rim's Hourglass(**kwargs) did
+TORCH_RIM_SAVED_KEYS = frozenset({"architecture", "score_preprocessing_method", "initialization_method", "T",
+                                  "epsilon", "beta_1", "beta_2"})
+
+
+def _check_unknown_keywords(cls, kwargs: dict) -> None:
+    """A TypeError naming the keyword arguments no layer knows (``hiden_units``) and the closest valid ones."""
+    unknown = [k for k in kwargs if k not in TORCH_RIM_SAVED_KEYS]
+    if not unknown:
+        return
+    valid = [name for name, p in inspect.signature(cls.__init__).parameters.items()
+             if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        parts.append(f"{key!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+    raise TypeError(f"{cls.__name__}() got unexpected keyword argument{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(parts)}; valid ones: {', '.join(valid)}")
+
+
 def _check_arguments(channels, dimensions, nf, ch_mult, hidden_units, num_layers, kernel_size, conv_kernel_size,
                      input_kernel_size, condition_on_observation, resample_with_conv, fir_kernel,
                      combine_method) -> tuple:
@@ -102,6 +125,7 @@ class EncoderDecoder(Model):
                  resample_with_conv=True, fir_kernel=(1, 3, 3, 1), combine_method="cat", activation="tanh",
                  compat: CompatLike = None, **kwargs):
         super().__init__()
+        _check_unknown_keywords(type(self), kwargs)
         ch_mult = _check_arguments(channels, dimensions, nf, ch_mult, hidden_units, num_layers, kernel_size,
                                    conv_kernel_size, input_kernel_size, condition_on_observation,
                                    resample_with_conv, fir_kernel, combine_method)
