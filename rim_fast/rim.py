@@ -494,6 +494,81 @@ class RIM(nn.Module):
         self.__dict__["_compiled_loop"] = torch.compile(self._loop, **kwargs)
         return self
 
+    def export(self, y: Tensor, *args, ops: str = "auto", dynamic_batch: bool = False,
+               **kwargs) -> "torch.export.ExportedProgram":
+        """``predict(y, *args, **kwargs)`` as a ``torch.export`` program: the T-step loop, the score function, the
+        preprocessing and the link function in one graph, with the RIM's weights. It runs without the RIM (nor
+        its score function's Python code): ``torch.export.save(program, "rim.pt2")``, then
+        ``torch.export.load("rim.pt2").module()(y, *args)``; ``torch._inductor.aoti_compile_and_package(program,
+        package_path="rim_aoti.pt2")`` compiles it with AOTInductor into a package that runs from Python
+        (``torch._inductor.aoti_load_package``) or C++ (``torch::inductor::AOTIModelPackageLoader``).
+
+        ``ops``: ``"auto"`` traces the op layer as it runs under torch.compile: ops whose kernels serve compiled
+        code stay in the graph as ``rim_fast::`` custom ops, traced through their fake implementations (on CUDA the
+        Triton gate kernels, which AOTInductor compiles into its package; on the CPU ``auto`` picks the
+        references there); loading a program that holds such ops needs ``import rim_fast`` first (their
+        registrations). ``"reference"``: the pure-PyTorch references only, a program that loads with torch alone.
+        ``"kernels"``: every op's kernels, or an error (``RIM_FAST_BACKEND=kernels``).
+        ``dynamic_batch``: the batch size (y's first dimension, and that of the tensor arguments that share it)
+        is a symbol of the program instead of the example's value.
+
+        The example inputs fix every other shape, the dtypes, the device and the non-tensor arguments. The
+        program computes what ``predict`` computes (same ops, same order): equal within float32 rounding."""
+        from .ops import BACKENDS, use_backend
+        if ops not in BACKENDS:
+            raise ValueError(f"ops must be one of {BACKENDS}, got {ops!r}")
+        flag("dynamic_batch", dynamic_batch)
+        self._check_observation(y, args, kwargs)
+        rim = self
+
+        class Predict(nn.Module):
+            """predict as a module, so that the RIM's parameters and buffers become the program's state."""
+
+            def __init__(self):
+                super().__init__()
+                self.rim = rim
+
+            def forward(self, y, *args, **kwargs):
+                return self.rim.predict(y, *args, **kwargs)
+
+        dynamic_shapes = None
+        if dynamic_batch:
+            batch = torch.export.Dim("batch")
+
+            def spec(value):
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == y.shape[0]:
+                    return {0: batch}
+                return None
+            dynamic_shapes = {"y": {0: batch}, "args": tuple(spec(a) for a in args)}
+            if kwargs:
+                dynamic_shapes["kwargs"] = {k: spec(v) for k, v in kwargs.items()}
+        def autograd_vjp(fn, *primals):
+            # torch.func.vjp's (output, vjp_fn) through torch.autograd.grad, which torch.export traces into the
+            # program's graph: torch.func.vjp leaks tensors of the trace into the program as constants (torch 2.14)
+            with torch.enable_grad():
+                inputs = [p.detach().requires_grad_() for p in primals]
+                out = fn(*inputs)
+
+            def vjp_fn(cotangent):
+                grads = torch.autograd.grad(out, inputs, cotangent, allow_unused=True)
+                return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(inputs, grads))
+            return out, vjp_fn
+
+        # the eager paths that a trace must not take: CUDA-graph replays and a loop compiled by rim.compile();
+        # the score functions' vjp (energy_fn, link functions) through autograd while tracing
+        module = globals()
+        saved = {k: self.__dict__.pop(k) for k in ("_compiled_loop",) if k in self.__dict__}
+        cuda_graphs, self.cuda_graphs = self.cuda_graphs, False
+        func_vjp, module["vjp"] = module["vjp"], autograd_vjp
+        try:
+            with use_backend(ops), torch.no_grad():
+                return torch.export.export(Predict().eval(), (y, *args), kwargs=kwargs or None,
+                                           dynamic_shapes=dynamic_shapes)
+        finally:
+            module["vjp"] = func_vjp
+            self.cuda_graphs = cuda_graphs
+            self.__dict__.update(saved)
+
     def forward(self, y: Tensor, *args, x_true: Optional[Tensor] = None, w: Optional[Tensor] = None,
                 time_weights=None, **kwargs):
         """The trajectory [x_1, ..., x_T] (x_0 first with initialization "model"), in model space.
