@@ -284,22 +284,28 @@ def test_gru_forward_zero_state(backend, dims, S):
 
 
 @pytest.mark.parametrize("backend", ["reference", "kernels"])
-@pytest.mark.parametrize("hint", ["all", "first"])
+@pytest.mark.parametrize("hint", ["all", "first", "second"])
 def test_gru_block_zero_state_hint(backend, hint):
+    """Each promise computes what the block computes without one (torch_rim's stale first GRU): "all" and
+    "second" return h_2 alone, the half of the full state that is not zero."""
     block = rim_fast.GRUBlock(4, hidden_units=6, kernel_size=3, dimensions=2, conv_kernel_size=3).to(DEV)
     _nonzero_biases(block)
     x = torch.randn(2, 4, 6, 5, device=DEV)
     h = torch.zeros(2, 6, 6, 5, device=DEV)
-    if hint == "first":
+    if hint != "all":
         h[:, 3:] = torch.randn(2, 3, 6, 5, device=DEV)
     impl = "triton" if backend == "kernels" else "reference"
     with ops.use_backend(backend):
         with ops.trace() as hinted:
-            out_hint, h_hint = block(x, h, zero_state=hint)
+            out_hint, h_hint = block(x, h[:, 3:] if hint == "second" else h, zero_state=hint)
         with ops.trace() as plain:
             out, h_new = block(x, h)
     torch.testing.assert_close(out_hint, out, **tol(torch.float32))
-    torch.testing.assert_close(h_hint, h_new, **tol(torch.float32))
+    if hint == "first":
+        torch.testing.assert_close(h_hint, h_new, **tol(torch.float32))
+    else:
+        assert torch.count_nonzero(h_new[:, :3]) == 0  # the half left out is zero
+        torch.testing.assert_close(h_hint, h_new[:, 3:], **tol(torch.float32))
     gates = lambda calls: {k: v for k, v in calls.items() if k[0] in GATE_OPS}  # noqa: E731
     if hint == "all":
         assert gates(hinted) == {("gru_gates_zero_state", impl): 2}
@@ -310,18 +316,27 @@ def test_gru_block_zero_state_hint(backend, hint):
     assert gates(plain) == {("gru_gates_zr", impl): 2, ("gru_gates_h", impl): 2}
 
 
-@pytest.mark.parametrize("compat,later", [("torch_rim", "first"), ("fixed", None)])
-def test_gru_block_zero_state_hint_follows_its_compat(compat, later):
+@pytest.mark.parametrize("compat", ["torch_rim", "fixed"])
+def test_gru_block_zero_state_hint_follows_its_compat(compat):
     """The block knows what stays zero: all of the initial state; after a call, h_1 only where it returns the
-    h_1 it received (stale_gru_state), nothing otherwise. The promise it gives holds on the state it returns."""
+    h_1 it received (stale_gru_state: left out after "all" and "second", kept after "first"), nothing otherwise.
+    The promise it gives holds on the state it returns."""
     block = rim_fast.GRUBlock(4, hidden_units=6, kernel_size=3, dimensions=1, conv_kernel_size=3, compat=compat)
     _nonzero_biases(block)
+    stale = compat == "torch_rim"
     assert block.zero_state_hint(initial=True) == "all"
-    assert block.zero_state_hint("all") == block.zero_state_hint("first") == later
+    assert block.zero_state_hint("all") == block.zero_state_hint("second") == ("second" if stale else None)
+    assert block.zero_state_hint("first") == ("first" if stale else None)
     assert block.zero_state_hint(None) is None
     _, h = block(torch.randn(2, 4, 8), torch.zeros(2, 6, 8), zero_state="all")
-    assert (torch.count_nonzero(h[:, :3]) == 0) == (later == "first")
-    assert torch.count_nonzero(h[:, 3:]) > 0
+    if stale:
+        assert h.shape == (2, 3, 8) and torch.count_nonzero(h) > 0  # h_2 alone
+        _, h2 = block(torch.randn(2, 4, 8), h, zero_state="second")
+        assert h2.shape == (2, 3, 8)
+        _, h_first = block(torch.randn(2, 4, 8), torch.cat([torch.zeros(2, 3, 8), h], 1), zero_state="first")
+        assert h_first.shape == (2, 6, 8) and torch.count_nonzero(h_first[:, :3]) == 0
+    else:
+        assert h.shape == (2, 6, 8) and torch.count_nonzero(h[:, :3]) > 0 and torch.count_nonzero(h[:, 3:]) > 0
 
 
 # ---- a whole RIM on the kernels -------------------------------------------------------------------------

@@ -19,9 +19,11 @@ class GRUBlock(nn.Module):
     In compat mode (default) the returned state keeps the *incoming* h_1, as torch_rim's GRUBlock does, so the
     first GRU is stateless; ``compat="fixed"`` (or ``{"stale_gru_state": False}``) returns the updated one.
 
-    ``zero_state`` is a promise by the caller: ``"all"`` = h is exactly zero, ``"first"`` = h_1 is; cells whose
-    state is known to be zero skip their U convolutions (bit-identical). ``zero_state_hint`` gives the promise
-    a caller can make, knowing only that the state is the initial zero state or what the block returned."""
+    ``zero_state`` is a promise by the caller: ``"all"`` = h is exactly zero, ``"first"`` = h_1 is, ``"second"`` =
+    h_1 is zero and left out (h holds h_2 alone); cells whose state is known to be zero skip their U convolutions
+    (bit-identical). With ``stale_gru_state`` a call promised ``"all"`` or ``"second"`` returns h_2 alone (h_1 stays
+    zero: concatenating it back each step would be a copy for nothing). ``zero_state_hint`` gives the promise a
+    caller can make, knowing only that the state is the initial zero state or what the block returned."""
 
     def __init__(self, in_ch: int, hidden_units: int = 32, kernel_size: int = 5, dimensions: int = 0,
                  conv_kernel_size: int = 11, compat: CompatLike = None):
@@ -48,15 +50,19 @@ class GRUBlock(nn.Module):
     def zero_state_hint(self, previous: Optional[str] = None, *, initial: bool = False) -> Optional[str]:
         """The ``zero_state`` promise for a call: ``initial=True`` when h is the initial zero state (all of it is
         zero); otherwise for the state that a call with hint ``previous`` returned. With ``stale_gru_state`` the
-        block returns the h_1 it received, so a zero h_1 stays zero ("first"); otherwise nothing is known."""
+        block returns the h_1 it received, so a zero h_1 stays zero: left out after "all" or "second" ("second"),
+        kept after "first" ("first"); otherwise nothing is known."""
         if initial:
             return "all"
-        return "first" if previous is not None and self.compat.stale_gru_state else None
+        if previous is None or not self.compat.stale_gru_state:
+            return None
+        return "second" if previous in ("all", "second") else "first"
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, zero_state: Optional[str] = None):
-        """x: [B, in_ch, *S], h: [B, hidden_units, *S] -> (out [B, in_ch, *S], h' [B, hidden_units, *S])."""
-        h_1, h_2 = torch.tensor_split(h, 2, dim=1)
-        if zero_state in ("all", "first"):
+        """x: [B, in_ch, *S], h: [B, hidden_units, *S] -> (out [B, in_ch, *S], h' [B, hidden_units, *S]); h and h'
+        hold h_2 alone, [B, hidden_units / 2, *S], where ``zero_state`` says so (see the class docstring)."""
+        h_1, h_2 = (None, h) if zero_state == "second" else torch.tensor_split(h, 2, dim=1)
+        if zero_state in ("all", "first", "second"):
             h1 = self.gru1.forward_zero_state(x)
         else:
             h1, _ = self.gru1(x, h_1)
@@ -66,5 +72,7 @@ class GRUBlock(nn.Module):
         else:
             h_2, _ = self.gru2(pre_h2, h_2)
         x = self.reshape_layer(h_2)
+        if self.compat.stale_gru_state and zero_state in ("all", "second"):
+            return x, h_2
         h = torch.cat([h_1 if self.compat.stale_gru_state else h1, h_2], dim=1)
         return x, h
