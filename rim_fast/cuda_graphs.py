@@ -88,7 +88,9 @@ class EagerRecorder:
 
 class CudaRecorder:
     """``torch.cuda.CUDAGraph``: warm-up calls on a side stream (lazy initialisation, cuDNN and Triton choices
-    happen outside the capture), then the capture into a memory pool shared by the RIM's graphs."""
+    happen outside the capture), then the capture into a memory pool shared by the RIM's graphs. Sharing is safe
+    here whatever the order of the replays: graphs never run concurrently, their static inputs live outside the
+    pool, and a graph's outputs are copied right after its replay, before another graph can write over them."""
 
     def __init__(self, device: torch.device, warmup: int = 2):
         self.device, self.warmup = device, warmup
