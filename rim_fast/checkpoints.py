@@ -6,11 +6,13 @@ hyperparameters), ``checkpoint_{cost:.4e}_{index:03d}.pt`` (model state_dict, EM
 name (torch_rim's rule). rim_fast pairs model and optimizer files by that index (torch_rim paired two
 unordered globs), and writes every file atomically (temporary file, fsync, rename).
 
-rim_fast adds, per index, ``trainstate_{cost:.4e}_{index:03d}.pth``: what an exact resume needs beyond the model
+rim_fast adds ``checkpoint_metrics.json`` (each kept index's epoch and monitored values: ``best_checkpoint``
+reads it) and, per index, ``trainstate_{cost:.4e}_{index:03d}.pth``: what an exact resume needs beyond the model
 and optimizer (epoch, optimizer-step count, patience, loss history, scheduler, EMA, raw weights under EMA, RNG
 states). Its ``.pth`` suffix keeps it out of torch_rim's ``*.pt`` globs, so torch_rim reads and prunes such a
 directory as its own. An index is written trainstate, optimizer, then model file: the model file commits it,
-so a listed index is complete whenever the writer was killed; pruning removes the model file first."""
+so a listed index is complete whenever the writer was killed; pruning removes the model file first. The
+metrics of an index are recorded before its model file, so every listed index that fit wrote has them."""
 from __future__ import annotations
 
 import json
@@ -26,6 +28,7 @@ from torch.nn import Module
 
 from .architectures import ARCHITECTURES
 from .definitions import DEVICE
+from .metrics import MONITORS
 from .validation import choice
 
 _INDEX = re.compile(r"[0-9]+")
@@ -85,12 +88,14 @@ def next_index(directory: str) -> int:
     return max(indices, default=0) + 1
 
 
-def prune(directory: str, models_to_keep: int, current: int) -> list[str]:
-    """Keep the newest ``models_to_keep`` complete checkpoints; remove older ones (model file first, so an
-    interrupted prune never leaves a listed index without its other files) and orphaned optimizer/trainstate
-    files of indices below ``current`` (left by an interrupted write or prune). Returns the removed paths."""
+def prune(directory: str, models_to_keep: int, current: int, keep: Optional[set] = None) -> list[str]:
+    """Keep the newest ``models_to_keep`` complete checkpoints (or, given ``keep``, those indices); remove the
+    others (model file first, so an interrupted prune never leaves a listed index without its other files) and
+    orphaned optimizer/trainstate files of indices below ``current`` (left by an interrupted write or prune).
+    Returns the removed paths."""
     tables = _indexed_files(directory)
-    keep = set(sorted(tables["checkpoint"])[-models_to_keep:])
+    if keep is None:
+        keep = set(sorted(tables["checkpoint"])[-models_to_keep:])
     removed = []
     for index in sorted(set(tables["checkpoint"]) - keep):
         for kind, _ in _KINDS:
@@ -247,3 +252,48 @@ def _build_architecture(directory: str, name: Optional[str], dimensions, hyperpa
     hparams.setdefault("dimensions", dimensions)
     name = choice("model", name or hparams.get("architecture", "hourglass"), ARCHITECTURES, ignore_case=True)
     return ARCHITECTURES[name](**hparams).to(device), hparams
+
+
+METRICS_TABLE = "checkpoint_metrics.json"
+
+
+def read_metrics(directory: str) -> dict:
+    """{index: {"epoch": ..., "train_loss": ..., "val_psnr": ..., ...}} of ``checkpoint_metrics.json`` ({} when
+    absent), for every index recorded, listed or not."""
+    path = os.path.join(directory, METRICS_TABLE)
+    if not os.path.exists(path):
+        return {}
+    table = read_json(path)
+    return {int(k): v for k, v in table.get("checkpoints", {}).items()}
+
+
+def record_metrics(directory: str, index: int, values: dict) -> dict:
+    """Add ``index``'s values to ``checkpoint_metrics.json`` (rewritten atomically), dropping the indices whose model
+    file is gone. Returns the table."""
+    listed = {f.index for f in list_checkpoints(directory)}
+    table = {i: v for i, v in read_metrics(directory).items() if i in listed}
+    table[index] = dict(values)
+    atomic_write_json({"checkpoints": {str(i): table[i] for i in sorted(table)}},
+                      os.path.join(directory, METRICS_TABLE))
+    return table
+
+
+def ranked(table: dict, indices, monitor: str) -> list[int]:
+    """The ``indices`` that have a finite ``monitor`` value in ``table``, best first (the newer of two equal)."""
+    sign = -1.0 if MONITORS.get(monitor, "min") == "max" else 1.0
+    scored = []
+    for i in indices:
+        value = table.get(i, {}).get(monitor)
+        if isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
+            scored.append((sign * value, -i))
+    return [-negative for _, negative in sorted(scored)]
+
+
+def best_checkpoint(directory: str, monitor: str = "val_loss") -> Optional[CheckpointFiles]:
+    """The listed checkpoint with the best recorded ``monitor`` value (``"val_psnr"``, ``"val_ssim"``: the highest;
+    losses, MSE, NMSE: the lowest), None when no listed checkpoint has one. Load it with
+    ``rim.model.load_state_dict(torch.load(best_checkpoint(directory, "val_psnr").model))``."""
+    choice("monitor", monitor, MONITORS)
+    found = {f.index: f for f in list_checkpoints(directory)}
+    order = ranked(read_metrics(directory), found, monitor)
+    return found[order[0]] if order else None

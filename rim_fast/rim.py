@@ -627,12 +627,12 @@ class RIM(nn.Module):
             patience=float("inf"), tolerance=0, max_time=float("inf"), warmup=0, clip=0.,
             checkpoints_directory=None, model_checkpoint=None, checkpoints=10, models_to_keep=3, ema_decay=0,
             seed=None, logname=None, logdir=None, n_iterations_in_epoch=None, logname_prefix="rim", verbose=0,
-            compile=False, *, max_epochs=None, precision="32", gradient_checkpointing=None,
-            accumulate_grad_batches=1, on_nan="stop", check_finite=None, w=None, time_weights=None,
-            loss_curve=True, ddp_kwargs=None):
-        """Train the backbone on ``dataset`` of (y, x_true, *args) tuples; see ``rim_fast.training.fit``.
-        ``compile=True`` compiles the training step (``RIM.compile()``) first. Under torchrun (or an initialised
-        process group) it trains with DistributedDataParallel; ``batch_size`` is per process."""
+            compile=False, **options):
+        """Train the backbone on ``dataset`` (a Dataset of (y, x_true, *args) tuples, or a DataLoader); see
+        ``rim_fast.training.fit`` for the keyword-only ``options`` (max_epochs, precision, optimizer, num_workers,
+        val_dataset, monitor, loggers, ...). ``compile=True`` compiles the training step (``RIM.compile()``)
+        first. Under torchrun or srun (or an initialised process group) it trains with DistributedDataParallel;
+        ``batch_size`` is per process."""
         from .training import fit
         return fit(self, dataset, epochs=epochs, learning_rate=learning_rate, scheduler=scheduler,
                    batch_size=batch_size, shuffle=shuffle, patience=patience, tolerance=tolerance,
@@ -640,7 +640,4 @@ class RIM(nn.Module):
                    model_checkpoint=model_checkpoint, checkpoints=checkpoints, models_to_keep=models_to_keep,
                    ema_decay=ema_decay, seed=seed, logname=logname, logdir=logdir,
                    n_iterations_in_epoch=n_iterations_in_epoch, logname_prefix=logname_prefix, verbose=verbose,
-                   compile=compile, max_epochs=max_epochs, precision=precision,
-                   gradient_checkpointing=gradient_checkpointing, accumulate_grad_batches=accumulate_grad_batches,
-                   on_nan=on_nan, check_finite=check_finite, w=w, time_weights=time_weights, loss_curve=loss_curve,
-                   ddp_kwargs=ddp_kwargs)
+                   compile=compile, **options)

@@ -1,6 +1,8 @@
 """The production training path: gradient checkpointing (memory flat in T), mixed precision, loss weights,
 gradient accumulation, exact resume, kill -9 safety, corrupt files, NaN handling, retention, progress bar and
 loss curve. Distributed training is in test_ddp.py."""
+import logging
+import math
 import os
 import re
 import runpy
@@ -504,7 +506,7 @@ def test_progress_bar_shows_running_loss_and_rate(capsys, monkeypatch):
     assert "epoch=2" in err
 
 
-def test_loss_curve_png_and_its_absence_without_matplotlib(tmp_path, monkeypatch, capsys):
+def test_loss_curve_png_and_its_absence_without_matplotlib(tmp_path, monkeypatch, caplog):
     _, _, data = _data(4)
     directory = str(tmp_path / "run")
     _rim().fit(data, epochs=2, batch_size=4, checkpoints_directory=directory, verbose=-1)
@@ -513,8 +515,9 @@ def test_loss_curve_png_and_its_absence_without_matplotlib(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     directory = str(tmp_path / "run2")
-    _rim().fit(data, epochs=2, batch_size=4, checkpoints_directory=directory, verbose=-1)
-    assert "matplotlib is not installed" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="rim_fast"):
+        _rim().fit(data, epochs=2, batch_size=4, checkpoints_directory=directory, verbose=-1)
+    assert "matplotlib is not installed" in caplog.text  # an information message (logging, not stdout)
     assert not os.path.exists(os.path.join(directory, "loss_curve.png"))
     assert len(ckpt.list_checkpoints(directory)) == 1
 
@@ -589,3 +592,240 @@ def test_cuda_gradient_checkpointing_keeps_training_memory_flat_in_T():
     # with checkpointing only each step's inputs (x, h, moments) are kept: growth at least 10x smaller
     assert flat[40] - flat[10] < (plain[40] - plain[10]) / 10
     assert flat[40] < plain[40] / 4
+
+
+# ---- real training runs: validation, monitor, best checkpoints, loggers (issue 14) ---------------------------
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: with torch_rim imported (scipy's OpenBLAS and OpenMP runtime loaded beside torch's),
+    small CPU trainings on two threads run up to 20x slower on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _deblur_rim(problem, seed=0):
+    torch.manual_seed(seed)
+    net = rim_fast.Unet(1, dimensions=2, nf=4, ch_mult=(2, 2), hidden_units=6)
+    return rim_fast.RIM((16, 16), net, score_fn=problem.score_fn, T=2, score_preprocessing_method="ADAM",
+                        initialization_method="approximate_inverse", approximate_inverse_fn=lambda y: y, device="cpu")
+
+
+def test_deblur_run_with_validation_keeps_the_best_checkpoints_by_val_psnr(tmp_path, one_thread):
+    """The demo's deblurring problem with a validation set: metrics.csv and the TensorBoard events read back,
+    the checkpoints kept are the best by val_psnr (and the latest), and the best reloaded gives its epoch's PSNR."""
+    pytest.importorskip("tensorboard")
+    import csv
+    import json
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from rim_fast.demo import DeblurProblem
+    from rim_fast import metrics
+
+    problem = DeblurProblem(size=16, seed=0)
+    y, x, s = problem.sample(32)
+    yv, xv, sv = problem.sample(8)
+    directory = str(tmp_path / "run")
+    _deblur_rim(problem).fit(
+        torch.utils.data.TensorDataset(y, x, s), epochs=8, batch_size=8, learning_rate=1e-2,
+        checkpoints_directory=directory, checkpoints=1, models_to_keep=2, loss_curve=False, verbose=-1,
+        val_dataset=torch.utils.data.TensorDataset(yv, xv, sv), data_range=1.0, monitor="val_psnr",
+        loggers=["csv", "tensorboard"])
+    with open(os.path.join(directory, "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    psnr = {int(r["epoch"]): float(r["val_psnr"]) for r in rows}
+    assert sorted(psnr) == list(range(1, 9)) and all(r["val_ssim"] and r["val_loss"] for r in rows)
+    best_epoch = max(psnr, key=psnr.get)
+    assert best_epoch != 8, psnr  # the data make the best not the latest: the test tells best from newest
+
+    # kept: the two best by val_psnr and the latest (for resume); one checkpoint per epoch, so index = epoch
+    kept = [f.index for f in ckpt.list_checkpoints(directory)]
+    assert kept == sorted(set(sorted(psnr, key=psnr.get, reverse=True)[:2]) | {8})
+    assert all(int(r["checkpoint"]) == int(r["epoch"]) for r in rows)
+    best = ckpt.best_checkpoint(directory, "val_psnr")
+    assert best.index == best_epoch
+
+    # the best reloaded gives that epoch's PSNR (the model file holds the weights validation used)
+    reloaded = _deblur_rim(problem, seed=1)
+    reloaded.model.load_state_dict(torch.load(best.model))
+    with torch.no_grad():
+        value = metrics.psnr(reloaded.predict(yv, sv), xv, data_range=1.0).mean().item()
+    assert value == pytest.approx(psnr[best_epoch], rel=1e-5)
+
+    # the TensorBoard events hold the same values, and validation images of the 2D data
+    events = EventAccumulator(os.path.join(directory, "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/psnr")] == list(range(1, 9))
+    assert [e.value for e in events.Scalars("val/psnr")] == pytest.approx([psnr[e] for e in range(1, 9)], rel=1e-6)
+    assert {"val/observation", "val/estimate", "val/target"} <= set(events.Tags()["images"])
+    # the configuration, in readable form, with the directory and in each training state
+    with open(os.path.join(directory, "fit_config.json")) as f:
+        saved = json.load(f)
+    assert saved["monitor"] == "val_psnr" and saved["data_range"] == 1.0
+    assert torch.load(best.trainstate)["config"] == saved
+
+
+def test_your_dataloader_and_fits_workers_train_alike(one_thread):
+    """fit(DataLoader) = fit(dataset) at the same batches; num_workers=2 (persistent) = num_workers=0 with a
+    shuffled, seeded order; set_epoch is called on a sampler that has it; batches are not pinned on the CPU."""
+    _, _, data = _data(8)
+    kw = dict(epochs=2, learning_rate=1e-3, verbose=-1)
+    reference = _rim().fit(data, batch_size=2, shuffle=True, seed=4, **kw)
+    workers = _rim().fit(data, batch_size=2, shuffle=True, seed=4, num_workers=2, persistent_workers=True, **kw)
+    assert workers == reference
+
+    class EpochSampler(torch.utils.data.SequentialSampler):
+        epochs = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=EpochSampler(data))
+    assert _rim().fit(loader, **kw) == _rim().fit(data, batch_size=2, **kw)
+    assert EpochSampler.epochs == [0, 1]
+
+
+def test_batches_move_non_blocking_only_when_pinned(monkeypatch, caplog, one_thread):
+    from rim_fast import data as fit_data
+    from rim_fast.fit_config import FitConfig
+    calls = []
+    original = fit_data.to_device
+    monkeypatch.setattr(fit_data, "to_device", lambda v, d, non_blocking: calls.append(non_blocking) or
+                        original(v, d, non_blocking))
+    _, _, data = _data(4)
+    with caplog.at_level(logging.INFO, logger="rim_fast"):
+        _rim().fit(data, epochs=1, batch_size=2, pin_memory=True, verbose=-1)
+    assert calls and not any(calls)  # the CPU: nothing pinned, plain copies
+    assert "batches are not pinned" in caplog.text
+    # on CUDA pinning is the default, and can be turned off
+    cuda = torch.device("cuda", 0)
+    assert fit_data._pinned(FitConfig(), cuda) and not fit_data._pinned(FitConfig(pin_memory=False), cuda)
+
+
+def test_bad_data_arguments_name_the_argument(tmp_path, one_thread):
+    _, _, data = _data(4)
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    with pytest.raises(ValueError, match=r"num_workers, drop_last: options of the DataLoader fit builds"):
+        _rim().fit(loader, epochs=1, num_workers=2, drop_last=True, verbose=-1)
+    with pytest.raises(ValueError, match=r"batch_size=4 but the DataLoader given as dataset has batch_size=2"):
+        _rim().fit(loader, epochs=1, batch_size=4, verbose=-1)
+    with pytest.raises(ValueError, match=r"persistent_workers=True needs worker processes"):
+        _rim().fit(data, epochs=1, persistent_workers=True, verbose=-1)
+    by_sampler = torch.utils.data.DataLoader(data, batch_sampler=[[0, 1], [2], [3]])
+    with pytest.warns(RuntimeWarning, match=r"accumulate_grad_batches=2 with a DataLoader \(dataset\) that has no "
+                                            r"fixed batch_size"):
+        _rim().fit(by_sampler, epochs=1, accumulate_grad_batches=2, verbose=-1)
+    with pytest.raises(ValueError, match=r"drop_last=True leaves no batch: 4 samples < batch_size=8"):
+        _rim().fit(data, epochs=1, batch_size=8, drop_last=True, verbose=-1)
+
+
+def test_bad_validation_and_monitor_name_the_argument_and_write_nothing(tmp_path, one_thread):
+    y, x, data = _data(4)
+    directory = str(tmp_path / "run")
+    cases = [
+        (dict(val_dataset=torch.utils.data.TensorDataset(y, x, x)), ValueError,
+         r"val_dataset yields tuples of 3 \(y, x_true and 1 score-function arguments\) but the training data "
+         r"yields 2"),
+        (dict(val_dataset=torch.utils.data.TensorDataset(y, x[..., :8])), ValueError,
+         r"val_dataset: x_true of item 0 has shape \(1, 8\); the RIM's x is \[C, \*dimensions\] = \(1, 16\)"),
+        (dict(val_dataset=torch.utils.data.TensorDataset(y[..., :12], x)), ValueError,
+         r"val_dataset: y of item 0 has shape \(1, 12\), the training data's has \(1, 16\)"),
+        (dict(val_dataset=[torch.zeros(3)]), ValueError, r"val_dataset must yield tuples \(y, x_true, \*args\)"),
+        (dict(monitor="val_accuracy"), ValueError, r"monitor must be one of \('train_loss', 'val_loss', "),
+        (dict(monitor="val_psnr"), ValueError, r"monitor='val_psnr' follows a validation metric: pass val_dataset"),
+        (dict(optimizer="adam"), TypeError, r"optimizer must be callable \(an optimizer class"),
+        (dict(val_every=0), ValueError, r"val_every must be an int >= 1, got 0"),
+        (dict(data_range=0), ValueError, r"data_range must be a finite number > 0"),
+    ]
+    for kw, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            _rim(T=2).fit(data, epochs=1, checkpoints_directory=directory, verbose=-1, **kw)
+        assert not os.path.exists(directory), kw
+    small = rim_fast.RIM((8,), rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6), score_fn=score_fn, T=2,
+                         device="cpu")
+    with pytest.raises(ValueError, match=r"monitor='val_ssim': SSIM's Gaussian window needs spatial sizes >= 11, "
+                                         r"the RIM's are \(8,\)"):
+        small.fit(torch.utils.data.TensorDataset(y[..., :8], x[..., :8]), epochs=1, monitor="val_ssim",
+                  val_dataset=torch.utils.data.TensorDataset(y[..., :8], x[..., :8]), verbose=-1)
+    # an unwritable logdir (a file in the way; a permission check means nothing to root)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"logdir: cannot create .*file/run' \(logdir/logname\)"):
+        _rim().fit(data, epochs=1, logdir=str(blocker), logname="run", verbose=-1)
+
+
+def test_validation_metrics_are_the_mean_over_samples_with_the_ema_weights(tmp_path, one_thread):
+    """val_* = the metrics of predict (EMA weights) averaged over the samples, whatever the batching; the
+    estimate is predict's (physical space, link function applied)."""
+    from rim_fast import metrics
+    y, x, data = _data(8)
+    x = x.abs() + 0.5
+    link = dict(link_function=torch.nn.functional.softplus,
+                inverse_link_function=lambda v: v + torch.log(-torch.expm1(-v)))
+    val = torch.utils.data.TensorDataset(y[:5], x[:5])
+    seen = []
+
+    class Keep(rim_fast.loggers.Logger):
+        def on_epoch_end(self, state):
+            seen.append(state.val)
+
+    r = _rim(**link)
+    r.fit(torch.utils.data.TensorDataset(y, x), epochs=2, batch_size=4, learning_rate=1e-2, ema_decay=0.5,
+          val_dataset=val, val_batch_size=2, loggers=[Keep()], verbose=-1)
+    # after fit the network holds the EMA weights: what validation used at the last epoch
+    with torch.no_grad():
+        estimate = r.predict(y[:5])
+        expected = {"val_mse": metrics.mse(estimate, x[:5]).mean(), "val_psnr": metrics.psnr(estimate, x[:5]).mean(),
+                    "val_nmse": metrics.nmse(estimate, x[:5]).mean(), "val_ssim": metrics.ssim(estimate, x[:5]).mean(),
+                    "val_loss": r.loss_fn(y[:5], x[:5])}
+    assert set(seen[-1]) == set(expected)
+    for name, value in expected.items():
+        assert seen[-1][name] == pytest.approx(float(value), rel=1e-5), name
+
+
+def test_monitor_drives_patience_in_validations(one_thread):
+    y, x, data = _data(4)
+    # a tiny learning rate: val_loss never improves after the first validation; patience counts validations
+    losses = _rim().fit(data, epochs=20, batch_size=4, learning_rate=1e-30, val_dataset=data, val_every=2,
+                        monitor="val_loss", patience=2, tolerance=0.5, verbose=-1)
+    assert len(losses) == 6  # validations at epochs 2 (best), 4, 6 (patience 0)
+
+
+@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+def test_optimizer_argument_and_16_mixed_resume_exactly(tmp_path, precision, one_thread):
+    """optimizer= a class or a callable; 16-mixed (GradScaler) with accumulation, clipping and on_nan='skip'
+    trains, and resumes bit for bit (the scaler's state is in the training state)."""
+    import functools
+    _, _, data = _data(8)
+    # batches of 1 and windows of 2: enough optimizer steps for the GradScaler to find its scale (it skips the
+    # steps whose float16 gradients overflow, halving the scale from 2**16)
+    kw = dict(batch_size=1, accumulate_grad_batches=2, clip=1.0, on_nan="skip", checkpoints=1, shuffle=True, seed=2,
+              precision=precision, optimizer=functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.1),
+              verbose=-1, loss_curve=False)
+    one_go = _rim().fit(data, epochs=4, checkpoints_directory=str(tmp_path / "a"), **kw)
+    half = _rim().fit(data, epochs=2, checkpoints_directory=str(tmp_path / "b"), **kw)
+    torch.manual_seed(99)
+    rest = _rim(seed=5).fit(data, epochs=2, checkpoints_directory=str(tmp_path / "b"), **kw)
+    assert half + rest == one_go and all(math.isfinite(l) for l in one_go) and one_go[-1] < one_go[0]
+    state = torch.load(ckpt.list_checkpoints(str(tmp_path / "b"))[-1].trainstate)
+    assert state["optimizer_class"] == "AdamW" and ("scaler" in state) == (precision == "16-mixed")
+    with pytest.raises(RuntimeError, match=r"was trained with AdamW; optimizer= gives Adam"):
+        _rim().fit(data, epochs=1, checkpoints_directory=str(tmp_path / "b"), verbose=-1)
+    # an optimizer class takes learning_rate; torch.optim.Adam is the default, number for number
+    a = _rim().fit(data, epochs=2, batch_size=4, learning_rate=1e-3, optimizer=torch.optim.Adam, verbose=-1)
+    assert a == _rim().fit(data, epochs=2, batch_size=4, learning_rate=1e-3, verbose=-1)
+
+
+def test_fit_phases_are_short_and_the_config_is_one_object():
+    """fit's arguments become one FitConfig; the phases of training are named functions of at most 80 lines."""
+    import inspect
+    from rim_fast import fit_config
+    too_long = [name for name, fn in inspect.getmembers(training, inspect.isfunction)
+                if fn.__module__ == training.__name__ and len(inspect.getsource(fn).splitlines()) > 80 + 1]
+    assert not too_long
+    for phase in ("_prepare", "_open_directory", "_resume", "_loaders", "_train_epoch", "train_step",
+                  "_optimizer_step", "_validate", "_monitor", "_checkpoint", "_end"):
+        assert callable(getattr(training, phase))
+    fit_args = set(inspect.signature(training.fit).parameters) - {"rim", "dataset", "val_dataset"}
+    assert fit_args == {f.name for f in __import__("dataclasses").fields(fit_config.FitConfig)}
