@@ -10,6 +10,15 @@ Scenarios, each saving what the test compares to ``OUT_DIR/<scenario>_rank<r>.pt
   (``ddp(y, x_true=x)``), the user's Adam and StepLR.
 - ``user_trajectory_bf16``: the same loop with the user's own loss on the trajectory (``ddp(y)``), under
   ``torch.autocast("cpu", torch.bfloat16)``, with gradient checkpointing.
+
+Run as ``python tests/ddp_worker.py OUT_DIR --slurm`` in two processes with SLURM's variables (SLURM_NTASKS,
+SLURM_PROCID, SLURM_LOCALID, SLURM_JOB_NODELIST, MASTER_PORT) and no torchrun variables, it saves
+``slurm_rank<r>.pt``:
+
+- ``fit`` forms the process group from SLURM's environment and reads through its DataLoader with
+  ``num_workers=2`` (persistent), validating on 5 samples (sharded 3 + 2) with ``monitor="val_loss"``;
+- a DataLoader of the user's with a DistributedSampler and ``num_workers=2``;
+- a DataLoader without a DistributedSampler: the error every rank raises.
 """
 import os
 import sys
@@ -33,6 +42,19 @@ def data():
     x = torch.randn(N, 1, *D, generator=g)
     y = 0.8 * x + 0.1 * torch.randn(N, 1, *D, generator=g)
     return x, y
+
+
+def val_data():
+    """5 validation samples: 2 processes get 3 and 2, each sample once."""
+    g = torch.Generator().manual_seed(321)
+    x = torch.randn(5, 1, *D, generator=g)
+    return torch.utils.data.TensorDataset(0.8 * x + 0.1 * torch.randn(5, 1, *D, generator=g), x)
+
+
+def slurm_fit(rim, dataset, directory, **kw):
+    """The fit call of the SLURM scenario (also the single-process reference of the test, at batch 4)."""
+    return rim.fit(dataset, epochs=3, learning_rate=1e-3, val_dataset=val_data(), monitor="val_loss",
+                   checkpoints_directory=directory, checkpoints=1, loss_curve=False, verbose=-1, **kw)
 
 
 def build(**kw):
@@ -109,5 +131,34 @@ def main(out):
     dist.destroy_process_group()
 
 
+def main_slurm(out):
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+    torch.set_num_threads(1)
+    assert not {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"} & set(os.environ)
+    rank = int(os.environ["SLURM_PROCID"])
+    x, y = data()
+    dataset = torch.utils.data.TensorDataset(y, x)
+    rim = build()
+    losses = slurm_fit(rim, dataset, os.path.join(out, "slurm_run"), batch_size=2, num_workers=2,
+                       persistent_workers=True)
+    assert dist.is_initialized() and dist.get_world_size() == 2 and dist.get_rank() == rank
+    loader = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False), num_workers=2)
+    own = build()
+    own_losses = own.fit(loader, epochs=3, learning_rate=1e-3, verbose=-1)
+    try:
+        build().fit(DataLoader(dataset, batch_size=2), epochs=1, verbose=-1)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    torch.save({"losses": losses, "params": params(rim), "own_losses": own_losses, "own_params": params(own),
+                "error": error}, os.path.join(out, f"slurm_rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["--slurm"]:
+        main_slurm(sys.argv[1])
+    else:
+        main(sys.argv[1])

@@ -1,5 +1,6 @@
-"""torch.distributed for real: ``torchrun --nproc_per_node 2`` on CPU with gloo (tests/ddp_worker.py), compared
-with one process at twice the batch over the same samples."""
+"""torch.distributed for real: ``torchrun --nproc_per_node 2`` on CPU with gloo (tests/ddp_worker.py), and two
+processes started with SLURM's variables as ``srun`` would, compared with one process at twice the batch over the
+same samples."""
 import os
 import socket
 import subprocess
@@ -125,3 +126,53 @@ def test_user_loop_trajectory_under_autocast_with_checkpointing(runs):
     # bf16 network: the two runs round differently (different batch shapes), so a bf16-sized tolerance
     torch.testing.assert_close((rank0["losses"] + rank1["losses"]) / 2, losses, rtol=2e-2, atol=1e-3)
     _assert_close_params(W.params(single), rank0["params"], rtol=2e-2, atol=1e-4)
+
+
+# ---- SLURM: two processes with SLURM's variables and no torchrun variables, as srun starts them --------------
+
+_LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                     "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
+
+
+@pytest.fixture(scope="module")
+def slurm_runs(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("slurm"))
+    base = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("SLURM_")}
+    base.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_free_port()),
+                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_worker.py"), out, "--slurm"],
+                              env=dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return [torch.load(os.path.join(out, f"slurm_rank{r}.pt")) for r in (0, 1)], os.path.join(out, "slurm_run")
+
+
+def _csv(directory):
+    import csv
+    with open(os.path.join(directory, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_slurm_processes_with_dataloader_workers_train_like_one_process_at_twice_the_batch(slurm_runs, tmp_path):
+    (rank0, rank1), directory = slurm_runs
+    _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
+    assert rank0["losses"] == rank1["losses"]
+    single = W.build()
+    losses = W.slurm_fit(single, _dataset(), str(tmp_path / "single"), batch_size=4)
+    assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
+    _assert_close_params(W.params(single), rank0["params"])
+    # validation sharded 3 + 2: every sample once, the metrics those of one process over the 5 samples
+    ours, reference = _csv(directory), _csv(str(tmp_path / "single"))
+    assert len(ours) == len(reference) == 3
+    for a, b in zip(ours, reference):
+        for name in ("val_loss", "val_mse", "val_nmse", "val_psnr", "val_ssim"):
+            assert float(a[name]) == pytest.approx(float(b[name]), rel=1e-5), name
+    # the user's DataLoader with a DistributedSampler (and workers) trains the same
+    assert rank0["own_losses"] == rank1["own_losses"]
+    assert rank0["own_losses"] == pytest.approx(losses, rel=1e-5)
+    _assert_close_params(W.params(single), rank0["own_params"])
+    # and one without a per-process sampler is refused on every rank
+    for rank in (rank0, rank1):
+        assert "under DDP (2 processes) a DataLoader must carry a DistributedSampler" in rank["error"]

@@ -1,0 +1,65 @@
+"""rim_fast.distributed without a process group: reading torchrun's and SLURM's environments, SLURM node lists,
+the device of each local process, and the refusal to train as several rank-0 processes. The real two-process runs
+(torchrun and SLURM variables) are in test_ddp.py."""
+import os
+
+import pytest
+import torch
+
+import rim_fast
+from rim_fast import distributed as D
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("localhost", "localhost"), ("gpu[03-05,9],cpu1", "gpu03"), ("node-1,node-2", "node-1"),
+    ("a[1-2]-b[07-08]", "a1-b07"), ("rack[2,4]", "rack2"), (" n[001-128] ", "n001")])
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert D.first_host(nodelist) == first
+
+
+def test_launch_reads_torchrun_then_slurm():
+    torchrun = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
+    assert D.launch(torchrun) == D.Launch("torchrun", 4, 3, 1, "h", 29500)
+    slurm = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[12-13]",
+             "SLURM_JOB_ID": "4242137"}
+    assert D.launch(slurm) == D.Launch("slurm", 8, 5, 1, "gpu12", 15000 + 2137)
+    assert D.launch({**slurm, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}).master_addr == "10.0.0.1"
+    # torchrun inside a SLURM job: torchrun's processes are the ones that train
+    assert D.launch({**slurm, **torchrun}).source == "torchrun"
+    # one task, an interactive allocation, or nothing: one process
+    assert D.launch({**slurm, "SLURM_NTASKS": "1"}).source == "single"
+    assert D.launch({**slurm, "SLURM_JOB_NAME": "bash"}).source == "single"
+    assert D.launch({}) == D.Launch("single")
+
+
+def test_each_local_process_takes_its_gpu_when_the_device_is_left_at_its_default():
+    two = D.Launch("slurm", 4, 3, local_rank=1)
+    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda", 0), torch.device("cuda", 1)
+    assert D.local_device(cuda0, two, cuda_count=2) == cuda1  # rim_fast's default device is cuda:0
+    assert D.local_device(cuda, two, cuda_count=4) == cuda1
+    assert D.local_device(cuda0, two, cuda_count=1) == cuda0  # srun --gpus-per-task=1: each sees its own GPU
+    assert D.local_device(torch.device("cuda", 3), two, cuda_count=4) == torch.device("cuda", 3)  # chosen by hand
+    assert D.local_device(torch.device("cpu"), two, cuda_count=4) == torch.device("cpu")
+    assert D.local_device(cuda0, D.Launch("single"), cuda_count=4) == cuda0
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, r"WORLD_SIZE=2 says this is one of several processes, but "
+                                                          r"MASTER_ADDR \(or SLURM_JOB_NODELIST\) is not set"),
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "localhost"},
+     r"SLURM_NTASKS=2 says this is one of several processes, but MASTER_PORT \(or SLURM_JOB_ID\) is not set"),
+], ids=["torchrun-no-master", "slurm-no-port"])
+def test_several_processes_without_a_group_raise_before_touching_the_directory(tmp_path, monkeypatch, env, message):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    torch.manual_seed(0)
+    r = rim_fast.RIM((16,), rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6), score_fn=lambda x, y: y - x,
+                     T=2, device="cpu")
+    x = torch.randn(4, 1, 16)
+    directory = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match=message):
+        r.fit(torch.utils.data.TensorDataset(x, x), epochs=1, checkpoints_directory=directory, verbose=-1)
+    assert not os.path.exists(directory)
+    assert not torch.distributed.is_initialized()
