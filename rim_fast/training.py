@@ -168,12 +168,12 @@ def train(rim, dataset, config: FitConfig, val_dataset=None) -> list:
     if config.precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"precision='bf16-mixed' needs a GPU with bfloat16 support; {device} has none "
                          f"(precision='16-mixed' runs float16 with a GradScaler)")
-    group = distributed.setup(rim)
-    previous_checkpointing = rim.gradient_checkpointing
-    if config.gradient_checkpointing is not None:
-        rim.gradient_checkpointing = config.gradient_checkpointing
-    try:
-        with _messages():
+    with _messages():
+        group = distributed.setup(rim)
+        previous_checkpointing = rim.gradient_checkpointing
+        if config.gradient_checkpointing is not None:
+            rim.gradient_checkpointing = config.gradient_checkpointing
+        try:
             run = _prepare(rim, config, group)
             # a logname made of the time differs between processes: rank 0's names the directory
             run.logname = group.broadcast(logname)
@@ -187,8 +187,8 @@ def train(rim, dataset, config: FitConfig, val_dataset=None) -> list:
             _loaders(run, dataset, val_dataset)
             _wrap(run)
             return _train(run)
-    finally:
-        rim.gradient_checkpointing = previous_checkpointing
+        finally:
+            rim.gradient_checkpointing = previous_checkpointing
 
 
 def _check_inputs(rim, dataset, config: FitConfig, val_dataset) -> None:
@@ -624,9 +624,8 @@ def _train(run: _Run) -> list:
             value, improved = _monitor(run, train["cost"], val)
             _report_epoch(run, epoch, train, val)
             state = _state(run, epoch, train, val, value, improved, time.time() - epoch_start)
-            if run.directory is not None and ((epoch + 1) % config.checkpoints == 0 or run.patience <= 0
-                                              or epoch == run.end_epoch - 1 or train["out_of_time"]):
-                last = epoch == run.end_epoch - 1 or run.patience <= 0 or train["out_of_time"]
+            last = epoch == run.end_epoch - 1 or run.patience <= 0 or train["out_of_time"]
+            if run.directory is not None and ((epoch + 1) % config.checkpoints == 0 or last):
                 _checkpoint(run, epoch, train["cost"], val, state, last)
             run.loggers("on_epoch_end", state)
             run.last_state = state
