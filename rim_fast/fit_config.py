@@ -66,6 +66,7 @@ class FitConfig:
     loss_curve: bool = True
     ddp_kwargs: dict = field(default_factory=dict)
     optimizer: Optional[Callable] = None
+    cuda_graphs: bool = False
     # data
     num_workers: int = 0
     pin_memory: Optional[bool] = None
@@ -117,6 +118,7 @@ class FitConfig:
                note=" (None: CPU batches only)")
         flag("gradient_checkpointing", self.gradient_checkpointing, optional=True)
         flag("loss_curve", self.loss_curve)
+        flag("cuda_graphs", self.cuda_graphs)
         if self.ddp_kwargs is None:
             self.ddp_kwargs = {}
         if not isinstance(self.ddp_kwargs, dict):

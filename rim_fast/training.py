@@ -61,6 +61,7 @@ from tqdm import tqdm
 from . import checkpoints as ckpt
 from . import data as fit_data
 from . import distributed
+from . import fit_graph
 from . import loggers as fit_loggers
 from . import metrics as fit_metrics
 from .fit_config import FitConfig, ON_NAN, PRECISIONS
@@ -88,7 +89,7 @@ def fit(rim, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size
         pin_memory: Optional[bool] = None, persistent_workers: bool = False, prefetch_factor: Optional[int] = None,
         collate_fn=None, drop_last: bool = False, val_dataset=None, val_every: int = 1,
         val_batch_size: Optional[int] = None, data_range: Optional[float] = None, monitor: Optional[str] = None,
-        loggers=None):
+        loggers=None, cuda_graphs: bool = False):
     """Train ``rim.model`` on (y, x_true, *args) batches; returns the list of this call's epoch losses.
 
     ``dataset``: a map-style Dataset of (y, x_true, *args) tuples (fit builds the DataLoader), or a DataLoader of
@@ -128,6 +129,8 @@ def fit(rim, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size
     - ``optimizer``: None (torch_rim's Adam at ``learning_rate``), an optimizer class (built with
       ``lr=learning_rate``) or a callable params -> optimizer (which sets its own learning rate). The warm-up
       scales each parameter group's initial learning rate.
+    - ``cuda_graphs``: on CUDA, every full batch's training step replayed from one CUDA graph (a partial last batch
+      runs eagerly, or ``drop_last=True``); ``rim_fast.fit_graph`` says what else runs eagerly, with one warning.
     - ``num_workers``, ``pin_memory`` (None: on when the RIM is on CUDA), ``persistent_workers``,
       ``prefetch_factor``, ``collate_fn``, ``drop_last``: the DataLoader fit builds from a dataset (and from
       ``val_dataset``). Pinned batches are copied with ``non_blocking=True``.
@@ -155,7 +158,7 @@ def fit(rim, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size
         time_weights=time_weights, loss_curve=loss_curve, ddp_kwargs=ddp_kwargs, optimizer=optimizer,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
         prefetch_factor=prefetch_factor, collate_fn=collate_fn, drop_last=drop_last, val_every=val_every,
-        val_batch_size=val_batch_size, data_range=data_range, monitor=monitor, loggers=loggers)
+        val_batch_size=val_batch_size, data_range=data_range, monitor=monitor, loggers=loggers, cuda_graphs=cuda_graphs)
     return train(rim, dataset, config, val_dataset)
 
 
@@ -356,6 +359,11 @@ class _Run:
     w: Any = None
     time_weights: Any = None
     loggers: Any = None
+    # fit(cuda_graphs=True): the recorder, then the recorded step (rim_fast.fit_graph)
+    graph_recorder: Any = None
+    graph: Any = None
+    graph_lrs: list = field(default_factory=list)
+    one_minus_decay: Any = None
     # data
     loader: Any = None
     sampler: Any = None
@@ -396,8 +404,12 @@ class _Run:
         return self.group.main
 
 
-def _make_optimizer(rim, config: FitConfig):
+def _make_optimizer(rim, config: FitConfig, graphs: bool):
+    """The optimizer of ``config``; for graphs (``graphs``), Adam and AdamW capturable with a tensor learning rate."""
     params = rim.model.parameters()
+    cls = torch.optim.Adam if config.optimizer is None else config.optimizer
+    if graphs and cls in fit_graph.CAPTURABLE:
+        return fit_graph.capturable_optimizer(cls, params, config.learning_rate, rim.device)
     if config.optimizer is None:
         return torch.optim.Adam(params, lr=config.learning_rate)
     if isinstance(config.optimizer, type) and issubclass(config.optimizer, torch.optim.Optimizer):
@@ -416,8 +428,15 @@ def _prepare(rim, config: FitConfig, group: distributed.Group) -> _Run:
     run = _Run(config, rim, group, rim.device, patience=config.patience)
     if config.compile and rim.__dict__.get("_compiled_loop") is None:
         rim.compile()
-    run.optimizer = _make_optimizer(rim, config)
-    run.base_lrs = [g["lr"] for g in run.optimizer.param_groups]
+    recorder, why = fit_graph.blocker(rim, config, group) if config.cuda_graphs else (None, None)
+    run.optimizer = _make_optimizer(rim, config, graphs=recorder is not None)
+    if recorder is not None:
+        why = fit_graph.optimizer_blocker(run.optimizer)
+    if why is not None:
+        fit_graph.warn(why)
+    run.graph_recorder = recorder if why is None else None
+    # floats: a tensor learning rate changes in place
+    run.base_lrs = [float(g["lr"]) for g in run.optimizer.param_groups]
     run.scheduler = (config.scheduler(run.optimizer) if config.scheduler is not None
                      else torch.optim.lr_scheduler.ConstantLR(run.optimizer, factor=1.))
     if config.ema_decay > 0:
@@ -510,7 +529,9 @@ def _resume(run: _Run) -> None:
             run.rim.model.load_state_dict(train_state["model"] if train_state and "model" in train_state
                                           else model_state)
             if opt_state is not None:
+                form = fit_graph.optimizer_form(run.optimizer)
                 run.optimizer.load_state_dict(opt_state)
+                fit_graph.restore_optimizer_form(run.optimizer, form)
         except (RuntimeError, ValueError, KeyError) as e:
             raise RuntimeError(f"checkpoint {files.index} of {directory!r} does not fit this RIM "
                                f"and optimizer ({type(e).__name__}: {e})") from e
@@ -553,6 +574,10 @@ def _restore(run: _Run, state: dict) -> None:
     try:
         if state.get("scheduler") is not None:
             run.scheduler.load_state_dict(state["scheduler"])
+            if hasattr(run.scheduler, "base_lrs") and not isinstance(run.optimizer.param_groups[0]["lr"],
+                                                                      torch.Tensor):
+                # fit(cuda_graphs=True) saves tensor learning rates; a plain optimizer takes floats
+                run.scheduler.base_lrs = [float(b) for b in run.scheduler.base_lrs]
         if state.get("ema") and config.ema_decay > 0:
             run.ema.load_state_dict(state["ema"])
         if state.get("scaler") and run.scaler is not None:
@@ -594,6 +619,8 @@ def _wrap(run: _Run) -> None:
     run.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     run.w = config.w.to(device) if isinstance(config.w, torch.Tensor) else config.w
     run.time_weights = None if config.time_weights is None else config.time_weights.to(device)
+    if run.graph_recorder is not None:
+        run.graph = fit_graph.build(run, run.graph_recorder)
 
 
 def _train(run: _Run) -> list:
@@ -678,6 +705,7 @@ def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict:
         # the GradScaler skips the first steps (inf gradients while it finds its scale): not the user's order
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         run.scheduler.step()
+    fit_graph.floor_lrs(run.optimizer)
     out_of_time = (time.time() - run.global_start) > config.max_time * 3600
     totals = torch.stack([run.cost_sum.float(), run.n_good.float(), torch.tensor(float(out_of_time), device=device),
                           torch.tensor(float(run.skipped), device=device)])
@@ -697,6 +725,8 @@ def train_step(run: _Run, i: int, y, x_true, args, w) -> None:
     accumulation window and scaled by the GradScaler under "16-mixed"; at the window's last batch,
     ``_optimizer_step``. The loss is summed on the device: no host sync, except on_nan="skip"'s one per step."""
     config = run.config
+    if run.graph is not None:
+        return _graph_step(run, y, x_true, args, w)
     n, k = run.n_iterations, config.accumulate_grad_batches
     last_of_window = (i + 1) % k == 0 or i == n - 1
     sync = contextlib.nullcontext() if (last_of_window or not run.group.on) else run.net.no_sync()
@@ -730,10 +760,7 @@ def _optimizer_step(run: _Run) -> None:
             run.skipped += 1
             optimizer.zero_grad()
             return
-    if run.step < config.warmup:
-        for g, base in zip(optimizer.param_groups, run.base_lrs):
-            # a Python float: a numpy scalar in the optimizer state fails torch.load(weights_only=True)
-            g["lr"] = float(base * np.minimum(run.step / config.warmup, 1.0))
+    _warmup(run)
     if run.scaler is not None:
         if config.clip > 0:
             run.scaler.unscale_(optimizer)
@@ -747,6 +774,29 @@ def _optimizer_step(run: _Run) -> None:
     run.ema.update()
     run.step += 1
     optimizer.zero_grad()
+
+
+def _warmup(run: _Run) -> None:
+    """The warm-up's learning rate of step ``run.step``, in place into tensor learning rates."""
+    if run.step < run.config.warmup:
+        for g, base in zip(run.optimizer.param_groups, run.base_lrs):
+            # a Python float: a numpy scalar in the optimizer state fails torch.load(weights_only=True)
+            lr = float(base * np.minimum(run.step / run.config.warmup, 1.0))
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(max(lr, fit_graph.LR_FLOOR))
+            else:
+                g["lr"] = lr
+
+
+def _graph_step(run: _Run, y, x_true, args, w) -> None:
+    """``train_step`` through the recorded step (fit(cuda_graphs=True)): the warm-up and EMA decay written into its
+    tensors, then one replay (or, for a batch of other shapes, the same step eagerly); the loss summed on the
+    device."""
+    _warmup(run)
+    fit_graph.before_step(run)
+    run.cost_sum += run.graph(y, x_true, w, *args)
+    run.n_good += 1
+    run.step += 1
 
 
 def _stop_on_nan(run: _Run, epoch: int, train: dict) -> None:
@@ -919,6 +969,8 @@ def _save(run: _Run, index: int, cost: float, state: dict, values: dict) -> ckpt
 
 def _end(run: _Run) -> list:
     """EMA weights into the network (unless stopped on NaN), loggers closed; returns this call's losses."""
+    # the recorded step leaves its gradients (graph memory) on the parameters
+    run.optimizer.zero_grad()
     if not run.nan_stop:
         run.ema.copy_to(run.rim.model.parameters())
     run.loggers("on_train_end", run.last_state)
