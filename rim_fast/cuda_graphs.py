@@ -253,11 +253,17 @@ class TrainStepGraph:
             self._entry = _Entry(graph, static, out)
 
 
+#: the least learning rate ``set_lr`` writes into a tensor: capturable Adam divides by it, and 0 (a warm-up's first
+#: step, a schedule's end) gives NaN weights; the steps it makes (about 1e-30) leave weights unchanged but exact zeros
+LR_FLOOR = 1e-30
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate, in place when it is a tensor (a recorded step reads it)."""
+    """Set every parameter group's learning rate, in place when it is a tensor (a recorded step reads it); a
+    tensor's rate is kept at ``LR_FLOOR`` or above (capturable Adam gives NaN weights at 0)."""
     for group in optimizer.param_groups:
         if isinstance(group["lr"], Tensor):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(max(float(lr), LR_FLOOR))
         else:
             group["lr"] = lr
 

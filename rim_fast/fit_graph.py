@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .cuda_graphs import TrainStepGraph, ema_decay, ema_update
+from .cuda_graphs import LR_FLOOR, TrainStepGraph, ema_decay, ema_update
 from .utils import NullEMA
 
 __all__ = ["blocker", "optimizer_blocker", "capturable_optimizer", "warn", "build", "before_step", "floor_lrs",
@@ -33,9 +33,6 @@ __all__ = ["blocker", "optimizer_blocker", "capturable_optimizer", "warn", "buil
 
 #: optimizers whose step fit records (their ``capturable=True`` keeps the step counter on the device)
 CAPTURABLE = (torch.optim.Adam, torch.optim.AdamW)
-#: the least tensor learning rate fit writes: capturable Adam divides by it, and 0 (the warm-up's first step, a
-#: schedule's end) gives NaN weights; the steps it makes (about 1e-30) leave weights unchanged but exact zeros
-LR_FLOOR = 1e-30
 
 
 def blocker(rim, config, group) -> tuple:

@@ -440,3 +440,4 @@ def test_train_step_graph_on_cuda_with_capturable_adam():
     losses = [float(train(y, x)) for _ in range(6)]
     assert train.replays == 5 and not train.eager
     assert losses[-1] < losses[0]
+

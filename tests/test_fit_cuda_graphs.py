@@ -255,3 +255,19 @@ def test_cuda_fit_with_graphs_trains_like_eager(monkeypatch):
     assert losses == pytest.approx(losses_eager, rel=1e-3)
     for p, q in zip(graphed.model.parameters(), eager.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+
+
+def test_set_lr_keeps_a_tensor_rate_off_zero(stand_in):
+    """A warm-up's first rate, 0, written into a capturable Adam's tensor learning rate would give NaN weights
+    where a gradient is exactly zero (the step divides by the rate: 0 / 0): set_lr keeps it at LR_FLOOR, a step
+    that leaves the weights where they were."""
+    from rim_fast.cuda_graphs import LR_FLOOR, set_lr
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    optimizer = torch.optim.Adam([p], lr=torch.tensor(1e-3), capturable=True)
+    set_lr(optimizer, 0.0)
+    assert optimizer.param_groups[0]["lr"].item() == pytest.approx(LR_FLOOR, rel=1e-6)
+    p.grad = torch.tensor([0.3, 0.0, 2.0])  # a parameter with an exact zero gradient (the zero-state shortcut's)
+    optimizer.step()
+    assert torch.isfinite(p).all() and torch.equal(p.detach(), torch.tensor([1.0, -2.0, 0.5]))
+    set_lr(optimizer, 2e-3)
+    assert optimizer.param_groups[0]["lr"].item() == pytest.approx(2e-3)
