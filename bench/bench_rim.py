@@ -28,21 +28,35 @@ Modes
 U2 runs rim_fast's Unet; torch_rim 0.2.9's ``Unet`` is an empty stub, so its torch_rim cases are skipped and its
 baseline is ``rim_fast_reference``.
 
-Each case: warm-up calls (compile, autotune, CUDA-graph capture; compiled providers 3 on CUDA, where the CUDA-graph
-trees warm up, record, then replay, else 1; eager providers 1), outside the timed region; then one check call
-(train_step restores the initial weights first) whose output (predict) or loss and parameter gradients (train_step)
-are compared with a reference; then the timed calls. CUDA: each call between two CUDA events recorded on the current
-stream (the GPU's time from the call's start to its last kernel, host launch gaps included), at least 20 and up to
-50 within 3 s (estimated from the check call). CPU: host time, 3 to 5 within 60 s. Then, on CUDA, one call under
-torch.profiler: the CUDA kernels it launched (memcpy and memset counted apart), divided by T = kernels per RIM step
-(train_step: forward, backward and the Adam step together). Compiled providers record their graphs, graph breaks
-and Inductor's CUDA-graph skips (``counters["inductor"]["cudagraph_skips"]``, with the logged reasons): on CUDA,
-rim_fast_compiled must have none, and the report marks it when it has.
+Each group (workload, mode) runs its providers side by side, so that a machine's drift (another job, clocks,
+thermal state) hits them all alike: first each provider is built, warmed up (compile, autotune, CUDA-graph capture;
+compiled providers 3 calls on CUDA, where the CUDA-graph trees warm up, record, then replay, else 1; eager providers
+1), outside the timed region, and given one check call (train_step restores the initial weights first) whose output
+(predict) or loss and parameter gradients (train_step) are compared with a reference; then the timed calls are
+interleaved round by round, A B C A B C ..., until every provider has at least MIN_ROUNDS calls and MIN_SECONDS of
+timed calls (CUDA: 20 calls and 0.5 s; CPU: 5 calls and 2 s), at most MAX_ROUNDS rounds (CUDA 100, CPU 20) or, once
+MIN_ROUNDS are done, BUDGET_S seconds per provider (CUDA 3, CPU 60). CUDA: each call between two CUDA events
+recorded on the current stream (the GPU's time from the call's start to its last kernel, host launch gaps
+included); CPU: host time. A case whose spread (IQR over the median) exceeds 10% is marked noisy in the report.
+(Measured on our CPU before this order, bench/results/cpu-ab-a20736a: timed one provider after the other, S2
+predict's speedup measured 2.01x, 2.11x, 2.56x and 1.41x in four runs; the same code interleaved call by call gave
+1.39-1.42x.) Then, on CUDA, one call per
+provider under torch.profiler: the CUDA kernels it launched (memcpy and memset counted apart), divided by T = kernels
+per RIM step (train_step: forward, backward and the Adam step together). Compiled providers record their graphs,
+graph breaks and Inductor's CUDA-graph skips (``counters["inductor"]["cudagraph_skips"]``, with the logged
+reasons), counted over their own calls: on CUDA, rim_fast_compiled must have none, and the report marks it when it
+has. Dynamo is reset once per group, before its first provider is built, so every compiled case compiles afresh.
 
-Results: every case appends one JSON line to ``RIM_FAST_BENCH_STATUS`` when it ends (ok with its timings and
-measurements, skipped, error, or interrupted), so a run cut at any moment keeps every finished case. The file starts
-with a line describing the run (machine, settings, TF32 and cudnn.benchmark) and the planned cases
-(bench/conftest.py). ``bench.report`` turns it into the report.
+Every provider of a group stays built until the group's rounds end (on CUDA their weights, optimizer states and
+CUDA-graph pools are allocated together; the memory columns subtract what was allocated before each one was built).
+
+Results: every case appends one JSON line to ``RIM_FAST_BENCH_STATUS`` (ok with its timings and measurements,
+skipped, error, or interrupted); a group's cases end together, when its rounds end, so a run cut at any moment
+keeps every finished group. A cut in a group marks each of its providers interrupted (one whose setup had already
+failed keeps that outcome), the rounds timed so far kept apart as ``partial_stats`` and never reported as a result;
+the planned cases after it have no line (not reached). The file starts with a line describing the run (machine,
+settings, TF32 and cudnn.benchmark) and the planned cases (bench/conftest.py). ``bench.report`` turns it into the
+report.
 
 Correctness check
   CPU  relative error max|a - b| / max|b| against the baseline in fp32: predict and loss <= 1e-5, each
@@ -78,7 +92,7 @@ Environment (all optional; lists are comma-separated)
   RIM_FAST_BENCH_MODES      predict,train_step
   RIM_FAST_BENCH_WORKLOADS  S1,S2,S3,L2,U2 (those that run on the device)
   RIM_FAST_BENCH_GROUPS     workload:mode,... run exactly these groups in this order (overrides the two above)
-  RIM_FAST_BENCH_ROUNDS     timed calls per case (default: see above; smoke 1)
+  RIM_FAST_BENCH_ROUNDS     timed rounds per group, exactly (default: see above; smoke 1)
   RIM_FAST_BENCH_WARMUP     untimed calls before the check call, every provider (default: see above; smoke 0, and
                             1 for compiled providers)
   RIM_FAST_BENCH_T          RIM steps (default 10; smoke 2)
@@ -99,6 +113,7 @@ import logging
 import os
 import statistics
 import time
+import traceback
 import warnings
 
 import pytest
@@ -146,10 +161,13 @@ CHECK = os.environ.get("RIM_FAST_BENCH_CHECK", "").strip() or ("fp64" if CUDA el
 if CHECK not in ("fp32", "fp64"):
     raise ValueError(f"RIM_FAST_BENCH_CHECK={CHECK!r}: expected fp32 or fp64")
 T = _env_int("RIM_FAST_BENCH_T", 2 if SMOKE else DEFAULT_T)
-#: timed calls per case: RIM_FAST_BENCH_ROUNDS exactly, else up to MAX_ROUNDS within BUDGET_S (estimated from the
-#: check call), at least MIN_ROUNDS
+#: timed rounds per group (one call of each provider per round): RIM_FAST_BENCH_ROUNDS exactly, else until every
+#: provider has MIN_ROUNDS calls and MIN_SECONDS of timed calls, at most MAX_ROUNDS rounds or, after MIN_ROUNDS,
+#: BUDGET_S seconds per provider
 ROUNDS = 1 if SMOKE else _env_int("RIM_FAST_BENCH_ROUNDS", 0)
-MAX_ROUNDS, MIN_ROUNDS, BUDGET_S = (50, 20, 3.0) if CUDA else (5, 3, 60.0)
+MIN_ROUNDS, MIN_SECONDS, MAX_ROUNDS, BUDGET_S = (20, 0.5, 100, 3.0) if CUDA else (5, 2.0, 20, 60.0)
+#: a case whose IQR exceeds this fraction of its median is marked noisy (bench/report.py)
+NOISY = 0.10
 #: untimed calls before the check call; None: 3 for compiled providers on CUDA, else 1 (see _warmup)
 WARMUP = 0 if SMOKE else (_env_int("RIM_FAST_BENCH_WARMUP", -1) if os.environ.get("RIM_FAST_BENCH_WARMUP") else None)
 ALL_WORKLOADS = end_to_end_workloads()
@@ -413,7 +431,11 @@ def run_settings() -> dict:
     numerics switches that change the timings (TF32, cudnn.benchmark)."""
     settings = dict(device=DEVICE, T=T, smoke=SMOKE, check=CHECK, rim_fast_backend=rim_fast.ops.backend(),
                     triton_interpret=os.environ.get("TRITON_INTERPRET", ""),
-                    rounds=ROUNDS or f"{MIN_ROUNDS}-{MAX_ROUNDS} within {BUDGET_S:g} s",
+                    rounds=ROUNDS or (f"{MIN_ROUNDS}-{MAX_ROUNDS} interleaved rounds, until every provider has "
+                                      f"{MIN_ROUNDS} calls and {MIN_SECONDS:g} s of them (or {BUDGET_S:g} s per "
+                                      f"provider have passed)"),
+                    order="interleaved: the providers of a group take turns, one call per round",
+                    noisy=NOISY,
                     warmup=WARMUP if WARMUP is not None else (
                         "3 (compiled), 1 (eager)" if CUDA else "1"),
                     timer="CUDA events" if CUDA else "host clock",
@@ -430,8 +452,14 @@ def run_settings() -> dict:
     return settings
 
 
+#: the cases this session runs, in order (bench/conftest.py sets it from pytest's selection): a group runs the
+#: providers planned for it
+PLANNED: list = []
+
+
 def log_run(planned) -> None:
     """The first line of the results file: the machine, the settings and the planned cases, in order."""
+    PLANNED[:] = [tuple(case) for case in planned]
     _log_status(kind="run", machine=machine_line(), settings=run_settings(),
                 planned=[list(case) for case in planned])
 
@@ -465,47 +493,176 @@ def _dynamo_counts() -> dict:
     from torch._dynamo.utils import counters
     return {"graphs": int(counters["stats"]["unique_graphs"]),
             "graph_breaks": int(sum(counters["graph_break"].values())),
-            "graph_break_reasons": sorted(counters["graph_break"])[:5],
+            "graph_break_reasons": sorted(counters["graph_break"]),
+            "graph_break_counts": {r: int(n) for r, n in counters["graph_break"].items()},
             "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
+
+
+#: (workload, mode) -> {provider: (status, payload)}: the outcomes of the groups that ran
+_GROUPS_DONE: dict = {}
+#: the group being run: its outcomes so far (setup failures) and its cases (with the rounds timed so far), which an
+#: interrupt reports
+_IN_FLIGHT: dict = {"outcomes": {}, "cases": []}
+
+
+def _group_providers(workload: str, mode: str, provider: str) -> list:
+    """The providers of a group that this session runs, in order (the planned ones; the case alone when pytest
+    was not started through bench/conftest.py)."""
+    planned = [p for w, m, p in PLANNED if (w, m) == (workload, mode)]
+    return planned if provider in planned else [provider]
+
+
+def _log_interrupted(workload: str, mode: str, providers: list) -> None:
+    """An interrupt (a time box) in a group: one line per provider, in order. Those whose setup had already failed
+    keep their outcome; the others are interrupted, with the rounds timed so far kept apart (``partial_stats``,
+    never reported as a result: a cut group's providers did not get their minimum count or time)."""
+    outcomes = _IN_FLIGHT["outcomes"]
+    cases = {c.provider: c for c in _IN_FLIGHT["cases"]}
+    for p in providers:
+        record = dict(workload=workload, mode=mode, provider=p, device=DEVICE)
+        if p in outcomes:
+            status, payload = outcomes[p]
+            record.update(status=status, reason=payload["reason"], seconds=payload.get("seconds"))
+        else:
+            case = cases.get(p)
+            if case is None:
+                where = "before its setup (build, warm-up, check)"
+            elif case.times:
+                where = f"after {len(case.times)} interleaved round(s), before its minimum count and time"
+            else:
+                where = "during its group's setup, before the timed rounds"
+            record.update(status="interrupted", reason=f"cut by the time box (SIGINT) {where}")
+            if case is not None and case.times:
+                record["partial_stats"] = summarize(case.times)
+        _log_status(**record)
 
 
 @pytest.mark.parametrize("workload,mode,provider", CASES)
 def test_rim(workload, mode, provider):
-    info = dict(workload=workload, mode=mode, provider=provider, device=DEVICE)
-    t0 = time.perf_counter()
-    oom = None
-    try:
+    group = (workload, mode)
+    if group not in _GROUPS_DONE or provider not in _GROUPS_DONE[group]:
+        providers = _group_providers(workload, mode, provider)
         try:
-            result = _run_case(workload, mode, provider)
-        except Exception as e:  # noqa: BLE001
-            if not (provider in COMPILED and _repair_inductor_cache(e)):
-                raise
-            result = _run_case(workload, mode, provider)
-            result["info"]["retried"] = f"after repairing Inductor's cache: {type(e).__name__}: {str(e)[:200]}"
-    except pytest.skip.Exception as e:
-        _log_status(**info, status="skipped", reason=str(getattr(e, "msg", e)))
-        raise
-    except torch.cuda.OutOfMemoryError as e:
-        oom = f"out of memory: {str(e).splitlines()[0][:200]}"
-    except KeyboardInterrupt:
-        _log_status(**info, status="interrupted", reason="cut by the time box (SIGINT)",
-                    seconds=time.perf_counter() - t0)
-        # the results file is complete; a normal exit would wait for Inductor's compile workers (they ignore SIGINT)
-        # until gpu_check.sh's SIGKILL
-        print(f"\ninterrupted in {workload} {mode} {provider}: stopping", flush=True)
-        os._exit(130)
-    except BaseException as e:
-        _log_status(**info, status="error", reason=f"{type(e).__name__}: {str(e)[:300]}",
-                    seconds=time.perf_counter() - t0)
-        raise
-    if oom is not None:
-        # the traceback (and the case's tensors) are gone once the except block has ended
+            outcomes = _run_group(workload, mode, providers)
+        except KeyboardInterrupt:
+            _log_interrupted(workload, mode, providers)
+            # the results file is complete; a normal exit would wait for Inductor's compile workers (they ignore
+            # SIGINT) until gpu_check.sh's SIGKILL
+            print(f"\ninterrupted in {workload} {mode} ({', '.join(providers)}): stopping", flush=True)
+            os._exit(130)
+        # the group's cases end together: one line each, in order
+        for p in providers:
+            status, payload = outcomes[p]
+            record = dict(workload=workload, mode=mode, provider=p, device=DEVICE, status=status)
+            if status == "ok":
+                record.update(reason="", seconds=payload["seconds"], stats=payload["stats"], info=payload["info"])
+            else:
+                record.update(reason=payload["reason"], seconds=payload.get("seconds"))
+            _log_status(**record)
+        _GROUPS_DONE.setdefault(group, {}).update(outcomes)
+    status, payload = _GROUPS_DONE[group][provider]
+    if status == "skipped":
+        pytest.skip(payload["reason"])
+    if status == "error":
+        pytest.fail(payload["traceback"], pytrace=False)
+
+
+class _Case:
+    """One provider of a group, set up: its RIM, the timed call, what was measured so far. ``seconds``: the time
+    spent on this provider alone (setup, its timed calls, the measurements after them)."""
+
+    def __init__(self, provider: str):
+        self.provider = provider
+        self.compiled = provider in COMPILED
+        self.times: list = []
+        self.info: dict = {}
+        self.step = None
+        self.objects: tuple = ()
+        self.own_bytes = 0
+        self.graphs_while_timed = 0
+        self.error = None
+        self.seconds = 0.0
+
+
+def _run_group(workload: str, mode: str, providers: list) -> dict:
+    """Set up every provider of the group (build, warm-up, check), time them interleaved, measure the rest.
+    Returns {provider: ("ok", {"stats", "info", "seconds"}) | ("skipped" | "error", {"reason", ...})}."""
+    spec = ALL_WORKLOADS[workload]
+    outcomes, cases = {}, []
+    _IN_FLIGHT.update(outcomes=outcomes, cases=cases)
+    runnable = []
+    for provider in providers:
+        if provider.startswith("torch_rim") and not _has_torch_rim(spec):
+            outcomes[provider] = ("skipped", {"reason": f"torch_rim 0.2.9 has no {spec['arch']} (its Unet is an "
+                                                        f"empty stub)"})
+        else:
+            runnable.append(provider)
+    if not runnable:
+        _IN_FLIGHT.update(outcomes={}, cases=[])
+        return outcomes
+    t_ref = time.perf_counter()
+    reference(workload, mode)  # computed (and cached) before any case's memory is measured
+    reference_s = time.perf_counter() - t_ref
+    if any(p in COMPILED for p in runnable):
+        torch._dynamo.reset()  # every case compiles afresh: no cache-size limit, no automatic dynamic shapes
+        from torch._dynamo.utils import counters
+        counters.clear()
+    for provider in runnable:
+        t0 = time.perf_counter()
+        case = _Case(provider)
+        try:
+            try:
+                _setup_case(case, workload, mode)
+            except Exception as e:  # noqa: BLE001
+                if not (case.compiled and _repair_inductor_cache(e)):
+                    raise
+                case = _Case(provider)
+                _setup_case(case, workload, mode)
+                case.info["retried"] = f"after repairing Inductor's cache: {type(e).__name__}: {str(e)[:200]}"
+        except Exception as e:  # noqa: BLE001 - the case fails (an OOM skips it), the group goes on
+            outcomes[provider] = _failure(e, time.perf_counter() - t0)
+        if provider in outcomes:
+            _free(case)  # after the except block: its traceback held the case's tensors
+            continue
+        case.info["reference_s"] = reference_s
+        case.seconds = time.perf_counter() - t0
+        cases.append(case)
+    _interleave(cases)
+    for case in cases:
+        t0 = time.perf_counter()
+        try:
+            _finish_case(case)
+        except Exception as e:  # noqa: BLE001 - this case fails, the others are reported
+            outcomes[case.provider] = _failure(e, case.seconds + time.perf_counter() - t0)
+            continue
+        case.seconds += time.perf_counter() - t0
+        outcomes[case.provider] = ("ok", {"stats": summarize(case.times), "info": case.info, "seconds": case.seconds})
+    for case in cases:
+        _free(case)
+    if any(p in COMPILED for p in runnable):
         torch._dynamo.reset()
-        gc.collect()
+    gc.collect()
+    if CUDA:
         torch.cuda.empty_cache()
-        _log_status(**info, status="skipped", reason=oom, seconds=time.perf_counter() - t0)
-        pytest.skip(oom)
-    _log_status(**info, status="ok", reason="", seconds=time.perf_counter() - t0, **result)
+    _IN_FLIGHT.update(outcomes={}, cases=[])
+    return outcomes
+
+
+def _failure(err: Exception, seconds: float) -> tuple:
+    """A case's outcome after an exception: skipped when out of memory, else an error, which its test reports with
+    the traceback (kept as text: the frames would keep the case's tensors alive)."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "skipped", {"reason": f"out of memory: {str(err).splitlines()[0][:200]}", "seconds": seconds}
+    return "error", {"reason": f"{type(err).__name__}: {str(err)[:300]}", "seconds": seconds,
+                     "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))}
+
+
+def _free(case: _Case) -> None:
+    """Drop the case's RIM, optimizer and functions (and a failed call's traceback, which holds them)."""
+    case.step, case.objects, case.error = None, (), None
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
 
 
 def _repair_inductor_cache(err: Exception) -> bool:
@@ -605,31 +762,71 @@ def _step_fn(mode, provider, predict_fn, loss_fn, optimizer, y, x_true):
     return step
 
 
-def _time_calls(step, rounds: int) -> list:
-    """Seconds per call: CUDA events around each call on the current stream, or the host clock on the CPU."""
-    synchronize(DEVICE)
-    times = []
+def _time_one(step) -> float:
+    """Seconds of one call: CUDA events around it on the current stream, or the host clock on the CPU."""
     if CUDA:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(rounds):
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return times
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+        start.record()
         step()
-        times.append(time.perf_counter() - t0)
-    return times
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def _interleave(cases: list) -> None:
+    """The timed calls, round by round: one call of each case per round, in the group's order, until every case has
+    MIN_ROUNDS calls and MIN_SECONDS of timed calls, at most MAX_ROUNDS rounds, or once MIN_ROUNDS are done BUDGET_S
+    seconds per case in all (RIM_FAST_BENCH_ROUNDS: exactly that many rounds). A case whose call fails leaves the
+    rounds (``case.error``); compiled cases count the graphs compiled and the CUDA-graph skips meanwhile."""
+    from torch._dynamo.utils import counters
+    synchronize(DEVICE)
+    active = list(cases)
+    start = time.perf_counter()
+    rounds = 0
+    while active:
+        for case in list(active):
+            if case.compiled:
+                graphs, skips = int(counters["stats"]["unique_graphs"]), int(counters["inductor"]["cudagraph_skips"])
+                reasons = len(CUDAGRAPH_SKIPS.reasons)
+            t0 = time.perf_counter()
+            try:
+                case.times.append(_time_one(case.step))
+            except Exception as e:  # noqa: BLE001 - reported as this case's outcome
+                case.error = e
+                active.remove(case)
+                continue
+            finally:
+                case.seconds += time.perf_counter() - t0
+            if case.compiled:
+                case.graphs_while_timed += int(counters["stats"]["unique_graphs"]) - graphs
+                new_skips = int(counters["inductor"]["cudagraph_skips"]) - skips
+                if new_skips:
+                    case.info["cudagraph_skips"] = case.info.get("cudagraph_skips", 0) + new_skips
+                    case.info["cudagraph_skip_reasons"] = (case.info.get("cudagraph_skip_reasons", [])
+                                                           + CUDAGRAPH_SKIPS.reasons[reasons:])[:3]
+        rounds += 1
+        if ROUNDS:
+            if rounds >= ROUNDS:
+                break
+            continue
+        if rounds >= MAX_ROUNDS:
+            break
+        if rounds >= MIN_ROUNDS and (all(sum(c.times) >= MIN_SECONDS for c in active)
+                                     or time.perf_counter() - start >= BUDGET_S * len(active)):
+            break
 
 
 def summarize(times: list) -> dict:
-    """Median, quartiles, extremes and every time (seconds)."""
+    """Median, quartiles, extremes, the spread (IQR over the median; noisy above NOISY) and every time (seconds)."""
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "iqr": q[2] - q[0], "min": min(times),
-            "max": max(times), "mean": statistics.fmean(times), "rounds": len(times), "times": times}
+    median = statistics.median(times)
+    spread = (q[2] - q[0]) / median if median > 0 else 0.0
+    return {"median": median, "q1": q[0], "q3": q[2], "iqr": q[2] - q[0], "min": min(times),
+            "max": max(times), "mean": statistics.fmean(times), "rounds": len(times), "spread": spread,
+            "noisy": spread > NOISY, "times": times}
 
 
 def _kernel_counts(step) -> dict:
@@ -659,24 +856,19 @@ def _kernel_counts(step) -> dict:
     return result
 
 
-def _run_case(workload, mode, provider) -> dict:
+def _setup_case(case: _Case, workload: str, mode: str) -> None:
+    """Build the provider's RIM, warm it up and run the check call; record what the report shows about them."""
     spec = ALL_WORKLOADS[workload]
-    if provider.startswith("torch_rim") and not _has_torch_rim(spec):
-        pytest.skip(f"torch_rim 0.2.9 has no {spec['arch']} (its Unet is an empty stub)")
+    provider = case.provider
     data = workload_data(workload)
     y, x_true = data["y"], data["x_true"]
-    info = dict(arch=spec["arch"], dims=spec["dims"], size=list(spec["size"]), batch=spec["batch"], channels=1,
-                T=T, baseline=baseline_of(spec))
-    t_ref = time.perf_counter()
-    reference(workload, mode)  # computed (and cached) before this case's memory is measured
-    info["reference_s"] = time.perf_counter() - t_ref
-
-    compiled = provider in COMPILED
+    info = case.info
+    info.update(arch=spec["arch"], dims=spec["dims"], size=list(spec["size"]), batch=spec["batch"], channels=1, T=T,
+                baseline=baseline_of(spec))
+    compiled = case.compiled
     if compiled:
-        torch._dynamo.reset()  # every case compiles afresh: no cache-size limit, no automatic dynamic shapes
-        from torch._dynamo.utils import counters
-        counters.clear()
         CUDAGRAPH_SKIPS.reasons.clear()
+        counts_before = _dynamo_counts()
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
@@ -717,6 +909,7 @@ def _run_case(workload, mode, provider) -> dict:
     if CUDA:
         info["memory_bytes"] = torch.cuda.max_memory_allocated() - mem_before
         info["memory_kind"] = "cuda peak allocated (warm-up + check call)"
+        case.own_bytes = torch.cuda.memory_allocated() - mem_before
     elif mode == "train_step":
         info["memory_bytes"] = saved.total if saved.error is None else None
         info["memory_error"] = saved.error
@@ -725,30 +918,34 @@ def _run_case(workload, mode, provider) -> dict:
     else:
         info["memory_bytes"] = None
         info["memory_kind"] = "not measured (CPU predict saves nothing for backward)"
-
-    if compiled:
-        before = _dynamo_counts()
-        info.update(before)
-        info["cudagraph_skip_reasons"] = CUDAGRAPH_SKIPS.reasons[:3]
-
-    rounds = ROUNDS or max(MIN_ROUNDS, min(MAX_ROUNDS, int(BUDGET_S / max(t_check, 1e-6))))
-    times = _time_calls(step, rounds)
-
     if compiled:
         after = _dynamo_counts()
-        info["recompiled_while_timed"] = after["graphs"] - before["graphs"]
-        info["cudagraph_skips"] = after["cudagraph_skips"]
+        info.update(graphs=after["graphs"] - counts_before["graphs"],
+                    graph_breaks=after["graph_breaks"] - counts_before["graph_breaks"],
+                    graph_break_reasons=[r for r in after["graph_break_reasons"] if after["graph_break_counts"][r]
+                                         > counts_before["graph_break_counts"].get(r, 0)][:5],
+                    cudagraph_skips=after["cudagraph_skips"] - counts_before["cudagraph_skips"],
+                    cudagraph_skip_reasons=CUDAGRAPH_SKIPS.reasons[:3])
+    case.step = step
+    case.objects = (r, optimizer, predict_fn, loss_fn)
+
+
+def _finish_case(case: _Case) -> None:
+    """After the rounds: the recompilations while timed, and on CUDA the kernels of one call and the steady-state
+    memory (the case's own allocations plus the peak of one call). Raises the error of a failed timed call."""
+    if case.error is not None:
+        raise case.error
+    info = case.info
+    if case.compiled:
+        info["recompiled_while_timed"] = case.graphs_while_timed
     if CUDA:
-        info.update(_kernel_counts(step))
-        torch.cuda.reset_peak_memory_stats()
-        step()
+        info.update(_kernel_counts(case.step))
         synchronize(DEVICE)
-        info["steady_memory_bytes"] = torch.cuda.max_memory_allocated() - mem_before
-    del r, optimizer, predict_fn, loss_fn, step
-    if compiled:
-        torch._dynamo.reset()
-    gc.collect()
-    return {"stats": summarize(times), "info": info}
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        case.step()
+        synchronize(DEVICE)
+        info["steady_memory_bytes"] = torch.cuda.max_memory_allocated() - before + case.own_bytes
 
 
 # ---- the prewarm: references and Inductor's caches, untimed ----------------------------------------------------

@@ -26,17 +26,19 @@
 #                  with CUDA graphs, 20-60 s each: ~60-120 s.
 #   bench     100  + whatever the stages above leave unused (expected 80-190 s more: 180-290 s in all); ends
 #                  REPORT+SLACK before 420 s. Cases in priority order: L2 predict, S2 predict, S2 train_step,
-#                  S1 predict, S1 train_step, L2 train_step; per group torch_rim, rim_fast, rim_fast_compiled,
-#                  torch_rim_compiled. A compile of the unrolled T=10 loop costs 30-90 s cold; from Inductor's caches
-#                  (the prewarm's) a compiled case costs ~15-30 s (Dynamo's trace, cache loads, CUDA-graph capture,
-#                  20-50 timed calls, one profiled call), an eager one ~5-15 s (Triton's first launches), so a group
-#                  ~40-80 s warm, ~100-250 s cold. Expected: L2 predict, S2 predict, S2 train_step, perhaps
-#                  S1 predict; with cold caches only L2 predict and S2 predict. The cut groups: a second run with
-#                  --no-tests --groups (what the first did not reach), on the same machine: ninja and Inductor's
-#                  caches are warm then.
+#                  S1 predict, S1 train_step, L2 train_step; per group torch_rim, rim_fast, rim_fast_nographs,
+#                  rim_fast_compiled, torch_rim_compiled, each built, warmed up and checked, then their timed calls
+#                  interleaved round by round (at least 20 calls and 0.5 s each, at most 100 rounds), and one
+#                  profiled call each; a group's cases end together, so a cut loses the group in flight. A compile
+#                  of the unrolled T=10 loop costs 30-90 s cold; from Inductor's caches (the prewarm's) a compiled
+#                  case costs ~15-30 s (Dynamo's trace, cache loads, CUDA-graph capture, its timed calls), an eager
+#                  one ~5-15 s (Triton's first launches), so a group ~40-80 s warm, ~100-250 s cold. Expected: L2
+#                  predict, S2 predict, S2 train_step, perhaps S1 predict; with cold caches only L2 predict and S2
+#                  predict. The cut groups: a second run with --no-tests --groups (what the first did not reach), on
+#                  the same machine: ninja and Inductor's caches are warm then.
 #   report     10  the report and the tarball (~1 s; rim_fast.info already ran beside the tests)
-#   slack      10  the bench stage's exit after its SIGINT (the case in flight logs itself and exits at once;
-#                  SIGKILL at 10 s)
+#   slack      10  the bench stage's exit after its SIGINT (the group in flight logs its cases as interrupted and
+#                  exits at once; SIGKILL at 10 s)
 # Concurrent, with no box of its own: the prewarm (bench.run --prewarm, nice 19, without the extension, which is
 # being built) from the end of the preflight to the end of the tests (~100-240 s): the float64 references of the
 # check (L2: ~1-2 s predict, ~3-6 s train_step, estimated in bench/bench_rim.py), saved for the bench stage, then

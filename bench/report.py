@@ -7,9 +7,11 @@ planned cases), then one line per case as it ended: ok (with its timings and mea
 interrupted. Planned cases without a line were not reached (the run was cut first). Writes DIR/report.md,
 DIR/summary.json and DIR/speedups.png (skipped, with a note, without matplotlib) and prints the markdown.
 
-Speedups are computed only from this run: the baseline's median (torch_rim; rim_fast_reference for workloads
-torch_rim cannot run) over the case's median. A case that failed its correctness check, or whose baseline did
-not run or failed, gets no speedup.
+A case whose spread (IQR over the median) exceeds ``NOISY`` (10%, or the run's ``noisy`` setting) is marked noisy
+in its row, and one line at the end says to rerun on a quiet machine. Speedups are computed only from this run: the
+baseline's median (torch_rim; rim_fast_reference for workloads torch_rim cannot run) over the case's median. A case
+that failed its correctness check, or whose baseline did not run or failed, gets no speedup (a noisy one keeps its
+speedup, with the mark beside it).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ PROVIDER_ORDER = ("torch_rim", "torch_rim_compiled", "rim_fast_reference", "rim_
                   "rim_fast_compiled")
 MODE_ORDER = ("predict", "train_step")
 MiB = 2 ** 20
+#: a case whose IQR exceeds this fraction of its median is noisy (bench_rim.NOISY)
+NOISY = 0.10
 #: the measurements of a case copied from its results line into its row
 ROW_INFO = ("baseline", "memory_bytes", "memory_kind", "steady_memory_bytes", "first_call_s", "warmup",
             "reference_s", "check_ok", "check_err", "check_tol", "check_against", "graphs", "graph_breaks",
@@ -58,6 +62,8 @@ def load(status_path: str) -> dict:
         if row["status"] == "ok" and stats:
             row.update({f"{k}_ms": stats[k] * 1e3 for k in ("median", "iqr", "q1", "q3", "min", "max", "mean")})
             row["rounds"] = stats["rounds"]
+            row["spread"] = stats["iqr"] / stats["median"] if stats["median"] > 0 else 0.0
+            row["noisy"] = row["spread"] > run.get("settings", {}).get("noisy", NOISY)
             row["shape"] = {k: info.get(k) for k in ("arch", "dims", "size", "batch", "channels", "T")}
             row.update({k: info.get(k) for k in ROW_INFO})
         rows[key] = row
@@ -116,6 +122,8 @@ def _notes(row, device: str = "cpu") -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row['reason']}"
     notes = []
+    if row.get("noisy"):
+        notes.append(f"**noisy**: IQR {100 * row['spread']:.0f}% of the median")
     if row["provider"] == row.get("baseline"):
         notes.append("baseline")
     if row.get("graphs") is not None:
@@ -156,7 +164,8 @@ def markdown(summary: dict) -> str:
     cuda = device == "cuda"
     counts = ", ".join(f"{n} {status}" for status, n in summary.get("counts", {}).items())
     lines = [summary["machine"], "", "# rim_fast end-to-end benchmark", "",
-             f"Device {device}, T={s.get('T')}, timed calls per case: {s.get('rounds')} ({s.get('timer')}), after "
+             f"Device {device}, T={s.get('T')}, timed calls per case: {s.get('rounds')} ({s.get('timer')}"
+             + ("; a group's providers take turns, one call each per round" if s.get("order") else "") + "), after "
              f"{s.get('warmup')} warm-up call(s) and the check call"
              + (" (SMOKE: tiny sizes, timings meaningless)" if s.get("smoke") else "") + ". "
              f"rim_fast backend `{s.get('rim_fast_backend')}`"
@@ -188,6 +197,13 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {row['workload']} | {row['mode']} | {row['provider']} | {row['median_ms']:.2f} | "
                      f"{row['iqr_ms']:.2f} | {row['rounds']} | {speedup} | {mem} | {first} | {kernels} | "
                      f"{_fmt_err(row)} | {_notes(row, device)} |")
+    noisy = [r for r in summary["rows"] if r.get("noisy")]
+    if noisy:
+        names = ", ".join(f"{r['workload']} {r['mode']} {r['provider']}" for r in noisy)
+        limit = s.get("noisy", NOISY)
+        lines += ["", f"**{len(noisy)} noisy case{'s' if len(noisy) > 1 else ''}** (IQR above {100 * limit:.0f}% of "
+                      f"the median: {names}): the machine was probably busy; rerun on a quiet machine before quoting "
+                      f"{'their' if len(noisy) > 1 else 'its'} speedup."]
     lines += ["",
               "- median ms: " + ("CUDA events around each call on the current stream (the GPU's time from the "
                                  "call's start to its last kernel, host launch gaps included)." if cuda else

@@ -13,12 +13,15 @@ case finished. pytest-benchmark is not needed.
 ``--prewarm`` runs bench_rim.prewarm() in this process instead (see bench/bench_rim.py): it writes
 OUT/prewarm.jsonl and the references under ``--refs`` (default OUT/refs); give the timed run the same ``--refs``.
 
+Timing (bench/bench_rim.py): each provider of a (workload, mode) group is warmed up and checked, then the group's
+providers take turns, one timed call each per round (A B C A B C ...), until every one has a minimum count and a
+minimum time of timed calls (cpu: 5 calls and 2 s, at most 20 rounds; cuda: 20 calls and 0.5 s, at most 100);
+``--rounds N`` gives exactly N rounds. A case whose IQR exceeds 10% of its median is marked noisy in the report.
+
 Presets (options given explicitly override them):
-  full   every workload of the device, both modes, every provider; rounds: as many as fit in 60 s (cpu, 3 to
-         5) or 3 s (cuda, 20 to 50) per case
-  short  S1, both modes, every provider, 3 rounds, no warm-up call besides the check call (compiled providers
-         still compile in one untimed call first). On a CPU, compiling the unrolled T=10 loop (about 0.5-2 min
-         per compiled case) dominates: about 5 min of CPU time on 2 cores.
+  full   every workload of the device, both modes, every provider, the default warm-up and rounds
+  short  S1, both modes, every provider, the default warm-up and rounds. On a CPU, compiling the unrolled T=10
+         loop (about 0.5-2 min per compiled case) dominates: about 5 min of CPU time on 2 cores.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRESETS = {
     "full": {},
-    "short": {"workloads": "S1", "rounds": 3, "warmup": 0},
+    "short": {"workloads": "S1"},
 }
 NAMES = {"providers": "PROVIDERS", "modes": "MODES", "workloads": "WORKLOADS", "groups": "GROUPS",
          "rounds": "ROUNDS", "warmup": "WARMUP", "T": "T"}
@@ -103,8 +106,8 @@ def main(argv=None) -> int:
     try:
         code = proc.wait()
     except KeyboardInterrupt:
-        # `timeout -s INT` (bench/gpu_check.sh) interrupts the whole process group: pytest stops in the case in
-        # flight (bench_rim logs it as interrupted); every finished case is already in status.jsonl
+        # `timeout -s INT` (bench/gpu_check.sh) interrupts the whole process group: pytest stops in the group in
+        # flight (bench_rim logs its cases as interrupted); every finished group is already in status.jsonl
         print("interrupted: waiting for pytest to stop", file=sys.stderr, flush=True)
         try:
             proc.wait(timeout=10)
