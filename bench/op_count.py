@@ -8,8 +8,15 @@ a GPU would run, whatever device it is taken on:
 - ``kernels``: the references, except that each call of an op a GPU serves with one kernel (the Triton gates,
   the C++/CUDA update step) counts one, whatever the CPU runs for it; CPU-only implementations (channels-last
   layouts, the C++ CPU tanh, oneDNN's fused conv + tanh) are not used, so their layout copies are not counted;
-  a convolution followed by tanh counts two (cuDNN's convolution and the tanh), as on a GPU;
+  a convolution followed by tanh (``conv_tanh``) runs as CUDA runs it: the convolution without its bias, then
+  the Triton ``bias_tanh`` kernel (one kernel, and one for its backward plus the bias gradient's ``sum``);
 - ``torch_rim``: torch_rim 0.2.9 itself.
+
+In every provider a convolution with a bias counts as CUDA runs it: cuDNN does not handle biases (aten adds the
+bias in a kernel of its own after cuDNN's, and reduces its gradient with a ``sum`` after cuDNN's backward), so
+``aten.convolution`` with a bias counts 2 (``+ bias add``) and ``aten.convolution_backward`` computing a bias
+gradient one more (``+ bias grad``). cuDNN's backward runs the input and weight gradients as two calls: those
+still count one, for every provider alike.
 
 Modes: ``predict`` (no autograd) and ``train_step`` (``loss_fn`` and its backward; the optimizer's step is not
 counted). Per step = total / T. The RIM is the benchmark's (bench.common: the workload's Hourglass, its blur score
@@ -35,7 +42,10 @@ from bench.common import MODEL, SMOKE_WORKLOADS, T as DEFAULT_T, make_score_fn
 from rim_fast.ops._dispatch import OPS, use_backend
 
 #: the op families a GPU runs as one kernel per call in the ``kernels`` count
-ONE_KERNEL_OPS = ("gru_gates_zr", "gru_gates_h", "gru_gates_zero_state", "preprocess_score", "update_state")
+ONE_KERNEL_OPS = ("gru_gates_zr", "gru_gates_h", "gru_gates_zero_state", "preprocess_score", "update_state",
+                  "bias_tanh")
+#: the ops whose GPU backward launches one more kernel beside its own: the bias gradient of bias_tanh is torch's sum
+EXTRA_BACKWARD = {"bias_tanh": "aten.sum (bias_tanh's bias gradient)"}
 _NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
               "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
               "_has_compatible_shallow_copy_type", "detach_", "_to_copy_meta"}
@@ -60,6 +70,11 @@ class LaunchCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.paused and _launches(func):
             self.counts[str(func.overloadpacket)] += 1
+            # cuDNN does not handle biases: aten adds them, and reduces their gradients, in kernels of their own
+            if func is torch.ops.aten.convolution.default and args[2] is not None:
+                self.counts["aten.convolution + bias add"] += 1
+            elif func is torch.ops.aten.convolution_backward.default and args[10][2]:
+                self.counts["aten.convolution_backward + bias grad"] += 1
         return func(*args, **(kwargs or {}))
 
     @property
@@ -91,6 +106,8 @@ class _OneKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         ctx.counter.counts[f"rim_fast::{ctx.name}_backward"] += 1
+        if ctx.name in EXTRA_BACKWARD:
+            ctx.counter.counts[EXTRA_BACKWARD[ctx.name]] += 1
         pairs = [(o, g) for o, g in zip(ctx.flat, grads) if o.requires_grad and g is not None]
         wanted = [t for t in ctx.leaves if t.requires_grad]
         got = {}
@@ -129,13 +146,24 @@ def _one_kernel_per_call(counter: LaunchCounter):
             return tree_unflatten(list(flat), holder["spec"])
         return run
 
+    conv_tanh = OPS["conv_tanh"].reference
+
+    def conv_bias_tanh(x, weight, bias, padding, dilation, groups):
+        # CUDA's conv_tanh (rim_fast.ops.conv._conv_bias_tanh): the convolution without its bias, then bias_tanh
+        if bias is None:
+            return conv_tanh(x, weight, bias, padding, dilation, groups)
+        y = OPS["conv"].reference(x, weight, None, 1, padding, dilation, groups)
+        return OPS["bias_tanh"].reference(y, bias.to(y.dtype))
+
     try:
         for name, ref in saved.items():
             OPS[name].reference = counted(name, ref)
+        OPS["conv_tanh"].reference = conv_bias_tanh
         yield
     finally:
         for name, ref in saved.items():
             OPS[name].reference = ref
+        OPS["conv_tanh"].reference = conv_tanh
 
 
 def _rim(library, workload: str, T: int):

@@ -195,7 +195,7 @@ def test_runner_interrupted_reports_the_finished_cases(tmp_path):
         assert f"| {r['workload']} | {r['mode']} | {r['provider']} |" in md
 
 
-@pytest.mark.parametrize("name", ["bench_conv", "bench_update_step", "bench_gru_gates"])
+@pytest.mark.parametrize("name", ["bench_conv", "bench_update_step", "bench_gru_gates", "bench_bias_tanh"])
 def test_op_benchmarks_run_in_smoke_mode(name):
     """Each op family's benchmark (the fourth part of its quartet) runs: every case checked against the reference
     and timed once on tiny sizes."""

@@ -1,4 +1,4 @@
-"""The Triton gate kernels (kernels/gru_gates.py) compile into real cubins for A100 (sm_80) and H100/H200 (sm_90),
+"""The Triton kernels (kernels/gru_gates.py, kernels/bias_tanh.py) compile into real cubins for A100 (sm_80) and H100/H200 (sm_90),
 without a GPU, at the launch configurations the launchers pick on those GPUs, and no kernel spills registers.
 
 The interpreter tests (test_gru_gates.py) check the math; this checks that the GPU compiler accepts the code. The
@@ -109,7 +109,9 @@ def test_cubins_compile_without_spills(compile_reports, arch):
                         f"{sorted(triton_aot.KERNELS)}: a kernel without a launch here is not checked")
     for kernel in triton_aot.KERNELS:
         mine = [r for r in results if r["kernel"] == kernel]
-        missing_dtypes = set(triton_aot.DTYPES) - {r["dtype"] for r in mine}
+        # a variant whose launch shares another's specialisation (bias_tanh's backward reads the promoted fp32 output
+        # of bf16 activations with fp32 biases) is compiled under the first variant's name
+        missing_dtypes = set(triton_aot.DTYPES) - {launch["dtype"] for r in mine for launch in r["launches"]}
         fp32_problems = {launch["problem"] for r in mine if r["dtype"] == "fp32" for launch in r["launches"]}
         missing_problems = {p[0] for p in triton_aot.PROBLEMS} - fp32_problems
         if missing_dtypes or missing_problems:

@@ -1,5 +1,5 @@
-"""Ahead-of-time compilation of the Triton gate kernels (``kernels/gru_gates.py``) into real cubins for a GPU
-architecture, on a machine without a GPU; used by ``tests/test_triton_cubins.py``.
+"""Ahead-of-time compilation of the Triton kernels (``kernels/gru_gates.py``, ``kernels/bias_tanh.py``) into real
+cubins for a GPU architecture, on a machine without a GPU; used by ``tests/test_triton_cubins.py``.
 
 Run as a script in a process where Triton is *not* interpreted (no ``TRITON_INTERPRET``)::
 
@@ -54,7 +54,8 @@ DTYPES = {"fp32": ("float32", "float32"), "fp16": ("float16", "float16"), "bf16"
 LOW_PRECISION_PROBLEMS = ("L2", "lin-B32")
 
 KERNELS = ("_gru_zr_fwd_kernel", "_gru_h_fwd_kernel", "_gru_zero_state_fwd_kernel",
-           "_gru_zr_bwd_kernel", "_gru_h_bwd_kernel", "_gru_zero_state_bwd_kernel")
+           "_gru_zr_bwd_kernel", "_gru_h_bwd_kernel", "_gru_zero_state_bwd_kernel",
+           "_bias_tanh_fwd_kernel", "_bias_tanh_bwd_kernel")
 #: the canary: this kernel, its largest tile, one warp and a register cap make ptxas spill
 CANARY = dict(kernel="_gru_zr_bwd_kernel", problem="L2", num_warps=1, maxnreg=24)
 
@@ -108,9 +109,53 @@ def spill_problems(usage: dict, ptxas: dict) -> list:
 
 # ---- recording the launchers' launches -----------------------------------------------------------------
 
-def kernel_module():
+def kernel_module(name: str = "gru_gates"):
     from rim_fast.ops._triton import _import_kernels
-    return _import_kernels()
+    return _import_kernels(name)
+
+
+def activation_shape(B: int, H: int, spatial: tuple) -> tuple:
+    """The convolution output a problem's bias_tanh sees: the Hourglass's first level, [B, nf = 2H, *4 spatial]
+    (S2: [16, 32, 64x64], L2: [32, 32, 256x256]; the 'i64' problem: 32 x 1664^3 elements, planes > 2**31)."""
+    return (B, 2 * H, *[4 * s for s in spatial])
+
+
+def record_bias_tanh_launches(KB, sm_count: int, problems, dtypes=DTYPES["fp32"]) -> list:
+    """``record_launches`` for ``kernels/bias_tanh.py``: forward and backward on each problem's activation,
+    contiguous and (with spatial dims) channels-last, the two layouts the kernel tiles differently."""
+    import torch
+    calls = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append((name, self.kernel, grid, args, kwargs))
+            return launch
+
+    saved = {key: getattr(KB, key) for key in ("_traceable", "_empty", "_sm_count", "_launch")}
+    KB._traceable = Recorder
+    KB._empty = lambda shape, stride, dtype, device: torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    KB._sm_count = lambda index: sm_count
+    KB._launch = lambda M, K, device: KB._geometry.__wrapped__(M, K, torch.device("cuda", 0))
+    act, bias_dtype = getattr(torch, dtypes[0]), getattr(torch, dtypes[1])
+    try:
+        for name, B, H, spatial in problems:
+            shape = activation_shape(B, H, spatial)
+            x = torch.empty(shape, dtype=act, device="meta")
+            layouts = [x]
+            if spatial:
+                order = (0, *range(2, x.dim()), 1)
+                layouts.append(x.permute(order).contiguous().permute(*[order.index(i) for i in range(x.dim())]))
+            for x in layouts:
+                y = KB.bias_tanh_fwd(x, torch.empty(shape[1], dtype=bias_dtype, device="meta"))
+                KB.bias_tanh_bwd(torch.empty_like(y), y)
+    finally:
+        for key, value in saved.items():
+            setattr(KB, key, value)
+    return calls
 
 
 def record_launches(K, sm_count: int, problems, dtypes=DTYPES["fp32"]) -> list:
@@ -243,23 +288,24 @@ class Compiler:
 
 def run(arch: int, sm_count: int, out_dir: str) -> dict:
     start = time.perf_counter()
-    K = kernel_module()
+    K, KB = kernel_module(), kernel_module("bias_tanh")
     compiler = Compiler(arch, out_dir)
     launches = []
     for variant, dtypes in DTYPES.items():
         problems = [p for p in PROBLEMS if variant == "fp32" or p[0] in LOW_PRECISION_PROBLEMS]
         launches += [(variant,) + call for call in record_launches(K, sm_count, problems, dtypes)]
+        launches += [(variant,) + call for call in record_bias_tanh_launches(KB, sm_count, problems, dtypes)]
     results, by_key = [], {}
     for variant, problem, kernel, grid, args, kwargs in launches:
         key, signature, constexprs, attrs, options = compiler.specialize(kernel, args, kwargs)
-        launch = {"problem": problem, "grid": list(grid)}
+        launch = {"problem": problem, "grid": list(grid), "dtype": variant}
         if key in by_key:
             by_key[key]["launches"].append(launch)
             continue
-        meta = {k: kwargs[k] for k in ("BLOCK_C", "BLOCK_N", "num_warps")}
+        meta = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("num_warps", "BIAS_ON_ROWS")}
         # (kernel, variant, problem) makes one launch: the first problem that needs a specialisation names it
-        test_id = (f"sm{arch}-{kernel.__name__}-C{meta['BLOCK_C']}-N{meta['BLOCK_N']}-w{meta['num_warps']}"
-                   f"-{variant}-{problem}")
+        tile = "-".join(f"{k.removeprefix('BLOCK_')}{int(v)}" for k, v in meta.items() if k != "num_warps")
+        test_id = f"sm{arch}-{kernel.__name__}-{tile}-w{meta['num_warps']}-{variant}-{problem}"
         entry = {"id": test_id, "kernel": kernel.__name__, "arch": arch, "sm_count": sm_count, **meta,
                  "dtype": variant, "signature": {k: str(v) for k, v in signature.items()},
                  "constexprs": {kernel.arg_names[path[0]]: value for path, value in constexprs.items()},
@@ -271,7 +317,7 @@ def run(arch: int, sm_count: int, out_dir: str) -> dict:
     import triton
     from triton.runtime.jit import JITFunction
     # every kernel of the module (device helpers such as _tile are inlined, not launched)
-    module_kernels = sorted(name for name, obj in vars(K).items()
+    module_kernels = sorted(name for module in (K, KB) for name, obj in vars(module).items()
                             if isinstance(obj, JITFunction) and name.endswith("_kernel"))
     return {"arch": arch, "sm_count": sm_count, "triton": triton.__version__, "module_kernels": module_kernels,
             "results": results, "canary": canary, "seconds": round(time.perf_counter() - start, 1)}

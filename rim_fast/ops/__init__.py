@@ -1,6 +1,6 @@
 """The op layer: every module computes through these functions, grouped by the op family they compute.
 
-- ``conv``: ``conv``, ``conv_same``, ``conv_transpose``, ``tanh``, ``conv_tanh``, ``upfirdn``;
+- ``conv``: ``conv``, ``conv_same``, ``conv_transpose``, ``tanh``, ``conv_tanh``, ``bias_tanh``, ``upfirdn``;
 - ``gru_gates``: ``gru_gates_zr``, ``gru_gates_h``, ``gru_gates_zero_state`` (the element-wise halves of a ConvGRU);
 - ``update_step``: ``preprocess_score``, ``update_state`` (the RIM's score preprocessing and state update).
 
@@ -20,7 +20,13 @@ tanh                   ``cpp``            CPU float32/bfloat16, eager: one vecto
                                           reference (torch.tanh) under torch.compile (Inductor fuses it) and on
                                           GPUs
 conv_tanh              ``onednn_fused``   CPU float32 without autograd, eager: the tanh rides on the conv's
-                                          output; else ``unfused``: the dispatched conv, then the dispatched tanh
+                                          output; ``triton_bias_tanh`` on CUDA where ``bias_tanh`` picks
+                                          ``triton`` (the conv without its bias, then ``bias_tanh``: 2 kernels,
+                                          not cuDNN's conv + bias add + tanh = 3); else ``unfused``: the
+                                          dispatched conv, then the dispatched tanh
+bias_tanh              ``triton``         CUDA under CUDA-graph capture, and eager calls of >= 2^23 elements (the
+                                          gates' threshold); never under torch.compile (Inductor fuses the add
+                                          and the tanh itself); the reference on the CPU
 upfirdn                reference          -
 gru_gates_*            ``triton``         CUDA under torch.compile or CUDA-graph capture, and eager calls of
                                           >= 2^23 elements (small eager calls are launch-bound: the reference's
@@ -37,7 +43,7 @@ import torch
 
 from . import _triton, reference
 from ._dispatch import BACKENDS, backend, graph_region, trace, use_backend
-from .conv import conv, conv_same, conv_tanh, conv_transpose, tanh, upfirdn
+from .conv import bias_tanh, conv, conv_same, conv_tanh, conv_transpose, tanh, upfirdn
 from .gru_gates import gru_gates_h, gru_gates_zero_state, gru_gates_zr
 from .update_step import PREPROCESSING, preprocess_score, update_state
 
@@ -56,7 +62,7 @@ def check_compilable(device: torch.device) -> None:
 
 __all__ = [
     "BACKENDS", "backend", "check_compilable", "graph_region", "trace", "use_backend", "reference", "PREPROCESSING",
-    "conv", "conv_same", "conv_tanh", "conv_transpose", "tanh", "upfirdn",
+    "conv", "conv_same", "conv_tanh", "bias_tanh", "conv_transpose", "tanh", "upfirdn",
     "gru_gates_zr", "gru_gates_h", "gru_gates_zero_state",
     "preprocess_score", "update_state",
 ]

@@ -1,6 +1,8 @@
-"""The Triton backend of the ConvGRU gate family (``gru_gates``), with its ``usable``/``auto`` rules: the kernels of
-``rim_fast.kernels.gru_gates`` as torch.compile-visible ops: ``rim_fast::gru_gates_zr``,
-``rim_fast::gru_gates_h``, ``rim_fast::gru_gates_zero_state`` (and their ``*_backward`` ops).
+"""The Triton backend of the ConvGRU gate family (``gru_gates``) and of the convolution epilogue ``bias_tanh``
+(``conv``), with their ``usable``/``auto`` rules: the kernels of ``rim_fast.kernels.gru_gates`` and
+``rim_fast.kernels.bias_tanh`` as torch.compile-visible ops: ``rim_fast::gru_gates_zr``,
+``rim_fast::gru_gates_h``, ``rim_fast::gru_gates_zero_state``, ``rim_fast::bias_tanh`` (and their ``*_backward``
+ops).
 
 Each op is a ``torch.library.triton_op`` whose body launches the kernels of ``rim_fast.kernels.gru_gates``
 through ``wrap_triton``, so Inductor sees (and schedules) the kernels; fakes come from ``new_empty``;
@@ -27,14 +29,14 @@ Tensor = torch.Tensor
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _import_kernels():
-    """``rim_fast.kernels.gru_gates``: installed (setup.py maps ``rim_fast.kernels`` to ``kernels/``), or, in
+def _import_kernels(name: str = "gru_gates"):
+    """``rim_fast.kernels.<name>``: installed (setup.py maps ``rim_fast.kernels`` to ``kernels/``), or, in
     a source tree, ``<repo>/kernels`` mounted as the ``rim_fast.kernels`` package (never a top-level
     ``kernels`` module: that name belongs to another project)."""
     try:
-        return importlib.import_module("rim_fast.kernels.gru_gates")
+        return importlib.import_module(f"rim_fast.kernels.{name}")
     except ModuleNotFoundError as err:
-        if err.name not in ("rim_fast.kernels", "rim_fast.kernels.gru_gates"):
+        if err.name not in ("rim_fast.kernels", f"rim_fast.kernels.{name}"):
             raise
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "kernels")
     init = os.path.join(root, "__init__.py")
@@ -47,15 +49,17 @@ def _import_kernels():
         except BaseException:
             del sys.modules["rim_fast.kernels"]
             raise
-    return importlib.import_module("rim_fast.kernels.gru_gates")
+    return importlib.import_module(f"rim_fast.kernels.{name}")
 
 
 _MISSING: Optional[str] = None
 K = None
+KB = None
 try:
     if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
         raise ImportError(f"torch {torch.__version__} has no torch.library.triton_op/wrap_triton (needs >= 2.6)")
     K = _import_kernels()
+    KB = _import_kernels("bias_tanh")
 except Exception as err:  # noqa: BLE001 - any failure to load Triton only disables these kernels
     _MISSING = f"Triton gate kernels unavailable ({type(err).__name__}: {err})"
 
@@ -141,6 +145,54 @@ def auto(*args) -> bool:
     if torch.compiler.is_compiling() or in_graph_region():
         return True
     return max(t.numel() for t in tensors) >= AUTO_EAGER_MIN_ELEMENTS
+
+
+def bias_tanh_usable(x, bias) -> bool:
+    """``usable`` for ``bias_tanh(x, bias)``: the gates' rule (CUDA, or CPU fp32 eagerly through the interpreter)."""
+    return usable(x, bias)
+
+
+def bias_tanh_why_not(x, bias) -> str:
+    return why_not(x, bias)
+
+
+def _bias_tanh_auto_rule(tensors, numel) -> bool:
+    if not all(t.is_cuda and t.dtype in _DTYPES for t in tensors):
+        return False
+    # under torch.compile Inductor fuses the bias add and the tanh itself (and into their neighbours), which an
+    # opaque op would prevent
+    if torch.compiler.is_compiling():
+        return False
+    if in_graph_region():
+        return True
+    return numel >= AUTO_EAGER_MIN_ELEMENTS
+
+
+def bias_tanh_auto(x, bias) -> bool:
+    """``auto`` prefers the kernel for CUDA tensors under CUDA-graph capture (its launch cost then disappears:
+    one pass instead of two) and for eager calls of >= 2^23 elements (the gates' threshold: below it one Triton
+    launch costs the host more than the aten kernels it replaces); never under torch.compile, where Inductor fuses
+    the bias add and the tanh itself."""
+    return _bias_tanh_auto_rule(_tensors((x, bias)), x.numel())
+
+
+def conv_tanh_usable(x, weight, bias, padding, dilation, groups) -> bool:
+    """conv_tanh as the convolution without its bias, then ``bias_tanh``: a bias, and the kernel usable."""
+    return bias is not None and usable(x, bias)
+
+
+def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
+    return "no bias to fuse" if bias is None else why_not(x, bias)
+
+
+def conv_tanh_auto(x, weight, bias, padding, dilation, groups) -> bool:
+    """As ``bias_tanh_auto``, on the convolution's output ([B, C_out, *S] for a "same" convolution), with a bias."""
+    if bias is None:
+        return False
+    numel = x.shape[0] * weight.shape[0]
+    for size in x.shape[2:]:
+        numel *= size
+    return _bias_tanh_auto_rule(_tensors((x, weight, bias)), numel)
 
 
 def _pad_channels(g: Tensor, before: int, after: int) -> Tensor:
@@ -250,6 +302,38 @@ if _MISSING is None:
 
     _zero_state.register_autograd(_zero_state_grad, setup_context=_zero_state_setup)
 
+    @triton_op("rim_fast::bias_tanh", mutates_args=())
+    def _bias_tanh(x: Tensor, bias: Tensor) -> Tensor:
+        return KB.bias_tanh_fwd(x, bias)
+
+    @triton_op("rim_fast::bias_tanh_backward", mutates_args=())
+    def _bias_tanh_backward(grad: Tensor, y: Tensor) -> Tensor:
+        return KB.bias_tanh_bwd(grad, y)
+
+    # fakes: the launchers' layouts (x's strides where x is dense, else contiguous)
+    @_bias_tanh.register_fake
+    def _(x, bias):
+        KB.check_args(x, bias)
+        return x.new_empty_strided(x.shape, KB.out_strides(x), dtype=torch.promote_types(x.dtype, bias.dtype))
+
+    @_bias_tanh_backward.register_fake
+    def _(grad, y):
+        return y.new_empty_strided(y.shape, KB.out_strides(y))
+
+    # autograd: the output is saved (the backward reads y, not x); the bias gradient is torch's sum of grad_x
+    def _bias_tanh_setup(ctx, inputs, output):
+        x, bias = inputs
+        ctx.save_for_backward(output)
+        ctx.dtypes = x.dtype, bias.dtype
+
+    def _bias_tanh_grad(ctx, g):
+        y, = ctx.saved_tensors
+        g_x = torch.ops.rim_fast.bias_tanh_backward(g, y)
+        g_b = g_x.sum([0, *range(2, y.dim())], dtype=torch.float32)
+        return g_x.to(ctx.dtypes[0]), g_b.to(ctx.dtypes[1])
+
+    _bias_tanh.register_autograd(_bias_tanh_grad, setup_context=_bias_tanh_setup)
+
 
 def gru_gates_zr(wx: Tensor, uzr: Tensor, h: Tensor, bias_z: Tensor, bias_r: Tensor):
     """``reference.gru_gates_zr`` through the Triton kernels: (z, rh), [B, H, *S]."""
@@ -264,3 +348,8 @@ def gru_gates_h(wx: Tensor, uh: Tensor, z: Tensor, h: Tensor, bias_h: Tensor) ->
 def gru_gates_zero_state(wzh: Tensor, bias_z: Tensor, bias_h: Tensor) -> Tensor:
     """``reference.gru_gates_zero_state`` through the Triton kernels: h', [B, H, *S]."""
     return torch.ops.rim_fast.gru_gates_zero_state(wzh, bias_z, bias_h)
+
+
+def bias_tanh(x: Tensor, bias: Tensor) -> Tensor:
+    """``reference.bias_tanh`` through the Triton kernel: tanh(x + bias[c]), [B, C, *S] in x's layout."""
+    return torch.ops.rim_fast.bias_tanh(x, bias)

@@ -1,7 +1,9 @@
-"""The convolution family: convolutions, the tanh activation, conv + tanh, FIR resampling.
+"""The convolution family: convolutions, the tanh activation, conv + tanh, bias + tanh, FIR resampling.
 
 cuDNN / oneDNN serve the convolutions; on the CPU they run in channels-last layout (``_cpu``), tanh runs the
-C++ kernel of ``rim_fast._C`` (``_cpp``), and conv + tanh without autograd is one oneDNN primitive. Shapes:
+C++ kernel of ``rim_fast._C`` (``_cpp``), and conv + tanh without autograd is one oneDNN primitive. On CUDA,
+conv + tanh runs as the convolution without its bias, then one Triton kernel for bias + tanh (``_triton``,
+``bias_tanh``): two kernels where cuDNN + aten run three (convolution, bias add, tanh). Shapes:
 x [B, C_in, *S] with S of 1 to 3 spatial dims (or [B, C_in] for a linear layer in ``conv``), weight as
 torch's ``conv{1,2,3}d`` / ``conv_transpose{1,2,3}d`` take it.
 """
@@ -11,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _cpp, _cpu, reference
+from . import _cpp, _cpu, _triton, reference
 from ._dispatch import Impl, Op
 
 Tensor = torch.Tensor
@@ -21,6 +23,7 @@ _conv_same = Op("conv_same", reference.conv_same)
 _conv_transpose = Op("conv_transpose", reference.conv_transpose)
 _tanh = Op("tanh", reference.tanh)
 _conv_tanh = Op("conv_tanh", reference.conv_tanh)
+_bias_tanh = Op("bias_tanh", reference.bias_tanh)
 _upfirdn = Op("upfirdn", reference.upfirdn)
 
 
@@ -56,6 +59,14 @@ def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, padding: Uni
     return _conv_tanh(x, weight, bias, padding, dilation, groups)
 
 
+def bias_tanh(x: Tensor, bias: Tensor) -> Tensor:
+    """tanh(x + bias[c]): the bias and activation of a convolution run without its bias.
+
+    x: [B, C, *S] (S of 0 to 3 dims, any layout; the result keeps a dense x's), bias: [C]; float32, float16 or
+    bfloat16 (float32 math in the kernel). Returns [B, C, *S] in the promoted dtype."""
+    return _bias_tanh(x, bias)
+
+
 def upfirdn(x: Tensor, kernel: Tensor, *, up: int, down: int, pad0: int, pad1: int) -> Tensor:
     """score_models' upfirdn per channel: upsample by ``up`` (zero insertion), pad ``pad0``/``pad1`` on every
     spatial axis (negative crops), FIR-filter with ``kernel`` [k]*N, keep every ``down``-th sample.
@@ -66,6 +77,13 @@ def upfirdn(x: Tensor, kernel: Tensor, *, up: int, down: int, pad0: int, pad1: i
 def _conv_then_tanh(x, weight, bias, padding, dilation, groups):
     # the two ops, each dispatched (channels-last conv and the C++ tanh on the CPU; cuDNN and torch.tanh on GPUs)
     return tanh(conv(x, weight, bias, padding=padding, dilation=dilation, groups=groups))
+
+
+def _conv_bias_tanh(x, weight, bias, padding, dilation, groups):
+    # the convolution without its bias (cuDNN would add it in a pass of its own), then bias + tanh in one pass;
+    # the bias in the convolution's output dtype, as the convolution would have used it (autocast)
+    y = conv(x, weight, None, padding=padding, dilation=dilation, groups=groups)
+    return bias_tanh(y, bias.to(y.dtype))
 
 
 def _always(*args) -> bool:
@@ -79,4 +97,8 @@ _tanh.register(Impl("cpp", _cpp.tanh, usable=_cpp.tanh_usable, auto=_cpp.tanh_au
                     why_not=_cpp.tanh_why_not))
 _conv_tanh.register(Impl("onednn_fused", _cpu.conv_tanh, usable=_cpu.conv_tanh_usable, auto=_cpu.conv_tanh_usable,
                          why_not=_cpu.conv_tanh_why_not, kernel=False))
+_conv_tanh.register(Impl("triton_bias_tanh", _conv_bias_tanh, usable=_triton.conv_tanh_usable,
+                         auto=_triton.conv_tanh_auto, missing=_triton.missing, why_not=_triton.conv_tanh_why_not))
 _conv_tanh.register(Impl("unfused", _conv_then_tanh, usable=_always, auto=_always, kernel=False))
+_bias_tanh.register(Impl("triton", _triton.bias_tanh, usable=_triton.bias_tanh_usable, auto=_triton.bias_tanh_auto,
+                         missing=_triton.missing, why_not=_triton.bias_tanh_why_not))

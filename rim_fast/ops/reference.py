@@ -38,6 +38,14 @@ def tanh(x: Tensor) -> Tensor:
     return torch.tanh(x)
 
 
+def bias_tanh(x: Tensor, bias: Tensor) -> Tensor:
+    """tanh(x + bias) with the bias per channel: the epilogue of a convolution run without its bias.
+
+    x: [B, C, *S] (S of 0 to 3 dims, any memory layout), bias: [C]. Returns [B, C, *S] in the promoted dtype,
+    in x's layout where x is dense (element-wise ops keep it)."""
+    return torch.tanh(x + _bias(bias, x.dim()))
+
+
 def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation: int, groups: int) -> Tensor:
     """tanh(conv(x)), stride 1: a convolution followed by the tanh activation, fused where a backend can."""
     return torch.tanh(conv(x, weight, bias, 1, padding, dilation, groups))
