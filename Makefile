@@ -1,12 +1,15 @@
-# rim_fast: `make demo` (set up, train the demo, run the short CPU benchmark) and `make test`.
+# rim_fast, the developers' shortcut: `make demo` (set up, then the pretrained demo RIM in seconds) and `make test`.
 # Works from nothing on Python 3.11: creates .venv, installs torch and the package (building the C++/CUDA
-# extension when nvcc is found), then runs. Override TORCH_SPEC to bring another torch (>= 2.6).
+# extension when nvcc is found; a failed build stops here: RIM_FAST_REQUIRE_EXT=1), then runs. Override TORCH_SPEC
+# to bring another torch (>= 2.6). Users install with pip instead (README, Install).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
+# a developer's build must not fall back to the references silently (pip install . does, with a note)
+export RIM_FAST_REQUIRE_EXT ?= 1
 
 # the oldest torch we support (setup.py: torch>=2.6), tested on a copy of the tracked files in build/floor
 FLOOR_TORCH ?= torch==2.6.0
@@ -14,7 +17,7 @@ FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(abspath $(FLOOR_VENV))/bin/python
 FLOOR_DIR ?= build/floor
 
-.PHONY: setup build demo test test-floor bench bench-smoke gpu-check gpu-wheels clean
+.PHONY: setup build demo demo-train test test-floor fresh-install bench bench-short bench-smoke gpu-check gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +25,7 @@ $(VENV)/.torch:
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy tqdm ninja pybind11 torch-ema
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.torch setup.py $(wildcard csrc/*)
+$(VENV)/.installed: $(VENV)/.torch setup.py pyproject.toml $(wildcard csrc/*)
 	$(PY) -m pip install -q "torch-rim==0.2.9" pytest pytest-benchmark hypothesis expecttest matplotlib scikit-image tensorboard
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > build.log 2>&1 || (tail -60 build.log; exit 1)
 	@grep -m1 "^rim_fast: building" build.log || echo "(no extension step in build.log)"
@@ -31,12 +34,18 @@ $(VENV)/.installed: $(VENV)/.torch setup.py $(wildcard csrc/*)
 
 setup: $(VENV)/.installed
 
+# the pretrained demo RIM: seconds on any machine; demo-train trains one from scratch for a minute instead
 demo: setup
-	$(PY) -m rim_fast.demo --seconds 60
-	$(PY) -m bench.run --device cpu --preset short --out bench/results/cpu-short
+	$(PY) -m rim_fast.demo
+
+demo-train: setup
+	$(PY) -m rim_fast.demo --train 60
 
 bench: setup
 	$(PY) -m bench.run --device cpu --out bench/results/cpu-full
+
+bench-short: setup
+	$(PY) -m bench.run --device cpu --preset short --out bench/results/cpu-short
 
 bench-smoke: setup
 	RIM_FAST_BENCH_SMOKE=1 $(PY) -m pytest tests/test_bench_smoke.py -q
@@ -54,6 +63,10 @@ gpu-wheels:
 
 test: setup
 	$(PY) -m pytest tests -q -rs
+
+# a user's pip install in a fresh virtual environment holding only a torch (see .ci/fresh_install.sh)
+fresh-install:
+	bash .ci/fresh_install.sh
 
 $(FLOOR_VENV)/.torch:
 	$(PYTHON) -m venv $(FLOOR_VENV)
