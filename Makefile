@@ -17,7 +17,7 @@ FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(abspath $(FLOOR_VENV))/bin/python
 FLOOR_DIR ?= build/floor
 
-.PHONY: setup build demo demo-train test test-floor fresh-install bench bench-short bench-smoke gpu-check gpu-wheels clean
+.PHONY: setup build demo demo-train examples test test-floor fresh-install bench bench-short bench-smoke gpu-check gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ demo: setup
 
 demo-train: setup
 	$(PY) -m rim_fast.demo --train 60
+
+# the worked examples (MRI, astronomy, 1D spectra), a few minutes each on a CPU; figures into examples/figures
+examples: setup
+	$(PY) examples/spectra_1d.py
+	$(PY) examples/mri.py
+	$(PY) examples/astronomy.py
 
 bench: setup
 	$(PY) -m bench.run --device cpu --out bench/results/cpu-full
