@@ -9,7 +9,7 @@ likelihood score A^T (y - A x) / sigma^2 reaches the score function through *arg
 torch_rim's README. Prints the reconstruction error against the observation's, and saves a PNG of truth /
 observation / reconstruction. The pretrained weights (``rim_fast/pretrained/demo_deblur.pt``, float16) were trained
 by ``examples/train_demo_checkpoint.py`` from a seed; training from scratch shows how far a RIM gets in the time
-given (on a busy 2-core machine, a minute is a few hundred steps: the result is still blurry)."""
+given (on a busy 2-core machine, a minute is 50 to 300 steps: the result is still blurry)."""
 from __future__ import annotations
 
 import argparse
