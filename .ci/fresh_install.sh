@@ -40,6 +40,8 @@ while todo:
     if name in seen or name not in dists:
         continue
     seen.add(name)
+    if name in ("pip", "setuptools"):
+        continue  # the venv has its own: installed below, never half-linked
     dist = dists[name]
     for req in dist.requires or []:
         if "extra ==" not in req:
@@ -51,6 +53,8 @@ while todo:
             os.symlink(target, link)
 print("linked", len(seen), "distributions from", source)
 PYEOF
+  # what installing torch brings (torch requires setuptools): a setuptools that reads pyproject.toml's license
+  "$PY" -m pip install -q "setuptools>=77" 2>&1 | grep -v "is ignored" || true
 else
   "$PY" -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "is ignored" || true
 fi
