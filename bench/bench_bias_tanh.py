@@ -26,7 +26,7 @@ import math
 import pytest
 import torch
 
-from bench.common import MODEL, SMOKE, machine_line, measure, synchronize, workloads
+from bench.common import MODEL, SMOKE, machine_line, measure, timed_call, workloads
 from rim_fast.ops import _triton, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,28 +72,7 @@ def make_case(mode: str, provider: str, shape: tuple, layout: str):
             out = fn(*inputs)
             return (out,) + (torch.autograd.grad(out, inputs, cot) if mode == "fwdbwd" else ())
 
-    if provider.endswith("_graph"):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                compute()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = compute()
-
-        def replay():
-            graph.replay()
-            synchronize(DEVICE)
-            return static
-        return replay
-
-    def run():
-        outs = compute()
-        synchronize(DEVICE)
-        return outs
-    return run
+    return timed_call(compute, DEVICE, graph=provider.endswith("_graph"))
 
 
 _REFERENCE = {}

@@ -30,7 +30,7 @@ import os
 import pytest
 import torch
 
-from bench.common import SMOKE, machine_line, measure, synchronize, workloads
+from bench.common import SMOKE, machine_line, measure, timed_call, workloads
 from rim_fast.ops import reference, _triton
 
 # every case compiles the same `cell` code object again (other closures, shapes, grad mode)
@@ -110,30 +110,7 @@ def make_case(op: str, mode: str, provider: str, B: int, S: tuple):
                 outs = outs + torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
         return outs
 
-    if provider.endswith("_graph"):
-        # the eager code captured in a CUDA graph: kernel time without the host's launch overhead (what
-        # RIM.compile's reduce-overhead mode gets)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                compute()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = compute()
-
-        def replay():
-            graph.replay()
-            synchronize(DEVICE)
-            return static
-        return replay
-
-    def run():
-        outs = compute()
-        synchronize(DEVICE)
-        return outs
-    return run
+    return timed_call(compute, DEVICE, graph=provider.endswith("_graph"))
 
 
 _REFERENCE = {}

@@ -75,6 +75,34 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
+def timed_call(compute: Callable[[], object], device, graph: bool = False) -> Callable[[], object]:
+    """What the op benchmarks time: ``compute()`` then a device sync, or (``graph``, CUDA) ``compute`` captured once
+    in a CUDA graph after 3 warm-up calls on a side stream and replayed: kernel time without the host's launch
+    overhead (what RIM.compile's reduce-overhead mode gets)."""
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                compute()
+        torch.cuda.current_stream().wait_stream(stream)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            static = compute()
+
+        def replay():
+            cuda_graph.replay()
+            synchronize(device)
+            return static
+        return replay
+
+    def run():
+        outs = compute()
+        synchronize(device)
+        return outs
+    return run
+
+
 def measure(fn: Callable[[], object], device="cpu", warmup: int = 2, rounds: int = 10,
             min_seconds: float = 0.0) -> dict:
     """Run ``fn`` warmup times untimed (compile, autotune, graph capture), then time ``rounds`` calls (more

@@ -13,7 +13,6 @@ Needs no torch.
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
 import os

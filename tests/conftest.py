@@ -97,6 +97,18 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, for tests that train: with torch_rim imported (scipy's OpenBLAS and OpenMP runtime
+    loaded beside torch's), small CPU trainings on two threads run up to 20x slower on a busy 2-core machine; and
+    numbers measured for one thread stay reproducible (another thread count sums in another order, which a few
+    hundred training steps amplify)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _runs_on_the_gpu(item) -> bool:
     """A test that exercises CUDA here: a CUDA-only test, a cuda parametrisation, or the gate kernel file (its
     tests run on CUDA wherever a GPU is visible)."""

@@ -15,8 +15,9 @@ from rim_fast import checkpoints as ckpt
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not os.path.exists(TORCHRUN),
-                                reason="needs torch.distributed and torchrun")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available() or not os.path.exists(TORCHRUN),
+                                 reason="needs torch.distributed and torchrun"),
+              pytest.mark.usefixtures("one_thread")]  # conftest: small CPU trainings
 
 
 def _free_port() -> int:
@@ -56,14 +57,6 @@ def _assert_params_equal_across_ranks(a, b):
 def _assert_close_params(a, b, rtol=1e-5, atol=1e-6):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_fit_ranks_agree_and_match_one_process_at_twice_the_batch(runs):

@@ -10,15 +10,8 @@ import torch
 from rim_fast import demo
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the training tests: small CPU trainings on two threads run up to 20x slower on a busy
-    2-core machine (with torch_rim's OpenMP runtime loaded beside torch's); the numbers measured below are for one
-    thread (another thread count sums in another order, and a few hundred steps of training amplify that)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: one thread (conftest.one_thread): the numbers above are measured so
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoint():

@@ -11,7 +11,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -20,15 +19,8 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 MARGINS = {"spectra_1d": (1.0, 0.03), "mri": (1.5, 0.1), "astronomy": (0.5, 0.02)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the training tests: small CPU trainings on two threads run up to 20x slower on a busy
-    2-core machine (with torch_rim's OpenMP runtime loaded beside torch's); the numbers measured below are for one
-    thread (another thread count sums in another order, and a few hundred steps of training amplify that)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: one thread (conftest.one_thread): the numbers above are measured so
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", sorted(MARGINS))

@@ -15,13 +15,7 @@ from rim_fast import loggers as L
 D = (16,)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small CPU trainings run many times slower on two threads once torch_rim (scipy's OpenMP) is imported
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small CPU trainings
 
 
 def _data(n=8, seed=0):

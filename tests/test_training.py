@@ -596,16 +596,6 @@ def test_cuda_gradient_checkpointing_keeps_training_memory_flat_in_T():
 
 # ---- real training runs: validation, monitor, best checkpoints, loggers (issue 14) ---------------------------
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: with torch_rim imported (scipy's OpenBLAS and OpenMP runtime loaded beside torch's),
-    small CPU trainings on two threads run up to 20x slower on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _deblur_rim(problem, seed=0):
     torch.manual_seed(seed)
     net = rim_fast.Unet(1, dimensions=2, nf=4, ch_mult=(2, 2), hidden_units=6)

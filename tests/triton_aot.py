@@ -120,29 +120,46 @@ def activation_shape(B: int, H: int, spatial: tuple) -> tuple:
     return (B, 2 * H, *[4 * s for s in spatial])
 
 
-def record_bias_tanh_launches(KB, sm_count: int, problems, dtypes=DTYPES["fp32"]) -> list:
-    """``record_launches`` for ``kernels/bias_tanh.py``: forward and backward on each problem's activation,
-    contiguous and (with spatial dims) channels-last, the two layouts the kernel tiles differently."""
-    import torch
-    calls = []
+@contextlib.contextmanager
+def _recording(module, sm_count: int, empty, launch):
+    """Within: ``module``'s launchers run unchanged but for four module globals: a recorder in place of the launch,
+    ``empty`` allocating (meta tensors), the device's SM count, and ``launch`` for the launch geometry on a CUDA
+    device. Yields (calls, problem): each launch appends (problem["name"], kernel, grid, args, kwargs) to calls."""
+    calls, problem = [], {"name": None}
 
     class Recorder:
         def __init__(self, kernel):
             self.kernel = kernel
 
         def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                calls.append((name, self.kernel, grid, args, kwargs))
-            return launch
+            def record(*args, **kwargs):
+                calls.append((problem["name"], self.kernel, grid, args, kwargs))
+            return record
 
-    saved = {key: getattr(KB, key) for key in ("_traceable", "_empty", "_sm_count", "_launch")}
-    KB._traceable = Recorder
-    KB._empty = lambda shape, stride, dtype, device: torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-    KB._sm_count = lambda index: sm_count
-    KB._launch = lambda M, K, device: KB._geometry.__wrapped__(M, K, torch.device("cuda", 0))
-    act, bias_dtype = getattr(torch, dtypes[0]), getattr(torch, dtypes[1])
+    saved = {key: getattr(module, key) for key in ("_traceable", "_empty", "_sm_count", "_launch")}
+    module._traceable, module._empty, module._launch = Recorder, empty, launch
+    module._sm_count = lambda index: sm_count
     try:
+        yield calls, problem
+    finally:
+        for key, value in saved.items():
+            setattr(module, key, value)
+
+
+def record_bias_tanh_launches(KB, sm_count: int, problems, dtypes=DTYPES["fp32"]) -> list:
+    """``record_launches`` for ``kernels/bias_tanh.py``: forward and backward on each problem's activation,
+    contiguous and (with spatial dims) channels-last, the two layouts the kernel tiles differently."""
+    import torch
+    act, bias_dtype = getattr(torch, dtypes[0]), getattr(torch, dtypes[1])
+
+    def empty(shape, stride, dtype, device):
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+    def launch(M, K, device):
+        return KB._geometry.__wrapped__(M, K, torch.device("cuda", 0))
+    with _recording(KB, sm_count, empty, launch) as (calls, problem):
         for name, B, H, spatial in problems:
+            problem["name"] = name
             shape = activation_shape(B, H, spatial)
             x = torch.empty(shape, dtype=act, device="meta")
             layouts = [x]
@@ -152,37 +169,24 @@ def record_bias_tanh_launches(KB, sm_count: int, problems, dtypes=DTYPES["fp32"]
             for x in layouts:
                 y = KB.bias_tanh_fwd(x, torch.empty(shape[1], dtype=bias_dtype, device="meta"))
                 KB.bias_tanh_bwd(torch.empty_like(y), y)
-    finally:
-        for key, value in saved.items():
-            setattr(KB, key, value)
     return calls
 
 
 def record_launches(K, sm_count: int, problems, dtypes=DTYPES["fp32"]) -> list:
     """Call every launcher of K on meta tensors for each problem; return the launches they make, as
-    (problem name, kernel, grid, args, kwargs). The launchers run unchanged but for four module globals: no
-    allocation (meta outputs), the device's SM count, a CUDA device for the launch geometry, and a recorder in
-    place of the launch."""
+    (problem name, kernel, grid, args, kwargs) (see ``_recording``)."""
     import torch
-    calls = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                calls.append((name, self.kernel, grid, args, kwargs))
-            return launch
-
-    saved = {key: getattr(K, key) for key in ("_traceable", "_empty", "_sm_count", "_launch")}
-    K._traceable = Recorder
-    K._empty = lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device="meta")
-    K._sm_count = lambda index: sm_count
-    K._launch = lambda B, H, N, device: K._Launch(B, H, N, torch.device("cuda", 0))
     act, bias_dtype = getattr(torch, dtypes[0]), getattr(torch, dtypes[1])
-    try:
+
+    def empty(shape, dtype, device):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def launch(B, H, N, device):
+        return K._Launch(B, H, N, torch.device("cuda", 0))
+    with _recording(K, sm_count, empty, launch) as (calls, problem):
         for name, B, H, spatial in problems:
+            problem["name"] = name
+
             def m(*shape, dtype=act):
                 return torch.empty(shape, dtype=dtype, device="meta")
             # GRUBlock: the state [B, 2H, *S] is split on channels, each GRU sees a slice (the second one at an
@@ -196,9 +200,6 @@ def record_launches(K, sm_count: int, problems, dtypes=DTYPES["fp32"]) -> list:
             K.gru_gates_zr_bwd(torch.empty_like(z), torch.empty_like(rh), wx, uzr, h, z, br)
             K.gru_gates_h_bwd(torch.empty_like(out), wx, uh, z, h, bh)
             K.gru_gates_zero_state_bwd(torch.empty_like(out0), wzh, bz, bh)
-    finally:
-        for key, value in saved.items():
-            setattr(K, key, value)
     return calls
 
 
