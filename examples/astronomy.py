@@ -98,14 +98,6 @@ class Deconvolution:
         return -0.5 * ((y - self.blur(x)) ** 2 / variance).flatten(1).sum(1)
 
 
-def naive_inverse(problem: Deconvolution, y_val, x_val):
-    """The Wiener deconvolution whose regularisation gives the best PSNR on (y_val, x_val): returns a function."""
-    best = max((10.0 ** e for e in torch.arange(-4, 0.5, 0.5).tolist()),
-               key=lambda lam: float(common.psnr(common.wiener_deconvolve(y_val.cpu(), problem.psf, lam),
-                                                 x_val.cpu()).mean()))
-    return lambda y: common.wiener_deconvolve(y.cpu(), problem.psf, best).to(y.device), best
-
-
 def main(argv=None) -> dict:
     args = common.parser(__doc__.splitlines()[0], seconds=180.0, out="examples/figures").parse_args(argv)
     size = SHORT if args.short else FULL
@@ -117,7 +109,7 @@ def main(argv=None) -> dict:
     y_test, x_test, v_test = problem.sample(size["test"])
     # the RIM starts from the naive inverse (its regularisation tuned on the validation images) and learns to do
     # better than it, rather than from the blurred observation
-    inverse, lam = naive_inverse(problem, y_val, x_val)
+    inverse, lam = common.tuned_wiener(problem.psf, y_val, x_val)
     rim = RIM((size["n"], size["n"]), net, energy_fn=problem.energy_fn, T=size["T"],
               score_preprocessing_method="ADAM", initialization_method="approximate_inverse",
               approximate_inverse_fn=inverse, device=args.device)

@@ -118,5 +118,13 @@ def wiener_deconvolve(y: torch.Tensor, psf: torch.Tensor, noise_to_signal: float
     return torch.fft.ifftn(K.conj() * Y / (K.abs() ** 2 + noise_to_signal), dim=axes).real
 
 
+def tuned_wiener(kernel: torch.Tensor, y_val: torch.Tensor, x_val: torch.Tensor):
+    """The naive inverse of a blur by ``kernel``: the Wiener deconvolution whose regularisation (10^-4 to 1, half
+    decades) gives the best PSNR on (y_val, x_val). Returns (a function y -> estimate on y's device, the value)."""
+    best = max((10.0 ** e for e in torch.arange(-4, 0.5, 0.5).tolist()),
+               key=lambda lam: float(psnr(wiener_deconvolve(y_val.cpu(), kernel, lam), x_val.cpu()).mean()))
+    return lambda y: wiener_deconvolve(y.cpu(), kernel, best).to(y.device), best
+
+
 def finite(x: float) -> float:
     return x if math.isfinite(x) else float("nan")

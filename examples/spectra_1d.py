@@ -65,14 +65,6 @@ class Spectra:
         return self.blur(y - self.blur(x)) / self.sigma ** 2
 
 
-def naive_inverse(problem: Spectra, y_val, x_val):
-    """The Wiener deconvolution whose regularisation gives the best PSNR on (y_val, x_val): returns a function."""
-    best = max((10.0 ** e for e in torch.arange(-4, 0.5, 0.5).tolist()),
-               key=lambda lam: float(common.psnr(common.wiener_deconvolve(y_val.cpu(), problem.lsf, lam),
-                                                 x_val.cpu()).mean()))
-    return lambda y: common.wiener_deconvolve(y.cpu(), problem.lsf, best).to(y.device), best
-
-
 def main(argv=None) -> dict:
     args = common.parser(__doc__.splitlines()[0], seconds=120.0, out="examples/figures").parse_args(argv)
     size = SHORT if args.short else FULL
@@ -89,7 +81,7 @@ def main(argv=None) -> dict:
     print(f"training a RIM on {size['n']}-sample spectra ("
           + (f"{steps} steps" if steps is not None else f"{args.seconds:g} s") + f", {args.device})")
     result = common.train(rim, problem.sample, size["batch"], steps, args.seconds, learning_rate=size["lr"])
-    inverse, lam = naive_inverse(problem, y_val, x_val)
+    inverse, lam = common.tuned_wiener(problem.lsf, y_val, x_val)
     with torch.no_grad():
         x_naive, x_rim = inverse(y_test), rim.predict(y_test)
     print(f"trained {result['steps']} steps in {result['seconds']} s")
