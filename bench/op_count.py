@@ -39,7 +39,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 import rim_fast
 from bench.common import MODEL, SMOKE_WORKLOADS, T as DEFAULT_T, make_score_fn
+from rim_fast.ops import reference
 from rim_fast.ops._dispatch import OPS, use_backend
+from rim_fast.ops.conv import _conv_same_symmetric, _symmetric_usable
 
 #: the op families a GPU runs as one kernel per call in the ``kernels`` count
 ONE_KERNEL_OPS = ("gru_gates_zr", "gru_gates_h", "gru_gates_zero_state", "preprocess_score", "update_state",
@@ -147,6 +149,8 @@ def _one_kernel_per_call(counter: LaunchCounter):
         return run
 
     conv_tanh = OPS["conv_tanh"].reference
+    conv_transpose_tanh = OPS["conv_transpose_tanh"].reference
+    conv_same = OPS["conv_same"].reference
 
     def conv_bias_tanh(x, weight, bias, padding, dilation, groups):
         # CUDA's conv_tanh (rim_fast.ops.conv._conv_bias_tanh): the convolution without its bias, then bias_tanh
@@ -155,15 +159,31 @@ def _one_kernel_per_call(counter: LaunchCounter):
         y = OPS["conv"].reference(x, weight, None, 1, padding, dilation, groups)
         return OPS["bias_tanh"].reference(y, bias.to(y.dtype))
 
+    def conv_transpose_bias_tanh(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
+        # CUDA's conv_transpose_tanh (rim_fast.ops.conv._conv_transpose_bias_tanh)
+        if bias is None:
+            return conv_transpose_tanh(x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
+        y = OPS["conv_transpose"].reference(x, weight, None, stride, padding, output_padding, groups, dilation)
+        return OPS["bias_tanh"].reference(reference.crop_spatial(y, crop), bias.to(y.dtype))
+
+    def conv_same_symmetric(*args):
+        # CUDA's conv_same (rim_fast.ops.conv: "symmetric_padding"): no pad kernel
+        return _conv_same_symmetric(*args) if _symmetric_usable(*args) else conv_same(*args)
+
+    patched = {"conv_tanh": conv_bias_tanh, "conv_transpose_tanh": conv_transpose_bias_tanh,
+               "conv_same": conv_same_symmetric}
+    saved.update({name: OPS[name].reference for name in patched})
+    folds_bias = rim_fast.ops.folds_bias
     try:
         for name, ref in saved.items():
-            OPS[name].reference = counted(name, ref)
-        OPS["conv_tanh"].reference = conv_bias_tanh
+            OPS[name].reference = patched[name] if name in patched else counted(name, ref)
+        # conv_tanh runs bias_tanh, so a following convolution carries its bias (architectures.base.fold_next_bias)
+        rim_fast.ops.folds_bias = lambda x, weight, bias, *args: bias is not None
         yield
     finally:
         for name, ref in saved.items():
             OPS[name].reference = ref
-        OPS["conv_tanh"].reference = conv_tanh
+        rim_fast.ops.folds_bias = folds_bias
 
 
 def _rim(library, workload: str, T: int):

@@ -16,7 +16,9 @@ from .. import ops
 from ..compat import Compat, CompatLike, resolve
 from ..layers import GRUBlock, same_conv
 from ..layers.activation import get_activation
-from ..layers.conv_same import CONV_SAME, CONV_TRANSPOSED_SAME, _SameConvMixin
+from ..layers.conv_same import CONV_SAME, CONV_TRANSPOSED_SAME, _ConvNdSame, _ConvTransposedNdSame, _SameConvMixin
+from ..layers.derived import derived
+from ..layers.spectral_norm import SpectralNorm
 from ..layers.resample import FIRResample
 from ..validation import choice, integer, integers, spatial_dimensions
 
@@ -202,13 +204,98 @@ class EncoderDecoder(Model):
                            dtype=dtype)
 
     def _conv_act(self, layer, x: Tensor) -> Tensor:
-        """act(layer(x)) for a stride-1 "same" conv; conv + tanh as one op (fused by oneDNN on the CPU).
+        """act(layer(x)) for a stride-1 "same" conv or an upsampling layer; conv + tanh as one op (fused by
+        oneDNN on the CPU; on CUDA the convolution without its bias, then bias + tanh in one kernel).
 
         The layer's module call is skipped only when no forward hook could observe it (the layer's own or
         global ones): hooks keep seeing the conv's output."""
-        if (self.act is ops.tanh and isinstance(layer, _SameConvMixin) and layer.padding_mode == "zeros"
-                and not (layer._forward_hooks or layer._forward_pre_hooks or _global_forward_hooks
-                         or _global_forward_pre_hooks)):
-            return ops.conv_tanh(x, layer.weight, layer.bias, padding=layer.padding, dilation=layer.dilation[0],
-                                 groups=layer.groups)
+        if self.act is ops.tanh and unobserved(layer):
+            if isinstance(layer, _SameConvMixin) and layer.padding_mode == "zeros":
+                return ops.conv_tanh(x, layer.weight, layer.bias, padding=layer.padding,
+                                     dilation=layer.dilation[0], groups=layer.groups)
+            if isinstance(layer, _ConvTransposedNdSame):
+                return layer.forward_tanh(x)
         return self.act(layer(x))
+
+
+def unobserved(*layers: Module) -> bool:
+    """No forward hook (the layers' own or global ones) could observe these layers' calls: an op may compute
+    several layers, or a layer and its activation, without calling them."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    return not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
+
+
+#: the pre-activation of the extra channel of ``fold_next_bias``: tanh(30) is 1 exactly in float16 to float64
+_ONE_PRE_ACTIVATION = 30.0
+
+
+def _tap(left_pad: int, kernel_size: int, dilation: int) -> Optional[int]:
+    # the kernel tap that reads the input sample at the output's own position (stride 1) or at stride * i: it is
+    # inside the input for every output, so a constant-1 channel weighted there alone adds b to every output
+    if left_pad < 0 or left_pad % dilation or left_pad // dilation >= kernel_size:
+        return None
+    return left_pad // dilation
+
+
+def fold_next_bias(first: Module, second: Module, x: Tensor, weight2: Optional[Tensor] = None,
+                   bias2: Optional[Tensor] = None) -> Optional[Tensor]:
+    """second(tanh(first(x))) with second's bias carried by the convolution itself, or None where it does not
+    apply (``ops.folds_bias``: on CUDA, where the bias add would be a kernel of its own, and under torch.compile).
+
+    first (a "same" conv with a bias) gets one more output channel with zero weights and bias 30, so that its conv
+    + tanh writes [tanh(first(x)) | 1]; second's kernel gets one more input channel holding its bias at the tap
+    that reads each output's own position (always inside the input), so the convolution adds the bias in its
+    own sums (exactly, up to the order of the sum); its zero padding pads the 1-channel as it pads the others.
+    ``second``: a stride-1 "same" conv, or a strided Conv*dSame (no spectral norm); ``weight2``/``bias2``
+    replace second's parameters (the Hourglass' merged output conv). Derived weights are built once per RIM call
+    (``layers.derived``)."""
+    if not (isinstance(first, _SameConvMixin) and first.padding_mode == "zeros" and first.bias is not None
+            and first.groups == 1 and unobserved(first, second)):
+        return None
+    n = x.dim() - 2
+    if isinstance(second, _SameConvMixin):
+        conv2 = second
+        k, d = conv2.kernel_size, conv2.dilation
+        if conv2.padding_mode != "zeros" or conv2.groups != 1 or conv2.stride != (1,) * n:
+            return None
+        # torch's "same": the left pad of an axis is d (k - 1) // 2
+        left = [d[j] * (k[j] - 1) // 2 for j in range(n)] if conv2.padding == "same" else list(conv2.padding)
+        taps = [_tap(left[j], k[j], d[j]) for j in range(n)]
+    elif isinstance(second, _ConvNdSame) and not isinstance(second.conv, SpectralNorm):
+        conv2 = second.conv
+        if conv2.padding_mode != "zeros" or conv2.groups != 1:
+            return None
+        pads = ops.reference.conv_same_pads(tuple(x.shape[2:]), second.kernel_size, second.stride, second.dilation,
+                                            second.axis_swap)
+        taps = [_tap(pads[2 * (n - 1 - j)], second.kernel_size, second.dilation) for j in range(n)]
+    else:
+        return None
+    weight2 = conv2.weight if weight2 is None else weight2
+    bias2 = conv2.bias if bias2 is None else bias2
+    if bias2 is None or any(t is None for t in taps) or not ops.folds_bias(
+            x, first.weight, first.bias, first.padding, first.dilation[0], 1):
+        return None
+
+    def first_weight():  # one more output channel, all zeros
+        return torch.nn.functional.pad(first.weight, [0, 0] * (first.weight.dim() - 1) + [0, 1])
+
+    def first_bias():
+        return torch.nn.functional.pad(first.bias, (0, 1), value=_ONE_PRE_ACTIVATION)
+
+    def second_weight():  # one more input channel: the bias at the taps, zeros elsewhere
+        pads = []
+        for j in reversed(range(n)):
+            pads += [taps[j], weight2.shape[2 + j] - 1 - taps[j]]
+        column = torch.nn.functional.pad(bias2.to(weight2.dtype).view(-1, 1, *[1] * n), pads)
+        return torch.cat([weight2, column], dim=1)
+
+    key = ("fold_next_bias", tuple(taps), weight2 is conv2.weight)
+    y = ops.conv_tanh(x, derived(first, "fold_next_bias_weight", first_weight),
+                      derived(first, "fold_next_bias_bias", first_bias), padding=first.padding,
+                      dilation=first.dilation[0], groups=1)
+    w2 = derived(second, key, second_weight)
+    if isinstance(second, _SameConvMixin):
+        return ops.conv(y, w2, None, padding=second.padding, dilation=second.dilation[0])
+    return ops.conv_same(y, w2, None, kernel_size=second.kernel_size, stride=second.stride,
+                         dilation=second.dilation, groups=1, axis_swap=second.axis_swap)

@@ -6,7 +6,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .base import EncoderDecoder
+from .. import ops
+from ..layers import derived
+from ..layers.conv_same import _SameConvMixin
+from .base import EncoderDecoder, fold_next_bias, unobserved
 
 
 class Hourglass(EncoderDecoder):
@@ -47,11 +50,59 @@ class Hourglass(EncoderDecoder):
         x = torch.cat([x, score], dim=1)
         x = self._conv_act(self.input_layer, x)
         period = self.num_layers + 1
-        for i_layer, layer in enumerate(self.all_modules[:self.decoder_index]):
-            x = self._conv_act(layer, x) if (i_layer + 1) % period != 0 else layer(x)
+        x = self._levels(self.all_modules[:self.decoder_index], x, period)
         x, h = self.gru_layer(x, h, zero_state)
-        # torch_rim applies the same index rule in the decoder: act after the upsampling layer and every
-        # conv of a level but its last
-        for i_layer, layer in enumerate(self.all_modules[self.decoder_index:]):
-            x = self._conv_act(layer, x) if (i_layer + 1) % period != 0 else layer(x)
-        return self.output_layer(x), h
+        merged = self._merged_output()
+        x = self._levels(self.all_modules[self.decoder_index:], x, period, merged)
+        return (x if merged is not None else self.output_layer(x)), h
+
+    def _levels(self, layers, x: Tensor, period: int, merged: Optional[tuple] = None) -> Tensor:
+        """The encoder's or the decoder's layers: torch_rim's index rule, act after every layer of a level but its
+        last (in the decoder: after the upsampling layer and every conv but the last). A conv + tanh followed by a
+        layer without activation carries that layer's bias (``fold_next_bias``) where that saves a kernel. With
+        ``merged`` (``_merged_output``), the last layer and the output conv run as that one convolution."""
+        i, n = 0, len(layers)
+        while i < n:
+            layer, act = layers[i], (i + 1) % period != 0
+            weight, bias = merged if merged is not None and i + 1 == n - 1 else (None, None)
+            if act and i + 1 < n and (i + 2) % period == 0:
+                y = fold_next_bias(layer, layers[i + 1], x, weight, bias)
+                if y is not None:
+                    x, i = y, i + 2
+                    continue
+            if merged is not None and i == n - 1:
+                return ops.conv(x, *merged, padding=layer.padding, dilation=layer.dilation[0])
+            x = self._conv_act(layer, x) if act else layer(x)
+            i += 1
+        return x
+
+    def _merged_output(self) -> Optional[tuple]:
+        """(weight, bias) of one convolution computing the decoder's last conv and the 1-wide output conv, or None.
+
+        Both are linear (no activation between them), so output(last(x)) = conv(x, W_out W_last, W_out b_last +
+        b_out): the same products summed in another order, for channels/nf of the last conv's multiply-adds and
+        no nf-wide intermediate. Built once per RIM call (``layers.derived``); autograd gives both layers their
+        gradients through the product. None where the layers are not plain convs or hooks could observe them."""
+        if self.num_layers == 0:
+            return None
+        last, out = self.all_modules[-1], self.output_layer
+        if not (type(last) is type(out) and isinstance(last, _SameConvMixin)
+                and getattr(last, "padding_mode", "zeros") == "zeros" and getattr(out, "padding_mode", "zeros") == "zeros"
+                and all(k == 1 for k in getattr(out, "kernel_size", (1,))) and getattr(last, "groups", 1) == 1
+                and getattr(out, "groups", 1) == 1 and unobserved(last, out)):
+            return None
+
+        def weight():
+            with torch.autocast(last.weight.device.type, enabled=False):
+                w_out = out.weight.reshape(out.weight.shape[0], -1)
+                return (w_out @ last.weight.reshape(last.weight.shape[0], -1)).reshape(
+                    w_out.shape[0], *last.weight.shape[1:])
+
+        def bias():
+            if last.bias is None:
+                return out.bias
+            with torch.autocast(last.weight.device.type, enabled=False):
+                w_out = out.weight.reshape(out.weight.shape[0], -1)
+                return torch.mv(w_out, last.bias) if out.bias is None else torch.addmv(out.bias, w_out, last.bias)
+
+        return derived(self, "merged_output_weight", weight), derived(self, "merged_output_bias", bias)

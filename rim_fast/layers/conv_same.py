@@ -131,6 +131,18 @@ class _ConvTransposedNdSame(_StridedSame):
             out = out[(slice(None), slice(None)) + tuple(slice(0, n * self.stride) for n in spatial)]
         return out
 
+    def forward_tanh(self, x: torch.Tensor) -> torch.Tensor:
+        """tanh(self(x)) as one op (``ops.conv_transpose_tanh``: on CUDA the transposed convolution without its
+        bias, then bias + tanh in one kernel)."""
+        self._check_input(x)
+        if isinstance(self.conv, SpectralNorm) or self.conv.padding_mode != "zeros":
+            return ops.tanh(self(x))
+        c = self.conv
+        crop = tuple(n * self.stride for n in x.shape[2:]) if self.crop_to_stride_multiple else None
+        return ops.conv_transpose_tanh(x, c.weight, c.bias, stride=self.stride, padding=c.padding[0],
+                                       output_padding=c.output_padding[0], groups=c.groups, dilation=self.dilation,
+                                       crop=crop)
+
 
 class Conv1dSame(_ConvNdSame):
     _dims = 1

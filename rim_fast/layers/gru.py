@@ -2,9 +2,6 @@
 fused gate ops (``ops.gru_gates_*``)."""
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
-
 import torch
 from torch import nn
 
@@ -12,34 +9,7 @@ from .. import ops
 from ..definitions import DTYPE
 from ..validation import integer, spatial_dimensions
 from .conv_same import same_conv
-
-
-_CALL_CACHES: list = []
-
-
-@contextlib.contextmanager
-def per_call_cache() -> Iterator[None]:
-    """Within one call of a recurrent loop (the RIM's T steps), each GRU builds what depends on its parameters
-    alone once, not once per step: its merged convolution weights ([W_z; W_r; W_h], [U_z; U_r]) and, in training,
-    the zero-gradient term of the zero-state shortcut. Autograd sums the steps' gradients into the one tensor, so
-    the backward pass also splits the merged weights once. Not under torch.compile, where Inductor shares them."""
-    _CALL_CACHES.append({})
-    try:
-        yield
-    finally:
-        _CALL_CACHES.pop()
-
-
-def _per_call(owner: nn.Module, key: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-    # is_compiling() first: reading the list while tracing would make compiled graphs guard on it
-    if torch.compiler.is_compiling() or not _CALL_CACHES:
-        return build()
-    cache = _CALL_CACHES[-1]
-    # the grad mode is part of the key: a tensor built without autograd must not feed a training step
-    full_key = (id(owner), key, torch.is_grad_enabled())
-    if full_key not in cache:
-        cache[full_key] = build()
-    return cache[full_key]
+from .derived import derived
 
 
 class GRU(nn.Module):
@@ -72,9 +42,9 @@ class GRU(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor):
         """x: [B, in_ch, *S], h: [B, H, *S] -> (h', h')."""
         # [B, 3H, *S] and [B, 2H, *S]: one convolution per input instead of five
-        wx = self._conv(x, _per_call(self, "w_zrh", lambda: torch.cat([self.w_z.weight, self.w_r.weight,
+        wx = self._conv(x, derived(self, "w_zrh", lambda: torch.cat([self.w_z.weight, self.w_r.weight,
                                                                            self.w_h.weight])))
-        uzr = self._conv(h, _per_call(self, "u_zr", lambda: torch.cat([self.u_z.weight, self.u_r.weight])))
+        uzr = self._conv(h, derived(self, "u_zr", lambda: torch.cat([self.u_z.weight, self.u_r.weight])))
         z, rh = ops.gru_gates_zr(wx, uzr, h, self.bias_z, self.bias_r)
         new_state = ops.gru_gates_h(wx, self._conv(rh, self.u_h.weight), z, h, self.bias_h)
         return new_state, new_state
@@ -82,11 +52,11 @@ class GRU(nn.Module):
     def forward_zero_state(self, x: torch.Tensor) -> torch.Tensor:
         """The cell for an incoming state that is exactly zero: the three U convolutions and the reset gate
         drop out (h' = z tanh(W_h x + b_h)). Equal to ``forward(x, 0)[0]``."""
-        wzh = self._conv(x, _per_call(self, "w_zh", lambda: torch.cat([self.w_z.weight, self.w_h.weight])))
+        wzh = self._conv(x, derived(self, "w_zh", lambda: torch.cat([self.w_z.weight, self.w_h.weight])))
         bias_z = self.bias_z
         if torch.is_grad_enabled() and self.bias_r.requires_grad:
             # keep W_r, U_z, U_r, U_h and b_r in the graph with exact zero gradients, as the full cell gives them:
             # optimizers and DDP must see the same parameters used (a term on [H] vectors, not on activations)
-            bias_z = _per_call(self, "bias_z_zero_state", lambda: self.bias_z + 0.0 * (
+            bias_z = derived(self, "bias_z_zero_state", lambda: self.bias_z + 0.0 * (
                 self.bias_r.sum() + sum(m.weight.sum() for m in (self.w_r, self.u_z, self.u_r, self.u_h))))
         return ops.gru_gates_zero_state(wzh, bias_z, self.bias_h)

@@ -43,7 +43,7 @@ import torch
 
 from . import _triton, reference
 from ._dispatch import BACKENDS, backend, graph_region, trace, use_backend
-from .conv import bias_tanh, conv, conv_same, conv_tanh, conv_transpose, tanh, upfirdn
+from .conv import bias_tanh, conv, conv_same, conv_tanh, conv_transpose, conv_transpose_tanh, folds_bias, tanh, upfirdn
 from .gru_gates import gru_gates_h, gru_gates_zero_state, gru_gates_zr
 from .update_step import PREPROCESSING, preprocess_score, update_state
 
@@ -62,7 +62,7 @@ def check_compilable(device: torch.device) -> None:
 
 __all__ = [
     "BACKENDS", "backend", "check_compilable", "graph_region", "trace", "use_backend", "reference", "PREPROCESSING",
-    "conv", "conv_same", "conv_tanh", "bias_tanh", "conv_transpose", "tanh", "upfirdn",
+    "conv", "conv_same", "conv_tanh", "bias_tanh", "conv_transpose", "conv_transpose_tanh", "folds_bias", "tanh", "upfirdn",
     "gru_gates_zr", "gru_gates_h", "gru_gates_zero_state",
     "preprocess_score", "update_state",
 ]

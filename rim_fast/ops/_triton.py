@@ -195,6 +195,23 @@ def conv_tanh_auto(x, weight, bias, padding, dilation, groups) -> bool:
     return _bias_tanh_auto_rule(_tensors((x, weight, bias)), numel)
 
 
+def conv_transpose_tanh_usable(x, weight, bias, *args) -> bool:
+    """conv_transpose_tanh as the transposed convolution without its bias, then ``bias_tanh``."""
+    return bias is not None and usable(x, bias)
+
+
+def conv_transpose_tanh_why_not(x, weight, bias, *args) -> str:
+    return "no bias to fuse" if bias is None else why_not(x, bias)
+
+
+def conv_transpose_tanh_auto(x, weight, bias, stride, padding, output_padding, groups, dilation, crop) -> bool:
+    """As ``conv_tanh_auto``, on the output (about [B, C_out, *S * stride])."""
+    if bias is None:
+        return False
+    numel = x.numel() // max(x.shape[1], 1) * weight.shape[1] * groups * stride ** (x.dim() - 2)
+    return _bias_tanh_auto_rule(_tensors((x, weight, bias)), numel)
+
+
 def _pad_channels(g: Tensor, before: int, after: int) -> Tensor:
     # grad of a channel slice of wx: zeros elsewhere (torch ops, so Inductor can fuse it with the
     # accumulation of the two gate ops' contributions)

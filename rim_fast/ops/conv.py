@@ -23,6 +23,7 @@ _conv_same = Op("conv_same", reference.conv_same)
 _conv_transpose = Op("conv_transpose", reference.conv_transpose)
 _tanh = Op("tanh", reference.tanh)
 _conv_tanh = Op("conv_tanh", reference.conv_tanh)
+_conv_transpose_tanh = Op("conv_transpose_tanh", reference.conv_transpose_tanh)
 _bias_tanh = Op("bias_tanh", reference.bias_tanh)
 _upfirdn = Op("upfirdn", reference.upfirdn)
 
@@ -59,6 +60,14 @@ def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, padding: Uni
     return _conv_tanh(x, weight, bias, padding, dilation, groups)
 
 
+def conv_transpose_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, stride: int, padding: int = 0,
+                        output_padding: int = 0, groups: int = 1, dilation: int = 1,
+                        crop: Optional[tuple] = None) -> Tensor:
+    """tanh(conv_transpose(x)) on its first ``crop`` samples per spatial axis (None: all): an upsampling layer and
+    its activation. Shapes as ``conv_transpose``."""
+    return _conv_transpose_tanh(x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
+
+
 def bias_tanh(x: Tensor, bias: Tensor) -> Tensor:
     """tanh(x + bias[c]): the bias and activation of a convolution run without its bias.
 
@@ -74,6 +83,19 @@ def upfirdn(x: Tensor, kernel: Tensor, *, up: int, down: int, pad0: int, pad1: i
     return _upfirdn(x, kernel, up, down, pad0, pad1)
 
 
+def folds_bias(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation: int, groups: int) -> bool:
+    """Whether a conv + tanh whose output feeds a convolution with a bias should carry that bias as an extra
+    channel of constant 1 (``architectures.base.fold_next_bias``): where ``conv_tanh`` runs the convolution and
+    then the Triton ``bias_tanh`` (CUDA: the next convolution then needs no bias add of its own) and under
+    torch.compile (Inductor's stand-alone bias kernel between two convolutions goes). Not on the CPU, where oneDNN
+    adds biases inside the convolution."""
+    if bias is None:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    return _conv_tanh._choose((x, weight, bias, padding, dilation, groups))[0] == "triton_bias_tanh"
+
+
 def _conv_then_tanh(x, weight, bias, padding, dilation, groups):
     # the two ops, each dispatched (channels-last conv and the C++ tanh on the CPU; cuDNN and torch.tanh on GPUs)
     return tanh(conv(x, weight, bias, padding=padding, dilation=dilation, groups=groups))
@@ -86,6 +108,41 @@ def _conv_bias_tanh(x, weight, bias, padding, dilation, groups):
     return bias_tanh(y, bias.to(y.dtype))
 
 
+def _conv_transpose_then_tanh(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
+    y = conv_transpose(x, weight, bias, stride=stride, padding=padding, output_padding=output_padding, groups=groups,
+                       dilation=dilation)
+    return tanh(reference.crop_spatial(y, crop))
+
+
+def _conv_transpose_bias_tanh(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
+    # as _conv_bias_tanh: the transposed convolution without its bias, then bias + tanh in one pass
+    y = conv_transpose(x, weight, None, stride=stride, padding=padding, output_padding=output_padding,
+                       groups=groups, dilation=dilation)
+    return bias_tanh(reference.crop_spatial(y, crop), bias.to(y.dtype))
+
+
+def _weight_taps(weight, weight_pads):
+    # the kernel with its zero taps, built once per RIM call (layers.derived; keyed by the weight tensor, which the
+    # cache keeps alive for the call)
+    from ..layers.derived import derived
+    return derived(weight, ("zero_taps", tuple(weight_pads)), lambda: torch.nn.functional.pad(weight, weight_pads))
+
+
+def _conv_same_symmetric(x, weight, bias, kernel_size, stride, dilation, groups, axis_swap):
+    return reference.conv_same_symmetric(x, weight, bias, kernel_size, stride, dilation, groups, axis_swap,
+                                         taps=_weight_taps)
+
+
+def _symmetric_usable(x, weight, bias, kernel_size, stride, dilation, groups, axis_swap) -> bool:
+    return dilation == 1 and x.dim() >= 3
+
+
+def _symmetric_auto(x, weight, bias, kernel_size, stride, dilation, groups, axis_swap) -> bool:
+    # CUDA, eagerly or in a CUDA graph (one launch fewer, for launch-bound steps); under torch.compile Inductor
+    # fuses the pad into the kernel that writes the convolution's input
+    return x.is_cuda and dilation == 1 and not torch.compiler.is_compiling()
+
+
 def _always(*args) -> bool:
     return True
 
@@ -95,6 +152,12 @@ for _op, _fn in ((_conv, _cpu.conv), (_conv_same, _cpu.conv_same), (_conv_transp
                       kernel=False))
 _tanh.register(Impl("cpp", _cpp.tanh, usable=_cpp.tanh_usable, auto=_cpp.tanh_auto, missing=_cpp.missing,
                     why_not=_cpp.tanh_why_not))
+_conv_same.register(Impl("symmetric_padding", _conv_same_symmetric, usable=_symmetric_usable, auto=_symmetric_auto,
+                         why_not=lambda *a: "dilation 1 only", kernel=False))
+_conv_transpose_tanh.register(Impl("triton_bias_tanh", _conv_transpose_bias_tanh,
+                                   usable=_triton.conv_transpose_tanh_usable, auto=_triton.conv_transpose_tanh_auto,
+                                   missing=_triton.missing, why_not=_triton.conv_transpose_tanh_why_not))
+_conv_transpose_tanh.register(Impl("unfused", _conv_transpose_then_tanh, usable=_always, auto=_always, kernel=False))
 _conv_tanh.register(Impl("onednn_fused", _cpu.conv_tanh, usable=_cpu.conv_tanh_usable, auto=_cpu.conv_tanh_usable,
                          why_not=_cpu.conv_tanh_why_not, kernel=False))
 _conv_tanh.register(Impl("triton_bias_tanh", _conv_bias_tanh, usable=_triton.conv_tanh_usable,

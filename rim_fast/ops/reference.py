@@ -79,6 +79,49 @@ def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: in
     return _CONV_T[x.dim() - 2](x, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
+def conv_transpose_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
+                        output_padding: int, groups: int, dilation: int, crop: Optional[tuple] = None) -> Tensor:
+    """tanh(conv_transpose(x)) on the first ``crop`` samples of each spatial axis (None: all of them): an upsampling
+    layer followed by the tanh activation."""
+    y = conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation)
+    return torch.tanh(crop_spatial(y, crop))
+
+
+def crop_spatial(y: Tensor, crop: Optional[tuple]) -> Tensor:
+    """y[:, :, :crop[0], :crop[1], ...] (a view; None keeps y)."""
+    if crop is None:
+        return y
+    return y[(slice(None), slice(None)) + tuple(slice(0, n) for n in crop)]
+
+
+def conv_same_symmetric(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int, stride: int,
+                        dilation: int, groups: int, axis_swap: bool = True, taps=None) -> Tensor:
+    """``conv_same`` without its pad: a convolution with the larger pad of each axis on both sides, whose kernel
+    has zero taps where that pad was the smaller (on the near side: (p, p + 1) becomes (p + 1, p + 1) and
+    [0, w_0, .., w_k-1]). The same sums, plus products with zero; one kernel instead of a pad and a convolution,
+    for (16/9 in 2D) more multiply-adds in that convolution. Dilation 1 only. ``taps(weight, pads)``, optional,
+    returns the kernel with its zero taps (a cache of it)."""
+    if dilation != 1:
+        raise ValueError(f"conv_same_symmetric needs dilation 1, got {dilation}")
+    n = x.dim() - 2
+    pads = conv_same_pads(tuple(x.shape[2:]), kernel_size, stride, dilation, axis_swap)
+    padding, weight_pads = symmetric_padding(pads, n)
+    w = taps(weight, weight_pads) if taps is not None else F.pad(weight, weight_pads)
+    return _CONV[n](x, w, bias, stride, padding, 1, groups)
+
+
+def symmetric_padding(pads: list, n: int) -> tuple:
+    """F.pad pairs of an n-d input -> (symmetric padding per spatial axis, F.pad pairs for the kernel's zero taps)."""
+    padding, weight_pads = [], []
+    for j in range(n):
+        lo, hi = pads[2 * (n - 1 - j)], pads[2 * (n - 1 - j) + 1]
+        padding.append(max(lo, hi))
+    for j in reversed(range(n)):
+        lo, hi = pads[2 * (n - 1 - j)], pads[2 * (n - 1 - j) + 1]
+        weight_pads += [padding[j] - lo, padding[j] - hi]
+    return tuple(padding), weight_pads
+
+
 def upfirdn(x: Tensor, kernel: Tensor, up: int, down: int, pad0: int, pad1: int) -> Tensor:
     """score_models' native upfirdn, per channel, same pads on every axis, x: [B, C, *S], kernel: [k]*N.
 

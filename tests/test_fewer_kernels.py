@@ -1,0 +1,212 @@
+"""Fewer kernels per RIM step (issue 13, part 3): each rewrite against what it replaces, forward and every gradient.
+
+- ``conv_same`` without its pad (``reference.conv_same_symmetric``: the larger pad on both sides, zero taps);
+- ``conv_transpose_tanh`` (on CUDA the transposed convolution without its bias, then ``bias_tanh``);
+- the Hourglass' last decoder conv and 1-wide output conv as one convolution (``Hourglass._merged_output``);
+- a conv + tanh carrying the next convolution's bias as a channel of ones (``architectures.base.fold_next_bias``);
+- the counts of bench/op_count.py at or under the issue's targets, on every workload's dimensions.
+"""
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import rim_fast
+from rim_fast import ops
+from rim_fast.layers import per_call_cache
+from rim_fast.ops import _triton, reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.op_count import count  # noqa: E402
+
+F64 = torch.float64
+
+
+def _grads(out, inputs, cot):
+    return torch.autograd.grad(out, inputs, cot, allow_unused=True)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("size", [8, 9, 6, 5])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("axis_swap", [True, False])
+def test_conv_same_without_its_pad_matches_the_reference(dims, size, k, axis_swap):
+    """Every (size, kernel) pair, odd and even, crops (k=1: negative pads) and score_models' axis swap included."""
+    spatial = [size + j for j in range(dims)]  # non-square: the axis swap matters
+    x = torch.randn(2, 3, *spatial, dtype=F64, requires_grad=True)
+    w = torch.randn(4, 3, *[k] * dims, dtype=F64, requires_grad=True)
+    b = torch.randn(4, dtype=F64, requires_grad=True)
+    try:
+        ref = reference.conv_same(x, w, b, k, 2, 1, 1, axis_swap)
+    except RuntimeError:
+        pytest.skip("the reference itself cannot run this size (crop below one sample)")
+    new = reference.conv_same_symmetric(x, w, b, k, 2, 1, 1, axis_swap)
+    assert new.shape == ref.shape
+    torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12)
+    cot = torch.randn_like(ref)
+    for a, c in zip(_grads(new, (x, w, b), cot), _grads(ref, (x, w, b), cot)):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_same_without_its_pad_through_the_op():
+    """The op's ``symmetric_padding`` implementation (CUDA's) on CPU tensors, and its dilation rule."""
+    impl = next(i for i in rim_fast.ops._dispatch.OPS["conv_same"].impls if i.name == "symmetric_padding")
+    x, w, b = torch.randn(2, 3, 10, 12), torch.randn(5, 3, 3, 3), torch.randn(5)
+    with per_call_cache():
+        out = impl.fn(x, w, b, 3, 2, 1, 1, True)
+    torch.testing.assert_close(out, reference.conv_same(x, w, b, 3, 2, 1, 1, True), rtol=1e-5, atol=1e-5)
+    assert not impl.usable(x, w, b, 3, 2, 2, 1, True)
+    with pytest.raises(ValueError, match="dilation 1"):
+        reference.conv_same_symmetric(x, w, b, 3, 2, 2, 1, True)
+
+
+TRANSPOSED = [
+    pytest.param(1, (7,), 3, None, id="1D-k3"),
+    pytest.param(2, (5, 6), 3, None, id="2D-k3"),
+    pytest.param(2, (4, 5), 4, (8, 10), id="2D-k4-crop"),
+    pytest.param(3, (3, 4, 2), 3, None, id="3D-k3"),
+]
+
+
+def _transposed_args(dims, size, k, dtype):
+    x = torch.randn(2, 6, *size, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 4, *[k] * dims, dtype=dtype, requires_grad=True)
+    b = torch.randn(4, dtype=dtype, requires_grad=True)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dims,size,k,crop", TRANSPOSED)
+def test_conv_transpose_tanh_implementations_match_the_reference(dims, size, k, crop):
+    """``unfused`` (the CPU's) in float64 and ``triton_bias_tanh`` (CUDA's; the Triton interpreter here) in float32:
+    forward and the gradients of x, weight and bias; the crop keeps the first samples."""
+    op = rim_fast.ops._dispatch.OPS["conv_transpose_tanh"]
+    impls = {i.name: i for i in op.impls}
+    for name, dtype in (("unfused", F64), ("triton_bias_tanh", torch.float32)):
+        x, w, b = _transposed_args(dims, size, k, dtype)
+        args = (x, w, b, 2, (k - 1) // 2, 1, 1, 1, crop)
+        if not impls[name].usable(*args) or impls[name].missing():
+            pytest.skip(f"{name}: {impls[name].why_not(*args)}")
+        ref = reference.conv_transpose_tanh(*args)
+        new = impls[name].fn(*args)
+        if crop is not None:
+            assert ref.shape[2:] == crop
+        assert new.shape == ref.shape and torch.isfinite(new).all()
+        tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(new, ref, **tol)
+        cot = torch.randn_like(ref)
+        for a, c in zip(_grads(new, (x, w, b), cot), _grads(ref, (x, w, b), cot)):
+            torch.testing.assert_close(a, c, **tol)
+
+
+def _forced_folds(monkeypatch):
+    # as on CUDA: every conv + tanh with a bias carries the next convolution's bias
+    monkeypatch.setattr(rim_fast.ops, "folds_bias", lambda x, weight, bias, *args: bias is not None)
+
+
+def _network_and_grads(net, x, s, h):
+    """(g, h', {parameter: gradient}) of one Hourglass call (within one RIM call's cache), float64."""
+    net.zero_grad()
+    with per_call_cache():
+        g, h2 = net(x, None, s, h)
+    cot = torch.linspace(-1, 1, g.numel(), dtype=g.dtype).view_as(g)
+    (g * cot).sum().backward()
+    return g.detach(), h2.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("num_layers", [0, 1, 2, 3])
+@pytest.mark.parametrize("folds", [False, True], ids=["merged", "merged+folded"])
+def test_hourglass_rewrites_match_the_layers(dims, num_layers, folds, monkeypatch):
+    """The merged output conv (always) and the folded biases (CUDA's rule, forced here) against the layers run one
+    by one (a forward hook on the output layer turns both off): outputs, states and every parameter's gradient."""
+    net = rim_fast.Hourglass(1, dimensions=dims, nf=6, hidden_units=8, num_layers=num_layers).to(F64)
+    spatial = [8, 12, 4][:dims]
+    x = torch.randn(3, 1, *spatial, dtype=F64)
+    s = torch.randn_like(x)
+    h = net.initalize_hidden_states(spatial, 3, dtype=F64)
+    if folds:
+        _forced_folds(monkeypatch)
+    fast = _network_and_grads(net, x, s, h)
+    monkeypatch.undo()
+    seen = []
+    handle = net.output_layer.register_forward_hook(lambda m, i, o: seen.append(o))
+    plain = _network_and_grads(net, x, s, h)
+    handle.remove()
+    assert len(seen) == 1  # the hook saw the output layer run
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-12, atol=1e-12)
+    assert set(fast[2]) == set(plain[2]) and len(plain[2]) == len(list(net.parameters()))
+    for name in plain[2]:
+        torch.testing.assert_close(fast[2][name], plain[2][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_rewrites_take_effect(monkeypatch):
+    """What the rewrites remove, counted: no bias add after any convolution once folded (one conv fewer with the
+    merged output), and the merge skipped, and hooks called, where a hook watches a layer."""
+    from bench.op_count import LaunchCounter
+    net = rim_fast.Hourglass(1, dimensions=2, nf=4, hidden_units=4)
+    x = torch.randn(2, 1, 8, 8)
+    h = net.initalize_hidden_states((8, 8), 2)
+    _forced_folds(monkeypatch)
+    with torch.no_grad(), ops.use_backend("reference"):
+        with LaunchCounter() as merged:
+            net(x, None, x, h)
+        handle = net.output_layer.register_forward_hook(lambda *a: None)
+        with LaunchCounter() as hooked:
+            net(x, None, x, h)
+        handle.remove()
+    assert hooked.counts["aten.convolution"] == merged.counts["aten.convolution"] + 1
+    # the output layer's bias: added by a convolution of its own only when the merge is off
+    assert merged.counts["aten.convolution + bias add"] < hooked.counts["aten.convolution + bias add"]
+
+
+@pytest.mark.parametrize("workload", ["S1", "S2", "S3"])
+def test_op_counts_meet_the_targets(workload):
+    """Issue 13's targets, as a GPU runs the step (bench/op_count.py, ``kernels``): at most 40 ops per predict step
+    and 135 per training step, with no convolution bias added in a kernel of its own."""
+    predict = count("kernels", "predict", workload)
+    train = count("kernels", "train_step", workload)
+    assert sum(predict.values()) / 10 <= 40, predict
+    assert sum(train.values()) / 10 <= 135, train
+    for counts in (predict, train):
+        assert "aten.convolution + bias add" not in counts
+    # every pad pads a weight, once per call (the zero taps of the strided convs, the folded biases' weights):
+    # none pads an activation
+    assert count("kernels", "predict", workload, T=3)["aten.constant_pad_nd"] == predict["aten.constant_pad_nd"]
+
+
+def _fake_cuda_hourglass_calls(region: bool, B: int = 16, S=(64, 64)):
+    """The op implementations an Hourglass call runs on fake CUDA tensors with autograd (auto backend)."""
+    net = rim_fast.Hourglass(1, dimensions=len(S), nf=32, hidden_units=32)
+    with FakeTensorMode(), ops.use_backend("auto"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        params = {n: torch.empty(p.shape, device="cuda", requires_grad=True) for n, p in net.named_parameters()}
+        x = torch.empty(B, 1, *S, device="cuda")
+        h = torch.zeros(B, 32, *[n // 4 for n in S], device="cuda")
+        with ops.trace() as calls, (ops.graph_region() if region else warnings.catch_warnings()), per_call_cache():
+            g, _ = torch.func.functional_call(net, params, (x, None, x, h))
+        assert g.shape == x.shape and g.device.type == "cuda"
+    return calls
+
+
+def test_cuda_rule_on_fake_tensors():
+    """On CUDA under graph capture: bias + tanh kernels for every conv + tanh and upsampling + tanh, the strided
+    convs without a pad, the biases folded; small eager calls keep cuDNN's conv + bias + tanh and fold nothing."""
+    if _triton.K is None:
+        pytest.skip(_triton.missing())
+    saved = _triton.K.INTERPRETED
+    _triton.K.INTERPRETED = False
+    try:
+        graph = _fake_cuda_hourglass_calls(region=True)
+        eager = _fake_cuda_hourglass_calls(region=False)
+    finally:
+        _triton.K.INTERPRETED = saved
+    assert graph[("conv_transpose_tanh", "triton_bias_tanh")] == 2
+    assert graph[("conv_same", "symmetric_padding")] == 2
+    assert graph[("conv_tanh", "triton_bias_tanh")] == 7 and ("conv_tanh", "unfused") not in graph
+    assert eager[("conv_transpose_tanh", "unfused")] == 2 and eager[("conv_tanh", "unfused")] == 7
