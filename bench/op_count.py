@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 from collections import Counter
 
 import torch
@@ -160,8 +161,8 @@ def _one_kernel_per_call(counter: LaunchCounter):
         return OPS["bias_tanh"].reference(y, bias.to(y.dtype))
 
     def conv_transpose_bias_tanh(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
-        # CUDA's conv_transpose_tanh (rim_fast.ops.conv._conv_transpose_bias_tanh)
-        if bias is None:
+        # CUDA's conv_transpose_tanh (rim_fast.ops.conv._conv_transpose_bias_tanh), inference only
+        if bias is None or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))):
             return conv_transpose_tanh(x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
         y = OPS["conv_transpose"].reference(x, weight, None, stride, padding, output_padding, groups, dilation)
         return OPS["bias_tanh"].reference(reference.crop_spatial(y, crop), bias.to(y.dtype))
@@ -173,17 +174,18 @@ def _one_kernel_per_call(counter: LaunchCounter):
     patched = {"conv_tanh": conv_bias_tanh, "conv_transpose_tanh": conv_transpose_bias_tanh,
                "conv_same": conv_same_symmetric}
     saved.update({name: OPS[name].reference for name in patched})
-    folds_bias = rim_fast.ops.folds_bias
+    folds_bias, rewrites = rim_fast.ops.folds_bias, rim_fast.ops.rewrites
     try:
         for name, ref in saved.items():
             OPS[name].reference = patched[name] if name in patched else counted(name, ref)
         # conv_tanh runs bias_tanh, so a following convolution carries its bias (architectures.base.fold_next_bias)
         rim_fast.ops.folds_bias = lambda x, weight, bias, *args: bias is not None
+        rim_fast.ops.rewrites = lambda: True  # the layer rewrites of every backend but reference
         yield
     finally:
         for name, ref in saved.items():
             OPS[name].reference = ref
-        rim_fast.ops.folds_bias = folds_bias
+        rim_fast.ops.folds_bias, rim_fast.ops.rewrites = folds_bias, rewrites
 
 
 def _rim(library, workload: str, T: int):
@@ -222,14 +224,49 @@ def per_step(provider: str, mode: str, workload: str = "S2", T: int = DEFAULT_T)
     return sum(count(provider, mode, workload, T).values()) / T
 
 
+#: a kernel launch in the ``call`` function of Inductor's generated code: an extern kernel (convolutions, matmuls),
+#: a generated kernel (C++ on the CPU, Triton on GPUs) or a custom op; allocations (empty_strided) launch nothing
+_LAUNCH = re.compile(r"\b(extern_kernels\.\w+|cpp_fused_\w+|triton_\w+\.run|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(")
+
+
+def compiled_count(library: str, workload: str = "S2", T: int = DEFAULT_T) -> Counter:
+    """The kernels of a compiled predict in Inductor's generated code (the CPU's: C++ kernels where a GPU runs
+    Triton ones; the convolutions are extern kernels on both): rim_fast's ``RIM.compile()`` or
+    ``torch.compile(rim.predict)`` of torch_rim, with no_grad, default mode. Each launch in the code's ``call``
+    function counts one; the loop is unrolled, so per step = total / T."""
+    from torch._inductor.utils import run_and_get_code
+    rim, spec = _rim(library, workload, T)
+    y = torch.randn(spec["batch"], 1, *spec["size"], generator=torch.Generator().manual_seed(1))
+    predict = rim.compile().predict if library == "rim_fast" else torch.compile(rim.predict)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, codes = run_and_get_code(predict, y)
+    counts: Counter = Counter()
+    for code in codes:
+        body = code[code.index("def call("):] if "def call(" in code else ""
+        for line in body.splitlines():
+            for name in _LAUNCH.findall(line):
+                counts[re.sub(r"_\d+$", "", name)] += 1
+    return counts
+
+
 PROVIDERS = ("torch_rim", "reference", "kernels")
 MODES = ("predict", "train_step")
+#: the compiled count compiles a T-step loop (a minute or two on a CPU): the 2D workload only, by default
+COMPILED_WORKLOADS = ("S2",)
 
 
-def table(workloads, modes=MODES, T: int = DEFAULT_T) -> list:
-    """[{workload, mode, provider, per_step}] for the report of bench.run."""
-    return [{"workload": w, "mode": m, "provider": p, "per_step": per_step(p, m, w, T)}
+def table(workloads, modes=MODES, T: int = DEFAULT_T, compiled=COMPILED_WORKLOADS) -> list:
+    """[{workload, mode, provider, per_step}] for the report of bench.run; providers ``torch_rim_compiled`` and
+    ``compiled`` (predict, Inductor's generated code) for the workloads in ``compiled``."""
+    rows = [{"workload": w, "mode": m, "provider": p, "per_step": per_step(p, m, w, T)}
             for w in workloads for m in modes for p in PROVIDERS]
+    for w in workloads:
+        if w in compiled:
+            for provider, library in (("torch_rim_compiled", "torch_rim"), ("compiled", "rim_fast")):
+                rows.append({"workload": w, "mode": "predict", "provider": provider,
+                             "per_step": sum(compiled_count(library, w, T).values()) / T})
+    return rows
 
 
 def main(argv=None) -> None:
@@ -237,6 +274,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workload", default="S2")
     parser.add_argument("--T", type=int, default=DEFAULT_T)
     parser.add_argument("--detail", action="store_true", help="the ops of each count")
+    parser.add_argument("--compiled", action="store_true", help="also the compiled predict's kernels (minutes)")
     args = parser.parse_args(argv)
     print(f"ops per RIM step that launch a GPU kernel ({args.workload}, T={args.T}):")
     for provider in PROVIDERS:
@@ -246,6 +284,13 @@ def main(argv=None) -> None:
             if args.detail:
                 for op, n in counts.most_common():
                     print(f"      {op:40s} {n / args.T:6.1f}")
+    if args.compiled:
+        for library in ("torch_rim", "rim_fast"):
+            counts = compiled_count(library, args.workload, args.T)
+            print(f"  {library + ' compiled':20s} predict {sum(counts.values()) / args.T:7.1f}")
+            if args.detail:
+                for op, n in counts.most_common():
+                    print(f"      {op:60s} {n / args.T:6.1f}")
 
 
 if __name__ == "__main__":

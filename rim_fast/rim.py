@@ -18,7 +18,7 @@ from .checkpoints import load_architecture
 from .compat import Compat, CompatLike, resolve
 from .cuda_graphs import CudaRecorder, GraphCache, signature
 from .definitions import DEVICE
-from .layers import per_call_cache
+from .layers import derived
 from .validation import as_device, choice, flag, function, integer, integers, same_device, tensor
 
 _INITIALIZATIONS = ("zeros", "approximate_inverse", "model")
@@ -316,6 +316,15 @@ class RIM(nn.Module):
 
         w: per-pixel loss weights broadcastable to x; time_weights: [T] (or [T + 1] with initialization "model",
         the first for x_0) scaling each step's loss term; amp: autocast is on (cast g and h back)."""
+        # what depends on the parameters alone is built once per call (layers.derived), inside whatever records
+        # or traces the call; push/pop, not a context manager: torch.compile traces this function
+        derived.push()
+        try:
+            return self._steps(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
+        finally:
+            derived.pop()
+
+    def _steps(self, y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp):
         out, x, h, m, v, zero_state = self.initialization(y, amp)
         h_dtype = h.dtype
         loss = None
@@ -422,10 +431,7 @@ class RIM(nn.Module):
         compiled = self.__dict__.get("_compiled_loop")
         if compiled is None:
             def loop(y, args, kwargs, x_true, w, time_weights):
-                # what depends on the parameters alone is built once per call (layers.per_call_cache), inside
-                # whatever records the call
-                with per_call_cache():
-                    return self._loop(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
+                return self._loop(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
 
             inputs = [y, args, kwargs, x_true, w, time_weights]
             graphs = self._graphs_for(*inputs)

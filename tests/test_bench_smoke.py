@@ -218,6 +218,12 @@ def test_report_has_the_op_counts(smoke_run):
     for (workload, mode, provider), n in by_key.items():
         if provider == "kernels":
             assert 0 < n < by_key[(workload, mode, "reference")] < by_key[(workload, mode, "torch_rim")]
+            assert n <= (40 if mode == "predict" else 135), (workload, mode, n)  # issue 13's targets
+    # the compiled predict, counted in Inductor's generated code (S2 only: it compiles a T-step loop twice)
+    compiled = {k: n for k, n in by_key.items() if k[2].endswith("compiled")}
+    assert set(compiled) == {("S2", "predict", "torch_rim_compiled"), ("S2", "predict", "compiled")}
+    # the 20 convolutions of the network and 2 of the score function at least, fewer than torch_rim's
+    assert 22 <= compiled[("S2", "predict", "compiled")] < compiled[("S2", "predict", "torch_rim_compiled")]
     with open(os.path.join(out, "report.md")) as f:
         report = f.read()
     assert "## Ops per RIM step that launch a GPU kernel" in report

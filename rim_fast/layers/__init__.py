@@ -1,6 +1,7 @@
 from .conv_same import (Conv1dSame, Conv2dSame, Conv3dSame, ConvTransposed1dSame, ConvTransposed2dSame,
                         ConvTransposed3dSame, same_conv)
-from .derived import derived, per_call_cache
+from . import derived
+from .derived import per_call_cache
 from .gru import GRU
 from .gru_block import GRUBlock
 from .resample import FIRResample, downsample, naive_downsample, naive_upsample, upsample

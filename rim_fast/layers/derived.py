@@ -1,10 +1,11 @@
 """Tensors derived from parameters alone (merged or rewritten convolution weights), built once per RIM call.
 
-A layer asks ``derived(owner, key, build)``; inside ``per_call_cache()`` (the RIM enters it around every eager or
-graph-recorded T-step loop) it gets ``build()`` computed once per call, not once per step: autograd sums the T
-steps' gradients into the one tensor, so backward also splits or contracts it once. The grad mode is part of the
-key: a tensor built without autograd never feeds a training step. Outside the context, and under torch.compile
-(where Inductor shares the computation itself), every call builds.
+A layer asks ``derived(owner, key, build)``; inside ``per_call_cache()`` (the RIM enters it around its T-step loop:
+eager, recorded into a CUDA graph, or traced by torch.compile) it gets ``build()`` computed once per call, not once
+per step: autograd sums the T steps' gradients into the one tensor, so backward also splits or contracts it once.
+The grad mode is part of the key: a tensor built without autograd never feeds a training step. Outside the context
+every call builds. Under torch.compile the cache lives while the loop is traced: the compiled graph computes each
+derived tensor once (Inductor does not merge the T copies of an inference graph by itself).
 
 Nothing is cached across calls: a parameter changed through ``.data`` (``torch_ema``'s ``copy_to`` does so) keeps
 its version counter and storage, so no cheap key could tell a stale tensor from a good one.
@@ -22,18 +23,27 @@ _CALL_CACHES: list = []
 @contextlib.contextmanager
 def per_call_cache() -> Iterator[None]:
     """Within one call of a recurrent loop (the RIM's T steps), each ``derived`` tensor is built once."""
-    _CALL_CACHES.append({})
+    push()
     try:
         yield
     finally:
-        _CALL_CACHES.pop()
+        pop()
+
+
+def push() -> None:
+    """Open a cache (``per_call_cache`` without ``contextlib``, for code that torch.compile traces: plain list
+    operations, which every supported torch's Dynamo follows). Close it with ``pop`` in a ``finally``."""
+    _CALL_CACHES.append({})
+
+
+def pop() -> None:
+    _CALL_CACHES.pop()
 
 
 def derived(owner: object, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``build()``, a tensor computed from ``owner`` (a module's parameters, or a tensor) alone, once per call (see
     the module docstring). The cache holds ``owner`` for the call, so that its ``id`` cannot be reused."""
-    # is_compiling() first: reading the list while tracing would make compiled graphs guard on it
-    if torch.compiler.is_compiling() or not _CALL_CACHES:
+    if not _CALL_CACHES:
         return build()
     cache = _CALL_CACHES[-1]
     full_key = (id(owner), key, torch.is_grad_enabled())

@@ -1,6 +1,8 @@
 """The op layer: every module computes through these functions, grouped by the op family they compute.
 
-- ``conv``: ``conv``, ``conv_same``, ``conv_transpose``, ``tanh``, ``conv_tanh``, ``bias_tanh``, ``upfirdn``;
+- ``conv``: ``conv``, ``conv_same``, ``conv_transpose``, ``tanh``, ``conv_tanh``, ``conv_transpose_tanh``,
+  ``bias_tanh``, ``upfirdn`` (and ``rewrites``, ``folds_bias``: when layers may be merged or carry the next
+  one's bias, ``architectures``);
 - ``gru_gates``: ``gru_gates_zr``, ``gru_gates_h``, ``gru_gates_zero_state`` (the element-wise halves of a ConvGRU);
 - ``update_step``: ``preprocess_score``, ``update_state`` (the RIM's score preprocessing and state update).
 
@@ -15,7 +17,10 @@ C++/CUDA extension ``rim_fast._C``, csrc/), ``_cpu`` (CPU layouts and oneDNN). `
 op                     auto picks         where, and why
 =====================  =================  =================================================================
 conv, conv_same,       ``channels_last``  CPU, float32/64, bfloat16: oneDNN runs NHWC 2-20x faster than the
-conv_transpose                            reference's NCHW (1D as [B, C, 1, L]); elsewhere the reference (cuDNN)
+conv_transpose                            reference's NCHW (1D as [B, C, 1, L]); elsewhere the reference (cuDNN),
+                                          except ``conv_same`` on CUDA outside torch.compile:
+                                          ``symmetric_padding`` (no pad kernel: the larger pad on both sides and
+                                          zero taps in the kernel, built once per RIM call)
 tanh                   ``cpp``            CPU float32/bfloat16, eager: one vectorised pass, accurate near 0;
                                           reference (torch.tanh) under torch.compile (Inductor fuses it) and on
                                           GPUs
@@ -24,6 +29,9 @@ conv_tanh              ``onednn_fused``   CPU float32 without autograd, eager: t
                                           ``triton`` (the conv without its bias, then ``bias_tanh``: 2 kernels,
                                           not cuDNN's conv + bias add + tanh = 3); else ``unfused``: the
                                           dispatched conv, then the dispatched tanh
+conv_transpose_tanh    ``unfused``        the dispatched transposed conv, then the dispatched tanh;
+                                          ``triton_bias_tanh`` where ``conv_tanh`` picks it (the transposed conv
+                                          without its bias, then ``bias_tanh``)
 bias_tanh              ``triton``         CUDA under CUDA-graph capture, and eager calls of >= 2^23 elements (the
                                           gates' threshold); never under torch.compile (Inductor fuses the add
                                           and the tanh itself); the reference on the CPU
@@ -43,7 +51,8 @@ import torch
 
 from . import _triton, reference
 from ._dispatch import BACKENDS, backend, graph_region, trace, use_backend
-from .conv import bias_tanh, conv, conv_same, conv_tanh, conv_transpose, conv_transpose_tanh, folds_bias, tanh, upfirdn
+from .conv import (bias_tanh, conv, conv_same, conv_tanh, conv_transpose, conv_transpose_tanh, folds_bias, rewrites,
+                   tanh, upfirdn)
 from .gru_gates import gru_gates_h, gru_gates_zero_state, gru_gates_zr
 from .update_step import PREPROCESSING, preprocess_score, update_state
 
@@ -62,7 +71,8 @@ def check_compilable(device: torch.device) -> None:
 
 __all__ = [
     "BACKENDS", "backend", "check_compilable", "graph_region", "trace", "use_backend", "reference", "PREPROCESSING",
-    "conv", "conv_same", "conv_tanh", "bias_tanh", "conv_transpose", "conv_transpose_tanh", "folds_bias", "tanh", "upfirdn",
+    "conv", "conv_same", "conv_tanh", "bias_tanh", "conv_transpose", "conv_transpose_tanh", "folds_bias", "rewrites",
+    "tanh", "upfirdn",
     "gru_gates_zr", "gru_gates_h", "gru_gates_zero_state",
     "preprocess_score", "update_state",
 ]

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from . import _cpp, _cpu, _triton, reference
-from ._dispatch import Impl, Op
+from ._dispatch import Impl, Op, backend
 
 Tensor = torch.Tensor
 
@@ -83,13 +83,20 @@ def upfirdn(x: Tensor, kernel: Tensor, *, up: int, down: int, pad0: int, pad1: i
     return _upfirdn(x, kernel, up, down, pad0, pad1)
 
 
+def rewrites() -> bool:
+    """Whether layers may be computed another way than torch_rim computes them, equal in exact arithmetic (the
+    Hourglass' merged output conv, ``fold_next_bias``): yes, except with ``RIM_FAST_BACKEND=reference``, which
+    stays torch_rim's computation (bit-identical where torch_rim's ops are the same)."""
+    return backend() != "reference"
+
+
 def folds_bias(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation: int, groups: int) -> bool:
     """Whether a conv + tanh whose output feeds a convolution with a bias should carry that bias as an extra
     channel of constant 1 (``architectures.base.fold_next_bias``): where ``conv_tanh`` runs the convolution and
     then the Triton ``bias_tanh`` (CUDA: the next convolution then needs no bias add of its own) and under
     torch.compile (Inductor's stand-alone bias kernel between two convolutions goes). Not on the CPU, where oneDNN
     adds biases inside the convolution."""
-    if bias is None:
+    if bias is None or not rewrites():
         return False
     if torch.compiler.is_compiling():
         return True
