@@ -124,29 +124,36 @@ def _network_and_grads(net, x, s, h):
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("num_layers", [0, 1, 2, 3])
-@pytest.mark.parametrize("folds", [False, True], ids=["merged", "merged+folded"])
-def test_hourglass_rewrites_match_the_layers(dims, num_layers, folds, monkeypatch):
-    """The merged output conv (always) and the folded biases (CUDA's rule, forced here) against the layers run one
-    by one (a forward hook on the output layer turns both off): outputs, states and every parameter's gradient."""
+def test_hourglass_rewrites_match_the_layers(dims, num_layers, monkeypatch):
+    """Against the layers run one by one (a forward hook on the output layer turns the rewrites off), float64:
+    the folded biases (CUDA's rule, forced here) in training, outputs, states and every parameter's gradient;
+    the merged output conv (inference only) and the folds without autograd, outputs and states."""
     net = rim_fast.Hourglass(1, dimensions=dims, nf=6, hidden_units=8, num_layers=num_layers).to(F64)
     spatial = [8, 12, 4][:dims]
     x = torch.randn(3, 1, *spatial, dtype=F64)
     s = torch.randn_like(x)
     h = net.initalize_hidden_states(spatial, 3, dtype=F64)
-    if folds:
-        _forced_folds(monkeypatch)
+    _forced_folds(monkeypatch)
     fast = _network_and_grads(net, x, s, h)
+    with torch.no_grad(), per_call_cache():
+        fast_inference = net(x, None, s, h)
+        assert net._merged_output() is not None or num_layers == 0
     monkeypatch.undo()
     seen = []
     handle = net.output_layer.register_forward_hook(lambda m, i, o: seen.append(o))
     plain = _network_and_grads(net, x, s, h)
+    with torch.no_grad():
+        plain_inference = net(x, None, s, h)
+        assert net._merged_output() is None  # the hook turns the merge off
     handle.remove()
-    assert len(seen) == 1  # the hook saw the output layer run
-    torch.testing.assert_close(fast[0], plain[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(fast[1], plain[1], rtol=1e-12, atol=1e-12)
+    assert len(seen) == 2  # the hook saw the output layer run
+    for a, b in ((fast[0], plain[0]), (fast[1], plain[1])) + tuple(zip(fast_inference, plain_inference)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert set(fast[2]) == set(plain[2]) and len(plain[2]) == len(list(net.parameters()))
     for name in plain[2]:
         torch.testing.assert_close(fast[2][name], plain[2][name], rtol=1e-10, atol=1e-12, msg=name)
+    with torch.enable_grad():
+        assert net._merged_output() is None  # training runs the layers (the whole-RIM error budget)
 
 
 def test_rewrites_take_effect(monkeypatch):
@@ -184,10 +191,10 @@ def test_op_counts_meet_the_targets(workload):
     train = count("kernels", "train_step", workload)
     assert sum(predict.values()) / 10 <= 40, predict
     assert sum(train.values()) / 10 <= 135, train
-    # no convolution bias added by a kernel of its own, but in training the two upsampling layers' (their tanh
-    # stays unfused with autograd: conv_transpose_tanh's kernel path is inference only)
+    # no convolution bias added by a kernel of its own, but in training the two upsampling layers' and the output
+    # layer's (inference only: conv_transpose_tanh's kernel path and the merged output conv)
     assert "aten.convolution + bias add" not in predict
-    assert train["aten.convolution + bias add"] == 2 * 10 and train["aten.convolution_backward + bias grad"] == 20
+    assert train["aten.convolution + bias add"] == 3 * 10 and train["aten.convolution_backward + bias grad"] == 30
     # every pad pads a weight, once per call (the zero taps of the strided convs, the folded biases' weights):
     # none pads an activation
     assert count("kernels", "predict", workload, T=3)["aten.constant_pad_nd"] == predict["aten.constant_pad_nd"]

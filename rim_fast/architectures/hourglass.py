@@ -81,10 +81,13 @@ class Hourglass(EncoderDecoder):
 
         Both are linear (no activation between them), so output(last(x)) = conv(x, W_out W_last, W_out b_last +
         b_out): the same products summed in another order, for channels/nf of the last conv's multiply-adds and
-        no nf-wide intermediate. Built once per RIM call (``layers.derived``); autograd gives both layers their
-        gradients through the product. None where the layers are not plain convs, hooks could observe them, or
-        with ``RIM_FAST_BACKEND=reference`` (``ops.rewrites``: torch_rim's computation)."""
-        if self.num_layers == 0 or not ops.rewrites():
+        no nf-wide intermediate. Built once per RIM call (``layers.derived``).
+        None where the layers are not plain convs, hooks could observe them, with ``RIM_FAST_BACKEND=reference``
+        (``ops.rewrites``: torch_rim's computation), and with autograd: inference only, as the training step's
+        gradients through the merged kernel broke the whole-RIM error budget (tests/test_error_budget.py, 3D: a
+        gate gradient 1.4e-6 to 2.0e-6 against a budget of 1.4e-6 to 1.6e-6, depending on the thread count)."""
+        if self.num_layers == 0 or not ops.rewrites() or (torch.is_grad_enabled() and any(
+                p.requires_grad for p in (*self.all_modules[-1].parameters(), *self.output_layer.parameters()))):
             return None
         last, out = self.all_modules[-1], self.output_layer
         if not (type(last) is type(out) and isinstance(last, _SameConvMixin)
@@ -94,14 +97,10 @@ class Hourglass(EncoderDecoder):
             return None
 
         def weight():
-            # the products in float64, rounded once to the weights' dtype (4 small kernels once per call): the input
-            # gradient through the merged kernel then has a convolution's error, as through the two layers (a
-            # float32 product doubled the error of some deep gradients, e.g. 3D with Adam preprocessing)
             with torch.autocast(last.weight.device.type, enabled=False):
                 w_out = out.weight.reshape(out.weight.shape[0], -1)
-                wide = torch.float64 if w_out.dtype.itemsize <= 4 else w_out.dtype
-                product = w_out.to(wide) @ last.weight.reshape(last.weight.shape[0], -1).to(wide)
-                return product.to(last.weight.dtype).reshape(w_out.shape[0], *last.weight.shape[1:])
+                return (w_out @ last.weight.reshape(last.weight.shape[0], -1)).reshape(
+                    w_out.shape[0], *last.weight.shape[1:])
 
         def bias():
             if last.bias is None:
