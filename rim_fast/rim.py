@@ -317,7 +317,10 @@ class RIM(nn.Module):
         w: per-pixel loss weights broadcastable to x; time_weights: [T] (or [T + 1] with initialization "model",
         the first for x_0) scaling each step's loss term; amp: autocast is on (cast g and h back)."""
         # what depends on the parameters alone is built once per call (layers.derived), inside whatever records
-        # or traces the call; push/pop, not a context manager: torch.compile traces this function
+        # or traces the call; push/pop, not a context manager: torch.compile traces this function. Not for traced
+        # gradient checkpointing: its steps become subgraphs, which may not write to the cache
+        if self.gradient_checkpointing and torch.is_grad_enabled() and torch.compiler.is_compiling():
+            return self._steps(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
         derived.push()
         try:
             return self._steps(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)

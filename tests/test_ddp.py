@@ -161,7 +161,9 @@ def test_slurm_processes_with_dataloader_workers_train_like_one_process_at_twice
     assert len(ours) == len(reference) == 3
     for a, b in zip(ours, reference):
         for name in ("val_loss", "val_mse", "val_nmse", "val_psnr", "val_ssim"):
-            assert float(a[name]) == pytest.approx(float(b[name]), rel=1e-5), name
+            # abs: SSIM and NMSE lie in [-1, 1] and near 0 here (untrained), where the relative rounding differences
+            # of the 3 + 2 and the 5 batch shardings are large
+            assert float(a[name]) == pytest.approx(float(b[name]), rel=1e-5, abs=1e-7), name
     # the user's DataLoader with a DistributedSampler (and workers) trains the same
     assert rank0["own_losses"] == rank1["own_losses"]
     assert rank0["own_losses"] == pytest.approx(losses, rel=1e-5)
