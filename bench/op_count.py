@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 import rim_fast
 from bench.common import MODEL, SMOKE_WORKLOADS, T as DEFAULT_T, make_score_fn
 from rim_fast.ops import reference
-from rim_fast.ops._dispatch import OPS, use_backend
+from rim_fast.ops._dispatch import OPS, needs_grad, use_backend
 from rim_fast.ops.conv import _conv_same_symmetric, _symmetric_usable
 
 #: the op families a GPU runs as one kernel per call in the ``kernels`` count
@@ -162,7 +162,7 @@ def _one_kernel_per_call(counter: LaunchCounter):
 
     def conv_transpose_bias_tanh(x, weight, bias, stride, padding, output_padding, groups, dilation, crop):
         # CUDA's conv_transpose_tanh (rim_fast.ops.conv._conv_transpose_bias_tanh), inference only
-        if bias is None or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))):
+        if bias is None or needs_grad(x, weight, bias):
             return conv_transpose_tanh(x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
         y = OPS["conv_transpose"].reference(x, weight, None, stride, padding, output_padding, groups, dilation)
         return OPS["bias_tanh"].reference(reference.crop_spatial(y, crop), bias.to(y.dtype))

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops._dispatch import needs_grad
 from ..layers.derived import derived
 from ..layers.conv_same import _SameConvMixin
 from .base import EncoderDecoder, fold_next_bias, unobserved
@@ -86,14 +87,13 @@ class Hourglass(EncoderDecoder):
         (``ops.rewrites``: torch_rim's computation), and with autograd: inference only, as the training step's
         gradients through the merged kernel broke the whole-RIM error budget (tests/test_error_budget.py, 3D: a
         gate gradient 1.4e-6 to 2.0e-6 against a budget of 1.4e-6 to 1.6e-6, depending on the thread count)."""
-        if self.num_layers == 0 or not ops.rewrites() or (torch.is_grad_enabled() and any(
-                p.requires_grad for p in (*self.all_modules[-1].parameters(), *self.output_layer.parameters()))):
+        if self.num_layers == 0 or not ops.rewrites():
             return None
         last, out = self.all_modules[-1], self.output_layer
         if not (type(last) is type(out) and isinstance(last, _SameConvMixin)
-                and getattr(last, "padding_mode", "zeros") == "zeros" and getattr(out, "padding_mode", "zeros") == "zeros"
-                and all(k == 1 for k in getattr(out, "kernel_size", (1,))) and getattr(last, "groups", 1) == 1
-                and getattr(out, "groups", 1) == 1 and unobserved(last, out)):
+                and last.padding_mode == out.padding_mode == "zeros" and last.groups == out.groups == 1
+                and all(k == 1 for k in out.kernel_size) and unobserved(last, out)
+                and not needs_grad(*last.parameters(), *out.parameters())):
             return None
 
         def weight():

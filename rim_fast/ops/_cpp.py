@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .. import _ext
 from . import reference
+from ._dispatch import needs_grad
 
 NAMESPACE = "rim_fast"
 METHODS = ("identity", "arcsinh", "adam", "rmsprop", "rmsprop_fixed")
@@ -290,10 +291,6 @@ def _same(ref: Tensor, t, dtype: bool = True) -> bool:
             and (not dtype or t.dtype == ref.dtype))
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-
-
 def preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
     """Whether the kernels cover these arguments (device, dtype, shapes), installed or not."""
     if method not in METHODS or not isinstance(score, Tensor) or score.device.type not in ("cpu", "cuda"):
@@ -318,7 +315,7 @@ def preprocess_auto(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
     fuses its element-wise ops into one kernel of the same traffic, and into their neighbours, which an
     opaque custom op would prevent (``RIM_FAST_BACKEND=kernels`` still compiles the custom ops)."""
     return (_ext.module() is not None and not torch.compiler.is_compiling() and method != "identity"
-            and preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon) and not _needs_grad(score, m, v)
+            and preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon) and not needs_grad(score, m, v)
             and runs_on(score.device))
 
 
@@ -327,7 +324,7 @@ def preprocess_usable(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
     (the preprocessing ops have no derivative; the reference, which has, serves such calls)."""
     return (preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon)
             and (method == "identity" or runs_on(score.device))
-            and not _needs_grad(score, m, v))
+            and not needs_grad(score, m, v))
 
 
 def _device_why_not(device: torch.device) -> str:
@@ -344,7 +341,7 @@ def _device_why_not(device: torch.device) -> str:
 def preprocess_why_not(score, m, v, t, method, beta_1, beta_2, epsilon) -> str:
     if not preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon):
         return "arguments outside the kernels' cover (device, dtypes, shapes of score/m/v, or t)"
-    if _needs_grad(score, m, v):
+    if needs_grad(score, m, v):
         return "a gradient is needed (the kernels have no derivative; the reference serves such calls)"
     return _device_why_not(score.device) or "cannot run these inputs"
 

@@ -57,6 +57,12 @@ def in_graph_region() -> bool:
     return _GRAPH_REGION[0] > 0 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will record a call on these arguments (grad mode on, a tensor among them requiring grad);
+    non-tensors and None are ignored."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def backend() -> str:
     """The backend selected by ``RIM_FAST_BACKEND`` (read once, at import)."""
     return _BACKEND

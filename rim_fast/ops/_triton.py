@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import in_graph_region
+from ._dispatch import in_graph_region, needs_grad
 
 Tensor = torch.Tensor
 
@@ -195,27 +195,23 @@ def conv_tanh_auto(x, weight, bias, padding, dilation, groups) -> bool:
     return _bias_tanh_auto_rule(_tensors((x, weight, bias)), numel)
 
 
-def _grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def conv_transpose_tanh_usable(x, weight, bias, *args) -> bool:
     """conv_transpose_tanh as the transposed convolution without its bias, then ``bias_tanh``: inference only.
     With autograd it put the whole-RIM error budget over its limit together with the Hourglass' merged output conv
     (tests/test_error_budget.py, 3D, kernels: a gate gradient 2.1e-6 against a budget of 1.7e-6; 1.3e-6 without
     it), so training keeps cuDNN's transposed conv with its bias, then tanh."""
-    return bias is not None and not _grad(x, weight, bias) and usable(x, bias)
+    return bias is not None and not needs_grad(x, weight, bias) and usable(x, bias)
 
 
 def conv_transpose_tanh_why_not(x, weight, bias, *args) -> str:
     if bias is None:
         return "no bias to fuse"
-    return "inference only (no autograd)" if _grad(x, weight, bias) else why_not(x, bias)
+    return "inference only (no autograd)" if needs_grad(x, weight, bias) else why_not(x, bias)
 
 
 def conv_transpose_tanh_auto(x, weight, bias, stride, padding, output_padding, groups, dilation, crop) -> bool:
     """As ``conv_tanh_auto``, on the output (about [B, C_out, *S * stride])."""
-    if bias is None or _grad(x, weight, bias):
+    if bias is None or needs_grad(x, weight, bias):
         return False
     numel = x.numel() // max(x.shape[1], 1) * weight.shape[1] * groups * stride ** (x.dim() - 2)
     return _bias_tanh_auto_rule(_tensors((x, weight, bias)), numel)
