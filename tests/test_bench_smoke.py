@@ -223,7 +223,9 @@ def test_report_has_the_op_counts(smoke_run):
     compiled = {k: n for k, n in by_key.items() if k[2].endswith("compiled")}
     assert set(compiled) == {("S2", "predict", "torch_rim_compiled"), ("S2", "predict", "compiled")}
     # the 20 convolutions of the network and 2 of the score function at least, fewer than torch_rim's
-    assert 22 <= compiled[("S2", "predict", "compiled")] < compiled[("S2", "predict", "torch_rim_compiled")]
+    # issue 13's target for the compiled path (the CPU's code: 8 of the kernels are oneDNN's conv + tanh)
+    assert 22 <= compiled[("S2", "predict", "compiled")] <= 34
+    assert compiled[("S2", "predict", "compiled")] < compiled[("S2", "predict", "torch_rim_compiled")]
     with open(os.path.join(out, "report.md")) as f:
         report = f.read()
     assert "## Ops per RIM step that launch a GPU kernel" in report

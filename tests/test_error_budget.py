@@ -2,7 +2,8 @@
 fast paths: C++ tanh and update step, channels-last convolutions, Triton gates through the interpreter), the
 trajectory, the loss and every parameter gradient in float32 stay within the budget of conftest (2x the float32
 reference's own error against a float64 run, + 1e-6 relative), in 1D, 2D and 3D, with each preprocessing,
-with a score function and with an energy function."""
+with a score function and with an energy function; and the trajectory without autograd (the inference-only
+paths), eager and compiled."""
 import pytest
 import torch
 
@@ -67,6 +68,40 @@ def test_whole_rim_within_the_error_budget(dims, kw, backend):
     _, reference = _run(dims, kw, torch.float32, "reference")
     _, fast = _run(dims, kw, torch.float32, backend)
     assert_error_budget(fast, reference, exact, torch.float32, names, what=f"RIM_FAST_BACKEND={backend}")
+
+
+def _predict(dims, kw, dtype, backend, compiled=False):
+    """(names, tensors): the trajectory without autograd, where the inference-only paths run (oneDNN's conv + tanh
+    and transposed conv + tanh on the CPU, the Hourglass' merged output conv); ``compiled``: ``RIM.compile()``."""
+    size = SIZES[dims]
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(2, dimensions=dims, nf=8, ch_mult=(2, 2), hidden_units=12)
+    rim = rim_fast.RIM(size, net, T=3, **kw).to(dtype)
+    y = torch.randn(2, 2, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    with ops.use_backend(backend), torch.no_grad():
+        if compiled:
+            torch._dynamo.reset()
+            rim.compile()
+        trajectory = rim(y)
+    return [f"x_{t + 1}" for t in range(len(trajectory))], [x.detach() for x in trajectory]
+
+
+@pytest.mark.parametrize("dims,kw", CONFIGS)
+def test_whole_rim_inference_within_the_error_budget(dims, kw, backend):
+    names, exact = _predict(dims, kw, torch.float64, "reference")
+    _, reference = _predict(dims, kw, torch.float32, "reference")
+    _, fast = _predict(dims, kw, torch.float32, backend)
+    assert_error_budget(fast, reference, exact, torch.float32, names, what=f"RIM_FAST_BACKEND={backend}, no_grad")
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_compiled_inference_within_the_error_budget(dims):
+    """``RIM.compile()`` on the CPU (oneDNN's conv + tanh as extern kernels, the weights copied once per call)."""
+    kw = dict(score_fn=score_fn, score_preprocessing_method="ADAM")
+    names, exact = _predict(dims, kw, torch.float64, "reference")
+    _, reference = _predict(dims, kw, torch.float32, "reference")
+    _, fast = _predict(dims, kw, torch.float32, "auto", compiled=True)
+    assert_error_budget(fast, reference, exact, torch.float32, names, what="RIM.compile(), no_grad")
 
 
 def test_the_budget_catches_a_fast_path_that_loses_digits(monkeypatch):

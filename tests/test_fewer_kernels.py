@@ -1,7 +1,8 @@
 """Fewer kernels per RIM step (issue 13, part 3): each rewrite against what it replaces, forward and every gradient.
 
 - ``conv_same`` without its pad (``reference.conv_same_symmetric``: the larger pad on both sides, zero taps);
-- ``conv_transpose_tanh`` (on CUDA the transposed convolution without its bias, then ``bias_tanh``);
+- ``conv_transpose_tanh`` (on CUDA the transposed convolution without its bias, then ``bias_tanh``; on the CPU
+  without autograd oneDNN's fused primitive), and oneDNN's conv + tanh under torch.compile;
 - the Hourglass' last decoder conv and 1-wide output conv as one convolution (``Hourglass._merged_output``);
 - a conv + tanh carrying the next convolution's bias as a channel of ones (``architectures.base.fold_next_bias``);
 - the counts of bench/op_count.py at or under the issue's targets, on every workload's dimensions.
@@ -104,6 +105,48 @@ def test_conv_transpose_tanh_implementations_match_the_reference(dims, size, k, 
         cot = torch.randn_like(ref)
         for a, c in zip(_grads(new, (x, w, b), cot), _grads(ref, (x, w, b), cot)):
             torch.testing.assert_close(a, c, **tol)
+
+
+@pytest.mark.parametrize("dims,size,k,crop", TRANSPOSED)
+def test_conv_transpose_tanh_onednn_matches_the_reference(dims, size, k, crop):
+    """The CPU's inference path: oneDNN's transposed convolution with a tanh post-op, cropped (float32); not taken
+    with autograd (no derivative) nor under torch.compile (its shape function expects a packed weight)."""
+    from rim_fast.ops import _cpu
+    if not _cpu._transpose_fused_works():
+        pytest.skip("this torch has no working mkldnn._convolution_transpose_pointwise")
+    x, w, b = _transposed_args(dims, size, k, torch.float32)
+    args = (x, w, b, 2, (k - 1) // 2, 1, 1, 1, crop)
+    assert not _cpu.conv_transpose_tanh_usable(*args)  # autograd
+    with torch.no_grad():
+        assert _cpu.conv_transpose_tanh_usable(*args)
+        ref = reference.conv_transpose_tanh(*args)
+        with ops.trace() as calls:
+            new = ops.conv_transpose_tanh(x, w, b, stride=2, padding=(k - 1) // 2, output_padding=1, crop=crop)
+    assert calls[("conv_transpose_tanh", "onednn_fused")] == 1
+    assert new.shape == ref.shape and torch.isfinite(new).all()
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_cpu_conv_tanh_is_one_onednn_op():
+    """Under torch.compile (fullgraph, no autograd) a CPU conv + tanh is oneDNN's fused primitive, an extern kernel
+    in Inductor's code; the transposed one stays a convolution, then tanh."""
+    from torch._inductor.utils import run_and_get_code
+    from rim_fast.ops import _cpu
+    if not _cpu._fused_works():
+        pytest.skip("this torch has no working mkldnn._convolution_pointwise")
+    x, w, b = torch.randn(2, 3, 9, 7), torch.randn(5, 3, 3, 3), torch.randn(5)
+    wt, bt = torch.randn(5, 4, 3, 3), torch.randn(4)
+
+    def f(x):
+        y = ops.conv_tanh(x, w, b, padding="same")
+        return ops.conv_transpose_tanh(y, wt, bt, stride=2, padding=1, output_padding=1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(f, fullgraph=True), x)
+        ref = reference.conv_transpose_tanh(reference.conv_tanh(x, w, b, "same", 1, 1), wt, bt, 2, 1, 1, 1, 1, None)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    code = "".join(codes)
+    assert code.count("mkldnn._convolution_pointwise") >= 1 and "_convolution_transpose_pointwise" not in code
 
 
 def _forced_folds(monkeypatch):
@@ -230,7 +273,8 @@ def test_cuda_rule_on_fake_tensors():
         _triton.K.INTERPRETED = saved
     assert graph[("conv_transpose_tanh", "triton_bias_tanh")] == 2
     assert graph[("conv_same", "symmetric_padding")] == 2
-    assert graph[("conv_tanh", "triton_bias_tanh")] == 7 and ("conv_tanh", "unfused") not in graph
-    assert eager[("conv_transpose_tanh", "unfused")] == 2 and eager[("conv_tanh", "unfused")] == 7
+    # the GRUBlock's hidden layer has no bias to fuse: cuDNN's conv, then tanh (unfused)
+    assert graph[("conv_tanh", "triton_bias_tanh")] == 7 and graph[("conv_tanh", "unfused")] == 1
+    assert eager[("conv_transpose_tanh", "unfused")] == 2 and eager[("conv_tanh", "unfused")] == 8
     # with autograd the upsampling layers keep cuDNN's conv with its bias (the whole-RIM error budget)
     assert training[("conv_transpose_tanh", "unfused")] == 2 and training[("conv_tanh", "triton_bias_tanh")] == 7

@@ -10,14 +10,14 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 from torch.nn import Module
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .. import ops
 from ..compat import Compat, CompatLike, resolve
 from ..layers import GRUBlock, same_conv
 from ..layers.activation import get_activation
-from ..layers.conv_same import CONV_SAME, CONV_TRANSPOSED_SAME, _ConvNdSame, _ConvTransposedNdSame, _SameConvMixin
-from ..layers.derived import derived
+from ..layers.conv_same import (CONV_SAME, CONV_TRANSPOSED_SAME, _ConvNdSame, _ConvTransposedNdSame, _SameConvMixin,
+                                unobserved)
+from ..layers.derived import conv_weight, derived
 from ..layers.spectral_norm import SpectralNorm
 from ..layers.resample import FIRResample
 from ..validation import choice, integer, integers, spatial_dimensions
@@ -218,14 +218,6 @@ class EncoderDecoder(Model):
         return self.act(layer(x))
 
 
-def unobserved(*layers: Module) -> bool:
-    """No forward hook (the layers' own or global ones) could observe these layers' calls: an op may compute
-    several layers, or a layer and its activation, without calling them."""
-    if _global_forward_hooks or _global_forward_pre_hooks:
-        return False
-    return not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
-
-
 #: the pre-activation of the extra channel of ``fold_next_bias``: tanh(30) is 1 exactly in float16 to float64
 _ONE_PRE_ACTIVATION = 30.0
 
@@ -291,10 +283,10 @@ def fold_next_bias(first: Module, second: Module, x: Tensor, weight2: Optional[T
         return torch.cat([weight2, column], dim=1)
 
     key = ("fold_next_bias", tuple(taps), weight2 is conv2.weight)
-    y = ops.conv_tanh(x, derived(first, "fold_next_bias_weight", first_weight),
+    y = ops.conv_tanh(x, conv_weight(first, "fold_next_bias_weight", first_weight),
                       derived(first, "fold_next_bias_bias", first_bias), padding=first.padding,
                       dilation=first.dilation[0], groups=1)
-    w2 = derived(second, key, second_weight)
+    w2 = conv_weight(second, key, second_weight)
     if isinstance(second, _SameConvMixin):
         return ops.conv(y, w2, None, padding=second.padding, dilation=second.dilation[0])
     return ops.conv_same(y, w2, None, kernel_size=second.kernel_size, stride=second.stride,

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops._dispatch import needs_grad
-from ..layers.derived import derived
+from ..layers.derived import conv_weight, derived
 from ..layers.conv_same import _SameConvMixin
 from .base import EncoderDecoder, fold_next_bias, unobserved
 
@@ -109,4 +109,4 @@ class Hourglass(EncoderDecoder):
                 w_out = out.weight.reshape(out.weight.shape[0], -1)
                 return torch.mv(w_out, last.bias) if out.bias is None else torch.addmv(out.bias, w_out, last.bias)
 
-        return derived(self, "merged_output_weight", weight), derived(self, "merged_output_bias", bias)
+        return conv_weight(self, "merged_output_weight", weight), derived(self, "merged_output_bias", bias)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .. import ops
 from ..validation import integer
@@ -18,6 +19,14 @@ _NN_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3
 def _check_sizes(kernel_size, stride, dilation):
     for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
         integer(name, value, note=" (square kernels only)")
+
+
+def unobserved(*layers: nn.Module) -> bool:
+    """No forward hook (the layers' own or global ones) could observe these layers' calls: an op may compute
+    several layers, or a layer and its activation, without calling them."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    return not any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
 
 
 class _SameConvMixin:

@@ -40,6 +40,11 @@ def pop() -> None:
     _CALL_CACHES.pop()
 
 
+def active() -> bool:
+    """Whether a per-call cache is open (a ``derived`` tensor is built once for the call, not once per use)."""
+    return bool(_CALL_CACHES)
+
+
 def derived(owner: object, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``build()``, a tensor computed from ``owner`` (a module's parameters, or a tensor) alone, once per call (see
     the module docstring). The cache holds ``owner`` for the call, so that its ``id`` cannot be reused."""
@@ -50,3 +55,14 @@ def derived(owner: object, key: Hashable, build: Callable[[], torch.Tensor]) -> 
     if full_key not in cache:
         cache[full_key] = (owner, build())
     return cache[full_key][1]
+
+
+def conv_weight(owner: object, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``derived`` for a convolution's weight. Under torch.compile the weight is a copy of the graph's own, -(-w)
+    (exact for every value; Inductor removes a clone or a * 1 as a no-op): Inductor lays it out once per call as
+    the convolutions want it (channels-last where it picks that layout), where a parameter (a graph input) or a
+    concatenation (a fixed layout) would be converted again before every step's convolution."""
+    if torch.compiler.is_compiling():
+        return derived(owner, key, lambda: -(-build()))
+    return derived(owner, key, build)
+

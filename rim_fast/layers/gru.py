@@ -9,7 +9,7 @@ from .. import ops
 from ..definitions import DTYPE
 from ..validation import integer, spatial_dimensions
 from .conv_same import same_conv
-from .derived import derived
+from .derived import conv_weight, derived
 
 
 class GRU(nn.Module):
@@ -42,9 +42,9 @@ class GRU(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor):
         """x: [B, in_ch, *S], h: [B, H, *S] -> (h', h')."""
         # [B, 3H, *S] and [B, 2H, *S]: one convolution per input instead of five
-        wx = self._conv(x, derived(self, "w_zrh", lambda: torch.cat([self.w_z.weight, self.w_r.weight,
+        wx = self._conv(x, conv_weight(self, "w_zrh", lambda: torch.cat([self.w_z.weight, self.w_r.weight,
                                                                            self.w_h.weight])))
-        uzr = self._conv(h, derived(self, "u_zr", lambda: torch.cat([self.u_z.weight, self.u_r.weight])))
+        uzr = self._conv(h, conv_weight(self, "u_zr", lambda: torch.cat([self.u_z.weight, self.u_r.weight])))
         z, rh = ops.gru_gates_zr(wx, uzr, h, self.bias_z, self.bias_r)
         new_state = ops.gru_gates_h(wx, self._conv(rh, self.u_h.weight), z, h, self.bias_h)
         return new_state, new_state
@@ -52,7 +52,7 @@ class GRU(nn.Module):
     def forward_zero_state(self, x: torch.Tensor) -> torch.Tensor:
         """The cell for an incoming state that is exactly zero: the three U convolutions and the reset gate
         drop out (h' = z tanh(W_h x + b_h)). Equal to ``forward(x, 0)[0]``."""
-        wzh = self._conv(x, derived(self, "w_zh", lambda: torch.cat([self.w_z.weight, self.w_h.weight])))
+        wzh = self._conv(x, conv_weight(self, "w_zh", lambda: torch.cat([self.w_z.weight, self.w_h.weight])))
         bias_z = self.bias_z
         if torch.is_grad_enabled() and self.bias_r.requires_grad:
             # keep W_r, U_z, U_r, U_h and b_r in the graph with exact zero gradients, as the full cell gives them:

@@ -9,7 +9,7 @@ from torch import nn
 from .. import ops
 from ..compat import CompatLike, resolve
 from ..validation import integer, spatial_dimensions
-from .conv_same import same_conv
+from .conv_same import same_conv, unobserved
 from .gru import GRU
 
 
@@ -58,6 +58,15 @@ class GRUBlock(nn.Module):
             return None
         return "second" if previous in ("all", "second") else "first"
 
+    def _hidden(self, h1: torch.Tensor) -> torch.Tensor:
+        """tanh(hidden_layer(h1)), as ``ops.conv_tanh`` (one oneDNN primitive on the CPU without autograd) where no
+        hook could observe the layer's call."""
+        layer = self.hidden_layer
+        if self.dimensions and layer.padding_mode == "zeros" and unobserved(layer):
+            return ops.conv_tanh(h1, layer.weight, layer.bias, padding=layer.padding, dilation=layer.dilation[0],
+                                 groups=layer.groups)
+        return ops.tanh(layer(h1))
+
     def forward(self, x: torch.Tensor, h: torch.Tensor, zero_state: Optional[str] = None):
         """x: [B, in_ch, *S], h: [B, hidden_units, *S] -> (out [B, in_ch, *S], h' [B, hidden_units, *S]); h and h'
         hold h_2 alone, [B, hidden_units / 2, *S], where ``zero_state`` says so (see the class docstring)."""
@@ -66,7 +75,7 @@ class GRUBlock(nn.Module):
             h1 = self.gru1.forward_zero_state(x)
         else:
             h1, _ = self.gru1(x, h_1)
-        pre_h2 = ops.tanh(self.hidden_layer(h1))
+        pre_h2 = self._hidden(h1)
         if zero_state == "all":
             h_2 = self.gru2.forward_zero_state(pre_h2)
         else:

@@ -9,11 +9,12 @@ layout), so later convs pay nothing. Results equal the reference up to float rou
 order), which is why ``RIM_FAST_BACKEND=reference`` keeps torch_rim's NCHW convs bit for bit."""
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from ._dispatch import needs_grad
 
 Tensor = torch.Tensor
 _CL = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -77,39 +78,59 @@ def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: in
 
 # ---- conv + tanh in one oneDNN primitive (inference) --------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+def _probe() -> dict:
+    """Whether the private oneDNN ops (Inductor's; their signatures are not a public promise) run and give
+    tanh(conv) on this torch: probed once, at import, so that torch.compile never traces the probe."""
+    works = {"conv": False, "conv_transpose": False}
+    if not torch.backends.mkldnn.is_available():
+        return works
+    x = torch.ones(1, 1, 1, 3).contiguous(memory_format=torch.channels_last)
+    w = torch.ones(1, 1, 1, 3)
+    with torch.no_grad():
+        try:
+            out = torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 1], [1, 1], [1, 1], 1, "tanh", [], "")
+            works["conv"] = bool(torch.allclose(out, torch.tanh(torch.tensor([[[[2.0, 3.0, 2.0]]]]))))
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+        try:
+            out = torch.ops.mkldnn._convolution_transpose_pointwise(x, w, None, [0, 1], [0, 0], [1, 1], [1, 1], 1,
+                                                                     "tanh", [], "")
+            works["conv_transpose"] = bool(torch.allclose(out, torch.tanh(torch.tensor([[[[2.0, 3.0, 2.0]]]]))))
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+    return works
+
+
+_WORKS = _probe()
+
+
 def _fused_works() -> bool:
-    """Probe the private oneDNN op once (it is Inductor's; its signature is not a public promise)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
-        return False
-    try:
-        with torch.no_grad():
-            x = torch.ones(1, 1, 1, 3).contiguous(memory_format=torch.channels_last)
-            out = torch.ops.mkldnn._convolution_pointwise(x, torch.ones(1, 1, 1, 3), None, [0, 1], [1, 1], [1, 1],
-                                                           1, "tanh", [], "")
-        return bool(torch.allclose(out, torch.tanh(torch.tensor([[[[2.0, 3.0, 2.0]]]]))))
-    except (RuntimeError, TypeError):
-        return False
+    return _WORKS["conv"]
+
+
+def _transpose_fused_works() -> bool:
+    return _WORKS["conv_transpose"]
+
+
+def _fusable(x, weight, bias) -> bool:
+    # CPU float32, 1-3 spatial dims, no autograd (the fused primitives have no derivative)
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() in (3, 4, 5)
+            and weight.dtype == torch.float32 and not needs_grad(x, weight, bias))
 
 
 def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return "CPU float32 only"
-    if torch.compiler.is_compiling():
-        return "not under torch.compile (Inductor fuses the conv's epilogue itself)"
     if not _fused_works():
         return "this torch has no working mkldnn._convolution_pointwise"
     return "no autograd (the fused primitive has no derivative) and a symmetric padding only"
 
 
 def conv_tanh_usable(x, weight, bias, padding, dilation, groups) -> bool:
-    """oneDNN's conv with a tanh post-op: CPU float32, no autograd (the op has no derivative), not under
-    torch.compile (Inductor fuses itself), and a symmetric padding ("same" with an odd effective kernel)."""
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() in (3, 4, 5)
-            and weight.dtype == torch.float32 and not torch.compiler.is_compiling() and _fused_works()):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    """oneDNN's conv with a tanh post-op: CPU float32, no autograd (the op has no derivative), a symmetric padding
+    ("same" with an odd effective kernel); eagerly and under torch.compile (Inductor runs the op as an extern
+    kernel: on the CPU it fuses no epilogue into a convolution of parameters that are not frozen)."""
+    if not (_fusable(x, weight, bias) and _fused_works()):
         return False
     if isinstance(padding, str):
         return padding == "valid" or all(dilation * (k - 1) % 2 == 0 for k in weight.shape[2:])
@@ -134,3 +155,39 @@ def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilati
                                                    [1, dilation] if one_d else [dilation] * spatial, groups,
                                                    "tanh", [], "")
     return out.squeeze(2) if one_d else out
+
+
+def conv_transpose_tanh_usable(x, weight, bias, *args) -> bool:
+    """oneDNN's transposed conv with a tanh post-op: CPU float32, no autograd, eager only: the op's shape function
+    under torch.compile takes the weight in Inductor's packed layout, not torch's (it inferred 128 output channels
+    for a [128, 64, 3, 3] weight, where the eager op gives 64)."""
+    return _fusable(x, weight, bias) and _transpose_fused_works() and not torch.compiler.is_compiling()
+
+
+def conv_transpose_tanh_why_not(x, weight, bias, *args) -> str:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return "CPU float32 only"
+    if not _transpose_fused_works():
+        return "this torch has no working mkldnn._convolution_transpose_pointwise"
+    if torch.compiler.is_compiling():
+        return "not under torch.compile (its shape function expects Inductor's packed weight layout)"
+    return "no autograd (the fused primitive has no derivative)"
+
+
+def conv_transpose_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
+                        output_padding: int, groups: int, dilation: int, crop) -> Tensor:
+    """tanh(conv_transpose(x)) cropped to ``crop`` (tanh commutes with the crop), one oneDNN primitive in
+    channels-last layout."""
+    from .reference import crop_spatial
+    one_d = x.dim() == 3
+    xc = _to_cl(x)
+    w = weight.unsqueeze(2) if one_d else weight
+    spatial = xc.dim() - 2
+    out = torch.ops.mkldnn._convolution_transpose_pointwise(
+        xc, w, bias, _list(padding, one_d, spatial, 0), _list(output_padding, one_d, spatial, 0),
+        _list(stride, one_d, spatial, 1), _list(dilation, one_d, spatial, 1), groups, "tanh", [], "")
+    return crop_spatial(out.squeeze(2) if one_d else out, crop)
+
+
+def _list(v: int, one_d: bool, spatial: int, fill: int) -> list:
+    return [fill, v] if one_d else [v] * spatial

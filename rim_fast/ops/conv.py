@@ -28,25 +28,36 @@ _bias_tanh = Op("bias_tanh", reference.bias_tanh)
 _upfirdn = Op("upfirdn", reference.upfirdn)
 
 
+def _graph_weight(weight: Tensor) -> Tensor:
+    """Under torch.compile, inside a RIM call, a parameter used as a convolution's weight is copied once per call
+    (``layers.derived.conv_weight``), so that Inductor does not convert it to its layout again before each step's
+    convolution (S2: 2.6 copy kernels per step fewer)."""
+    from ..layers import derived
+    if (torch.compiler.is_compiling() and isinstance(weight, torch.nn.Parameter) and derived.active()
+            and rewrites()):
+        return derived.conv_weight(weight, "graph_weight", lambda: weight)
+    return weight
+
+
 def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1,
          padding: Union[str, int] = "same", dilation: int = 1, groups: int = 1) -> Tensor:
     """N-d convolution (N = x.dim() - 2; N = 0 is a linear layer on [B, C_in] with weight [C_out, C_in]).
 
     x: [B, C_in, *S]; weight: [C_out, C_in / groups, *k]; bias: [C_out] or None. Returns [B, C_out, *S']."""
-    return _conv(x, weight, bias, stride, padding, dilation, groups)
+    return _conv(x, _graph_weight(weight), bias, stride, padding, dilation, groups)
 
 
 def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, kernel_size: int, stride: int,
               dilation: int = 1, groups: int = 1, axis_swap: bool = True) -> Tensor:
     """score_models' strided "same" convolution: an asymmetric zero pad (``reference.conv_same_pads``; with
     ``axis_swap``, torch_rim's F.pad order), then a valid convolution. x: [B, C_in, *S] -> [B, C_out, *S/stride]."""
-    return _conv_same(x, weight, bias, kernel_size, stride, dilation, groups, axis_swap)
+    return _conv_same(x, _graph_weight(weight), bias, kernel_size, stride, dilation, groups, axis_swap)
 
 
 def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, stride: int, padding: int = 0,
                    output_padding: int = 0, groups: int = 1, dilation: int = 1) -> Tensor:
     """N-d transposed convolution. x: [B, C_in, *S]; weight: [C_in, C_out / groups, *k]; bias: [C_out] or None."""
-    return _conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation)
+    return _conv_transpose(x, _graph_weight(weight), bias, stride, padding, output_padding, groups, dilation)
 
 
 def tanh(x: Tensor) -> Tensor:
@@ -57,7 +68,7 @@ def tanh(x: Tensor) -> Tensor:
 def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, padding: Union[str, int] = "same",
               dilation: int = 1, groups: int = 1) -> Tensor:
     """tanh(conv(x)) with stride 1 (a network's conv followed by its activation). Shapes as ``conv``."""
-    return _conv_tanh(x, weight, bias, padding, dilation, groups)
+    return _conv_tanh(x, _graph_weight(weight), bias, padding, dilation, groups)
 
 
 def conv_transpose_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, stride: int, padding: int = 0,
@@ -65,7 +76,8 @@ def conv_transpose_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, st
                         crop: Optional[tuple] = None) -> Tensor:
     """tanh(conv_transpose(x)) on its first ``crop`` samples per spatial axis (None: all): an upsampling layer and
     its activation. Shapes as ``conv_transpose``."""
-    return _conv_transpose_tanh(x, weight, bias, stride, padding, output_padding, groups, dilation, crop)
+    return _conv_transpose_tanh(x, _graph_weight(weight), bias, stride, padding, output_padding, groups, dilation,
+                                crop)
 
 
 def bias_tanh(x: Tensor, bias: Tensor) -> Tensor:
@@ -94,9 +106,9 @@ def folds_bias(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilat
     """Whether a conv + tanh whose output feeds a convolution with a bias should carry that bias as an extra
     channel of constant 1 (``architectures.base.fold_next_bias``): where ``conv_tanh`` runs the convolution and
     then the Triton ``bias_tanh`` (CUDA: the next convolution then needs no bias add of its own) and under
-    torch.compile (Inductor's stand-alone bias kernel between two convolutions goes). Not on the CPU, where oneDNN
-    adds biases inside the convolution."""
-    if bias is None or not rewrites():
+    torch.compile on GPUs (Inductor's stand-alone bias kernel between two convolutions goes). Not on the CPU,
+    eager or compiled, where oneDNN adds biases inside the convolution."""
+    if bias is None or not rewrites() or x.device.type == "cpu":
         return False
     if torch.compiler.is_compiling():
         return True
@@ -164,6 +176,9 @@ _conv_same.register(Impl("symmetric_padding", _conv_same_symmetric, usable=_symm
 _conv_transpose_tanh.register(Impl("triton_bias_tanh", _conv_transpose_bias_tanh,
                                    usable=_triton.conv_transpose_tanh_usable, auto=_triton.conv_transpose_tanh_auto,
                                    missing=_triton.missing, why_not=_triton.conv_transpose_tanh_why_not))
+_conv_transpose_tanh.register(Impl("onednn_fused", _cpu.conv_transpose_tanh, usable=_cpu.conv_transpose_tanh_usable,
+                                   auto=_cpu.conv_transpose_tanh_usable, why_not=_cpu.conv_transpose_tanh_why_not,
+                                   kernel=False))
 _conv_transpose_tanh.register(Impl("unfused", _conv_transpose_then_tanh, usable=_always, auto=_always, kernel=False))
 _conv_tanh.register(Impl("onednn_fused", _cpu.conv_tanh, usable=_cpu.conv_tanh_usable, auto=_cpu.conv_tanh_usable,
                          why_not=_cpu.conv_tanh_why_not, kernel=False))
