@@ -6,13 +6,15 @@ S3 [4, 32, 16x16x16], L2 [32, 32, 256x256] (CUDA only). Ops:
   tanh       fwd: the activation; fwdbwd: and its gradient (tanh_backward from the output)
   conv       a 3x3 "same" convolution nf -> nf, fwd (no autograd)
   conv_tanh  the same convolution followed by tanh, fwd (no autograd: inference, where the fusion applies)
+  conv_transpose_tanh  an upsampling layer and its tanh: a stride-2 3x3 transposed convolution nf -> nf from the
+             half-size map [B, nf, *size/2] to [B, nf, *size], then tanh, fwd (no autograd)
 Providers: "reference" (the reference op, eager: torch.tanh, NCHW convolutions), "compiled" (torch.compile of the
 reference, fullgraph, static shapes), and the implementations ``auto`` can pick on this device: "cpp" (tanh, the
 C++ CPU kernel), "channels_last" (CPU convolutions in oneDNN's preferred layout), "onednn_fused" and "unfused"
-(conv_tanh on the CPU). Every case is checked against the reference before it is timed (no time for a wrong case).
+(conv_tanh and conv_transpose_tanh on the CPU). Every case is checked against the reference before it is timed (no time for a wrong case).
 
 GB/s for tanh (e = 4 bytes, N elements): fwd 2 e N (read x, write y); fwdbwd 5 e N (and read grad, y; write
-grad_x). GFLOP/s for the convolutions: 2 N nf 3^d (multiply-adds of the 3x3(x3) kernel).
+grad_x). GFLOP/s for the convolutions: 2 N nf 3^d (multiply-adds of the 3x3(x3) kernel; N the input's elements).
 
     pytest bench/bench_conv.py [--benchmark-json out.json]     # RIM_FAST_BENCH_SMOKE=1: tiny, 1 round
     python -m bench.bench_conv                                  # the same as a table
@@ -27,18 +29,23 @@ import torch
 
 from bench.common import MODEL, SMOKE, machine_line, measure, synchronize, workloads
 from rim_fast.ops import _cpp, _cpu, reference
-from rim_fast.ops.conv import _conv_then_tanh
+from rim_fast.ops.conv import _conv_then_tanh, _conv_transpose_then_tanh
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NF = MODEL["nf"]
 CPU = DEVICE == "cpu"
-OPS = (("tanh", "fwd"), ("tanh", "fwdbwd"), ("conv", "fwd"), ("conv_tanh", "fwd"))
+OPS = (("tanh", "fwd"), ("tanh", "fwdbwd"), ("conv", "fwd"), ("conv_tanh", "fwd"), ("conv_transpose_tanh", "fwd"))
 PROVIDERS = {
     "tanh": ("reference", "compiled") + (("cpp",) if CPU and _cpp.has_kernel("cpu") else ()),
     "conv": ("reference", "compiled") + (("channels_last",) if CPU else ()),
     "conv_tanh": ("reference", "compiled") + (("onednn_fused",) if CPU and _cpu._fused_works() else ())
                  + (("unfused",) if CPU else ()),
+    "conv_transpose_tanh": ("reference", "compiled") + (("onednn_fused",) if CPU and _cpu._transpose_fused_works()
+                                                        else ()) + (("unfused",) if CPU else ()),
 }
+#: conv_transpose_tanh's arguments after (x, weight, bias): stride 2, padding 1, output_padding 1, groups, dilation,
+#: no crop (score_models' ConvTransposed*dSame of an Hourglass' decoder)
+_UPSAMPLE = (2, 1, 1, 1, 1, None)
 BYTES_PER_ELEMENT = {("tanh", "fwd"): 2, ("tanh", "fwdbwd"): 5}
 
 
@@ -55,19 +62,30 @@ def _function(op: str, provider: str):
 
         def fn(x, w, b):
             return impl(x, w, b, 1, "same", 1, 1)
-    else:
+    elif op == "conv_tanh":
         impl = {"onednn_fused": _cpu.conv_tanh, "unfused": _conv_then_tanh}.get(provider, reference.conv_tanh)
 
         def fn(x, w, b):
             return impl(x, w, b, "same", 1, 1)
+    else:
+        impl = {"onednn_fused": _cpu.conv_transpose_tanh, "unfused": _conv_transpose_then_tanh}.get(
+            provider, reference.conv_transpose_tanh)
+
+        def fn(x, w, b):
+            return impl(x, w, b, *_UPSAMPLE)
     if provider == "compiled":
         fn = torch.compile(fn, fullgraph=True, dynamic=False)
     return fn
 
 
+def _input_shape(op, shape) -> tuple:
+    # the upsampling layer reads the half-size map
+    return (*shape[:2], *[n // 2 for n in shape[2:]]) if op == "conv_transpose_tanh" else tuple(shape)
+
+
 def _inputs(op, shape):
     g = torch.Generator().manual_seed(0)
-    x = (2 * torch.randn(*shape, generator=g)).to(DEVICE)
+    x = (2 * torch.randn(*_input_shape(op, shape), generator=g)).to(DEVICE)
     if op == "tanh":
         return [x]
     dims = len(shape) - 2
@@ -111,7 +129,7 @@ def correct(outs, expected) -> bool:
 
 
 def throughput(op, mode, shape, seconds) -> dict:
-    n = math.prod(shape)
+    n = math.prod(_input_shape(op, shape))
     if op == "tanh":
         return {"GBps": BYTES_PER_ELEMENT[(op, mode)] * 4 * n / seconds / 1e9}
     return {"GFLOPs": 2 * n * NF * 3 ** (len(shape) - 2) / seconds / 1e9}

@@ -42,6 +42,7 @@ def _sample_calls(device: torch.device) -> list:
         ("conv_transpose", (t(_B, _NF, 32, 32), t(_NF, _NF, 3, 3), bias, 2, 1, 1, 1, 1)),
         ("tanh", (feat,)),
         ("conv_tanh", (feat, w3, bias, "same", 1, 1)),
+        ("conv_transpose_tanh", (t(_B, _NF, 32, 32), t(_NF, _NF, 3, 3), bias, 2, 1, 1, 1, 1, None)),
         ("bias_tanh", (feat, bias)),
         ("upfirdn", (feat, t(4, 4), 1, 2, 1, 1)),
         ("gru_gates_zr", (t(_B, 3 * H, *S), t(_B, 2 * H, *S), t(*_STATE), bh, bh)),

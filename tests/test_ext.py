@@ -198,10 +198,12 @@ def test_info_reports_the_build_and_the_choices():
     assert ext["cuda_archs"] == list(_ext.cuda_archs())
     rows = {(r["op"], r["device"]): r for r in facts["ops"]}
     # every public op, with what auto runs on the CPU and a reason for every other implementation
-    assert {op for op, _ in rows} == {"conv", "conv_same", "conv_transpose", "tanh", "conv_tanh", "bias_tanh",
-                                      "upfirdn",
+    assert {op for op, _ in rows} == {"conv", "conv_same", "conv_transpose", "tanh", "conv_tanh",
+                                      "conv_transpose_tanh", "bias_tanh", "upfirdn",
                                       "gru_gates_zr", "gru_gates_h", "gru_gates_zero_state", "preprocess_score",
                                       "update_state"}
+    from rim_fast.ops._dispatch import OPS
+    assert {op for op, _ in rows} == set(OPS)  # a new op is listed too
     assert rows[("update_state", "cpu")]["auto"] == ("cpp" if _ext.module() is not None else "reference")
     assert rows[("tanh", "cpu")]["auto"] == ("cpp" if _ext.module() is not None else "reference")
     assert all(why for r in facts["ops"] for why in r["others"].values())

@@ -24,14 +24,17 @@ conv_transpose                            reference's NCHW (1D as [B, C, 1, L]);
 tanh                   ``cpp``            CPU float32/bfloat16, eager: one vectorised pass, accurate near 0;
                                           reference (torch.tanh) under torch.compile (Inductor fuses it) and on
                                           GPUs
-conv_tanh              ``onednn_fused``   CPU float32 without autograd, eager: the tanh rides on the conv's
-                                          output; ``triton_bias_tanh`` on CUDA where ``bias_tanh`` picks
+conv_tanh              ``onednn_fused``   CPU float32 without autograd, eager and under torch.compile (an extern
+                                          kernel there): the tanh rides on the conv's output;
+                                          ``triton_bias_tanh`` on CUDA where ``bias_tanh`` picks
                                           ``triton`` (the conv without its bias, then ``bias_tanh``: 2 kernels,
                                           not cuDNN's conv + bias add + tanh = 3); else ``unfused``: the
                                           dispatched conv, then the dispatched tanh
 conv_transpose_tanh    ``unfused``        the dispatched transposed conv, then the dispatched tanh;
                                           ``triton_bias_tanh`` where ``conv_tanh`` picks it (the transposed conv
-                                          without its bias, then ``bias_tanh``)
+                                          without its bias, then ``bias_tanh``); ``onednn_fused`` on the CPU
+                                          (float32, no autograd, eager: its shape function under torch.compile
+                                          expects Inductor's packed weight layout)
 bias_tanh              ``triton``         CUDA under CUDA-graph capture, and eager calls of >= 2^23 elements (the
                                           gates' threshold); never under torch.compile (Inductor fuses the add
                                           and the tanh itself); the reference on the CPU
