@@ -65,4 +65,3 @@ def conv_weight(owner: object, key: Hashable, build: Callable[[], torch.Tensor])
     if torch.compiler.is_compiling():
         return derived(owner, key, lambda: -(-build()))
     return derived(owner, key, build)
-

@@ -43,7 +43,7 @@ class GRU(nn.Module):
         """x: [B, in_ch, *S], h: [B, H, *S] -> (h', h')."""
         # [B, 3H, *S] and [B, 2H, *S]: one convolution per input instead of five
         wx = self._conv(x, conv_weight(self, "w_zrh", lambda: torch.cat([self.w_z.weight, self.w_r.weight,
-                                                                           self.w_h.weight])))
+                                                                               self.w_h.weight])))
         uzr = self._conv(h, conv_weight(self, "u_zr", lambda: torch.cat([self.u_z.weight, self.u_r.weight])))
         z, rh = ops.gru_gates_zr(wx, uzr, h, self.bias_z, self.bias_r)
         new_state = ops.gru_gates_h(wx, self._conv(rh, self.u_h.weight), z, h, self.bias_h)
