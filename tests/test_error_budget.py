@@ -62,12 +62,15 @@ def backend(request):
     return request.param
 
 
+@pytest.mark.parametrize("inference", [False, True], ids=["forward-backward", "no_grad"])
 @pytest.mark.parametrize("dims,kw", CONFIGS)
-def test_whole_rim_within_the_error_budget(dims, kw, backend):
-    names, exact = _run(dims, kw, torch.float64, "reference")
-    _, reference = _run(dims, kw, torch.float32, "reference")
-    _, fast = _run(dims, kw, torch.float32, backend)
-    assert_error_budget(fast, reference, exact, torch.float32, names, what=f"RIM_FAST_BACKEND={backend}")
+def test_whole_rim_within_the_error_budget(dims, kw, backend, inference):
+    run = _predict if inference else _run
+    names, exact = run(dims, kw, torch.float64, "reference")
+    _, reference = run(dims, kw, torch.float32, "reference")
+    _, fast = run(dims, kw, torch.float32, backend)
+    assert_error_budget(fast, reference, exact, torch.float32, names,
+                        what=f"RIM_FAST_BACKEND={backend}" + (", no_grad" if inference else ""))
 
 
 def _predict(dims, kw, dtype, backend, compiled=False):
@@ -84,14 +87,6 @@ def _predict(dims, kw, dtype, backend, compiled=False):
             rim.compile()
         trajectory = rim(y)
     return [f"x_{t + 1}" for t in range(len(trajectory))], [x.detach() for x in trajectory]
-
-
-@pytest.mark.parametrize("dims,kw", CONFIGS)
-def test_whole_rim_inference_within_the_error_budget(dims, kw, backend):
-    names, exact = _predict(dims, kw, torch.float64, "reference")
-    _, reference = _predict(dims, kw, torch.float32, "reference")
-    _, fast = _predict(dims, kw, torch.float32, backend)
-    assert_error_budget(fast, reference, exact, torch.float32, names, what=f"RIM_FAST_BACKEND={backend}, no_grad")
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
