@@ -524,6 +524,7 @@ class RIM(nn.Module):
         The example inputs fix every other shape, the dtypes, the device and the non-tensor arguments. The
         program computes what ``predict`` computes (same ops, same order): equal within float32 rounding."""
         from .ops import BACKENDS, use_backend
+        from .ops._dispatch import export_region
         if ops not in BACKENDS:
             raise ValueError(f"ops must be one of {BACKENDS}, got {ops!r}")
         flag("dynamic_batch", dynamic_batch)
@@ -570,7 +571,7 @@ class RIM(nn.Module):
         cuda_graphs, self.cuda_graphs = self.cuda_graphs, False
         func_vjp, module["vjp"] = module["vjp"], autograd_vjp
         try:
-            with use_backend(ops), torch.no_grad():
+            with use_backend(ops), export_region(), torch.no_grad():
                 return torch.export.export(Predict().eval(), (y, *args), kwargs=kwargs or None,
                                            dynamic_shapes=dynamic_shapes)
         finally:

@@ -149,6 +149,29 @@ def test_compiled_cpu_conv_tanh_is_one_onednn_op():
     assert code.count("mkldnn._convolution_pointwise") >= 1 and "_convolution_transpose_pointwise" not in code
 
 
+def test_exported_conv_tanh_is_saved_and_reloaded():
+    """torch.export (here called directly, not through RIM.export) gets no oneDNN op, whose empty scalar list it
+    cannot serialize: the program saves, reloads and computes conv + tanh."""
+    import io
+
+    class ConvTanh(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 5, 3, padding="same")
+
+        def forward(self, x):
+            return ops.conv_tanh(x, self.conv.weight, self.conv.bias, padding="same")
+    net, x = ConvTanh(), torch.randn(2, 3, 6, 7)
+    with torch.no_grad():
+        program = torch.export.export(net, (x,))
+        assert "mkldnn" not in str(program.graph)
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        buffer.seek(0)
+        out = torch.export.load(buffer).module()(x)
+        torch.testing.assert_close(out, torch.tanh(net.conv(x)), rtol=1e-5, atol=1e-6)
+
+
 def _forced_folds(monkeypatch):
     # as on CUDA: every conv + tanh with a bias carries the next convolution's bias (with any backend)
     monkeypatch.setattr(rim_fast.ops, "folds_bias", lambda x, weight, bias, *args: bias is not None)

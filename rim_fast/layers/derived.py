@@ -61,7 +61,9 @@ def conv_weight(owner: object, key: Hashable, build: Callable[[], torch.Tensor])
     """``derived`` for a convolution's weight. Under torch.compile the weight is a copy of the graph's own, -(-w)
     (exact for every value; Inductor removes a clone or a * 1 as a no-op): Inductor lays it out once per call as
     the convolutions want it (channels-last where it picks that layout), where a parameter (a graph input) or a
-    concatenation (a fixed layout) would be converted again before every step's convolution."""
-    if torch.compiler.is_compiling():
+    concatenation (a fixed layout) would be converted again before every step's convolution. Not in a program
+    that torch.export traces (no layout to fix there)."""
+    from ..ops._dispatch import exporting
+    if torch.compiler.is_compiling() and not exporting():
         return derived(owner, key, lambda: -(-build()))
     return derived(owner, key, build)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import needs_grad
+from ._dispatch import exporting, needs_grad
 
 Tensor = torch.Tensor
 _CL = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -123,14 +123,17 @@ def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
         return "CPU float32 only"
     if not _fused_works():
         return "this torch has no working mkldnn._convolution_pointwise"
+    if exporting():
+        return "not under torch.export (a saved program cannot hold the op's arguments)"
     return "no autograd (the fused primitive has no derivative) and a symmetric padding only"
 
 
 def conv_tanh_usable(x, weight, bias, padding, dilation, groups) -> bool:
     """oneDNN's conv with a tanh post-op: CPU float32, no autograd (the op has no derivative), a symmetric padding
     ("same" with an odd effective kernel); eagerly and under torch.compile (Inductor runs the op as an extern
-    kernel: on the CPU it fuses no epilogue into a convolution of parameters that are not frozen)."""
-    if not (_fusable(x, weight, bias) and _fused_works()):
+    kernel: on the CPU it fuses no epilogue into a convolution of parameters that are not frozen); not under
+    torch.export (torch.export cannot serialize the op's empty list of scalars)."""
+    if not (_fusable(x, weight, bias) and _fused_works()) or exporting():
         return False
     if isinstance(padding, str):
         return padding == "valid" or all(dilation * (k - 1) % 2 == 0 for k in weight.shape[2:])

@@ -57,6 +57,29 @@ def in_graph_region() -> bool:
     return _GRAPH_REGION[0] > 0 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+_EXPORT_REGION = [0]
+
+
+@contextlib.contextmanager
+def export_region() -> Iterator[None]:
+    """Calls traced by ``RIM.export`` (torch.export): ops pick what a saved program can hold (no private oneDNN
+    op, whose arguments torch.export cannot serialize)."""
+    _EXPORT_REGION[0] += 1
+    try:
+        yield
+    finally:
+        _EXPORT_REGION[0] -= 1
+
+
+def exporting() -> bool:
+    """Whether torch.export traces the call: ``RIM.export``, or torch.export itself where torch says so
+    (``torch.compiler.is_exporting``)."""
+    if _EXPORT_REGION[0]:
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
 def needs_grad(*tensors) -> bool:
     """Whether autograd will record a call on these arguments (grad mode on, a tensor among them requiring grad);
     non-tensors and None are ignored."""
