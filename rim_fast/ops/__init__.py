@@ -32,9 +32,9 @@ conv_tanh              ``onednn_fused``   CPU float32 without autograd, eager an
                                           dispatched conv, then the dispatched tanh
 conv_transpose_tanh    ``unfused``        the dispatched transposed conv, then the dispatched tanh;
                                           ``triton_bias_tanh`` where ``conv_tanh`` picks it (the transposed conv
-                                          without its bias, then ``bias_tanh``); ``onednn_fused`` on the CPU
-                                          (float32, no autograd, eager: its shape function under torch.compile
-                                          expects Inductor's packed weight layout)
+                                          without its bias, then ``bias_tanh``). Its ``onednn_fused`` (CPU,
+                                          float32, no autograd, eager) measured slower than ``unfused`` here:
+                                          ``kernels`` only
 bias_tanh              ``triton``         CUDA under CUDA-graph capture, and eager calls of >= 2^23 elements (the
                                           gates' threshold); never under torch.compile (Inductor fuses the add
                                           and the tanh itself); the reference on the CPU

@@ -167,6 +167,15 @@ def conv_transpose_tanh_usable(x, weight, bias, *args) -> bool:
     return _fusable(x, weight, bias) and _transpose_fused_works() and not torch.compiler.is_compiling()
 
 
+def conv_transpose_tanh_auto(x, weight, bias, *args) -> bool:
+    """Never: slower than the channels-last transposed conv and the C++ tanh on our CPU (bench/bench_conv.py).
+
+    Measured 2026-12-02, S1 / S2 / S3 decoder shapes: 1.02x / 1.39x / 1.39x the reference fused against
+    1.44x / 1.98x / 1.82x unfused; in an interleaved A/B 2 of 3 shapes slower. ``RIM_FAST_BACKEND=kernels``
+    still runs it, and bench_conv keeps measuring it."""
+    return False
+
+
 def conv_transpose_tanh_why_not(x, weight, bias, *args) -> str:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return "CPU float32 only"

@@ -177,7 +177,7 @@ _conv_transpose_tanh.register(Impl("triton_bias_tanh", _conv_transpose_bias_tanh
                                    usable=_triton.conv_transpose_tanh_usable, auto=_triton.conv_transpose_tanh_auto,
                                    missing=_triton.missing, why_not=_triton.conv_transpose_tanh_why_not))
 _conv_transpose_tanh.register(Impl("onednn_fused", _cpu.conv_transpose_tanh, usable=_cpu.conv_transpose_tanh_usable,
-                                   auto=_cpu.conv_transpose_tanh_usable, why_not=_cpu.conv_transpose_tanh_why_not,
+                                   auto=_cpu.conv_transpose_tanh_auto, why_not=_cpu.conv_transpose_tanh_why_not,
                                    kernel=False))
 _conv_transpose_tanh.register(Impl("unfused", _conv_transpose_then_tanh, usable=_always, auto=_always, kernel=False))
 _conv_tanh.register(Impl("onednn_fused", _cpu.conv_tanh, usable=_cpu.conv_tanh_usable, auto=_cpu.conv_tanh_usable,
