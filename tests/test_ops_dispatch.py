@@ -9,7 +9,7 @@ import torch
 
 import rim_fast
 from rim_fast import ops
-from rim_fast.ops._dispatch import Impl, Op
+from rim_fast.ops._dispatch import OPS, Impl, Op
 
 
 def test_trace_counts_every_eager_op_call_of_a_rim():
@@ -94,15 +94,19 @@ def test_zero_state_hint_is_not_taken_without_a_promise():
     assert not any(op == "gru_gates_zero_state" for op, _ in calls)
 
 
-def _fake_op():
+@pytest.fixture
+def fake_op():
+    """An op of the test's own, unregistered afterwards (the registry lists the library's ops: python -m
+    rim_fast.info and its test read it)."""
     op = Op("fake_double", lambda x: 2 * x)
     op.register(Impl("fast", lambda x: x + x, usable=lambda x: x.dtype == torch.float32,
                      auto=lambda x: True))
-    return op
+    yield op
+    OPS.pop("fake_double", None)
 
 
-def test_backend_selection_and_errors():
-    op = _fake_op()
+def test_backend_selection_and_errors(fake_op):
+    op = fake_op
     x32, x64 = torch.ones(3), torch.ones(3, dtype=torch.float64)
     with ops.use_backend("auto"), ops.trace() as calls:
         op(x32)

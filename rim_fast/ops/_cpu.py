@@ -86,18 +86,18 @@ def _probe() -> dict:
         return works
     x = torch.ones(1, 1, 1, 3).contiguous(memory_format=torch.channels_last)
     w = torch.ones(1, 1, 1, 3)
+    # a 1x3 kernel of ones over three ones, padded by 1 (the transposed conv of stride 1 sums the same taps)
+    expected = torch.tanh(torch.tensor([[[[2.0, 3.0, 2.0]]]]))
+    calls = {"conv": lambda: torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 1], [1, 1], [1, 1], 1, "tanh",
+                                                                      [], ""),
+             "conv_transpose": lambda: torch.ops.mkldnn._convolution_transpose_pointwise(
+                 x, w, None, [0, 1], [0, 0], [1, 1], [1, 1], 1, "tanh", [], "")}
     with torch.no_grad():
-        try:
-            out = torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 1], [1, 1], [1, 1], 1, "tanh", [], "")
-            works["conv"] = bool(torch.allclose(out, torch.tanh(torch.tensor([[[[2.0, 3.0, 2.0]]]]))))
-        except (AttributeError, RuntimeError, TypeError):
-            pass
-        try:
-            out = torch.ops.mkldnn._convolution_transpose_pointwise(x, w, None, [0, 1], [0, 0], [1, 1], [1, 1], 1,
-                                                                     "tanh", [], "")
-            works["conv_transpose"] = bool(torch.allclose(out, torch.tanh(torch.tensor([[[[2.0, 3.0, 2.0]]]]))))
-        except (AttributeError, RuntimeError, TypeError):
-            pass
+        for name, call in calls.items():
+            try:
+                works[name] = bool(torch.allclose(call(), expected))
+            except (AttributeError, RuntimeError, TypeError):
+                pass
     return works
 
 

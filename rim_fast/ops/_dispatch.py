@@ -38,18 +38,24 @@ _WARNED: set = set()
 
 
 _GRAPH_REGION = [0]
+_EXPORT_REGION = [0]
 
 
 @contextlib.contextmanager
-def graph_region() -> Iterator[None]:
-    """Calls recorded into a CUDA graph, and their warm-up: ``auto`` picks what it picks under capture (the
-    kernels whose launch cost a graph removes) in the warm-up too, so that nothing is first run (and compiled)
-    inside the capture."""
-    _GRAPH_REGION[0] += 1
+def _region(depth: list) -> Iterator[None]:
+    # a nesting counter that a region's calls read (plain list operations: torch.compile traces them)
+    depth[0] += 1
     try:
         yield
     finally:
-        _GRAPH_REGION[0] -= 1
+        depth[0] -= 1
+
+
+def graph_region():
+    """Calls recorded into a CUDA graph, and their warm-up: ``auto`` picks what it picks under capture (the
+    kernels whose launch cost a graph removes) in the warm-up too, so that nothing is first run (and compiled)
+    inside the capture."""
+    return _region(_GRAPH_REGION)
 
 
 def in_graph_region() -> bool:
@@ -57,18 +63,10 @@ def in_graph_region() -> bool:
     return _GRAPH_REGION[0] > 0 or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-_EXPORT_REGION = [0]
-
-
-@contextlib.contextmanager
-def export_region() -> Iterator[None]:
+def export_region():
     """Calls traced by ``RIM.export`` (torch.export): ops pick what a saved program can hold (no private oneDNN
     op, whose arguments torch.export cannot serialize)."""
-    _EXPORT_REGION[0] += 1
-    try:
-        yield
-    finally:
-        _EXPORT_REGION[0] -= 1
+    return _region(_EXPORT_REGION)
 
 
 def exporting() -> bool:

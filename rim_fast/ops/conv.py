@@ -32,9 +32,10 @@ def _graph_weight(weight: Tensor) -> Tensor:
     """Under torch.compile, inside a RIM call, a parameter used as a convolution's weight is copied once per call
     (``layers.derived.conv_weight``), so that Inductor does not convert it to its layout again before each step's
     convolution (S2: 2.6 copy kernels per step fewer)."""
+    if not torch.compiler.is_compiling():  # every eager convolution passes here: nothing more to check
+        return weight
     from ..layers import derived
-    if (torch.compiler.is_compiling() and isinstance(weight, torch.nn.Parameter) and derived.active()
-            and rewrites()):
+    if isinstance(weight, torch.nn.Parameter) and derived.active() and rewrites():
         return derived.conv_weight(weight, "graph_weight", lambda: weight)
     return weight
 
