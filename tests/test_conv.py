@@ -182,13 +182,46 @@ def test_conv_tanh_fused_and_unfused_match_reference(dims, size, k):
         with ops.trace() as calls:
             ops.conv_tanh(x, w, b, padding="same", dilation=1, groups=1)
     assert calls[("conv_tanh", "onednn_fused" if _cpu._fused_works() else "unfused")] == 1
-    # with autograd the fused primitive (no derivative) is not taken, and gradients match the reference
-    w.requires_grad_(True)
-    assert not _cpu.conv_tanh_usable(x, w, b, "same", 1, 1)
-    out = ops.conv_tanh(x, w, b, padding="same", dilation=1, groups=1)
+    # with autograd, eagerly: the fused forward with _ConvTanh's backward; every gradient, and the gradients of
+    # the gradients (double backward), match the reference's
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    assert _cpu.conv_tanh_usable(x, w, b, "same", 1, 1) == _cpu._fused_works()
+    with ops.trace() as calls:
+        out = ops.conv_tanh(x, w, b, padding="same", dilation=1, groups=1)
+    assert calls[("conv_tanh", "onednn_fused" if _cpu._fused_works() else "unfused")] == 1
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    ref = reference.conv_tanh(x, w, b, "same", 1, 1)
+    cotangent = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (x, w, b), cotangent, create_graph=True)
+    grads_ref = torch.autograd.grad(ref, (x, w, b), cotangent, create_graph=True)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    second = torch.autograd.grad(sum((g * g).sum() for g in grads), (x, w, b))
+    second_ref = torch.autograd.grad(sum((g * g).sum() for g in grads_ref), (x, w, b))
+    for g, g_ref in zip(second, second_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+    # only the inputs that need a gradient get one (x without: no grad_input computed)
+    x.requires_grad_(False)
+    gw, = torch.autograd.grad(ops.conv_tanh(x, w, None, padding="same", dilation=1, groups=1), (w,), cotangent)
+    gw_ref, = torch.autograd.grad(reference.conv_tanh(x, w, None, "same", 1, 1), (w,), cotangent)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_tanh_with_autograd_is_not_fused_under_compile():
+    """Under torch.compile Inductor differentiates the reference: the fused primitive is not taken with
+    autograd (it is without)."""
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3, requires_grad=True)
+    seen = {}
+
+    def fn(x, w):
+        seen["grad"] = _cpu.conv_tanh_usable(x, w, None, "same", 1, 1)
+        return ops.conv_tanh(x, w, None, padding="same", dilation=1, groups=1)
+
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, w)
+    assert seen["grad"] is False
     g, = torch.autograd.grad(out.sum(), w)
-    g_ref, = torch.autograd.grad(reference.conv_tanh(x, w, b, "same", 1, 1).sum(), w)
+    g_ref, = torch.autograd.grad(reference.conv_tanh(x, w, None, "same", 1, 1).sum(), w)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
 
 

@@ -112,10 +112,11 @@ def _transpose_fused_works() -> bool:
     return _WORKS["conv_transpose"]
 
 
-def _fusable(x, weight, bias) -> bool:
-    # CPU float32, 1-3 spatial dims, no autograd (the fused primitives have no derivative)
+def _fusable(x, weight, bias, autograd: bool = False) -> bool:
+    # CPU float32, 1-3 spatial dims; with autograd only where ``autograd`` (the primitives have no derivative of
+    # their own: ``_ConvTanh`` gives conv + tanh one)
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() in (3, 4, 5)
-            and weight.dtype == torch.float32 and not needs_grad(x, weight, bias))
+            and weight.dtype == torch.float32 and (autograd or not needs_grad(x, weight, bias)))
 
 
 def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
@@ -125,25 +126,59 @@ def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
         return "this torch has no working mkldnn._convolution_pointwise"
     if exporting():
         return "not under torch.export (a saved program cannot hold the op's arguments)"
-    return "no autograd (the fused primitive has no derivative) and a symmetric padding only"
+    return "a symmetric padding only; with autograd eagerly only (not under torch.compile)"
 
 
 def conv_tanh_usable(x, weight, bias, padding, dilation, groups) -> bool:
-    """oneDNN's conv with a tanh post-op: CPU float32, no autograd (the op has no derivative), a symmetric padding
-    ("same" with an odd effective kernel); eagerly and under torch.compile (Inductor runs the op as an extern
-    kernel: on the CPU it fuses no epilogue into a convolution of parameters that are not frozen); not under
-    torch.export (torch.export cannot serialize the op's empty list of scalars)."""
-    if not (_fusable(x, weight, bias) and _fused_works()) or exporting():
+    """oneDNN's conv with a tanh post-op: CPU float32, a symmetric padding ("same" with an odd effective kernel).
+    Without autograd eagerly and under torch.compile (Inductor runs the op as an extern kernel: on the CPU it fuses
+    no epilogue into a convolution of parameters that are not frozen); with autograd eagerly (``_ConvTanh``: under
+    torch.compile Inductor differentiates the reference); not under torch.export (torch.export cannot serialize the
+    op's empty list of scalars)."""
+    grad = needs_grad(x, weight, bias)
+    if not (_fusable(x, weight, bias, autograd=True) and _fused_works()) or exporting():
+        return False
+    if grad and torch.compiler.is_compiling():
         return False
     if isinstance(padding, str):
         return padding == "valid" or all(dilation * (k - 1) % 2 == 0 for k in weight.shape[2:])
     return True
 
 
+class _ConvTanh(torch.autograd.Function):
+    """tanh(conv(x)) with oneDNN's fused forward; backward: tanh's derivative from the saved output
+    (``aten.tanh_backward``), then the convolution's (``aten.convolution_backward``, in the forward's layout).
+    Both are differentiable ops, so double backward works too. The training step then has no tanh pass of its
+    own in forward (S2: 90 of them, each a read and a write of the conv's output)."""
+
+    @staticmethod
+    def forward(ctx, xc, w, bias, pads, dilation, groups):
+        spatial = xc.dim() - 2
+        y = torch.ops.mkldnn._convolution_pointwise(xc, w, bias, pads, [1] * spatial, dilation, groups, "tanh",
+                                                     [], "")
+        ctx.save_for_backward(xc, w, y)
+        ctx.conf = (pads, dilation, groups, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, w, y = ctx.saved_tensors
+        pads, dilation, groups, has_bias = ctx.conf
+        spatial = xc.dim() - 2
+        # the gradient in the forward's layout (channels-last), as oneDNN's backward takes it
+        grad_pre = torch.ops.aten.tanh_backward(grad.contiguous(memory_format=_CL[xc.dim()]), y)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(grad_pre, xc, w, [w.shape[0]] if has_bias else None,
+                                                         [1] * spatial, pads, dilation, False, [0] * spatial, groups,
+                                                         mask)
+        return gx, gw, gb if has_bias else None, None, None, None
+
+
 def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation: int, groups: int) -> Tensor:
     """tanh(conv(x)) with stride 1, as one oneDNN primitive in channels-last layout (the activation rides on
-    the conv's output instead of a pass of its own). Measured, S3 predict, interleaved in one process on our
-    2-core CPU: 1.11x torch_rim fused vs 1.03x unfused; S1 and S2 unchanged (1.51x / 1.35x either way)."""
+    the conv's output instead of a pass of its own); with autograd through ``_ConvTanh``. Measured, S3 predict,
+    interleaved in one process on our 2-core CPU: 1.11x torch_rim fused vs 1.03x unfused; S1 and S2 unchanged
+    (1.51x / 1.35x either way)."""
     one_d = x.dim() == 3
     xc = _to_cl(x)
     w = weight.unsqueeze(2) if one_d else weight
@@ -154,9 +189,11 @@ def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilati
         pads = [dilation * (k - 1) // 2 for k in w.shape[2:]]
     else:
         pads = [0, padding] if one_d else [padding] * spatial
-    out = torch.ops.mkldnn._convolution_pointwise(xc, w, bias, pads, [1] * spatial,
-                                                   [1, dilation] if one_d else [dilation] * spatial, groups,
-                                                   "tanh", [], "")
+    dil = [1, dilation] if one_d else [dilation] * spatial
+    if needs_grad(xc, w, bias):
+        out = _ConvTanh.apply(xc, w, bias, pads, dil, groups)
+    else:
+        out = torch.ops.mkldnn._convolution_pointwise(xc, w, bias, pads, [1] * spatial, dil, groups, "tanh", [], "")
     return out.squeeze(2) if one_d else out
 
 
