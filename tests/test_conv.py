@@ -154,18 +154,34 @@ def test_tanh_kernel_skipped_write_is_caught(ext):
 
 
 def test_tanh_dispatch():
-    """auto runs the kernel on CPU float32/bfloat16 tensors, the reference (torch.tanh) for float64, on other
-    devices and under torch.compile."""
+    """auto runs the kernel on CPU float32/bfloat16 tensors (float32 not where MKL's AVX-512 tanh serves
+    torch.tanh), the reference (torch.tanh) for float64, on other devices and under torch.compile."""
     x = torch.randn(2, 3, 4)
     with ops.trace() as calls:
         ops.tanh(x)
+        ops.tanh(x.bfloat16())
         ops.tanh(x.double())
-    if _ext.module() is not None:
-        assert calls == {("tanh", "cpp"): 1, ("tanh", "reference"): 1}
+    if _ext.module() is None:
+        assert calls == {("tanh", "reference"): 3}
+    elif _cpp.MKL_TANH_FASTER:
+        assert calls == {("tanh", "cpp"): 1, ("tanh", "reference"): 2}
     else:
-        assert calls == {("tanh", "reference"): 2}
+        assert calls == {("tanh", "cpp"): 2, ("tanh", "reference"): 1}
     compiled = torch.compile(ops.tanh, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), torch.tanh(x))
+
+
+@pytest.mark.parametrize("vendor,capability,mkl,instructions,expected", [
+    ("GenuineIntel", "AVX512", True, None, True),
+    ("GenuineIntel", "AVX512", True, "AVX512_E1", True),
+    ("GenuineIntel", "AVX512", True, "AVX2", False),  # MKL capped below AVX-512
+    ("GenuineIntel", "AVX2", True, None, False),
+    ("AuthenticAMD", "AVX512", True, None, False),  # MKL's generic paths on AMD
+    ("GenuineIntel", "AVX512", False, None, False),  # torch without MKL
+    ("unknown", "unknown", True, None, False),
+])
+def test_mkl_tanh_rule(vendor, capability, mkl, instructions, expected):
+    assert _cpp.mkl_tanh_is_faster(vendor, capability, mkl, instructions) is expected
 
 
 @pytest.mark.parametrize("dims,size,k", [(1, (9,), 3), (2, (7, 6), 3), (3, (3, 4, 5), 3), (2, (8, 8), 1)],

@@ -107,6 +107,7 @@ def test_the_budget_catches_a_fast_path_that_loses_digits(monkeypatch):
 
     tanh_op = ops._dispatch.OPS["tanh"]
     monkeypatch.setattr(tanh_op.impls[0], "fn", sigmoid_form)
+    monkeypatch.setattr(tanh_op.impls[0], "auto", lambda *args: True)  # where MKL's tanh would be taken instead
     # every tanh through ops.tanh (conv + tanh as the conv, then the patched tanh, not oneDNN's fused primitive)
     fused, = [impl for impl in ops._dispatch.OPS["conv_tanh"].impls if impl.name == "onednn_fused"]
     monkeypatch.setattr(fused, "auto", lambda *args: False)
