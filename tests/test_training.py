@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 import rim
 import rim_fast
-from rim_fast import checkpoints as ckpt
+from rim_fast import checkpoints as ckpt, ops
 from rim_fast import training
 
 from conftest import requires_cuda
@@ -163,10 +163,12 @@ def test_autocast_runs_the_network_in_bf16_and_keeps_the_state_fp32():
                                                                          if isinstance(a, torch.Tensor))))
     conv_out = []
     r.model.input_layer.register_forward_hook(lambda m, i, o: conv_out.append(o.dtype))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), ops.trace() as calls:
         trajectory = r(y)
         prediction = r.predict(y)
         loss = r.loss_fn(y, x)
+    # every conv + tanh in autocast's dtype: none as oneDNN's float32 fused primitive
+    assert calls[("conv_tanh", "unfused")] > 0 and calls[("conv_tanh", "onednn_fused")] == 0
     assert all(dtype == torch.float32 for call in seen for dtype in call)  # x, y, score, h
     assert set(conv_out) == {torch.bfloat16}
     assert all(t.dtype == torch.float32 for t in trajectory) and prediction.dtype == torch.float32

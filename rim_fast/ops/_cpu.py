@@ -112,11 +112,22 @@ def _transpose_fused_works() -> bool:
     return _WORKS["conv_transpose"]
 
 
+def _autocast_on() -> bool:
+    # eager CPU autocast: the reference's convolution runs in autocast's dtype, the fused primitives would not
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 def _fusable(x, weight, bias, autograd: bool = False) -> bool:
-    # CPU float32, 1-3 spatial dims; with autograd only where ``autograd`` (the primitives have no derivative of
-    # their own: ``_ConvTanh`` gives conv + tanh one)
+    # CPU float32, 1-3 spatial dims, not under eager autocast; with autograd only where ``autograd`` (the
+    # primitives have no derivative of their own: ``_ConvTanh`` gives conv + tanh one)
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() in (3, 4, 5)
-            and weight.dtype == torch.float32 and (autograd or not needs_grad(x, weight, bias)))
+            and weight.dtype == torch.float32 and (autograd or not needs_grad(x, weight, bias))
+            and not _autocast_on())
 
 
 def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
@@ -126,6 +137,8 @@ def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
         return "this torch has no working mkldnn._convolution_pointwise"
     if exporting():
         return "not under torch.export (a saved program cannot hold the op's arguments)"
+    if _autocast_on():
+        return "not under autocast (the convolution runs in autocast's dtype)"
     return "a symmetric padding only; with autograd eagerly only (not under torch.compile)"
 
 
