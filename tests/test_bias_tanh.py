@@ -220,9 +220,12 @@ def test_gradcheck_reference(S):
 # ---- conv_tanh on the kernel ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dims,S", [(1, (9,)), (2, (7, 6)), (3, (3, 4, 5))], ids=["1D", "2D", "3D"])
-def test_conv_tanh_on_the_kernel(dims, S):
-    """RIM_FAST_BACKEND=kernels with autograd (oneDNN's fused primitive has no derivative): conv_tanh runs the
-    convolution without its bias, then the kernel; forward and the gradients of x, weight and bias match."""
+def test_conv_tanh_on_the_kernel(dims, S, monkeypatch):
+    """RIM_FAST_BACKEND=kernels with autograd, oneDNN's fused primitive (which kernels takes first on the CPU) left
+    out: conv_tanh runs the convolution without its bias, then the kernel; forward and the gradients of x, weight
+    and bias match."""
+    fused, = [impl for impl in ops._dispatch.OPS["conv_tanh"].impls if impl.name == "onednn_fused"]
+    monkeypatch.setattr(fused, "usable", lambda *args: False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, *S, generator=g).to(DEV)
     w = (0.3 * torch.randn(5, 3, *[3] * dims, generator=g)).to(DEV)
@@ -243,17 +246,20 @@ def test_conv_tanh_on_the_kernel(dims, S):
 
 
 def test_dispatch_on_the_cpu():
-    """On the CPU ``auto`` keeps today's choices (oneDNN's fusion or the unfused pair; the reference bias_tanh);
-    the kernels backend runs the kernel through the interpreter; no bias: nothing to fuse."""
+    """On the CPU ``auto`` keeps the CPU's choices (oneDNN's fusion, with autograd too, or the unfused pair; the
+    reference bias_tanh); the kernels backend runs the bias_tanh kernel through the interpreter, and conv_tanh as
+    oneDNN's fusion where it works."""
+    from rim_fast.ops import _cpu
+    fused = "onednn_fused" if _cpu._fused_works() else "unfused"
     x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
     with ops.use_backend("auto"), ops.trace() as calls:
         ops.bias_tanh(torch.randn(2, 4, 5), b)
         ops.conv_tanh(x, w, b.requires_grad_())
-    assert calls[("bias_tanh", "reference")] == 1 and calls[("conv_tanh", "unfused")] == 1, calls
+    assert calls[("bias_tanh", "reference")] == 1 and calls[("conv_tanh", fused)] == 1, calls
     with ops.use_backend("kernels"), ops.trace() as calls:
         ops.bias_tanh(torch.randn(2, 4, 5), b)
         ops.conv_tanh(x, w.requires_grad_(), None)
-    assert calls[("bias_tanh", "triton")] == 1 and calls[("conv_tanh", "unfused")] == 1, calls
+    assert calls[("bias_tanh", "triton")] == 1 and calls[("conv_tanh", fused)] == 1, calls
     assert not _triton.bias_tanh_usable(torch.randn(2, 4, 5).double(), b.double())
 
 
