@@ -28,7 +28,7 @@ tanh                   ``cpp``            CPU float32/bfloat16, eager: one vecto
 conv_tanh              ``onednn_fused``   CPU float32: the tanh rides on the conv's output. Without autograd
                                           eager and under torch.compile (an extern kernel there); with autograd
                                           eager (its backward: tanh' from the output, then the conv's backward;
-                                          training step S1/S2/S3 1.03/1.12/1.01x -> 1.33/1.18/1.12x torch_rim);
+                                          no tanh pass of its own: bench/results/cpu-eb62ff7/ab_train_fused.txt);
                                           ``triton_bias_tanh`` on CUDA where ``bias_tanh`` picks
                                           ``triton`` (the conv without its bias, then ``bias_tanh``: 2 kernels,
                                           not cuDNN's conv + bias add + tanh = 3); else ``unfused``: the
