@@ -23,13 +23,17 @@ _FLOATS = (torch.float32, torch.float64, torch.bfloat16)
 
 def usable(x, *args) -> bool:
     """CPU tensors of 1 to 3 spatial dims, float32/float64/bfloat16 (``auto`` takes them all: oneDNN is faster in
-    channels-last than in the reference's NCHW)."""
-    return x.device.type == "cpu" and x.dtype in _FLOATS and x.dim() in (3, 4, 5)
+    channels-last than in the reference's NCHW); not under torch.func transforms (vmap cannot ask a batched tensor
+    for its channels-last layout)."""
+    return x.device.type == "cpu" and x.dtype in _FLOATS and x.dim() in (3, 4, 5) and not _functorch_active()
 
 
 def why_not(x, *args) -> str:
-    return "CPU tensors only (cuDNN serves GPU tensors in their own layout)" if x.device.type != "cpu" else (
-        f"{x.dtype} / {x.dim() - 2} spatial dims not covered")
+    if x.device.type != "cpu":
+        return "CPU tensors only (cuDNN serves GPU tensors in their own layout)"
+    if _functorch_active():
+        return "not under torch.func transforms"
+    return f"{x.dtype} / {x.dim() - 2} spatial dims not covered"
 
 
 def _to_cl(x: Tensor) -> Tensor:
@@ -122,12 +126,19 @@ def _autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _functorch_active() -> bool:
+    # torch.func transforms (grad, vmap, ...): the primitives have no batching rule, ``_ConvTanh`` no setup_context
+    # (eagerly: torch.compile traces torch.func transforms itself)
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and not torch.compiler.is_compiling() and bool(active())
+
+
 def _fusable(x, weight, bias, autograd: bool = False) -> bool:
-    # CPU float32, 1-3 spatial dims, not under eager autocast; with autograd only where ``autograd`` (the
-    # primitives have no derivative of their own: ``_ConvTanh`` gives conv + tanh one)
+    # CPU float32, 1-3 spatial dims, not under eager autocast or torch.func transforms; with autograd only where
+    # ``autograd`` (the primitives have no derivative of their own: ``_ConvTanh`` gives conv + tanh one)
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() in (3, 4, 5)
             and weight.dtype == torch.float32 and (autograd or not needs_grad(x, weight, bias))
-            and not _autocast_on())
+            and not _autocast_on() and not _functorch_active())
 
 
 def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
@@ -139,6 +150,8 @@ def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
         return "not under torch.export (a saved program cannot hold the op's arguments)"
     if _autocast_on():
         return "not under autocast (the convolution runs in autocast's dtype)"
+    if _functorch_active():
+        return "not under torch.func transforms (grad, vmap, ...)"
     return "a symmetric padding only; with autograd eagerly only (not under torch.compile)"
 
 
