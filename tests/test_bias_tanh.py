@@ -264,7 +264,7 @@ def test_dispatch_on_the_cpu():
 
 
 @pytest.fixture
-def fake_cuda_kernels(monkeypatch):
+def fake_cuda_kernels(monkeypatch, fake_cuda):
     """The Triton kernels as a GPU machine loads them (not interpreted): decisions on fake CUDA tensors."""
     if _triton.K is None:
         pytest.skip(_triton.missing())

@@ -42,7 +42,7 @@ def pop() -> None:
 
 def active() -> bool:
     """Whether a per-call cache is open (a ``derived`` tensor is built once for the call, not once per use)."""
-    return bool(_CALL_CACHES)
+    return len(_CALL_CACHES) > 0  # not bool(list): torch 2.6's dynamo cannot trace it
 
 
 def derived(owner: object, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
