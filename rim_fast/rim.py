@@ -527,6 +527,10 @@ class RIM(nn.Module):
         from .ops._dispatch import export_region
         if ops not in BACKENDS:
             raise ValueError(f"ops must be one of {BACKENDS}, got {ops!r}")
+        if not hasattr(torch.compiler, "is_exporting"):
+            raise RuntimeError(f"RIM.export needs a torch newer than 2.6 (one with torch.compiler.is_exporting); this "
+                               f"is torch {torch.__version__}, whose export cannot trace the score's vjp. rim.compile() "
+                               f"and predict work on it")
         flag("dynamic_batch", dynamic_batch)
         self._check_observation(y, args, kwargs)
         rim = self

@@ -279,3 +279,12 @@ def test_checks_cost_no_graph_break():
     for fn, args in ((r.predict, (y,)), (r.loss_fn, (y, y))):
         explanation = torch._dynamo.explain(fn)(*args)
         assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_export_refuses_a_torch_without_is_exporting(monkeypatch):
+    """torch 2.6 (our floor) has no torch.compiler.is_exporting and its export cannot trace the score's vjp: RIM.export
+    says so instead of failing deep in the trace."""
+    monkeypatch.delattr(torch.compiler, "is_exporting", raising=False)
+    rim = make()
+    with pytest.raises(RuntimeError, match="RIM.export needs a torch newer than 2.6"):
+        rim.export(torch.randn(2, 1, *rim.dimensions))

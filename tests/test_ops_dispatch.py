@@ -185,7 +185,9 @@ def test_kernels_backend_runs_the_kernels_or_raises_under_compile():
         while error is not None and len(chain) < 10:
             chain.append(str(error))
             error = error.__cause__ or error.__context__
-        assert any("the Triton interpreter cannot run inside torch.compile" in m for m in chain), chain
+        # torch 2.6's dynamo drops the message ("Observed exception" from an ExceptionVariable); later ones keep it
+        old_dynamo = not hasattr(torch.compiler, "is_exporting") and "Observed exception" in chain[0]
+        assert old_dynamo or any("the Triton interpreter cannot run inside torch.compile" in m for m in chain), chain
     torch._dynamo.reset()
     with ops.use_backend("auto"):  # auto compiles the reference
         compiled = torch.compile(ops.gru_gates_zero_state, backend="eager", fullgraph=True)
