@@ -576,7 +576,7 @@ class RIM(nn.Module):
         func_vjp, module["vjp"] = module["vjp"], autograd_vjp
         try:
             with use_backend(ops), export_region(), torch.no_grad():
-                # non-strict (the default of newer torch; torch 2.6's strict dynamo trace refuses autograd_vjp)
+                # non-strict, as newer torch does by default (a strict dynamo trace refuses autograd_vjp)
                 return torch.export.export(Predict().eval(), (y, *args), kwargs=kwargs or None,
                                            dynamic_shapes=dynamic_shapes, strict=False)
         finally:
