@@ -109,8 +109,7 @@ def test_the_budget_catches_a_fast_path_that_loses_digits(monkeypatch):
     monkeypatch.setattr(tanh_op.impls[0], "fn", sigmoid_form)
     monkeypatch.setattr(tanh_op.impls[0], "auto", lambda *args: True)  # where MKL's tanh would be taken instead
     # every tanh through ops.tanh (conv + tanh as the conv, then the patched tanh, not oneDNN's fused primitive)
-    fused, = [impl for impl in ops._dispatch.OPS["conv_tanh"].impls if impl.name == "onednn_fused"]
-    monkeypatch.setattr(fused, "auto", lambda *args: False)
+    monkeypatch.setattr(ops._dispatch.OPS["conv_tanh"].impl("onednn_fused"), "auto", lambda *args: False)
     kw = dict(score_fn=score_fn, score_preprocessing_method="RMSPROP")
     run = dict(size=(16, 16), batch=1)  # the case where the digit was seen lost (1.9e-5 against 1.2e-6)
     names, exact = _run(2, kw, torch.float64, "reference", **run)

@@ -1,6 +1,7 @@
 """The worked examples (examples/*.py) in their short mode: small sizes, a fixed number of training steps from
-fixed seeds (reproducible on one machine: another CPU rounds differently and trains to other numbers), one thread. Each must beat its naive inverse on PSNR and SSIM by a clear margin, and
-save its figure. Measured on our 2-core CPU, quiet (naive -> RIM, PSNR dB / SSIM; test time):
+fixed seeds (reproducible on one machine: another CPU rounds differently and trains to other numbers), one
+thread. Each must beat its naive inverse on PSNR and SSIM by a clear margin, and save its figure. Measured on
+our 2-core CPU, quiet (naive -> RIM, PSNR dB / SSIM; test time):
 
   spectra_1d   Wiener 25.81 / 0.833 -> RIM 29.26 / 0.896   (softplus link; 22 s)
   mri          zero-filled 14.79 / 0.419 -> RIM 19.39 / 0.740   (vmap score, a mask per sample; 250 steps, 21 s;

@@ -56,7 +56,7 @@ def test_conv_same_without_its_pad_matches_the_reference(dims, size, k, axis_swa
 
 def test_conv_same_without_its_pad_through_the_op():
     """The op's ``symmetric_padding`` implementation (CUDA's) on CPU tensors, and its dilation rule."""
-    impl = next(i for i in rim_fast.ops._dispatch.OPS["conv_same"].impls if i.name == "symmetric_padding")
+    impl = rim_fast.ops._dispatch.OPS["conv_same"].impl("symmetric_padding")
     x, w, b = torch.randn(2, 3, 10, 12), torch.randn(5, 3, 3, 3), torch.randn(5)
     with per_call_cache():
         out = impl.fn(x, w, b, 3, 2, 1, 1, True)

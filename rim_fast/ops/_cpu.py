@@ -126,11 +126,13 @@ def _autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _functorch_active() -> bool:
     # torch.func transforms (grad, vmap, ...): the primitives have no batching rule, ``_ConvTanh`` no setup_context
     # (eagerly: torch.compile traces torch.func transforms itself)
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return active is not None and not torch.compiler.is_compiling() and bool(active())
+    return _FUNCTORCH_ACTIVE is not None and not torch.compiler.is_compiling() and bool(_FUNCTORCH_ACTIVE())
 
 
 def _fusable(x, weight, bias, autograd: bool = False) -> bool:
@@ -174,6 +176,13 @@ def conv_tanh_usable(x, weight, bias, padding, dilation, groups) -> bool:
     return True
 
 
+def _fused_conv_tanh(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dilation: list,
+                     groups: int) -> Tensor:
+    # oneDNN's stride-1 conv with the tanh post-op on a channels-last 4D/5D tensor
+    spatial = xc.dim() - 2
+    return torch.ops.mkldnn._convolution_pointwise(xc, w, bias, pads, [1] * spatial, dilation, groups, "tanh", [], "")
+
+
 class _ConvTanh(torch.autograd.Function):
     """tanh(conv(x)) with oneDNN's fused forward; backward: tanh's derivative from the saved output
     (``aten.tanh_backward``), then the convolution's (``aten.convolution_backward``, in the forward's layout).
@@ -185,9 +194,7 @@ class _ConvTanh(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xc, w, bias, pads, dilation, groups):
-        spatial = xc.dim() - 2
-        y = torch.ops.mkldnn._convolution_pointwise(xc, w, bias, pads, [1] * spatial, dilation, groups, "tanh",
-                                                     [], "")
+        y = _fused_conv_tanh(xc, w, bias, pads, dilation, groups)
         ctx.save_for_backward(xc, w, y)
         ctx.conf = (pads, dilation, groups, bias is not None)
         return y
@@ -220,12 +227,12 @@ def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilati
     elif isinstance(padding, str):
         pads = [dilation * (k - 1) // 2 for k in w.shape[2:]]
     else:
-        pads = [0, padding] if one_d else [padding] * spatial
-    dil = [1, dilation] if one_d else [dilation] * spatial
+        pads = _list(padding, one_d, spatial, 0)
+    dil = _list(dilation, one_d, spatial, 1)
     if needs_grad(xc, w, bias):
         out = _ConvTanh.apply(xc, w, bias, pads, dil, groups)
     else:
-        out = torch.ops.mkldnn._convolution_pointwise(xc, w, bias, pads, [1] * spatial, dil, groups, "tanh", [], "")
+        out = _fused_conv_tanh(xc, w, bias, pads, dil, groups)
     return out.squeeze(2) if one_d else out
 
 

@@ -158,6 +158,13 @@ class Op:
         self.impls.append(impl)
         return impl
 
+    def impl(self, name: str) -> Impl:
+        """The registered implementation called ``name``."""
+        for impl in self.impls:
+            if impl.name == name:
+                return impl
+        raise KeyError(f"op '{self.name}' has no implementation '{name}' ({[i.name for i in self.impls]})")
+
     def _choose(self, args) -> tuple[str, Callable]:
         if _BACKEND == "reference" or not self.impls:
             return "reference", self.reference
