@@ -1,6 +1,8 @@
 """The convolution family (rim_fast/ops/conv.py): the CPU channels-last convolutions, the C++ tanh kernel
 (csrc/tanh.*) and conv + tanh against their references: forward, every gradient, the error budget of conftest,
 layouts, NaN-poisoned outputs, opcheck."""
+import contextlib
+
 import pytest
 import torch
 
@@ -51,6 +53,56 @@ def test_channels_last_convs_match_reference(dims, size, k, stride, dtype):
     ref_t = reference.conv_transpose(x, wt, None, 2, (k - 1) // 2, 1, 1, 1)
     new_t = _cpu.conv_transpose(x, wt, None, 2, (k - 1) // 2, 1, 1, 1)
     torch.testing.assert_close(new_t, ref_t, **conv_tol(dtype))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_weights_laid_out_once_per_call(dims):
+    """Inside a RIM call (layers.derived's per-call cache) each weight is converted to channels-last once, not by
+    aten in every step's forward and backward: the steps' convolutions read one copy (fewer weight copies,
+    counted with the profiler), and every gradient matches the reference's over two steps."""
+    from torch.profiler import profile
+    from rim_fast.layers.derived import per_call_cache
+    size = (6, 5, 4)[:dims]
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    # weights at the scale of an initialised layer's (1 / fan-in): activations stay O(1) through the steps
+    w = (torch.randn(3, 3, *([3] * dims)) / 3 ** (dims + 1)).requires_grad_()
+    wt = (torch.randn(3, 3, *([3] * dims)) / 3 ** (dims + 1)).requires_grad_()
+    b = torch.randn(3, requires_grad=True)
+
+    def steps(conv, conv_tanh, conv_transpose, crop):
+        y = x
+        for _ in range(2):
+            y = conv_tanh(conv(y, w, b, 1, "same", 1, 1), w, b, "same", 1, 1)
+            y = crop(conv_transpose(y, wt, None, 2, 1, 1, 1, 1))[..., ::2] if dims == 1 else \
+                conv(conv_transpose(y, wt, None, 1, 1, 0, 1, 1), w, None, 1, "same", 1, 1)
+        return y
+
+    def crop(t):
+        return t[..., :size[-1] * 2]
+
+    ref = steps(reference.conv, reference.conv_tanh, reference.conv_transpose, crop)
+    cot = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, (x, w, wt, b), cot)
+
+    def weight_copies(cached):
+        with profile(record_shapes=True) as prof:
+            with per_call_cache() if cached else contextlib.nullcontext():
+                if cached:
+                    assert _cpu._weight(w) is _cpu._weight(w) and _cpu._weight(w).is_contiguous(
+                        memory_format=_cpu._CL[dims + 2 if dims > 1 else 4])
+                out = steps(_cpu.conv, _cpu.conv_tanh, _cpu.conv_transpose, crop)
+                grads = torch.autograd.grad(out, (x, w, wt, b), cot)
+        copies = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                     if e.key in ("aten::copy_", "aten::clone") and e.input_shapes and
+                     list(e.input_shapes[0]) == list(w.shape))
+        return out, grads, copies
+
+    out, grads, copies = weight_copies(cached=True)
+    torch.testing.assert_close(out, ref, **conv_tol(torch.float32))
+    for g, g_r in zip(grads, g_ref):
+        torch.testing.assert_close(g, g_r, **conv_tol(torch.float32))
+    if dims > 1:  # 1D weights go through unsqueeze(2): [C, C, 1, k] copies are not counted by shape
+        assert copies < weight_copies(cached=False)[2]
 
 
 def test_one_d_outputs_chain_without_copies():

@@ -7,7 +7,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops._dispatch import needs_grad
 from ..layers.derived import conv_weight, derived
 from ..layers.conv_same import _SameConvMixin
 from .base import EncoderDecoder, fold_next_bias, unobserved
@@ -82,18 +81,20 @@ class Hourglass(EncoderDecoder):
 
         Both are linear (no activation between them), so output(last(x)) = conv(x, W_out W_last, W_out b_last +
         b_out): the same products summed in another order, for channels/nf of the last conv's multiply-adds and
-        no nf-wide intermediate. Built once per RIM call (``layers.derived``).
-        None where the layers are not plain convs, hooks could observe them, with ``RIM_FAST_BACKEND=reference``
-        (``ops.rewrites``: torch_rim's computation), and with autograd: inference only, as the training step's
-        gradients through the merged kernel broke the whole-RIM error budget (tests/test_error_budget.py, 3D: a
-        gate gradient 1.4e-6 to 2.0e-6 against a budget of 1.4e-6 to 1.6e-6, depending on the thread count)."""
+        no nf-wide intermediate. Built once per RIM call (``layers.derived``); with autograd, backward maps the
+        merged kernel's summed gradient to both layers once per call. In training this removes one nf -> nf
+        convolution's forward and backward per step: measured, training step against torch_rim, alternated in one
+        process (2-core Xeon with AVX-512, 2026-12-03): 1.19x -> 1.26x (S1), 1.17x -> 1.24x (S2), 1.07x -> 1.15x
+        (S3). Within the whole-RIM error budget (tests/test_error_budget.py; worst use 0.66 of it with 1 or 2
+        threads; the first try, commit 6694712, went over it in 3D, before the tanh and conv + tanh paths changed).
+        None where the layers are not plain convs, hooks could observe them, or with ``RIM_FAST_BACKEND=reference``
+        (``ops.rewrites``: torch_rim's computation)."""
         if self.num_layers == 0 or not ops.rewrites():
             return None
         last, out = self.all_modules[-1], self.output_layer
         if not (type(last) is type(out) and isinstance(last, _SameConvMixin)
                 and last.padding_mode == out.padding_mode == "zeros" and last.groups == out.groups == 1
-                and all(k == 1 for k in out.kernel_size) and unobserved(last, out)
-                and not needs_grad(*last.parameters(), *out.parameters())):
+                and all(k == 1 for k in out.kernel_size) and unobserved(last, out)):
             return None
 
         def weight():

@@ -44,6 +44,16 @@ def _to_cl(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=_CL[x.dim()])
 
 
+def _weight(weight: Tensor) -> Tensor:
+    """The weight as oneDNN takes it beside a channels-last input: 4D/5D channels-last (1D as [C_out, C_in, 1, k]).
+    Inside a RIM call (``layers.derived``) built once per call: the T steps' convolutions and their backward passes
+    read the one copy, where aten converts a contiguous weight in every forward and backward."""
+    from ..layers import derived
+    if not derived.active() or torch.compiler.is_compiling():
+        return weight.unsqueeze(2) if weight.dim() == 3 else weight
+    return derived.derived(weight, "channels_last", lambda: _to_cl(weight))
+
+
 def _pair(v, one_d: bool, fill=0):
     return (fill, v) if one_d else v
 
@@ -52,7 +62,7 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, pad
          dilation: int = 1, groups: int = 1) -> Tensor:
     one_d = x.dim() == 3
     xc = _to_cl(x)
-    w = weight.unsqueeze(2) if one_d else weight
+    w = _weight(weight)
     pad = padding if isinstance(padding, str) else _pair(padding, one_d)
     out = (F.conv2d if xc.dim() == 4 else F.conv3d)(xc, w, bias, _pair(stride, one_d, 1), pad,
                                                    _pair(dilation, one_d, 1), groups)
@@ -64,8 +74,7 @@ def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: in
     from .reference import conv_same_pads
     pads = conv_same_pads(tuple(x.shape[2:]), kernel_size, stride, dilation, axis_swap)
     # pad the channels-last tensor (F.pad keeps its layout), not the NCL/NCHW one: no second copy
-    out = conv(F.pad(_to_cl(x), pads), weight.unsqueeze(2) if x.dim() == 3 else weight, bias, stride, 0,
-               dilation, groups)
+    out = conv(F.pad(_to_cl(x), pads), weight, bias, stride, 0, dilation, groups)
     return out.squeeze(2) if x.dim() == 3 else out
 
 
@@ -73,7 +82,7 @@ def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: in
                    output_padding: int, groups: int, dilation: int) -> Tensor:
     one_d = x.dim() == 3
     xc = _to_cl(x)
-    w = weight.unsqueeze(2) if one_d else weight
+    w = _weight(weight)
     fn = F.conv_transpose2d if xc.dim() == 4 else F.conv_transpose3d
     out = fn(xc, w, bias, _pair(stride, one_d, 1), _pair(padding, one_d), _pair(output_padding, one_d),
              groups, _pair(dilation, one_d, 1))
@@ -220,7 +229,7 @@ def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilati
     (1.51x / 1.35x either way)."""
     one_d = x.dim() == 3
     xc = _to_cl(x)
-    w = weight.unsqueeze(2) if one_d else weight
+    w = _weight(weight)
     spatial = xc.dim() - 2
     if padding == "valid":
         pads = [0] * spatial
