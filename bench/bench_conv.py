@@ -8,10 +8,16 @@ S3 [4, 32, 16x16x16], L2 [32, 32, 256x256] (CUDA only). Ops:
   conv_tanh  the same convolution followed by tanh, fwd (no autograd: inference, where the fusion applies)
   conv_transpose_tanh  an upsampling layer and its tanh: a stride-2 3x3 transposed convolution nf -> nf from the
              half-size map [B, nf, *size/2] to [B, nf, *size], then tanh, fwd (no autograd)
+  conv_out   the thin output conv nf -> 1 (the Hourglass' merged output layer), fwdbwd: forward, then the
+             gradients of the input and the weight
+  conv_in    the thin input conv 2 -> nf and its tanh (a network's first layer), fwdbwd: forward, then the
+             gradients of the input and the weight
 Providers: "reference" (the reference op, eager: torch.tanh, NCHW convolutions), "compiled" (torch.compile of the
 reference, fullgraph, static shapes), and the implementations ``auto`` can pick on this device: "cpp" (tanh, the
 C++ CPU kernel), "channels_last" (CPU convolutions in oneDNN's preferred layout), "onednn_fused" and "unfused"
-(conv_tanh and conv_transpose_tanh on the CPU). Every case is checked against the reference before it is timed (no time for a wrong case).
+(conv_tanh and conv_transpose_tanh on the CPU); for conv_out and conv_in, "channels_last" is
+the channels-last path with its thin-convolution code (``_cpu.THIN_OUT``, ``_cpu.THIN_IN``) and "onednn" the same
+with oneDNN for every convolution. Every case is checked against the reference before it is timed (no time for a wrong case).
 
 GB/s for tanh (e = 4 bytes, N elements): fwd 2 e N (read x, write y); fwdbwd 5 e N (and read grad, y; write
 grad_x). GFLOP/s for the convolutions: 2 N nf 3^d (multiply-adds of the 3x3(x3) kernel; N the input's elements).
@@ -34,7 +40,10 @@ from rim_fast.ops.conv import _conv_then_tanh, _conv_transpose_then_tanh
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NF = MODEL["nf"]
 CPU = DEVICE == "cpu"
-OPS = (("tanh", "fwd"), ("tanh", "fwdbwd"), ("conv", "fwd"), ("conv_tanh", "fwd"), ("conv_transpose_tanh", "fwd"))
+OPS = (("tanh", "fwd"), ("tanh", "fwdbwd"), ("conv", "fwd"), ("conv_tanh", "fwd"), ("conv_transpose_tanh", "fwd"),
+       ("conv_out", "fwdbwd"), ("conv_in", "fwdbwd"))
+#: input and output channels of the thin convolutions
+THIN = {"conv_out": (NF, 1), "conv_in": (2, NF)}
 PROVIDERS = {
     "tanh": ("reference", "compiled") + (("cpp",) if CPU and _cpp.has_kernel("cpu") else ()),
     "conv": ("reference", "compiled") + (("channels_last",) if CPU else ()),
@@ -42,6 +51,8 @@ PROVIDERS = {
                  + (("unfused",) if CPU else ()),
     "conv_transpose_tanh": ("reference", "compiled") + (("onednn_fused",) if CPU and _cpu._transpose_fused_works()
                                                         else ()) + (("unfused",) if CPU else ()),
+    "conv_out": ("reference",) + (("channels_last", "onednn") if CPU else ()),
+    "conv_in": ("reference",) + (("channels_last", "onednn") if CPU else ()),
 }
 #: conv_transpose_tanh's arguments after (x, weight, bias): stride 2, padding 1, output_padding 1, groups, dilation,
 #: no crop (score_models' ConvTransposed*dSame of an Hourglass' decoder)
@@ -67,6 +78,13 @@ def _function(op: str, provider: str):
 
         def fn(x, w, b):
             return impl(x, w, b, "same", 1, 1)
+    elif op in THIN:
+        impl = {"conv_out": (reference.conv, _cpu.conv), "conv_in": (reference.conv_tanh, _cpu.conv_tanh)}[op][
+            provider != "reference"]
+        args = (1, "same", 1, 1) if op == "conv_out" else ("same", 1, 1)
+
+        def fn(x, w, b):
+            return impl(x, w, b, *args)
     else:
         impl = {"onednn_fused": _cpu.conv_transpose_tanh, "unfused": _conv_transpose_then_tanh}.get(
             provider, reference.conv_transpose_tanh)
@@ -79,8 +97,14 @@ def _function(op: str, provider: str):
 
 
 def _input_shape(op, shape) -> tuple:
-    # the upsampling layer reads the half-size map
+    # the upsampling layer reads the half-size map; the thin convolutions their own channels
+    if op in THIN:
+        return (shape[0], THIN[op][0], *shape[2:])
     return (*shape[:2], *[n // 2 for n in shape[2:]]) if op == "conv_transpose_tanh" else tuple(shape)
+
+
+def _output_shape(op, shape) -> tuple:
+    return (shape[0], THIN[op][1], *shape[2:]) if op in THIN else tuple(shape)
 
 
 def _inputs(op, shape):
@@ -89,22 +113,33 @@ def _inputs(op, shape):
     if op == "tanh":
         return [x]
     dims = len(shape) - 2
-    w = (torch.randn(NF, NF, *[3] * dims, generator=g) / math.sqrt(NF * 3 ** dims)).to(DEVICE)
-    return [x, w, torch.randn(NF, generator=g).to(DEVICE)]
+    c_in, c_out = THIN.get(op, (NF, NF))
+    w = (torch.randn(c_out, c_in, *[3] * dims, generator=g) / math.sqrt(c_in * 3 ** dims)).to(DEVICE)
+    return [x, w, torch.randn(c_out, generator=g).to(DEVICE)]
 
 
 def make_case(op: str, mode: str, provider: str, shape: tuple):
     """(callable to time) for one case; the callable synchronises the device and returns the outputs."""
     fn = _function(op, provider)
     inputs = _inputs(op, shape)
+    wrt = inputs[:2] if op in THIN else inputs[:1]  # the thin convolutions: their weight's gradient too
     if mode == "fwdbwd":
-        inputs[0].requires_grad_()
-    cot = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE) if mode == "fwdbwd" else None
+        for t in wrt:
+            t.requires_grad_()
+    cot = (torch.randn(_output_shape(op, shape), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+           if mode == "fwdbwd" else None)
+
+    thin = (0, 0) if provider == "onednn" else (_cpu.THIN_OUT, _cpu.THIN_IN)
 
     def run():
-        with torch.set_grad_enabled(mode == "fwdbwd"):
-            out = fn(*inputs)
-            outs = (out,) + (torch.autograd.grad(out, inputs[0], cot) if mode == "fwdbwd" else ())
+        saved = _cpu.THIN_OUT, _cpu.THIN_IN
+        _cpu.THIN_OUT, _cpu.THIN_IN = thin  # for the forward and the backward
+        try:
+            with torch.set_grad_enabled(mode == "fwdbwd"):
+                out = fn(*inputs)
+                outs = (out,) + (torch.autograd.grad(out, wrt, cot) if mode == "fwdbwd" else ())
+        finally:
+            _cpu.THIN_OUT, _cpu.THIN_IN = saved
         synchronize(DEVICE)
         return outs
     return run
@@ -123,16 +158,20 @@ def check_and_baseline(op, mode, shape):
 
 
 def correct(outs, expected) -> bool:
-    # tanh within a few ulp; convolutions summed in another order (absolute at the output's scale)
+    # tanh within a few ulp; convolutions summed in another order (absolute at the output's scale: a weight
+    # gradient sums B * S products)
     return len(outs) == len(expected) and all(
-        torch.allclose(a.detach().double(), b.double(), rtol=1e-5, atol=1e-5) for a, b in zip(outs, expected))
+        torch.allclose(a.detach().double(), b.double(), rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+        for a, b in zip(outs, expected))
 
 
 def throughput(op, mode, shape, seconds) -> dict:
     n = math.prod(_input_shape(op, shape))
     if op == "tanh":
         return {"GBps": BYTES_PER_ELEMENT[(op, mode)] * 4 * n / seconds / 1e9}
-    return {"GFLOPs": 2 * n * NF * 3 ** (len(shape) - 2) / seconds / 1e9}
+    c_out = THIN[op][1] if op in THIN else NF
+    passes = 3 if op in THIN else 1  # forward, input gradient, weight gradient
+    return {"GFLOPs": passes * 2 * n * c_out * 3 ** (len(shape) - 2) / seconds / 1e9}
 
 
 CASES = [pytest.param(name, op, mode, provider, id=f"{name}-{op}-{mode}-{provider}")

@@ -317,9 +317,11 @@ class RIM(nn.Module):
         w: per-pixel loss weights broadcastable to x; time_weights: [T] (or [T + 1] with initialization "model",
         the first for x_0) scaling each step's loss term; amp: autocast is on (cast g and h back)."""
         # what depends on the parameters alone is built once per call (layers.derived), inside whatever records
-        # or traces the call; push/pop, not a context manager: torch.compile traces this function. Not for traced
-        # gradient checkpointing: its steps become subgraphs, which may not write to the cache
-        if self.gradient_checkpointing and torch.is_grad_enabled() and torch.compiler.is_compiling():
+        # or traces the call; push/pop, not a context manager: torch.compile traces this function. Not with
+        # gradient checkpointing: traced, its steps become subgraphs, which may not write to the cache; eagerly,
+        # a step's recomputation (in backward, the cache gone) must save the tensors its forward saved, so every
+        # step builds its own (the merged output conv's weight product saves its factors)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
             return self._steps(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
         derived.push()
         try:

@@ -105,6 +105,102 @@ def test_weights_laid_out_once_per_call(dims):
         assert copies < weight_copies(cached=False)[2]
 
 
+# ---- thin convolutions: few output channels (matrix product, shifted sums) and few input channels (input grad)
+
+THIN_CASES = [
+    pytest.param(1, (9,), 3, id="1D-L9-k3"),
+    pytest.param(1, (4,), 5, id="1D-L4-k5"),  # the kernel wider than the signal
+    pytest.param(2, (7, 6), 3, id="2D-7x6-k3"),
+    pytest.param(2, (3, 8), 5, id="2D-3x8-k5"),
+    pytest.param(2, (6, 5), 1, id="2D-6x5-k1"),
+    pytest.param(3, (3, 4, 5), 3, id="3D-3x4x5-k3"),
+    pytest.param(3, (2, 3, 2), 3, id="3D-2x3x2-k3"),
+]
+
+
+def _nodes(out) -> list:
+    # the names of the autograd nodes that made ``out`` (1D: a squeeze of the [B, C, 1, L] result)
+    node, names = out.grad_fn, []
+    while node is not None:
+        names.append(type(node).__name__)
+        node = node.next_functions[0][0] if node.next_functions else None
+    return names
+
+
+def _close_with_double_backward(out, ref, inputs, dtype):
+    torch.testing.assert_close(out, ref, **conv_tol(dtype))
+    cot = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, inputs, cot, create_graph=True)
+    grads_ref = torch.autograd.grad(ref, inputs, cot, create_graph=True)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, **conv_tol(dtype))
+    kw = dict(allow_unused=True, materialize_grads=True)
+    second = torch.autograd.grad(sum((g * g).sum() for g in grads), inputs, **kw)
+    second_ref = torch.autograd.grad(sum((g * g).sum() for g in grads_ref), inputs, **kw)
+    for g, g_ref in zip(second, second_ref):
+        torch.testing.assert_close(g, g_ref, **({"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32
+                                                 else tol(dtype)))
+
+
+@pytest.mark.parametrize("dims,size,k", THIN_CASES)
+@pytest.mark.parametrize("c_out", [1, 2])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_thin_output_conv_matches_reference(dims, size, k, c_out, bias, dtype, monkeypatch):
+    """_ThinOutConv (the merged output conv, nf -> C): forward, every gradient and double backward; two output
+    channels too (auto takes one only)."""
+    monkeypatch.setattr(_cpu, "THIN_OUT", 2)
+    x = torch.randn(2, 5, *size, dtype=dtype, requires_grad=True)
+    w = (torch.randn(c_out, 5, *([k] * dims), dtype=dtype) / (5 * k ** dims) ** 0.5).requires_grad_()
+    b = torch.randn(c_out, dtype=dtype, requires_grad=True) if bias else None
+    out = _cpu.conv(x, w, b, 1, "same", 1, 1)
+    assert "_ThinOutConvBackward" in _nodes(out)
+    assert out.shape == (2, c_out, *size)
+    if dims > 1:
+        assert out.is_contiguous(memory_format=_cpu._CL[dims + 2])
+    inputs = (x, w) + ((b,) if bias else ())
+    _close_with_double_backward(out, reference.conv(x, w, b, 1, "same", 1, 1), inputs, dtype)
+
+
+@pytest.mark.parametrize("dims,size,k", THIN_CASES)
+@pytest.mark.parametrize("c_in", [1, 2])
+def test_thin_input_conv_gradient_matches_reference(dims, size, k, c_in, monkeypatch):
+    """The input conv's input gradient (2C -> nf, conv + tanh with autograd) as a matrix product and shifted
+    sums, for kernels of at least 9 taps (oneDNN's own below): every gradient and double backward."""
+    if not _cpu._fused_works():
+        pytest.skip("this torch has no working mkldnn._convolution_pointwise")
+    calls = []
+    thin_grad = _cpu._thin_in_input_grad
+    monkeypatch.setattr(_cpu, "_thin_in_input_grad", lambda *a: calls.append(1) or thin_grad(*a))
+    x = torch.randn(2, c_in, *size, requires_grad=True)
+    w = (torch.randn(6, c_in, *([k] * dims)) / (c_in * k ** dims) ** 0.5).requires_grad_()
+    b = torch.randn(6, requires_grad=True)
+    out = _cpu.conv_tanh(x, w, b, "same", 1, 1)
+    _close_with_double_backward(out, reference.conv_tanh(x, w, b, "same", 1, 1), (x, w, b), torch.float32)
+    assert len(calls) == (2 if k ** dims >= 9 else 0)  # the gradient, then again inside the double backward
+
+
+def test_thin_paths_only_where_they_apply():
+    """Stride 1, no dilation or groups, odd kernels with their symmetric "same" padding, float32/float64, eagerly;
+    everything else, and more channels, runs oneDNN's convolution."""
+    x = torch.randn(2, 4, 8, 8)
+    w = torch.randn(1, 4, 3, 3)
+    xc, wc = _cpu._to_cl(x), _cpu._to_cl(w)
+    assert _cpu._thin_ok(xc, wc, [1, 1], 1, 1, 1)
+    assert not _cpu._thin_ok(xc, wc, [1, 1], 2, 1, 1)  # stride
+    assert not _cpu._thin_ok(xc, wc, [2, 2], 1, 2, 1)  # dilation
+    assert not _cpu._thin_ok(xc, wc, [0, 0], 1, 1, 1)  # "valid"
+    assert not _cpu._thin_ok(xc, _cpu._to_cl(torch.randn(1, 4, 2, 2)), [0, 0], 1, 1, 1)  # even kernel
+    assert not _cpu._thin_ok(xc.bfloat16(), wc.bfloat16(), [1, 1], 1, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _cpu._thin_ok(xc, wc, [1, 1], 1, 1, 1)
+    x.requires_grad_()
+    assert "_ThinOutConvBackward" in _nodes(_cpu.conv(x, w, None, 1, "same", 1, 1))
+    wide = torch.randn(_cpu.THIN_OUT + 1, 4, 3, 3)
+    assert "_ThinOutConvBackward" not in _nodes(_cpu.conv(x, wide, None, 1, "same", 1, 1))
+    assert "_ThinOutConvBackward" not in _nodes(_cpu.conv(x, w, None, 1, 0, 1, 1))
+
+
 def test_one_d_outputs_chain_without_copies():
     x = torch.randn(2, 4, 16)
     w = torch.randn(4, 4, 3)

@@ -24,15 +24,18 @@ def energy_fn(x, y):
 
 
 def _run(dims, kw, dtype, backend, size=None, batch=2):
-    """(names, tensors): the trajectory, the loss and every parameter gradient of a small RIM (C=2, T=3, as
-    initialised: zero GRU biases, so that many activations sit near 0), computed in ``dtype`` with ``backend``."""
+    """(names, tensors): the trajectory, the loss and every parameter gradient of a small RIM (C=2, or
+    ``kw["channels"]``; T=3, as initialised: zero GRU biases, so that many activations sit near 0), computed in
+    ``dtype`` with ``backend``."""
     size = size or SIZES[dims]
+    kw = dict(kw)
+    c = kw.pop("channels", 2)
     torch.manual_seed(0)
-    net = rim_fast.Hourglass(2, dimensions=dims, nf=8, ch_mult=(2, 2), hidden_units=12)
+    net = rim_fast.Hourglass(c, dimensions=dims, nf=8, ch_mult=(2, 2), hidden_units=12)
     rim = rim_fast.RIM(size, net, T=3, **kw).to(dtype)
     g = torch.Generator().manual_seed(1)
-    y = torch.randn(batch, 2, *size, generator=g, dtype=torch.float64).to(dtype)
-    x_true = torch.randn(batch, 2, *size, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randn(batch, c, *size, generator=g, dtype=torch.float64).to(dtype)
+    x_true = torch.randn(batch, c, *size, generator=g, dtype=torch.float64).to(dtype)
     with ops.use_backend(backend):
         trajectory = rim(y)
         loss = rim.loss_fn(y, x_true)
@@ -52,6 +55,10 @@ CONFIGS += [pytest.param(dims, dict(energy_fn=energy_fn, score_preprocessing_met
             for dims in (1, 2, 3)]
 CONFIGS += [pytest.param(2, dict(score_fn=score_fn, score_preprocessing_method="RMSPROP", compat="fixed"),
                          id="2D-score-RMSPROP-fixed")]
+# one channel, as the standard workloads: the CPU's thin convolutions (the merged nf -> 1 output conv, the
+# 2 -> nf input conv's input gradient) run here
+CONFIGS += [pytest.param(dims, dict(score_fn=score_fn, score_preprocessing_method=method, channels=1),
+                         id=f"{dims}D-C1-score-{method}") for dims in (1, 2, 3) for method in ("identity", "ADAM")]
 
 
 @pytest.fixture(params=["auto", "kernels"])
@@ -77,10 +84,12 @@ def _predict(dims, kw, dtype, backend, compiled=False):
     """(names, tensors): the trajectory without autograd, where the inference-only paths run (oneDNN's conv + tanh
     and transposed conv + tanh on the CPU, the Hourglass' merged output conv); ``compiled``: ``RIM.compile()``."""
     size = SIZES[dims]
+    kw = dict(kw)
+    c = kw.pop("channels", 2)
     torch.manual_seed(0)
-    net = rim_fast.Hourglass(2, dimensions=dims, nf=8, ch_mult=(2, 2), hidden_units=12)
+    net = rim_fast.Hourglass(c, dimensions=dims, nf=8, ch_mult=(2, 2), hidden_units=12)
     rim = rim_fast.RIM(size, net, T=3, **kw).to(dtype)
-    y = torch.randn(2, 2, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    y = torch.randn(2, c, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
     with ops.use_backend(backend), torch.no_grad():
         if compiled:
             torch._dynamo.reset()

@@ -47,9 +47,11 @@ def _to_cl(x: Tensor) -> Tensor:
 def _weight(weight: Tensor) -> Tensor:
     """The weight as oneDNN takes it beside a channels-last input: 4D/5D channels-last (1D as [C_out, C_in, 1, k]).
     Inside a RIM call (``layers.derived``) built once per call: the T steps' convolutions and their backward passes
-    read the one copy, where aten converts a contiguous weight in every forward and backward."""
+    read the one copy, where aten converts a contiguous weight in every forward and backward. Outside, converted
+    here (as aten would): the same layout either way, which gradient checkpointing's recomputation (outside the
+    call's cache) checks."""
     from ..layers import derived
-    if not derived.active() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return weight.unsqueeze(2) if weight.dim() == 3 else weight
     return derived.derived(weight, "channels_last", lambda: _to_cl(weight))
 
@@ -63,6 +65,9 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, pad
     one_d = x.dim() == 3
     xc = _to_cl(x)
     w = _weight(weight)
+    if w.shape[0] <= THIN_OUT and _thin_ok(xc, w, _pads(padding, w, one_d, dilation), stride, dilation, groups):
+        out = _ThinOutConv.apply(xc, w, bias)
+        return out.squeeze(2) if one_d else out
     pad = padding if isinstance(padding, str) else _pair(padding, one_d)
     out = (F.conv2d if xc.dim() == 4 else F.conv3d)(xc, w, bias, _pair(stride, one_d, 1), pad,
                                                    _pair(dilation, one_d, 1), groups)
@@ -216,9 +221,17 @@ class _ConvTanh(torch.autograd.Function):
         # the gradient in the forward's layout (channels-last), as oneDNN's backward takes it
         grad_pre = torch.ops.aten.tanh_backward(grad.contiguous(memory_format=_CL[xc.dim()]), y)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
-        gx, gw, gb = torch.ops.aten.convolution_backward(grad_pre, xc, w, [w.shape[0]] if has_bias else None,
-                                                         [1] * spatial, pads, dilation, False, [0] * spatial, groups,
-                                                         mask)
+        # few input channels (the input conv) and a 2D/3D kernel: oneDNN's backward-data is slow there (with a
+        # 1D kernel of 3 taps it is not: bench_conv.py, S1 conv_in)
+        thin = (mask[0] and w.shape[1] <= THIN_IN and w[0, 0].numel() >= 9
+                and _thin_ok(xc, w, pads, 1, max(dilation), groups))
+        gx = gw = gb = None
+        if mask[1] or mask[2] or not thin:
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                grad_pre, xc, w, [w.shape[0]] if has_bias else None, [1] * spatial, pads, dilation, False,
+                [0] * spatial, groups, [mask[0] and not thin, *mask[1:]])
+        if thin:
+            gx = _thin_in_input_grad(grad_pre, w)
         return gx, gw, gb if has_bias else None, None, None, None
 
 
@@ -231,12 +244,7 @@ def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilati
     xc = _to_cl(x)
     w = _weight(weight)
     spatial = xc.dim() - 2
-    if padding == "valid":
-        pads = [0] * spatial
-    elif isinstance(padding, str):
-        pads = [dilation * (k - 1) // 2 for k in w.shape[2:]]
-    else:
-        pads = _list(padding, one_d, spatial, 0)
+    pads = _pads(padding, w, one_d, dilation)
     dil = _list(dilation, one_d, spatial, 1)
     if needs_grad(xc, w, bias):
         out = _ConvTanh.apply(xc, w, bias, pads, dil, groups)
@@ -286,5 +294,131 @@ def conv_transpose_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], strid
     return crop_spatial(out.squeeze(2) if one_d else out, crop)
 
 
+def _pads(padding, w: Tensor, one_d: bool, dilation: int) -> list:
+    # a convolution's padding per spatial axis of its 4D/5D weight ``w`` ("same" as a symmetric one)
+    if padding == "valid":
+        return [0] * (w.dim() - 2)
+    if isinstance(padding, str):
+        return [dilation * (k - 1) // 2 for k in w.shape[2:]]
+    return _list(padding, one_d, w.dim() - 2, 0)
+
+
 def _list(v: int, one_d: bool, spatial: int, fill: int) -> list:
     return [fill, v] if one_d else [v] * spatial
+
+
+# ---- thin convolutions: few output or input channels, as matrix products and shifted sums -------------------
+
+#: the thin paths: at most THIN_OUT output channels (``_ThinOutConv``), at most THIN_IN input channels
+#: (``_thin_in_input_grad``). Measured, forward + backward, S2 / S3 shapes on a 2-core Xeon with AVX-512
+#: (2026-12-03), against oneDNN channels-last: 32 -> 1 5.6 -> 3.1 ms / 3.6 -> 1.5 ms, 32 -> 2 6.2 -> 5.0 / 3.6 ->
+#: 2.4, 32 -> 4 5.8 -> 7.5 / 3.8 -> 4.2 (slower), 2 -> 32 5.5 -> 4.6 / 2.7 -> 2.1, 4 -> 32 6.0 -> 6.7 / 3.1 -> 2.9.
+#: Two output channels stay with oneDNN: there the whole-RIM error budget's 3D C=2 case went over (1.18 of it, a
+#: GRU bias gradient, with 2 threads; 0.75 with 1): another summation order, unluckily, for a small gain.
+THIN_OUT = 1
+THIN_IN = 2
+
+
+def _thin_ok(xc: Tensor, w: Tensor, pads, stride, dilation, groups) -> bool:
+    # stride 1, no dilation, no groups, odd kernels padded (k - 1) / 2 on both sides: the output has the input's
+    # size and tap k of every output position reads the input shifted by k - pad; eagerly, float32/float64
+    ks = tuple(w.shape[2:])
+    return (stride == 1 and groups == 1 and dilation == 1 and xc.dtype in (torch.float32, torch.float64)
+            and w.dtype == xc.dtype and all(k % 2 == 1 for k in ks)
+            and list(pads) == [(k - 1) // 2 for k in ks] and not torch.compiler.is_compiling() and not exporting()
+            and not _autocast_on())
+
+
+def _window(shift: int, size: int) -> tuple:
+    # out[q] += src[q + shift] for the q where q + shift lies inside: (destination slice, source slice)
+    return slice(max(0, -shift), size - max(0, shift)), slice(max(0, shift), size + min(0, shift))
+
+
+def _shift_sum(planes: Tensor, ks: tuple, sign: int) -> Tensor:
+    """planes [C, K, N, *S] -> [C, N, *S]: out[c, n, q] = sum_k planes[c, k, n, q + sign * shift_k], zero outside
+    (a convolution's last step once the channels are contracted by a matrix product; sign -1: its adjoint). The
+    taps are summed one kernel axis at a time (3 x 2 adds for a 3x3x3 kernel, not 26)."""
+    spatial = planes.shape[3:]
+    out = planes.reshape(planes.shape[0], *ks, *planes.shape[2:])  # [C, *ks, N, *S]
+    for axis in reversed(range(len(ks))):  # sum over the last kernel axis, shifting along its spatial axis
+        k, n = ks[axis], spatial[axis]
+        moved = out.movedim(axis + 1, 0)  # [k, C, *ks[:axis], N, *S]
+        total = moved[(k - 1) // 2].clone()
+        at = total.dim() - len(spatial) + axis  # the spatial axis in ``total``
+        for j in range(k):
+            if j != (k - 1) // 2:
+                dst, src = _window(sign * (j - (k - 1) // 2), n)
+                total[(slice(None),) * at + (dst,)] += moved[(j,) + (slice(None),) * at + (src,)]
+        out = total
+    return out
+
+
+def _stack(planes: Tensor, ks: tuple) -> Tensor:
+    """planes [C, N, *S] -> [C, K, N, *S]: tap k holds the planes shifted by -shift_k (zero outside): the
+    transpose of ``_shift_sum(., ks, 1)``, as a tensor that matrix products then contract. Built one kernel axis
+    at a time (9 shifted copies for a 3x3x3 kernel, not 27)."""
+    spatial = planes.shape[2:]
+    out = planes.unsqueeze(1)  # [C, taps so far, N, *S]
+    for axis in range(len(ks)):
+        k, n = ks[axis], spatial[axis]
+        grown = out.new_zeros((out.shape[0], out.shape[1], k, *out.shape[2:]))  # [C, taps, k, N, *S]
+        before = (slice(None),) * (axis + 1)  # N and the spatial axes before this one
+        for j in range(k):
+            dst, src = _window(-(j - (k - 1) // 2), n)
+            grown[(slice(None), slice(None), j) + before + (dst,)] = out[(slice(None), slice(None)) + before + (src,)]
+        out = grown.flatten(1, 2)
+    return out
+
+
+def _rows(xc: Tensor) -> Tensor:
+    # a channels-last [N, C, *S] tensor as its [N * S, C] matrix (a view when it is channels-last)
+    return xc.movedim(1, -1).reshape(-1, xc.shape[1])
+
+
+class _ThinOutConv(torch.autograd.Function):
+    """A stride-1 "same" convolution with few output channels (the Hourglass' merged output conv, nf -> C):
+    oneDNN runs those far below its speed elsewhere (S2's 32 -> 1 3x3 conv: 16 GFLOP/s, 2.2 ms forward, 2.9 ms
+    backward). Here forward is one matrix product [C_out K, C_in] x [C_in, N S] (the K taps' planes), then the
+    planes summed shifted; backward stacks the output gradient's K shifted copies once and contracts it with the
+    weight (input gradient) and the input (weight gradient). Backward uses differentiable ops: double backward
+    works."""
+
+    @staticmethod
+    def forward(ctx, xc, w, bias):
+        ks = tuple(w.shape[2:])
+        c_out, c_in = w.shape[:2]
+        taps = w.reshape(c_out, c_in, -1).transpose(1, 2).reshape(-1, c_in)  # [C_out K, C_in]
+        planes = (taps @ _rows(xc).t()).reshape(c_out, w[0, 0].numel(), xc.shape[0], *xc.shape[2:])
+        out = _shift_sum(planes, ks, 1)
+        if bias is not None:
+            out += bias.reshape(-1, *([1] * (out.dim() - 1)))
+        ctx.save_for_backward(xc, w)
+        ctx.has_bias = bias is not None
+        return out.movedim(0, 1).contiguous(memory_format=_CL[xc.dim()])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, w = ctx.saved_tensors
+        ks = tuple(w.shape[2:])
+        c_out, c_in = w.shape[:2]
+        stacked = _stack(grad.movedim(1, 0), ks).reshape(c_out * w[0, 0].numel(), -1)  # [C_out K, N S]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            taps = w.reshape(c_out, c_in, -1).transpose(1, 2).reshape(-1, c_in)
+            gx = (stacked.t() @ taps).reshape(xc.shape[0], *xc.shape[2:], c_in).movedim(-1, 1)
+        if ctx.needs_input_grad[1]:
+            gw = (stacked @ _rows(xc)).reshape(c_out, -1, c_in).transpose(1, 2).reshape(w.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum([0, *range(2, grad.dim())])
+        return gx, gw, gb
+
+
+def _thin_in_input_grad(grad: Tensor, w: Tensor) -> Tensor:
+    """The input gradient of a stride-1 "same" convolution with few input channels (the network's input conv,
+    2 C -> nf), where oneDNN's backward-data runs slowly (S2: 2.5 ms): one matrix product [C_in K, C_out] x
+    [C_out, N S], then the planes summed shifted the other way."""
+    ks = tuple(w.shape[2:])
+    c_out, c_in = w.shape[:2]
+    taps = w.reshape(c_out, c_in, -1).permute(1, 2, 0).reshape(-1, c_out)  # [C_in K, C_out]
+    planes = (taps @ _rows(grad).t()).reshape(c_in, w[0, 0].numel(), grad.shape[0], *grad.shape[2:])
+    return _shift_sum(planes, ks, -1).movedim(0, 1)
