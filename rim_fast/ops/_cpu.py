@@ -5,7 +5,9 @@ oneDNN runs fp32 convolutions in NHWC / NDHWC much faster than in NCHW on our CP
 standard workloads: a 3x3 32->32 conv at 64x64 2x faster, the 2-channel input conv ~20x, stride-2 and
 transposed convs 3-4x; a 1D conv of length 256 4x when run as a [B, C, 1, L] channels-last 2D conv). The
 first conv of a network converts its input once; the outputs stay channels-last (element-wise ops keep the
-layout), so later convs pay nothing. Results equal the reference up to float rounding (another summation
+layout), so later convs pay nothing. Each weight is laid out once per RIM call. Thin convolutions (one output
+channel; the input gradient of one with at most two input channels), where oneDNN runs at 15-60 GFLOP/s, are
+matrix products and shifted sums instead. Results equal the reference up to float rounding (another summation
 order), which is why ``RIM_FAST_BACKEND=reference`` keeps torch_rim's NCHW convs bit for bit."""
 from __future__ import annotations
 
