@@ -11,6 +11,7 @@ matrix products and shifted sums instead. Results equal the reference up to floa
 order), which is why ``RIM_FAST_BACKEND=reference`` keeps torch_rim's NCHW convs bit for bit."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -225,7 +226,7 @@ class _ConvTanh(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
         # few input channels (the input conv) and a 2D/3D kernel: oneDNN's backward-data is slow there (with a
         # 1D kernel of 3 taps it is not: bench_conv.py, S1 conv_in)
-        thin = (mask[0] and w.shape[1] <= THIN_IN and w[0, 0].numel() >= 9
+        thin = (mask[0] and w.shape[1] <= THIN_IN and math.prod(w.shape[2:]) >= 9
                 and _thin_ok(xc, w, pads, 1, max(dilation), groups))
         gx = gw = gb = None
         if mask[1] or mask[2] or not thin:
@@ -390,7 +391,7 @@ class _ThinOutConv(torch.autograd.Function):
         ks = tuple(w.shape[2:])
         c_out, c_in = w.shape[:2]
         taps = w.reshape(c_out, c_in, -1).transpose(1, 2).reshape(-1, c_in)  # [C_out K, C_in]
-        planes = (taps @ _rows(xc).t()).reshape(c_out, w[0, 0].numel(), xc.shape[0], *xc.shape[2:])
+        planes = (taps @ _rows(xc).t()).reshape(c_out, math.prod(ks), xc.shape[0], *xc.shape[2:])
         out = _shift_sum(planes, ks, 1)
         if bias is not None:
             out += bias.reshape(-1, *([1] * (out.dim() - 1)))
@@ -403,7 +404,7 @@ class _ThinOutConv(torch.autograd.Function):
         xc, w = ctx.saved_tensors
         ks = tuple(w.shape[2:])
         c_out, c_in = w.shape[:2]
-        stacked = _stack(grad.movedim(1, 0), ks).reshape(c_out * w[0, 0].numel(), -1)  # [C_out K, N S]
+        stacked = _stack(grad.movedim(1, 0), ks).reshape(c_out * math.prod(ks), -1)  # [C_out K, N S]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             taps = w.reshape(c_out, c_in, -1).transpose(1, 2).reshape(-1, c_in)
@@ -422,5 +423,5 @@ def _thin_in_input_grad(grad: Tensor, w: Tensor) -> Tensor:
     ks = tuple(w.shape[2:])
     c_out, c_in = w.shape[:2]
     taps = w.reshape(c_out, c_in, -1).permute(1, 2, 0).reshape(-1, c_out)  # [C_in K, C_out]
-    planes = (taps @ _rows(grad).t()).reshape(c_in, w[0, 0].numel(), grad.shape[0], *grad.shape[2:])
+    planes = (taps @ _rows(grad).t()).reshape(c_in, math.prod(ks), grad.shape[0], *grad.shape[2:])
     return _shift_sum(planes, ks, -1).movedim(0, 1)
