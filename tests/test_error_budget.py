@@ -23,16 +23,21 @@ def energy_fn(x, y):
     return 0.5 * ((y - 0.7 * x) ** 2).flatten(1).sum(1)
 
 
-def _run(dims, kw, dtype, backend, size=None, batch=2):
-    """(names, tensors): the trajectory, the loss and every parameter gradient of a small RIM (C=2, or
-    ``kw["channels"]``; T=3, as initialised: zero GRU biases, so that many activations sit near 0), computed in
-    ``dtype`` with ``backend``."""
-    size = size or SIZES[dims]
+def _small_rim(dims, kw, dtype, size):
+    """(rim, channels): a small RIM in ``dtype`` (C=2, or ``kw["channels"]``; T=3, as initialised: zero GRU biases,
+    so that many activations sit near 0); ``kw``: the RIM's other arguments."""
     kw = dict(kw)
     c = kw.pop("channels", 2)
     torch.manual_seed(0)
     net = rim_fast.Hourglass(c, dimensions=dims, nf=8, ch_mult=(2, 2), hidden_units=12)
-    rim = rim_fast.RIM(size, net, T=3, **kw).to(dtype)
+    return rim_fast.RIM(size, net, T=3, **kw).to(dtype), c
+
+
+def _run(dims, kw, dtype, backend, size=None, batch=2):
+    """(names, tensors): the trajectory, the loss and every parameter gradient of ``_small_rim``, computed in
+    ``dtype`` with ``backend``."""
+    size = size or SIZES[dims]
+    rim, c = _small_rim(dims, kw, dtype, size)
     g = torch.Generator().manual_seed(1)
     y = torch.randn(batch, c, *size, generator=g, dtype=torch.float64).to(dtype)
     x_true = torch.randn(batch, c, *size, generator=g, dtype=torch.float64).to(dtype)
@@ -84,11 +89,7 @@ def _predict(dims, kw, dtype, backend, compiled=False):
     """(names, tensors): the trajectory without autograd, where the inference-only paths run (oneDNN's conv + tanh
     and transposed conv + tanh on the CPU, the Hourglass' merged output conv); ``compiled``: ``RIM.compile()``."""
     size = SIZES[dims]
-    kw = dict(kw)
-    c = kw.pop("channels", 2)
-    torch.manual_seed(0)
-    net = rim_fast.Hourglass(c, dimensions=dims, nf=8, ch_mult=(2, 2), hidden_units=12)
-    rim = rim_fast.RIM(size, net, T=3, **kw).to(dtype)
+    rim, c = _small_rim(dims, kw, dtype, size)
     y = torch.randn(2, c, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
     with ops.use_backend(backend), torch.no_grad():
         if compiled:

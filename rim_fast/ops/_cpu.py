@@ -378,6 +378,11 @@ def _rows(xc: Tensor) -> Tensor:
     return xc.movedim(1, -1).reshape(-1, xc.shape[1])
 
 
+def _taps(w: Tensor) -> Tensor:
+    # a weight [C_out, C_in, *ks] as the matrix [C_out K, C_in] (row: an output channel's tap, in the weight's order)
+    return w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 2).reshape(-1, w.shape[1])
+
+
 class _ThinOutConv(torch.autograd.Function):
     """A stride-1 "same" convolution with few output channels (the Hourglass' merged output conv, nf -> C):
     oneDNN runs those far below its speed elsewhere (S2's 32 -> 1 3x3 conv: 16 GFLOP/s, 2.2 ms forward, 2.9 ms
@@ -389,9 +394,7 @@ class _ThinOutConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xc, w, bias):
         ks = tuple(w.shape[2:])
-        c_out, c_in = w.shape[:2]
-        taps = w.reshape(c_out, c_in, -1).transpose(1, 2).reshape(-1, c_in)  # [C_out K, C_in]
-        planes = (taps @ _rows(xc).t()).reshape(c_out, math.prod(ks), xc.shape[0], *xc.shape[2:])
+        planes = (_taps(w) @ _rows(xc).t()).reshape(w.shape[0], math.prod(ks), xc.shape[0], *xc.shape[2:])
         out = _shift_sum(planes, ks, 1)
         if bias is not None:
             out += bias.reshape(-1, *([1] * (out.dim() - 1)))
@@ -407,8 +410,7 @@ class _ThinOutConv(torch.autograd.Function):
         stacked = _stack(grad.movedim(1, 0), ks).reshape(c_out * math.prod(ks), -1)  # [C_out K, N S]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            taps = w.reshape(c_out, c_in, -1).transpose(1, 2).reshape(-1, c_in)
-            gx = (stacked.t() @ taps).reshape(xc.shape[0], *xc.shape[2:], c_in).movedim(-1, 1)
+            gx = (stacked.t() @ _taps(w)).reshape(xc.shape[0], *xc.shape[2:], c_in).movedim(-1, 1)
         if ctx.needs_input_grad[1]:
             gw = (stacked @ _rows(xc)).reshape(c_out, -1, c_in).transpose(1, 2).reshape(w.shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -421,7 +423,6 @@ def _thin_in_input_grad(grad: Tensor, w: Tensor) -> Tensor:
     2 C -> nf), where oneDNN's backward-data runs slowly (S2: 2.5 ms): one matrix product [C_in K, C_out] x
     [C_out, N S], then the planes summed shifted the other way."""
     ks = tuple(w.shape[2:])
-    c_out, c_in = w.shape[:2]
-    taps = w.reshape(c_out, c_in, -1).permute(1, 2, 0).reshape(-1, c_out)  # [C_in K, C_out]
-    planes = (taps @ _rows(grad).t()).reshape(c_in, math.prod(ks), grad.shape[0], *grad.shape[2:])
+    taps = _taps(w.transpose(0, 1))  # [C_in K, C_out]
+    planes = (taps @ _rows(grad).t()).reshape(w.shape[1], math.prod(ks), grad.shape[0], *grad.shape[2:])
     return _shift_sum(planes, ks, -1).movedim(0, 1)
