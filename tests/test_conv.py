@@ -179,8 +179,16 @@ def test_thin_input_conv_gradient_matches_reference(dims, size, k, c_in, monkeyp
     w = (torch.randn(6, c_in, *([k] * dims)) / (c_in * k ** dims) ** 0.5).requires_grad_()
     b = torch.randn(6, requires_grad=True)
     out = _cpu.conv_tanh(x, w, b, "same", 1, 1)
+    # _ConvTanh's backward where the thin path applies, else autograd's own nodes (conv, then tanh in place)
+    assert ("_ConvTanhBackward" in _nodes(out)) == (k ** dims >= 9)
     _close_with_double_backward(out, reference.conv_tanh(x, w, b, "same", 1, 1), (x, w, b), torch.float32)
     assert len(calls) == (2 if k ** dims >= 9 else 0)  # the gradient, then again inside the double backward
+    # an input without a gradient: no thin input gradient to compute, autograd's own nodes
+    out = _cpu.conv_tanh(x.detach(), w, b, "same", 1, 1)
+    assert "_ConvTanhBackward" not in _nodes(out) and "TanhBackward0" in _nodes(out)
+    gw, = torch.autograd.grad(out, (w,), torch.ones_like(out))
+    gw_ref, = torch.autograd.grad(reference.conv_tanh(x.detach(), w, b, "same", 1, 1), (w,), torch.ones_like(out))
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_thin_paths_only_where_they_apply():
@@ -349,14 +357,16 @@ def test_conv_tanh_fused_and_unfused_match_reference(dims, size, k):
         with ops.trace() as calls:
             ops.conv_tanh(x, w, b, padding="same", dilation=1, groups=1)
     assert calls[("conv_tanh", "onednn_fused" if _cpu._fused_works() else "unfused")] == 1
-    # with autograd, eagerly: the fused forward with _ConvTanh's backward; every gradient, and the gradients of
-    # the gradients (double backward), match the reference's
+    # with autograd, eagerly: 3 input channels take no thin path, so the channels-last convolution and tanh in
+    # place, with autograd's own nodes; every gradient, and the gradients of the gradients (double backward), match
+    # the reference's
     for t in (x, w, b):
         t.requires_grad_(True)
     assert _cpu.conv_tanh_usable(x, w, b, "same", 1, 1) == _cpu._fused_works()
     with ops.trace() as calls:
         out = ops.conv_tanh(x, w, b, padding="same", dilation=1, groups=1)
     assert calls[("conv_tanh", "onednn_fused" if _cpu._fused_works() else "unfused")] == 1
+    assert "TanhBackward0" in _nodes(out) and "_ConvTanhBackward" not in _nodes(out)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     cotangent = _close_with_double_backward(out, reference.conv_tanh(x, w, b, "same", 1, 1), (x, w, b),
                                             torch.float32)

@@ -132,10 +132,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(kw):
     loss_c.backward()
     named_plain, params_ckpted = list(plain.model.named_parameters()), list(ckpted.model.parameters())
     assert len(named_plain) == len(params_ckpted)
-    # rtol 1e-5: with checkpointing each step builds its own derived weights (the merged output conv's product),
-    # so their gradients reach the parameters step by step instead of summed over the steps first
+    # rtol 1e-5 and atol 1e-6 of the gradient's largest entry: with checkpointing each step builds its own derived
+    # weights (the merged output conv's product), so their gradients reach the parameters step by step instead of
+    # summed over the steps first (another summation order: an entry that cancels to 1e-3 of its tensor's largest
+    # moved by 1e-5 of itself)
     for (name, a), b in zip(named_plain, params_ckpted):
-        assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-9, msg=name)
+        assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6 * a.grad.abs().max().item(), msg=name)
     assert any(torch.count_nonzero(p.grad) for p in ckpted.model.parameters())
 
 

@@ -193,6 +193,13 @@ def conv_tanh_usable(x, weight, bias, padding, dilation, groups) -> bool:
     return True
 
 
+def _thin_in(xc: Tensor, w: Tensor, pads: list, dilation: list, groups: int) -> bool:
+    # few input channels (the input conv) and a 2D/3D kernel: oneDNN's backward-data is slow there (with a 1D
+    # kernel of 3 taps it is not: bench_conv.py, S1 conv_in), ``_ConvTanh``'s backward takes the thin path
+    return (w.shape[1] <= THIN_IN and math.prod(w.shape[2:]) >= 9
+            and _thin_ok(xc, w, pads, 1, max(dilation), groups))
+
+
 def _fused_conv_tanh(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dilation: list,
                      groups: int) -> Tensor:
     # oneDNN's stride-1 conv with the tanh post-op on a channels-last 4D/5D tensor
@@ -202,12 +209,13 @@ def _fused_conv_tanh(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, 
 
 class _ConvTanh(torch.autograd.Function):
     """tanh(conv(x)) with oneDNN's fused forward; backward: tanh's derivative from the saved output
-    (``aten.tanh_backward``), then the convolution's (``aten.convolution_backward``, in the forward's layout).
-    Both are differentiable ops, so double backward works too. The training step then has 70 tanh passes fewer
-    (T=10; 20 remain, after the upsampling layers). Measured, training step, alternated in one process on a 2-core
-    Xeon with AVX-512 (2026-12-03): against the C++ tanh pass, torch_rim / rim_fast 1.12x -> 1.20x (S1), 1.11x ->
-    1.17x (S2), 1.02x -> 1.07x (S3); against MKL's faster torch.tanh on that CPU, within +-2% (1.21x / 1.13x /
-    1.06x unfused, 1.23x / 1.15x / 1.03x fused)."""
+    (``aten.tanh_backward``), then the convolution's (``aten.convolution_backward``, in the forward's layout), with
+    the thin input gradient (``_thin_in_input_grad``) where the input has few channels. Both are differentiable
+    ops, so double backward works too. Only for those thin inputs (``_thin_in``): elsewhere ``conv_tanh`` runs
+    aten's convolution and an in-place tanh with autograd, whose nodes cost less host time than this Python
+    Function's (measured, training step, alternated in one process on a 2-core Xeon with AVX-512, 2026-12-03:
+    torch_rim / rim_fast 1.31x -> 1.33x S1, 1.35x -> 1.35x S2, 1.20x -> 1.22x S3; fused forward for every conv
+    against conv + in-place tanh outside the thin input conv)."""
 
     @staticmethod
     def forward(ctx, xc, w, bias, pads, dilation, groups):
@@ -224,10 +232,7 @@ class _ConvTanh(torch.autograd.Function):
         # the gradient in the forward's layout (channels-last), as oneDNN's backward takes it
         grad_pre = torch.ops.aten.tanh_backward(grad.contiguous(memory_format=_CL[xc.dim()]), y)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
-        # few input channels (the input conv) and a 2D/3D kernel: oneDNN's backward-data is slow there (with a
-        # 1D kernel of 3 taps it is not: bench_conv.py, S1 conv_in)
-        thin = (mask[0] and w.shape[1] <= THIN_IN and math.prod(w.shape[2:]) >= 9
-                and _thin_ok(xc, w, pads, 1, max(dilation), groups))
+        thin = mask[0] and _thin_in(xc, w, pads, dilation, groups)
         gx = gw = gb = None
         if mask[1] or mask[2] or not thin:
             gx, gw, gb = torch.ops.aten.convolution_backward(
@@ -240,17 +245,22 @@ class _ConvTanh(torch.autograd.Function):
 
 def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation: int, groups: int) -> Tensor:
     """tanh(conv(x)) with stride 1, as one oneDNN primitive in channels-last layout (the activation rides on
-    the conv's output instead of a pass of its own); with autograd through ``_ConvTanh``. Measured, S3 predict,
-    interleaved in one process on our 2-core CPU: 1.11x torch_rim fused vs 1.03x unfused; S1 and S2 unchanged
-    (1.51x / 1.35x either way)."""
+    the conv's output instead of a pass of its own). Measured, S3 predict, interleaved in one process on our 2-core
+    CPU: 1.11x torch_rim fused vs 1.03x unfused; S1 and S2 unchanged (1.51x / 1.35x either way). With autograd:
+    through ``_ConvTanh`` where the input gradient takes the thin path, else the channels-last convolution and an
+    in-place tanh (see ``_ConvTanh``)."""
     one_d = x.dim() == 3
     xc = _to_cl(x)
     w = _weight(weight)
     spatial = xc.dim() - 2
     pads = _pads(padding, w, one_d, dilation)
     dil = _list(dilation, one_d, spatial, 1)
-    if needs_grad(xc, w, bias):
+    if xc.requires_grad and _thin_in(xc, w, pads, dil, groups):
         out = _ConvTanh.apply(xc, w, bias, pads, dil, groups)
+    elif needs_grad(xc, w, bias):
+        # autograd's own nodes: the channels-last convolution, then tanh in place on its fresh output (the
+        # convolution's backward does not read its output; tanh's reads the result)
+        out = (F.conv2d if spatial == 2 else F.conv3d)(xc, w, bias, 1, pads, dil, groups).tanh_()
     else:
         out = _fused_conv_tanh(xc, w, bias, pads, dil, groups)
     return out.squeeze(2) if one_d else out
