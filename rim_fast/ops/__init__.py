@@ -27,8 +27,10 @@ tanh                   ``cpp``            CPU float32/bfloat16, eager: one vecto
                                           MKL's vsTanh at 2.7x the kernel's speed (``_cpp.mkl_tanh_is_faster``)
 conv_tanh              ``onednn_fused``   CPU float32: the tanh rides on the conv's output. Without autograd
                                           eager and under torch.compile (an extern kernel there); with autograd
-                                          eager (its backward: tanh' from the output, then the conv's backward;
-                                          no tanh pass of its own: bench/results/cpu-eb62ff7/ab_train_fused.txt);
+                                          eager the channels-last conv, then tanh in place (autograd's C++
+                                          nodes cost less host time than a Python Function), but for the thin
+                                          input conv (fused forward, tanh' from the output, then the conv's
+                                          backward with the thin input gradient);
                                           ``triton_bias_tanh`` on CUDA where ``bias_tanh`` picks
                                           ``triton`` (the conv without its bias, then ``bias_tanh``: 2 kernels,
                                           not cuDNN's conv + bias add + tanh = 3); else ``unfused``: the
