@@ -5,7 +5,8 @@ Tensors are the Hourglass's first-level activations, [B, nf=32, *size]: S1 [32, 
 S3 [4, 32, 16x16x16], L2 [32, 32, 256x256] (CUDA only). Ops:
   tanh       fwd: the activation; fwdbwd: and its gradient (tanh_backward from the output)
   conv       a 3x3 "same" convolution nf -> nf, fwd (no autograd)
-  conv_tanh  the same convolution followed by tanh, fwd (no autograd: inference, where the fusion applies)
+  conv_tanh  the same convolution followed by tanh, fwd (no autograd: inference, where the fusion applies);
+             fwdbwd: forward, then the gradients of the input and the weight (training)
   conv_transpose_tanh  an upsampling layer and its tanh: a stride-2 3x3 transposed convolution nf -> nf from the
              half-size map [B, nf, *size/2] to [B, nf, *size], then tanh, fwd (no autograd)
   conv_out   the thin output conv nf -> 1 (the Hourglass' merged output layer), fwdbwd: forward, then the
@@ -15,7 +16,9 @@ S3 [4, 32, 16x16x16], L2 [32, 32, 256x256] (CUDA only). Ops:
 Providers: "reference" (the reference op, eager: torch.tanh, NCHW convolutions), "compiled" (torch.compile of the
 reference, fullgraph, static shapes), and the implementations ``auto`` can pick on this device: "cpp" (tanh, the
 C++ CPU kernel), "channels_last" (CPU convolutions in oneDNN's preferred layout), "onednn_fused" and "unfused"
-(conv_tanh and conv_transpose_tanh on the CPU); for conv_out and conv_in, "channels_last" is
+(conv_tanh and conv_transpose_tanh on the CPU), and for conv_tanh fwdbwd "function": ``_cpu._ConvTanh`` for
+this convolution too (the fused forward and a Python backward, which only the thin input conv takes: with autograd
+``onednn_fused`` runs the channels-last convolution and tanh in place); for conv_out and conv_in, "channels_last" is
 the channels-last path with its thin-convolution code (``_cpu.THIN_OUT``, ``_cpu.THIN_IN``) and "onednn" the same
 with oneDNN for every convolution. Every case is checked against the reference before it is timed (no time for a wrong case).
 
@@ -40,14 +43,14 @@ from rim_fast.ops.conv import _conv_then_tanh, _conv_transpose_then_tanh
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NF = MODEL["nf"]
 CPU = DEVICE == "cpu"
-OPS = (("tanh", "fwd"), ("tanh", "fwdbwd"), ("conv", "fwd"), ("conv_tanh", "fwd"), ("conv_transpose_tanh", "fwd"),
-       ("conv_out", "fwdbwd"), ("conv_in", "fwdbwd"))
+OPS = (("tanh", "fwd"), ("tanh", "fwdbwd"), ("conv", "fwd"), ("conv_tanh", "fwd"), ("conv_tanh", "fwdbwd"),
+       ("conv_transpose_tanh", "fwd"), ("conv_out", "fwdbwd"), ("conv_in", "fwdbwd"))
 #: input and output channels of the thin convolutions
 THIN = {"conv_out": (NF, 1), "conv_in": (2, NF)}
 PROVIDERS = {
     "tanh": ("reference", "compiled") + (("cpp",) if CPU and _cpp.has_kernel("cpu") else ()),
     "conv": ("reference", "compiled") + (("channels_last",) if CPU else ()),
-    "conv_tanh": ("reference", "compiled") + (("onednn_fused",) if CPU and _cpu._fused_works() else ())
+    "conv_tanh": ("reference", "compiled") + (("onednn_fused", "function") if CPU and _cpu._fused_works() else ())
                  + (("unfused",) if CPU else ()),
     "conv_transpose_tanh": ("reference", "compiled") + (("onednn_fused",) if CPU and _cpu._transpose_fused_works()
                                                         else ()) + (("unfused",) if CPU else ()),
@@ -74,7 +77,8 @@ def _function(op: str, provider: str):
         def fn(x, w, b):
             return impl(x, w, b, 1, "same", 1, 1)
     elif op == "conv_tanh":
-        impl = {"onednn_fused": _cpu.conv_tanh, "unfused": _conv_then_tanh}.get(provider, reference.conv_tanh)
+        impl = {"onednn_fused": _cpu.conv_tanh, "unfused": _conv_then_tanh,
+                "function": _conv_tanh_function}.get(provider, reference.conv_tanh)
 
         def fn(x, w, b):
             return impl(x, w, b, "same", 1, 1)
@@ -94,6 +98,16 @@ def _function(op: str, provider: str):
     if provider == "compiled":
         fn = torch.compile(fn, fullgraph=True, dynamic=False)
     return fn
+
+
+def _conv_tanh_function(x, w, b, padding, dilation, groups):
+    # _ConvTanh for any convolution: oneDNN's fused forward, tanh's derivative and the convolution's backward in
+    # Python (stride 1, "same", dilation 1)
+    one_d = x.dim() == 3
+    xc, wc = _cpu._to_cl(x), _cpu._weight(w)
+    pads = [0, (w.shape[-1] - 1) // 2] if one_d else [(k - 1) // 2 for k in w.shape[2:]]
+    out = _cpu._ConvTanh.apply(xc, wc, b, pads, [1] * (xc.dim() - 2), groups)
+    return out.squeeze(2) if one_d else out
 
 
 def _input_shape(op, shape) -> tuple:
@@ -122,7 +136,8 @@ def make_case(op: str, mode: str, provider: str, shape: tuple):
     """(callable to time) for one case; the callable synchronises the device and returns the outputs."""
     fn = _function(op, provider)
     inputs = _inputs(op, shape)
-    wrt = inputs[:2] if op in THIN else inputs[:1]  # the thin convolutions: their weight's gradient too
+    # the thin convolutions and conv_tanh (training): their weight's gradient too
+    wrt = inputs[:2] if op in THIN or op == "conv_tanh" else inputs[:1]
     if mode == "fwdbwd":
         for t in wrt:
             t.requires_grad_()
@@ -170,14 +185,14 @@ def throughput(op, mode, shape, seconds) -> dict:
     if op == "tanh":
         return {"GBps": BYTES_PER_ELEMENT[(op, mode)] * 4 * n / seconds / 1e9}
     c_out = THIN[op][1] if op in THIN else NF
-    passes = 3 if op in THIN else 1  # forward, input gradient, weight gradient
+    passes = 3 if mode == "fwdbwd" else 1  # forward, input gradient, weight gradient
     return {"GFLOPs": passes * 2 * n * c_out * 3 ** (len(shape) - 2) / seconds / 1e9}
 
 
 CASES = [pytest.param(name, op, mode, provider, id=f"{name}-{op}-{mode}-{provider}")
          for i, name in enumerate(shapes()) for op, mode in OPS for provider in PROVIDERS[op]
          # smoke mode (CI): compiling costs seconds per case and tells nothing there; one workload suffices
-         if not (SMOKE and provider == "compiled" and i > 0)]
+         if not (SMOKE and provider == "compiled" and i > 0) and not (provider == "function" and mode == "fwd")]
 
 
 @pytest.mark.parametrize("name,op,mode,provider", CASES)

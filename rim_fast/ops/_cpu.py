@@ -213,9 +213,9 @@ class _ConvTanh(torch.autograd.Function):
     the thin input gradient (``_thin_in_input_grad``) where the input has few channels. Both are differentiable
     ops, so double backward works too. Only for those thin inputs (``_thin_in``): elsewhere ``conv_tanh`` runs
     aten's convolution and an in-place tanh with autograd, whose nodes cost less host time than this Python
-    Function's (measured, training step, alternated in one process on a 2-core Xeon with AVX-512, 2026-12-03:
-    torch_rim / rim_fast 1.31x -> 1.33x S1, 1.35x -> 1.35x S2, 1.20x -> 1.22x S3; fused forward for every conv
-    against conv + in-place tanh outside the thin input conv)."""
+    Function's (measured, training step, alternated in one process on a 2-core Xeon with AVX-512, 2026-12-03, two
+    runs: torch_rim / rim_fast 1.31-1.32x -> 1.35-1.36x S1, 1.31-1.36x -> 1.32-1.37x S2 (+0.5%), 1.20x -> 1.21-1.23x
+    S3; bench/results/cpu-a0fba49/ab_conv_tanh_autograd.txt)."""
 
     @staticmethod
     def forward(ctx, xc, w, bias, pads, dilation, groups):
