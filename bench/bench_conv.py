@@ -102,11 +102,11 @@ def _function(op: str, provider: str):
 
 def _conv_tanh_function(x, w, b, padding, dilation, groups):
     # _ConvTanh for any convolution: oneDNN's fused forward, tanh's derivative and the convolution's backward in
-    # Python (stride 1, "same", dilation 1)
+    # Python (stride 1); padding and dilation as _cpu.conv_tanh turns them into lists
     one_d = x.dim() == 3
     xc, wc = _cpu._to_cl(x), _cpu._weight(w)
-    pads = [0, (w.shape[-1] - 1) // 2] if one_d else [(k - 1) // 2 for k in w.shape[2:]]
-    out = _cpu._ConvTanh.apply(xc, wc, b, pads, [1] * (xc.dim() - 2), groups)
+    pads = _cpu._pads(padding, wc, one_d, dilation)
+    out = _cpu._ConvTanh.apply(xc, wc, b, pads, _cpu._list(dilation, one_d, xc.dim() - 2, 1), groups)
     return out.squeeze(2) if one_d else out
 
 
