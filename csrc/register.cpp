@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "cpu_pool.h"
 #include "outputs.h"
 #include "tanh.h"
 #include "update_step.h"
@@ -32,7 +33,44 @@ static PyObject* set_test_hooks(PyObject* /*self*/, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// _cpu_pool_open() -> bool, _cpu_pool_close(keep), _cpu_pool_release(), _cpu_pool_stats() -> tuple: the CPU memory pool of a RIM call
+// (cpu_pool.h; rim_fast/cpu_pool.py). Plain functions, not dispatcher ops: they take no tensors and are never traced.
+static PyObject* cpu_pool_open(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyBool_FromLong(rim_fast::cpu_pool::open() ? 1 : 0);
+}
+
+static PyObject* cpu_pool_close(PyObject* /*self*/, PyObject* args) {
+  int keep = 0;
+  if (!PyArg_ParseTuple(args, "p", &keep)) {
+    return nullptr;
+  }
+  rim_fast::cpu_pool::close(keep != 0);
+  Py_RETURN_NONE;
+}
+
+static PyObject* cpu_pool_release(PyObject* /*self*/, PyObject* /*args*/) {
+  rim_fast::cpu_pool::release();
+  Py_RETURN_NONE;
+}
+
+static PyObject* cpu_pool_stats(PyObject* /*self*/, PyObject* /*args*/) {
+  int64_t out[6];
+  rim_fast::cpu_pool::stats(out);
+  return Py_BuildValue("(LLLLLL)", static_cast<long long>(out[0]), static_cast<long long>(out[1]),
+                       static_cast<long long>(out[2]), static_cast<long long>(out[3]),
+                       static_cast<long long>(out[4]), static_cast<long long>(out[5]));
+}
+
 static PyMethodDef methods[] = {
+    {"_cpu_pool_open", cpu_pool_open, METH_NOARGS,
+     "_cpu_pool_open() -> bool: open the CPU memory pool (nested opens count); False if it could not be installed."},
+    {"_cpu_pool_close", cpu_pool_close, METH_VARARGS,
+     "_cpu_pool_close(keep): close one open; the last restores torch's CPU allocator and frees the listed blocks "
+     "(with keep, those not listed during this call)."},
+    {"_cpu_pool_release", cpu_pool_release, METH_NOARGS,
+     "_cpu_pool_release(): free every listed block (nothing while the pool is open)."},
+    {"_cpu_pool_stats", cpu_pool_stats, METH_NOARGS,
+     "_cpu_pool_stats() -> (depth, listed blocks, listed bytes, hits, misses, blocks in use)."},
     {"_set_test_hooks", set_test_hooks, METH_VARARGS,
      "_set_test_hooks(poison, skip_last_write): NaN-fill kernel outputs before the kernels write them; make the "
      "kernels skip their last element (tests only)."},

@@ -12,7 +12,7 @@ from torch.func import vjp
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from . import cpu_pool, ops
 from .architectures.base import EncoderDecoder
 from .checkpoints import load_architecture
 from .compat import Compat, CompatLike, resolve
@@ -415,6 +415,15 @@ class RIM(nn.Module):
                                  f"{tuple(time_weights.shape)}")
         return w, time_weights
 
+    @staticmethod
+    def _cpu_pool(y: Tensor):
+        """The CPU memory pool (``rim_fast.cpu_pool``) around an eager call on the CPU without autograd: its steps
+        reuse the activations' memory instead of faulting it in again (S2 predict 640 -> 515 ms on a 2-core Xeon,
+        rim_fast alone). With autograd the activations are saved, not freed, and the pool gained nothing."""
+        if y.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        return cpu_pool.pooled()
+
     def _finite_check(self, **tensors) -> None:
         if self.check_finite is False or torch.compiler.is_compiling():
             return
@@ -441,7 +450,8 @@ class RIM(nn.Module):
             inputs = [y, args, kwargs, x_true, w, time_weights]
             graphs = self._graphs_for(*inputs)
             if graphs is None:
-                return loop(*inputs)
+                with self._cpu_pool(y):
+                    return loop(*inputs)
             return graphs(signature((inputs, keep_trajectory, amp, self._loop_settings(amp))), loop, inputs)
         out, loss = compiled(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
         if self.__dict__.get("_uses_cuda_graphs"):
