@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__, _ext, ops
+from . import __version__, _ext, cpu_pool, ops
 from .ops import _triton as triton_backend
 from .ops._dispatch import OPS
 
@@ -122,6 +122,7 @@ def collect(with_ops: bool = True) -> dict:
         },
         "gpus": gpus,
         "backend": ops.backend(),
+        "cpu_pool": cpu_pool.available(),
     }
     if with_ops:
         info["ops"] = [row for device in _devices() for row in _op_choices(device)]
@@ -163,6 +164,9 @@ def format_text(info: dict) -> str:
     else:
         lines.append("GPUs: none visible")
     lines.append(f"RIM_FAST_BACKEND={info['backend']}")
+    lines.append("CPU memory pool for inference calls: " + (
+        "on (RIM_FAST_CPU_POOL=0 turns it off)" if info["cpu_pool"]
+        else "off (RIM_FAST_CPU_POOL=0, or no rim_fast._C)"))
     if "ops" in info:
         lines += ["", "What `auto` runs for S2-sized inputs (B=16, 64x64; eager, no autograd), per op and device:",
                   "", "| op | device | auto runs | the others, and why not |", "| --- | --- | --- | --- |"]

@@ -220,6 +220,12 @@ def test_info_command_prints_versions_build_and_ops():
     text = out.stdout
     assert text.startswith(f"rim_fast {rim_fast.__version__}")
     assert f"torch {torch.__version__}" in text and "RIM_FAST_BACKEND=" in text
+    pool = "on" if _ext.module() is not None else "off"
+    assert f"CPU memory pool for inference calls: {pool}" in text
+    env["RIM_FAST_CPU_POOL"] = "0"
+    off = subprocess.run([sys.executable, "-m", "rim_fast.info", "--json"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert off.returncode == 0 and '"cpu_pool": false' in off.stdout, off.stderr
     assert "| update_state | cpu |" in text
     if _ext.built_with_cuda():
         assert _ext.describe_archs(_ext.cuda_archs()) in text
