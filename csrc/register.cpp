@@ -33,8 +33,9 @@ static PyObject* set_test_hooks(PyObject* /*self*/, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// _cpu_pool_open() -> bool, _cpu_pool_close(keep), _cpu_pool_release(), _cpu_pool_stats() -> tuple: the CPU memory pool of a RIM call
-// (cpu_pool.h; rim_fast/cpu_pool.py). Plain functions, not dispatcher ops: they take no tensors and are never traced.
+// _cpu_pool_open() -> bool, _cpu_pool_close(keep), _cpu_pool_release(), _cpu_pool_stats() -> tuple: the CPU
+// memory pool of a RIM call (cpu_pool.h; rim_fast/cpu_pool.py). Plain functions, not dispatcher ops: they take no
+// tensors and are never traced.
 static PyObject* cpu_pool_open(PyObject* /*self*/, PyObject* /*args*/) {
   return PyBool_FromLong(rim_fast::cpu_pool::open() ? 1 : 0);
 }
