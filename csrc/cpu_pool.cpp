@@ -30,12 +30,12 @@ struct Block {
 class Pool final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    c10::Allocator* base = base_allocator();
     if (n < kMinBytes) {
-      return base->allocate(n);
+      return base_allocator()->allocate(n);
     }
     const size_t bytes = (n + kPage - 1) / kPage * kPage;
     std::unique_ptr<Block> block;
+    c10::Allocator* base = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = free_.find(bytes);
@@ -45,16 +45,19 @@ class Pool final : public c10::Allocator {
         listed_bytes_ -= bytes;
         --listed_;
         ++hits_;
+      } else {
+        base = base_or_default();
       }
     }
     if (!block) {
-      block.reset(new Block{base->allocate(bytes), bytes, 0});
-      std::lock_guard<std::mutex> lock(mutex_);
-      ++misses_;
+      block.reset(new Block{base->allocate(bytes), bytes, 0});  // outside the lock: the replaced allocator allocates
     }
     void* ptr = block->base.get();
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      if (base != nullptr) {
+        ++misses_;
+      }
       live_.emplace(ptr, block.release());
     }
     return {ptr, ptr, &Pool::free_block, c10::Device(c10::DeviceType::CPU)};
@@ -153,9 +156,11 @@ class Pool final : public c10::Allocator {
     }
   }
 
+  c10::Allocator* base_or_default() const { return base_ != nullptr ? base_ : c10::GetDefaultCPUAllocator(); }
+
   c10::Allocator* base_allocator() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return base_ != nullptr ? base_ : c10::GetDefaultCPUAllocator();
+    return base_or_default();
   }
 
   static void free_block(void* ptr) {

@@ -38,25 +38,27 @@ class Stats(NamedTuple):
     in_use: int
 
 
+def _module():
+    """The extension when it is loaded and has the pool's functions (a build before the pool has not), else None."""
+    module = _ext.module()
+    return module if module is not None and hasattr(module, "_cpu_pool_open") else None
+
+
 def available() -> bool:
     """Whether the pool can be used: the extension is loaded and ``RIM_FAST_CPU_POOL`` is not ``0``."""
-    module = _ext.module()
-    return (module is not None and hasattr(module, "_cpu_pool_open")
-            and os.environ.get("RIM_FAST_CPU_POOL", "1") != "0")
+    return _module() is not None and os.environ.get("RIM_FAST_CPU_POOL", "1") != "0"
 
 
 def stats() -> Stats:
     """The pool's counters (``Stats``); zeros without the extension."""
-    module = _ext.module()
-    if module is None or not hasattr(module, "_cpu_pool_stats"):
-        return Stats(0, 0, 0, 0, 0, 0)
-    return Stats(*module._cpu_pool_stats())
+    module = _module()
+    return Stats(0, 0, 0, 0, 0, 0) if module is None else Stats(*module._cpu_pool_stats())
 
 
 def release() -> None:
     """Frees the blocks the pool keeps between calls (nothing while a call runs)."""
-    module = _ext.module()
-    if module is not None and hasattr(module, "_cpu_pool_release"):
+    module = _module()
+    if module is not None:
         module._cpu_pool_release()
 
 
@@ -65,7 +67,7 @@ def pooled(keep: bool = True) -> Iterator[bool]:
     """Within the block, torch's CPU allocations of 128 KiB or more come from the pool (nested blocks share it);
     yields whether it is open. Leaving the last block keeps the blocks listed during it for the next block
     (``keep``) and frees the others."""
-    module = _ext.module() if available() else None
+    module = _module() if available() else None
     opened = module is not None and bool(module._cpu_pool_open())
     try:
         yield opened

@@ -9,17 +9,16 @@ import pytest
 import torch
 
 import rim_fast
-from rim_fast import _ext, cpu_pool
+from rim_fast import cpu_pool
 
 MIB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
 def pool():
-    module = _ext.module()
-    if module is None or not hasattr(module, "_cpu_pool_open"):
-        pytest.skip("rim_fast._C is not loaded: no CPU pool")
     os.environ.pop("RIM_FAST_CPU_POOL", None)
+    if not cpu_pool.available():
+        pytest.skip("rim_fast._C is not loaded: no CPU pool")
     cpu_pool.release()
     yield
     assert cpu_pool.stats().depth == 0
