@@ -17,8 +17,9 @@ namespace rim_fast {
 namespace cpu_pool {
 namespace {
 
-// 128 KiB: glibc's default mmap threshold; smaller blocks come from malloc's bins, which do not give pages back
-constexpr size_t kMinBytes = size_t(1) << 17;
+// one page: smaller requests come from malloc's bins, which hardly fault. Between a page and glibc's 128 KiB mmap
+// threshold too: malloc serves those from the top of its heap, which it trims as soon as 128 KiB lie free there
+constexpr size_t kMinBytes = 4096;
 constexpr size_t kPage = 4096;
 
 struct Block {
@@ -85,8 +86,8 @@ class Pool final : public c10::Allocator {
     return true;
   }
 
-  // ``keep``: the blocks listed during this call stay listed for the next one (those of earlier calls that this one
-  // did not reuse are freed); else every listed block is freed
+  // ``keep``: the blocks listed since the previous call opened stay listed (those listed before it and not reused
+  // since are freed); else every listed block is freed
   void close(bool keep) {
     std::vector<Block*> release;
     {
@@ -96,7 +97,7 @@ class Pool final : public c10::Allocator {
       }
       if (--depth_ == 0) {
         c10::SetCPUAllocator(base_, 0);
-        take_listed(keep ? call_ : UINT64_MAX, release);
+        take_listed(keep ? (call_ > 0 ? call_ - 1 : 0) : UINT64_MAX, release);
         ++call_;
       }
     }
@@ -137,13 +138,14 @@ class Pool final : public c10::Allocator {
   }
 
  private:
-  // moves the listed blocks not listed during call ``keep_call`` to ``out`` (with the lock held)
-  void take_listed(uint64_t keep_call, std::vector<Block*>& out) {
+  // moves the listed blocks listed before call ``keep_from`` opened (after call ``keep_from - 1`` closed) to
+  // ``out``: all of them for UINT64_MAX (with the lock held)
+  void take_listed(uint64_t keep_from, std::vector<Block*>& out) {
     for (auto it = free_.begin(); it != free_.end();) {
       auto& blocks = it->second;
       size_t kept = 0;
       for (Block* block : blocks) {
-        if (block->call == keep_call) {
+        if (keep_from != UINT64_MAX && block->call >= keep_from) {
           blocks[kept++] = block;
         } else {
           out.push_back(block);
@@ -165,7 +167,6 @@ class Pool final : public c10::Allocator {
 
   static void free_block(void* ptr) {
     Pool& pool = instance();
-    Block* release = nullptr;
     {
       std::lock_guard<std::mutex> lock(pool.mutex_);
       auto it = pool.live_.find(ptr);
@@ -174,16 +175,13 @@ class Pool final : public c10::Allocator {
       }
       Block* block = it->second;
       pool.live_.erase(it);
-      if (pool.depth_ > 0) {
-        block->call = pool.call_;
-        pool.free_[block->bytes].push_back(block);
-        pool.listed_bytes_ += block->bytes;
-        ++pool.listed_;
-      } else {
-        release = block;
-      }
+      // listed while open and while closed alike: a training step's gradients and activations are freed by the
+      // optimizer and the backward pass, outside the RIM call, and its next call reuses them
+      block->call = pool.call_;
+      pool.free_[block->bytes].push_back(block);
+      pool.listed_bytes_ += block->bytes;
+      ++pool.listed_;
     }
-    delete release;
   }
 
   std::mutex mutex_;

@@ -6,14 +6,15 @@
 // eager predict: S2 ~110,000 minor page faults (620 ms), S3 ~20,000 (254 ms), where the same calls with malloc's
 // trimming switched off (MALLOC_TRIM_THRESHOLD_) fault a few thousand times and run 500 / 224 ms.
 //
-// What: while open, the pool is torch's CPU allocator (c10::SetCPUAllocator). Blocks of at least 128 KiB are
-// handed out from a list of freed blocks of the same (page-rounded) size or allocated by the allocator it replaced;
-// a block freed while the pool is open is listed, one freed while it is closed goes back to that allocator.
-// Smaller requests go straight to that allocator (malloc's bins serve them without faults). Closing the last open
-// restores the allocator; with ``keep`` the blocks listed during that call stay listed for the next call (the
-// transient memory of one call, reused from its first step on) and those of earlier calls that it did not reuse
-// are freed, without ``keep`` all are. A block's data pointer is its context (a "simple" DataPtr), so
-// raw_allocate / raw_deleter work too.
+// What: while open, the pool is torch's CPU allocator (c10::SetCPUAllocator). Blocks of at least a page are handed
+// out from a list of freed blocks of the same (page-rounded) size or allocated by the allocator it replaced; a
+// block is listed when it is freed, whether the pool is open then or not (a training step's activations and
+// gradients are freed by the backward pass and the optimizer, after the RIM call; rim_fast/cpu_pool.py opens the
+// pool during that backward pass too). Smaller requests go straight to that allocator (malloc's bins serve them
+// without faults). Closing the last open restores the allocator; with ``keep`` the blocks listed since the
+// previous call opened stay listed (a training step is two calls, forward and backward, each reusing what the
+// other freed) and those listed earlier and not reused since are freed, without ``keep`` all are. A block's data
+// pointer is its context (a "simple" DataPtr), so raw_allocate / raw_deleter work too.
 #pragma once
 
 #include <cstdint>
@@ -25,8 +26,8 @@ namespace cpu_pool {
 // higher priority is registered): then nothing changed and close() must not be called.
 bool open();
 
-// Closes one open; the last restores the allocator and frees the listed blocks (with ``keep``, those not listed
-// during this call).
+// Closes one open; the last restores the allocator and frees the listed blocks (with ``keep``, those listed before
+// the previous call opened).
 void close(bool keep);
 
 // Frees every listed block (nothing while the pool is open).

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
+
+import torch
 
 from . import _ext
 
@@ -59,6 +61,7 @@ def release() -> None:
     """Frees the blocks the pool keeps between calls (nothing while a call runs)."""
     module = _module()
     if module is not None:
+        _close_stale()
         module._cpu_pool_release()
 
 
@@ -68,9 +71,53 @@ def pooled(keep: bool = True) -> Iterator[bool]:
     yields whether it is open. Leaving the last block keeps the blocks listed during it for the next block
     (``keep``) and frees the others."""
     module = _module() if available() else None
+    if module is not None:
+        _close_stale()
     opened = module is not None and bool(module._cpu_pool_open())
     try:
         yield opened
     finally:
         if opened:
             module._cpu_pool_close(keep)
+
+
+# opens made by ``_open_in_backward`` that the end of their backward pass has not closed yet
+_backward_opens = 0
+
+
+def _close_backward_open() -> None:
+    global _backward_opens
+    if _backward_opens > 0:
+        _backward_opens -= 1
+        _module()._cpu_pool_close(True)
+
+
+def _close_stale() -> None:
+    """Closes the opens of backward passes that ended in an error (autograd does not run a failed pass's final
+    callbacks): any left when no backward runs on this thread."""
+    while _backward_opens > 0 and torch._C._current_autograd_node() is None:
+        _close_backward_open()
+
+
+def _open_in_backward(grad: torch.Tensor) -> Optional[torch.Tensor]:
+    """Tensor hook: opens the pool when the backward pass reaches a RIM output, and queues its close for the end
+    of that pass (autograd's final callback)."""
+    global _backward_opens
+    module = _module() if available() and not torch.compiler.is_compiling() else None
+    if module is None or not module._cpu_pool_open():
+        return None
+    _backward_opens += 1
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(_close_backward_open)
+    except RuntimeError:
+        _close_backward_open()
+    return None
+
+
+def during_backward(*tensors: Optional[torch.Tensor]) -> None:
+    """The backward passes through these tensors (a RIM's outputs) run with the pool open: the blocks that the
+    forward's saved activations free are handed to the backward's gradients and to the next forward, instead of
+    going back to the kernel."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(_open_in_backward)

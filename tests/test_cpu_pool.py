@@ -1,7 +1,8 @@
 """The CPU memory pool of a RIM call (rim_fast.cpu_pool, csrc/cpu_pool.cpp): blocks reused within and across calls,
 small requests and other times left to torch's allocator, the allocator restored, tensors that outlive the pool
-intact and freed, nesting, threads, the switch, and the RIM's use of it (CPU calls without autograd only, outputs
-bit for bit those without the pool). Its speed is measured in bench/results (page faults), not here."""
+intact and listed when freed, nesting, threads, the switch, and the RIM's use of it (CPU calls, their backward
+passes through the outputs too; outputs and gradients bit for bit those without the pool). Its speed is measured in
+bench/results (page faults), not here."""
 import os
 import threading
 
@@ -69,7 +70,7 @@ def test_small_requests_and_closed_pool_bypass_it():
     del outside
 
 
-def test_tensor_outliving_the_pool_stays_valid_and_is_freed():
+def test_tensor_outliving_the_pool_stays_valid_and_is_listed_when_freed():
     with cpu_pool.pooled():
         a = torch.arange(MIB // 4, dtype=torch.float32)
         in_use = cpu_pool.stats().in_use
@@ -81,10 +82,15 @@ def test_tensor_outliving_the_pool_stays_valid_and_is_freed():
     assert torch.equal(a[:5], torch.arange(5, dtype=torch.float32)) and float(a[-1]) == 7.0
     del a
     stats = cpu_pool.stats()
-    assert stats.in_use == in_use - 1 and stats.listed == listed  # given back, not listed
+    # freed while closed (as the optimizer frees a training step's gradients): listed for the next call
+    assert stats.in_use == in_use - 1 and stats.listed == listed + 2
+    with cpu_pool.pooled():
+        b = _big(4 * MIB)
+        assert cpu_pool.stats().listed == listed + 1
+        del b
 
 
-def test_kept_between_calls_then_released():
+def test_kept_for_two_calls_then_released():
     with cpu_pool.pooled():
         a = _big()
         ptr = a.data_ptr()
@@ -98,16 +104,21 @@ def test_kept_between_calls_then_released():
         del c
     assert cpu_pool.stats().listed == 2
     with cpu_pool.pooled():
-        d = _big(3 * MIB)
+        d = _big(2 * MIB)
         del d
-    # the 1 MiB block, listed in an earlier call and not reused by the last one, was freed
-    assert cpu_pool.stats().listed == 1
+    # both listed during the previous call or later: kept
+    assert cpu_pool.stats().listed == 3
+    with cpu_pool.pooled():
+        e = _big(2 * MIB)
+        del e
+    # the 1 and 3 MiB blocks, last listed before the previous call and not reused since, were freed
+    assert cpu_pool.stats().listed == 1 and cpu_pool.stats().listed_bytes == 2 * MIB
     with cpu_pool.pooled(keep=False):
         pass
     assert cpu_pool.stats().listed == 0
     with cpu_pool.pooled():
-        e = _big()
-        del e
+        f = _big()
+        del f
     cpu_pool.release()
     assert cpu_pool.stats().listed_bytes == 0
 
@@ -191,14 +202,75 @@ def test_rim_predict_uses_the_pool_and_matches(monkeypatch):
     assert got.data_ptr() != again.data_ptr()  # a kept block is never one still in use
 
 
-def test_rim_with_autograd_does_not_use_it():
+def _train_step(rim, y, x_true, pool: str):
+    os.environ["RIM_FAST_CPU_POOL"] = pool
+    try:
+        rim.model.zero_grad(set_to_none=True)
+        loss = rim.loss_fn(y, x_true)
+        depths = []
+        # the pool's depth while the backward pass computes a weight's gradient
+        handle = rim.model.input_layer.weight.register_hook(lambda g: depths.append(cpu_pool.stats().depth))
+        try:
+            loss.backward()
+        finally:
+            handle.remove()
+        return loss.detach(), [p.grad.clone() for p in rim.model.parameters()], depths
+    finally:
+        os.environ.pop("RIM_FAST_CPU_POOL")
+
+
+def test_rim_training_uses_the_pool_in_forward_and_backward_and_matches():
+    rim = _rim()
+    y, x_true = torch.randn(4, 1, 66, 62), torch.randn(4, 1, 66, 62)
+    expected_loss, expected_grads, depths = _train_step(rim, y, x_true, "0")
+    assert depths == [0]
+    misses = []
+    for _ in range(3):
+        before = cpu_pool.stats()
+        loss, grads, depths = _train_step(rim, y, x_true, "1")
+        after = cpu_pool.stats()
+        misses.append(after.misses - before.misses)
+        assert depths == [1]  # the backward pass ran with the pool open
+        assert after.depth == 0  # and closed it at its end
+        assert after.hits > before.hits
+        assert torch.equal(loss, expected_loss)
+        assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+    # the second and later steps reuse the memory that the previous step's backward pass and optimizer freed
+    assert misses[0] > 0 and misses[1] == misses[2] == 0
+
+
+def test_trajectory_outputs_open_it_in_backward():
     rim = _rim()
     y = torch.randn(4, 1, 66, 62)
-    before = cpu_pool.stats()
-    loss = rim.loss_fn(y, torch.randn(4, 1, 66, 62))
-    loss.backward()
-    after = cpu_pool.stats()
-    assert (after.hits, after.misses) == (before.hits, before.misses)
+    out = rim(y)
+    depths = []
+    handle = rim.model.input_layer.weight.register_hook(lambda g: depths.append(cpu_pool.stats().depth))
+    sum(x.square().mean() for x in out).backward()
+    handle.remove()
+    assert depths and min(depths) >= 1 and cpu_pool.stats().depth == 0
+    with torch.no_grad():
+        assert all(x.grad_fn is None and not x._backward_hooks for x in rim(y))
+
+
+def test_a_failed_backward_pass_leaves_it_closed_at_the_next_call():
+    def fail(grad):
+        raise RuntimeError("boom in backward")
+
+    rim = _rim()
+    rim.model.input_layer.weight.register_hook(fail)
+    y, x_true = torch.randn(4, 1, 66, 62), torch.randn(4, 1, 66, 62)
+    with pytest.raises(RuntimeError, match="boom in backward"):
+        rim.loss_fn(y, x_true).backward()
+    # autograd runs no final callback for a failed pass: the pool is still open, until the next call closes it
+    assert cpu_pool.stats().depth == 1
+    with torch.no_grad():
+        rim.predict(y)
+    assert cpu_pool.stats().depth == 0
+    with pytest.raises(RuntimeError, match="boom in backward"):
+        rim.loss_fn(y, x_true).backward()
+    assert cpu_pool.stats().depth == 1
+    cpu_pool.release()  # release closes it too
+    assert cpu_pool.stats().depth == 0
 
 
 def test_benchmark_runs_in_smoke_mode():
