@@ -1,7 +1,8 @@
 """The CPU memory pool of a RIM call (``rim_fast.cpu_pool``): rim_fast's eager predict (or training step: loss_fn,
 backward, Adam) with the pool on and off, alternated call by call in one process, with the minor page faults of
-each call (``getrusage``), and torch_rim beside them. Run it in a fresh process: glibc's malloc trims its heap (and the next call faults its pages in again)
-depending on what the process freed before, so the state of the heap is part of what is measured.
+each call (``getrusage``), and torch_rim beside them. Run it in a fresh process: glibc's malloc trims its heap (and
+the next call faults its pages in again) depending on what the process freed before, so the state of the heap is
+part of what is measured.
 
     python -m bench.bench_cpu_pool                       # S1, S2, S3, 9 rounds
     python -m bench.bench_cpu_pool --workloads S2 --rounds 15
