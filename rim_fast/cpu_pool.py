@@ -1,22 +1,26 @@
-"""A CPU memory pool for the length of a RIM call: freed activations are reused by the next step, not handed back
-to the kernel and faulted in again.
+"""A CPU memory pool for a RIM call and the backward pass through its outputs: freed activations and gradients are
+reused by the next step, not handed back to the kernel and faulted in again.
 
-glibc's malloc returns the free memory at the top of its heap to the kernel once more than its trim threshold (a
-few MiB, raised only when a large block it had mapped is freed) lies free, and a RIM's T steps free and allocate
-the same activations over and over: each step's pages then fault and are zeroed anew. Measured on a 2-core Xeon,
-eager predict, rim_fast alone in a fresh process: S2 ~110,000 minor page faults per call (640 ms), S3
-~16,000; with the pool ~1,500 / ~1,900 (S2 515 ms).
+glibc's malloc returns the free memory at the top of its heap to the kernel once more than its trim threshold (128
+KiB, raised only when a large block it had mapped is freed) lies free, and a RIM's T steps free and allocate the
+same activations over and over: each step's pages then fault and are zeroed anew. Measured on a 2-core Xeon, eager
+predict, rim_fast alone in a fresh process: S2 ~110,000 minor page faults per call (640 ms), S3 ~16,000; with the
+pool ~1,500 / ~1,900 (S2 515 ms) when it served blocks of 128 KiB and up, none since it serves blocks of a page and
+up (bench/results/cpu-pool-training/).
 
 ``pooled()`` makes the C++ pool (``csrc/cpu_pool.h``) torch's CPU allocator while a RIM call runs its steps
-eagerly on the CPU: blocks of 128 KiB or more freed during the call are listed and handed out again. Leaving
-restores the allocator; the blocks listed during the call stay listed for the next call (the transient memory of
-one call: its first step reuses them too), those of earlier calls that it did not reuse are freed. ``release()``
-frees all of them. Tensors that outlive the call (outputs, tensors saved for backward) are freed as usual.
+eagerly on the CPU: blocks of a page (4 KiB) or more are listed when freed and handed out again. Leaving restores
+the allocator. A block is listed when freed whether the pool is open or not, and stays listed while a call
+since the previous one opened listed or reused it (a training step is two calls: the forward, and its backward
+pass, which ``during_backward`` opens the pool for); blocks listed earlier are freed when a call closes.
+``release()`` frees all of them. Between the steps of a training loop the pool so keeps about one step's
+activations (S3: ~195 MiB) that the next step reuses, where glibc would hand them back and fault them in again.
 
 Off with ``RIM_FAST_CPU_POOL=0`` (read at each call), and without the extension (``rim_fast._C``). Other threads'
-CPU allocations during the call go through the pool too (it is thread-safe); an allocator registered with a higher
-priority than torch's default one is left in place (no pool). Not under torch.compile, torch.export or CUDA graphs
-(the RIM only opens it around its eager loop).
+CPU allocations while it is open go through the pool too (it is thread-safe); an allocator registered with a
+higher priority than torch's default one is left in place (no pool). Not under torch.compile, torch.export or CUDA
+graphs (the RIM only opens it around its eager loop). A backward pass that fails leaves its open behind (autograd
+runs no final callback then): the next RIM call or ``release()`` made outside a backward pass closes it.
 """
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ def format_text(info: dict) -> str:
     else:
         lines.append("GPUs: none visible")
     lines.append(f"RIM_FAST_BACKEND={info['backend']}")
-    lines.append("CPU memory pool for inference calls: " + (
+    lines.append("CPU memory pool (eager CPU calls and their backward): " + (
         "on (RIM_FAST_CPU_POOL=0 turns it off)" if info["cpu_pool"]
         else "off (RIM_FAST_CPU_POOL=0, or no rim_fast._C)"))
     if "ops" in info:

@@ -221,7 +221,7 @@ def test_info_command_prints_versions_build_and_ops():
     assert text.startswith(f"rim_fast {rim_fast.__version__}")
     assert f"torch {torch.__version__}" in text and "RIM_FAST_BACKEND=" in text
     pool = "on" if _ext.module() is not None else "off"
-    assert f"CPU memory pool for inference calls: {pool}" in text
+    assert f"CPU memory pool (eager CPU calls and their backward): {pool}" in text
     env["RIM_FAST_CPU_POOL"] = "0"
     off = subprocess.run([sys.executable, "-m", "rim_fast.info", "--json"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
