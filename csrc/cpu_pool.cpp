@@ -145,7 +145,7 @@ class Pool final : public c10::Allocator {
       auto& blocks = it->second;
       size_t kept = 0;
       for (Block* block : blocks) {
-        if (keep_from != UINT64_MAX && block->call >= keep_from) {
+        if (block->call >= keep_from) {
           blocks[kept++] = block;
         } else {
           out.push_back(block);

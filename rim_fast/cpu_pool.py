@@ -62,7 +62,8 @@ def stats() -> Stats:
 
 
 def release() -> None:
-    """Frees the blocks the pool keeps between calls (nothing while a call runs)."""
+    """Frees the blocks the pool keeps between calls (nothing while a call runs), after closing the opens that a
+    failed backward pass left behind."""
     module = _module()
     if module is not None:
         _close_stale()
@@ -71,8 +72,8 @@ def release() -> None:
 
 @contextlib.contextmanager
 def pooled(keep: bool = True) -> Iterator[bool]:
-    """Within the block, torch's CPU allocations of 128 KiB or more come from the pool (nested blocks share it);
-    yields whether it is open. Leaving the last block keeps the blocks listed during it for the next block
+    """Within the block, torch's CPU allocations of a page (4 KiB) or more come from the pool (nested blocks share
+    it); yields whether it is open. Leaving the last block keeps the blocks listed since the previous block opened
     (``keep``) and frees the others."""
     module = _module() if available() else None
     if module is not None:
