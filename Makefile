@@ -67,8 +67,9 @@ gpu-wheels:
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 	ls .whl
 
+# -rsfE: the reasons of skips, then failures and errors, last (CI shows the tail of the log)
 test: setup
-	$(PY) -m pytest tests -q -rs
+	$(PY) -m pytest tests -q -rsfE
 
 # a user's pip install in a fresh virtual environment holding only a torch (see .ci/fresh_install.sh)
 fresh-install:
@@ -89,7 +90,7 @@ test-floor: $(FLOOR_VENV)/.torch
 	cd $(FLOOR_DIR) && $(FLOOR_PY) setup.py build_ext --inplace > build.log 2>&1 || (tail -40 build.log; exit 1)
 	@grep -m2 "^rim_fast:" $(FLOOR_DIR)/build.log
 	cd $(FLOOR_DIR) && $(FLOOR_PY) -c "import torch, triton; print('floor: torch', torch.__version__, '| triton', triton.__version__)"
-	cd $(FLOOR_DIR) && $(FLOOR_PY) -m pytest tests -q -rs -n 2 -p no:cacheprovider
+	cd $(FLOOR_DIR) && $(FLOOR_PY) -m pytest tests -q -rsfE -n 2 -p no:cacheprovider
 
 clean:
 	rm -rf build *.egg-info rim_fast/_C*.so $(VENV) $(FLOOR_VENV)

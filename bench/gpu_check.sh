@@ -223,7 +223,7 @@ INFO_PID=$!
 if [ "$TESTS" = 0 ]; then
   skip_stage tests 0 "--no-tests"
 else
-  TEST_ARGS=(tests -m cuda -q -rs -p no:cacheprovider --durations=15 --junitxml="$WORK/tests.xml")
+  TEST_ARGS=(tests -m cuda -q -rsfE -p no:cacheprovider --durations=15 --junitxml="$WORK/tests.xml")
   if [ "$MODE" = full ] && $PY -c "import xdist" 2>/dev/null; then
     TEST_ARGS+=(-n "${RIM_FAST_TEST_WORKERS:-8}")
     if $PY -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" 2>/dev/null; then

@@ -3,6 +3,7 @@
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <pthread.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -133,7 +134,15 @@ class Pool final : public c10::Allocator {
 
   static Pool& instance() {
     // never destroyed: tensors allocated here may be freed at interpreter exit, after static destructors
-    static Pool* pool = new Pool();
+    static Pool* pool = [] {
+      Pool* created = new Pool();
+      // fork (DataLoader workers) while another thread holds the lock would leave the child's copy locked for
+      // ever: the forking thread takes it first, and both sides release it (in the child it is that thread's).
+      // Lock order: this lock, then malloc's (the lock is held around malloc; glibc takes its own after these)
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+      return created;
+    }();
     return *pool;
   }
 

@@ -17,7 +17,8 @@ pass, which ``during_backward`` opens the pool for); blocks listed earlier are f
 activations (S3: ~195 MiB) that the next step reuses, where glibc would hand them back and fault them in again.
 
 Off with ``RIM_FAST_CPU_POOL=0`` (read at each call), and without the extension (``rim_fast._C``). Other threads'
-CPU allocations while it is open go through the pool too (it is thread-safe); an allocator registered with a
+CPU allocations while it is open go through the pool too (it is thread-safe, and fork-safe: a process forked
+while another thread holds its lock, a DataLoader worker, gets it unlocked); an allocator registered with a
 higher priority than torch's default one is left in place (no pool). Not under torch.compile, torch.export or CUDA
 graphs (the RIM only opens it around its eager loop). A backward pass that fails leaves its open behind (autograd
 runs no final callback then): the next RIM call or ``release()`` made outside a backward pass closes it.
