@@ -1,8 +1,9 @@
 """The data side of ``fit``: the training and validation DataLoaders, their checks, and moving batches.
 
 ``fit`` takes a map-style ``Dataset`` of ``(y, x_true, *args)`` tuples, for which it builds the DataLoader
-(``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``collate_fn``, ``drop_last``;
-a ``DistributedSampler`` under DDP), or a ``DataLoader`` of the user's, taken as it is. Under DDP a user's
+(``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``collate_fn``, ``drop_last``,
+``multiprocessing_context``; a ``DistributedSampler`` under DDP), or a ``DataLoader`` of the user's, taken as it
+is. Under DDP a user's
 training DataLoader must carry a per-process sampler (a ``DistributedSampler``, or any sampler with
 ``num_replicas`` and ``rank`` attributes matching the process group). Validation under DDP is sharded with
 ``ShardSampler`` (every sample exactly once, no padding), a user's validation DataLoader rebuilt over its dataset
@@ -147,6 +148,8 @@ def _worker_options(config: FitConfig, pinned: bool) -> dict:
         kwargs["persistent_workers"] = config.persistent_workers
         if config.prefetch_factor is not None:
             kwargs["prefetch_factor"] = config.prefetch_factor
+        if config.multiprocessing_context is not None:
+            kwargs["multiprocessing_context"] = config.multiprocessing_context
     return kwargs
 
 
@@ -162,7 +165,8 @@ def val_loader(val, config: FitConfig, group, device: torch.device) -> tuple:
         check_length(val.dataset, "val_dataset")
         kwargs = dict(num_workers=val.num_workers, pin_memory=val.pin_memory, collate_fn=val.collate_fn)
         if val.num_workers > 0:
-            kwargs.update(persistent_workers=val.persistent_workers, prefetch_factor=val.prefetch_factor)
+            kwargs.update(persistent_workers=val.persistent_workers, prefetch_factor=val.prefetch_factor,
+                          multiprocessing_context=val.multiprocessing_context)
         return (DataLoader(val.dataset, batch_size=val.batch_size, sampler=ShardSampler(len(val.dataset), group.rank,
                                                                                        group.world), **kwargs),
                 bool(val.pin_memory) and device.type == "cuda")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import multiprocessing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -25,7 +26,7 @@ PRECISIONS = {"32": "32", "32-true": "32", "fp32": "32", "bf16-mixed": "bf16-mix
 ON_NAN = ("stop", "skip")
 #: fit's loader options and their defaults: given with a DataLoader of the user's, they are an error
 LOADER_OPTIONS = {"num_workers": 0, "pin_memory": None, "persistent_workers": False, "prefetch_factor": None,
-                  "collate_fn": None, "drop_last": False}
+                  "collate_fn": None, "drop_last": False, "multiprocessing_context": None}
 
 
 @dataclass
@@ -74,6 +75,7 @@ class FitConfig:
     prefetch_factor: Optional[int] = None
     collate_fn: Optional[Callable] = None
     drop_last: bool = False
+    multiprocessing_context: Optional[object] = None
     # validation, monitoring, logging
     val_every: int = 1
     val_batch_size: Optional[int] = None
@@ -144,8 +146,14 @@ class FitConfig:
         integer("prefetch_factor", self.prefetch_factor, optional=True)
         if self.collate_fn is not None:
             function("collate_fn", self.collate_fn)
+        context = self.multiprocessing_context
+        if context is not None and not isinstance(context, multiprocessing.context.BaseContext):
+            if not isinstance(context, str):
+                raise TypeError(f"multiprocessing_context must be None, a start method name or a multiprocessing "
+                                f"context, got {type(context).__name__}")
+            choice("multiprocessing_context", context, tuple(multiprocessing.get_all_start_methods()))
         if self.num_workers == 0:
-            for name in ("persistent_workers", "prefetch_factor"):
+            for name in ("persistent_workers", "prefetch_factor", "multiprocessing_context"):
                 if getattr(self, name) not in (False, None):
                     raise ValueError(f"{name}={getattr(self, name)!r} needs worker processes: set num_workers >= 1")
 

@@ -87,7 +87,7 @@ def fit(rim, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size
         accumulate_grad_batches: int = 1, on_nan: str = "stop", check_finite=None, w=None, time_weights=None,
         loss_curve: bool = True, ddp_kwargs: Optional[dict] = None, optimizer=None, num_workers: int = 0,
         pin_memory: Optional[bool] = None, persistent_workers: bool = False, prefetch_factor: Optional[int] = None,
-        collate_fn=None, drop_last: bool = False, val_dataset=None, val_every: int = 1,
+        collate_fn=None, drop_last: bool = False, multiprocessing_context=None, val_dataset=None, val_every: int = 1,
         val_batch_size: Optional[int] = None, data_range: Optional[float] = None, monitor: Optional[str] = None,
         loggers=None, cuda_graphs: bool = False):
     """Train ``rim.model`` on (y, x_true, *args) batches; returns the list of this call's epoch losses.
@@ -131,9 +131,8 @@ def fit(rim, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size
       scales each parameter group's initial learning rate.
     - ``cuda_graphs``: on CUDA, every full batch's training step replayed from one CUDA graph (a partial last batch
       runs eagerly, or ``drop_last=True``); ``rim_fast.fit_graph`` says what else runs eagerly, with one warning.
-    - ``num_workers``, ``pin_memory`` (None: on when the RIM is on CUDA), ``persistent_workers``,
-      ``prefetch_factor``, ``collate_fn``, ``drop_last``: the DataLoader fit builds from a dataset (and from
-      ``val_dataset``). Pinned batches are copied with ``non_blocking=True``.
+    - ``num_workers``, ``pin_memory`` (None: on for CUDA), ``persistent_workers``, ``prefetch_factor``, ``collate_fn``,
+      ``drop_last``, ``multiprocessing_context`` (README: DDP): the DataLoader fit builds (also for ``val_dataset``).
     - ``val_dataset`` (a Dataset or a DataLoader) and ``val_every`` (epochs; the last epoch validates too):
       ``predict`` without autograd (EMA weights when EMA is on) and ``val_loss``, ``val_mse``, ``val_nmse``,
       ``val_psnr``, ``val_ssim`` of the estimate in physical space against x_true (``rim_fast.metrics``),
@@ -152,13 +151,14 @@ def fit(rim, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size
         patience=patience, tolerance=tolerance, max_time=max_time, warmup=warmup, clip=clip,
         checkpoints_directory=checkpoints_directory, model_checkpoint=model_checkpoint, checkpoints=checkpoints,
         models_to_keep=models_to_keep, ema_decay=ema_decay, seed=seed, logname=logname, logdir=logdir,
-        n_iterations_in_epoch=n_iterations_in_epoch, logname_prefix=logname_prefix, verbose=verbose,
-        compile=compile, max_epochs=max_epochs, precision=precision, gradient_checkpointing=gradient_checkpointing,
+        n_iterations_in_epoch=n_iterations_in_epoch, logname_prefix=logname_prefix, verbose=verbose, compile=compile,
+        max_epochs=max_epochs, precision=precision, gradient_checkpointing=gradient_checkpointing,
         accumulate_grad_batches=accumulate_grad_batches, on_nan=on_nan, check_finite=check_finite, w=w,
         time_weights=time_weights, loss_curve=loss_curve, ddp_kwargs=ddp_kwargs, optimizer=optimizer,
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
-        prefetch_factor=prefetch_factor, collate_fn=collate_fn, drop_last=drop_last, val_every=val_every,
-        val_batch_size=val_batch_size, data_range=data_range, monitor=monitor, loggers=loggers, cuda_graphs=cuda_graphs)
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers, drop_last=drop_last,
+        prefetch_factor=prefetch_factor, collate_fn=collate_fn, multiprocessing_context=multiprocessing_context,
+        val_every=val_every, val_batch_size=val_batch_size, data_range=data_range, monitor=monitor, loggers=loggers,
+        cuda_graphs=cuda_graphs)
     return train(rim, dataset, config, val_dataset)
 
 

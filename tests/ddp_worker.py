@@ -16,8 +16,9 @@ SLURM_PROCID, SLURM_LOCALID, SLURM_JOB_NODELIST, MASTER_PORT) and no torchrun va
 ``slurm_rank<r>.pt``:
 
 - ``fit`` forms the process group from SLURM's environment and reads through its DataLoader with
-  ``num_workers=2`` (persistent), validating on 5 samples (sharded 3 + 2) with ``monitor="val_loss"``;
-- a DataLoader of the user's with a DistributedSampler and ``num_workers=2``;
+  ``num_workers=2`` (persistent, started by a fork server: ``WORKERS_START``), validating on 5 samples (sharded
+  3 + 2) with ``monitor="val_loss"``;
+- a DataLoader of the user's with a DistributedSampler and ``num_workers=2`` (persistent, from the fork server);
 - a DataLoader without a DistributedSampler: the error every rank raises.
 """
 import os
@@ -131,6 +132,12 @@ def main(out):
     dist.destroy_process_group()
 
 
+# DataLoader workers start from a fork server, not by forking this process: on Python 3.11 a fork while one of
+# gloo's threads takes the interpreter's lock (it creates a thread state to release a tensor's Python object)
+# leaves the worker deadlocked in PyOS_AfterFork_Child (CPython gh-112275; 1 run in ~80 under load hung so)
+WORKERS_START = "forkserver"
+
+
 def main_slurm(out):
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
@@ -141,9 +148,10 @@ def main_slurm(out):
     dataset = torch.utils.data.TensorDataset(y, x)
     rim = build()
     losses = slurm_fit(rim, dataset, os.path.join(out, "slurm_run"), batch_size=2, num_workers=2,
-                       persistent_workers=True)
+                       persistent_workers=True, multiprocessing_context=WORKERS_START)
     assert dist.is_initialized() and dist.get_world_size() == 2 and dist.get_rank() == rank
-    loader = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False), num_workers=2)
+    loader = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False), num_workers=2,
+                        persistent_workers=True, multiprocessing_context=WORKERS_START)
     own = build()
     own_losses = own.fit(loader, epochs=3, learning_rate=1e-3, verbose=-1)
     try:

@@ -708,12 +708,41 @@ def test_bad_data_arguments_name_the_argument(tmp_path, one_thread):
         _rim().fit(loader, epochs=1, batch_size=4, verbose=-1)
     with pytest.raises(ValueError, match=r"persistent_workers=True needs worker processes"):
         _rim().fit(data, epochs=1, persistent_workers=True, verbose=-1)
+    with pytest.raises(ValueError, match=r"multiprocessing_context='spawn' needs worker processes"):
+        _rim().fit(data, epochs=1, multiprocessing_context="spawn", verbose=-1)
+    with pytest.raises(ValueError, match=r"multiprocessing_context must be one of \(.*'forkserver'.*\), got "
+                                         r"'fork_server'"):
+        _rim().fit(data, epochs=1, num_workers=1, multiprocessing_context="fork_server", verbose=-1)
+    with pytest.raises(TypeError, match=r"multiprocessing_context must be None, a start method name or a "
+                                        r"multiprocessing context, got int"):
+        _rim().fit(data, epochs=1, num_workers=1, multiprocessing_context=1, verbose=-1)
     by_sampler = torch.utils.data.DataLoader(data, batch_sampler=[[0, 1], [2], [3]])
     with pytest.warns(RuntimeWarning, match=r"accumulate_grad_batches=2 with a DataLoader \(dataset\) that has no "
                                             r"fixed batch_size"):
         _rim().fit(by_sampler, epochs=1, accumulate_grad_batches=2, verbose=-1)
     with pytest.raises(ValueError, match=r"drop_last=True leaves no batch: 4 samples < batch_size=8"):
         _rim().fit(data, epochs=1, batch_size=8, drop_last=True, verbose=-1)
+
+
+def test_multiprocessing_context_reaches_fits_dataloaders():
+    """multiprocessing_context (a start method's name or a context) starts the workers of the DataLoaders fit
+    builds, for training and validation; under DDP the validation DataLoader of the user's, rebuilt sharded, keeps
+    its own."""
+    import multiprocessing
+    from types import SimpleNamespace
+    from rim_fast import data as fit_data
+    from rim_fast.fit_config import FitConfig
+    _, _, data = _data(4)
+    cpu, alone = torch.device("cpu"), SimpleNamespace(on=False)
+    for given in ("forkserver", multiprocessing.get_context("spawn")):
+        config = FitConfig(num_workers=1, multiprocessing_context=given)
+        expected = multiprocessing.get_context(given) if isinstance(given, str) else given
+        assert fit_data.train_loader(data, config, alone, cpu, None)[0].multiprocessing_context is expected
+        assert fit_data.val_loader(data, config, alone, cpu)[0].multiprocessing_context is expected
+    assert fit_data.train_loader(data, FitConfig(num_workers=1), alone, cpu, None)[0].multiprocessing_context is None
+    user = torch.utils.data.DataLoader(data, batch_size=2, num_workers=1, multiprocessing_context="spawn")
+    sharded = fit_data.val_loader(user, FitConfig(), SimpleNamespace(on=True, rank=0, world=2), cpu)[0]
+    assert sharded is not user and sharded.multiprocessing_context is user.multiprocessing_context
 
 
 def test_bad_validation_and_monitor_name_the_argument_and_write_nothing(tmp_path, one_thread):
