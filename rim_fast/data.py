@@ -3,11 +3,10 @@
 ``fit`` takes a map-style ``Dataset`` of ``(y, x_true, *args)`` tuples, for which it builds the DataLoader
 (``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``, ``collate_fn``, ``drop_last``,
 ``multiprocessing_context``; a ``DistributedSampler`` under DDP), or a ``DataLoader`` of the user's, taken as it
-is. Under DDP a user's
-training DataLoader must carry a per-process sampler (a ``DistributedSampler``, or any sampler with
-``num_replicas`` and ``rank`` attributes matching the process group). Validation under DDP is sharded with
-``ShardSampler`` (every sample exactly once, no padding), a user's validation DataLoader rebuilt over its dataset
-with its batch size, workers, collate_fn and pinning.
+is. Under DDP a user's training DataLoader must carry a per-process sampler (a ``DistributedSampler``, or any
+sampler with ``num_replicas`` and ``rank`` attributes matching the process group). Validation under DDP is
+sharded with ``ShardSampler`` (every sample exactly once, no padding), a user's validation DataLoader rebuilt over
+its dataset with its batch size, workers (and their start method), collate_fn and pinning.
 """
 from __future__ import annotations
 
