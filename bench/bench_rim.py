@@ -17,13 +17,20 @@ Providers
                        loop from a CUDA graph recorded on the first call: rim_fast.cuda_graphs)
   rim_fast_nographs    the same with ``RIM(cuda_graphs=False)``: the graphs' effect is its own number (CUDA only; on
                        the CPU it is rim_fast)
+  rim_fast_graphed     train_step only: the whole step recorded once as one CUDA graph and replayed, as
+                       ``fit(cuda_graphs=True)`` records it (``rim_fast.cuda_graphs.TrainStepGraph``, Adam with
+                       ``capturable=True`` and its learning rate a device tensor). CUDA only by default; named on the
+                       CPU it runs through the CPU stand-in recorder (``EagerRecorder``: each "replay" runs the step
+                       again) with SGD (momentum 0.9), since Adam reads its step count on the host unless capturable,
+                       which only GPUs allow: a test of the plumbing, not a speed
   rim_fast_compiled    ``RIM.compile()``: the whole T-step loop as one graph (fullgraph; CUDA graphs on CUDA)
   torch_rim_compiled   torch.compile(rim.predict) / torch.compile(rim.loss_fn), no fullgraph (the graph count and
                        graph breaks are recorded). On CUDA with ``mode="reduce-overhead"``: the fair compiled
                        baseline, CUDA graphs on both sides. On the CPU, where there are no CUDA graphs, default mode.
 Modes
   predict              ``rim.predict(y)`` under ``torch.no_grad``
-  train_step           zero_grad, ``loss_fn(y, x_true)``, backward, Adam step (the optimizer stays eager)
+  train_step           zero_grad, ``loss_fn(y, x_true)``, backward, Adam step (the optimizer stays eager, except
+                       in rim_fast_graphed's graph)
 
 U2 runs rim_fast's Unet; torch_rim 0.2.9's ``Unet`` is an empty stub, so its torch_rim cases are skipped and its
 baseline is ``rim_fast_reference``.
@@ -101,6 +108,8 @@ Environment (all optional; lists are comma-separated)
   RIM_FAST_BENCH_REFS       a folder for the references (saved by the prewarm, loaded by the timed run)
   RIM_FAST_BENCH_PREWARM_LOG  the prewarm's results file: one JSON line per job
   RIM_FAST_BENCH_SMOKE=1    the tiny workloads of bench.common
+  RIM_FAST_BENCH_TF32_PEAK  the GPU's dense TF32 peak in TFLOP/s, for the report's roofline goal (default: the
+                            table in bench/report.py, by the GPU's name)
 """
 from __future__ import annotations
 
@@ -125,10 +134,16 @@ import rim_fast
 from bench.common import (MODEL, PRIORITY, SMOKE, T as DEFAULT_T, blur_kernel, end_to_end_workloads,
                           machine_line, make_score_fn, synchronize)
 
-PROVIDERS = ("torch_rim", "rim_fast_reference", "rim_fast", "rim_fast_nographs", "rim_fast_compiled",
-             "torch_rim_compiled")
+PROVIDERS = ("torch_rim", "rim_fast_reference", "rim_fast", "rim_fast_nographs", "rim_fast_graphed",
+             "rim_fast_compiled", "torch_rim_compiled")
 COMPILED = ("torch_rim_compiled", "rim_fast_compiled")
+#: the training step recorded as one graph (TrainStepGraph, as fit(cuda_graphs=True) records it)
+GRAPHED = "rim_fast_graphed"
+#: providers on the CUDA device only, unless named (on the CPU: nographs is rim_fast, graphed a stand-in)
+CUDA_ONLY = ("rim_fast_nographs", GRAPHED)
 MODES = ("predict", "train_step")
+#: providers that run some modes only
+PROVIDER_MODES = {GRAPHED: ("train_step",)}
 #: CPU fp32 tolerances of the check (relative to the largest magnitude of the baseline's tensor)
 CPU_TOL = {"predict": 1e-5, "loss": 1e-5, "grads": 1e-4}
 LEARNING_RATE = 1e-4
@@ -150,6 +165,11 @@ def _env_list(name: str, allowed, default):
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     return int(value) if value else default
+
+
+def _env_float(name: str):
+    value = os.environ.get(name, "").strip()
+    return float(value) if value else None
 
 
 DEVICE = os.environ.get("RIM_FAST_BENCH_DEVICE", "").strip() or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -175,7 +195,7 @@ WORKLOAD_NAMES = _env_list("RIM_FAST_BENCH_WORKLOADS", ALL_WORKLOADS,
                            [n for n, w in ALL_WORKLOADS.items() if DEVICE in w["devices"]])
 MODE_NAMES = _env_list("RIM_FAST_BENCH_MODES", MODES, MODES)
 PROVIDER_NAMES = _env_list("RIM_FAST_BENCH_PROVIDERS", PROVIDERS,
-                           [p for p in PROVIDERS if CUDA or p != "rim_fast_nographs"])
+                           [p for p in PROVIDERS if CUDA or p not in CUDA_ONLY])
 
 
 def _groups() -> list:
@@ -196,7 +216,7 @@ def _groups() -> list:
 
 GROUPS = _groups()
 CASES = [pytest.param(w, m, p, id=f"{w}-{DEVICE}-{m}-{p}")
-         for w, m in GROUPS for p in PROVIDERS if p in PROVIDER_NAMES]
+         for w, m in GROUPS for p in PROVIDERS if p in PROVIDER_NAMES and m in PROVIDER_MODES.get(p, MODES)]
 
 
 # ---- the workload: weights, inputs, score function ---------------------------------------------------------
@@ -442,6 +462,8 @@ def run_settings() -> dict:
                     groups=[f"{w}:{m}" for w, m in GROUPS],
                     providers=[p for p in PROVIDERS if p in PROVIDER_NAMES],
                     torch_rim_compiled_mode="reduce-overhead" if CUDA else "default",
+                    gpu=torch.cuda.get_device_name() if CUDA else None,
+                    tf32_peak_tflops=_env_float("RIM_FAST_BENCH_TF32_PEAK"),
                     cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
                     cudnn_deterministic=bool(torch.backends.cudnn.deterministic),
                     float32_matmul_precision=torch.get_float32_matmul_precision())
@@ -580,6 +602,7 @@ class _Case:
         self.objects: tuple = ()
         self.own_bytes = 0
         self.graphs_while_timed = 0
+        self.train_graph = None  # rim_fast_graphed's TrainStepGraph
         self.error = None
         self.seconds = 0.0
 
@@ -659,7 +682,7 @@ def _failure(err: Exception, seconds: float) -> tuple:
 
 def _free(case: _Case) -> None:
     """Drop the case's RIM, optimizer and functions (and a failed call's traceback, which holds them)."""
-    case.step, case.objects, case.error = None, (), None
+    case.step, case.objects, case.error, case.train_graph = None, (), None, None
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
@@ -694,9 +717,11 @@ def _repair_inductor_cache(err: Exception) -> bool:
     return True
 
 
-def _check_call(r, mode, provider, predict_fn, loss_fn, optimizer, initial, y, x_true):
+def _check_call(r, mode, provider, predict_fn, loss_fn, optimizer, initial, y, x_true, graphed=None):
     """One call from the initial weights whose outputs the check compares; on CPU train_step it also counts
-    the bytes saved for backward. Returns (outputs, SavedBytes)."""
+    the bytes saved for backward. ``graphed``: rim_fast_graphed's step, whose replay is the call (its gradients
+    are the graph's: no zero_grad here, which would unbind them from the parameters). Returns (outputs,
+    SavedBytes)."""
     saved = SavedBytes(r.model.parameters())
     backend = _backend_ctx(provider)
     if mode == "predict":
@@ -707,12 +732,17 @@ def _check_call(r, mode, provider, predict_fn, loss_fn, optimizer, initial, y, x
     with torch.no_grad():
         for p, p0 in zip(r.model.parameters(), initial):
             p.copy_(p0)  # in place: compiled graphs and CUDA graphs keep their parameter addresses
-    optimizer.zero_grad(set_to_none=True)
     # CPU: compiled graphs: hooks around the whole call; eager: around the backbone (torch.func refuses hooks)
     if CUDA:
         hooks = contextlib.nullcontext()
     else:
         hooks = saved.hooks() if provider in COMPILED else hook_backbone(r.model, saved)
+    if graphed is not None:
+        with backend, hooks:
+            loss = graphed()  # zero_grad, forward, backward, optimizer step: one replay
+        synchronize(DEVICE)
+        return {"loss": loss.detach().clone(), "grads": _grads(r.model)}, saved
+    optimizer.zero_grad(set_to_none=True)
     with backend:
         try:
             with hooks:
@@ -731,7 +761,8 @@ def _check_call(r, mode, provider, predict_fn, loss_fn, optimizer, initial, y, x
 def _warmup(provider: str) -> int:
     compiled = provider in COMPILED
     if WARMUP is not None:
-        return max(WARMUP, 1) if compiled else WARMUP
+        # compiled providers compile in their first call, rim_fast_graphed records its graph: never in the check
+        return max(WARMUP, 1) if compiled or provider == GRAPHED else WARMUP
     return 3 if CUDA and compiled else 1
 
 
@@ -743,6 +774,54 @@ def _functions(r, provider: str):
     if provider == "rim_fast_compiled":
         r.compile()
     return r.predict, r.loss_fn
+
+
+def _optimizer(r, provider: str, mode: str):
+    """The case's optimizer (train_step): Adam. rim_fast_graphed's as fit(cuda_graphs=True) builds it on CUDA
+    (capturable, its learning rate a device tensor); on the CPU stand-in SGD with momentum (see the module
+    docstring)."""
+    if mode != "train_step":
+        return None
+    params = list(r.model.parameters())
+    if provider != GRAPHED:
+        return torch.optim.Adam(params, lr=LEARNING_RATE)
+    if CUDA:
+        from rim_fast import fit_graph
+        return fit_graph.capturable_optimizer(torch.optim.Adam, params, LEARNING_RATE, torch.device(DEVICE))
+    return torch.optim.SGD(params, lr=LEARNING_RATE, momentum=0.9)
+
+
+def _graphed_step(r, loss_fn, optimizer, y, x_true):
+    """rim_fast_graphed's call and its ``TrainStepGraph``: the other providers' step (zero_grad, forward, backward,
+    optimizer step), recorded in the first call (which steps eagerly first, as fit does) and replayed afterwards:
+    CUDA graphs on CUDA, the stand-in recorder on the CPU."""
+    from rim_fast.cuda_graphs import CudaRecorder, EagerRecorder, TrainStepGraph
+    params = list(r.model.parameters())
+
+    def one_step(y_, x_):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(y_, x_)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def state():
+        # what a step updates in place: the recording's warm-up and capture steps are undone on these
+        return [*params, *r.buffers(), *(t for s in optimizer.state.values() for t in s.values()
+                                         if isinstance(t, torch.Tensor))]
+
+    recorder = CudaRecorder(torch.device(DEVICE)) if CUDA else EagerRecorder()
+    train = TrainStepGraph(one_step, state, recorder)
+    return (lambda: train(y, x_true)), train
+
+
+def _graph_info(train, optimizer) -> dict:
+    """What the report says about rim_fast_graphed's recorded step."""
+    return {"train_graph": {"recorder": type(train.recorder).__name__, "eager": train.eager, "reason": train.reason,
+                            "replays": train.replays},
+            "optimizer": (f"{type(optimizer).__name__}("
+                          + ", ".join(f"{k}={optimizer.defaults[k]}" for k in ("capturable", "momentum")
+                                      if optimizer.defaults.get(k)) + ")")}
 
 
 def _step_fn(mode, provider, predict_fn, loss_fn, optimizer, y, x_true):
@@ -829,6 +908,19 @@ def summarize(times: list) -> dict:
             "noisy": spread > NOISY, "times": times}
 
 
+def _flop_count(step):
+    """The FLOPs of one call (torch.utils.flop_counter: convolutions and matrix products, 2 per multiply-add),
+    counted around the baseline's eager predict: the work every provider does, for the report's roofline."""
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        synchronize(DEVICE)
+    except Exception:  # noqa: BLE001 - a measurement, not the case
+        return None
+    return int(counter.get_total_flops())
+
+
 def _kernel_counts(step) -> dict:
     """One call under torch.profiler: the CUDA kernels it launched (CUDA graph replays included), memcpy/memset
     apart; kernels_per_step = kernels / T."""
@@ -878,8 +970,11 @@ def _setup_case(case: _Case, workload: str, mode: str) -> None:
     r = build(workload, provider)
     initial = [p.detach().clone() for p in r.model.parameters()]
     predict_fn, loss_fn = _functions(r, provider)
-    optimizer = torch.optim.Adam(r.model.parameters(), lr=LEARNING_RATE) if mode == "train_step" else None
-    step = _step_fn(mode, provider, predict_fn, loss_fn, optimizer, y, x_true)
+    optimizer = _optimizer(r, provider, mode)
+    if provider == GRAPHED:
+        step, case.train_graph = _graphed_step(r, loss_fn, optimizer, y, x_true)
+    else:
+        step = _step_fn(mode, provider, predict_fn, loss_fn, optimizer, y, x_true)
 
     # warm-up: compile, autotune, CUDA-graph capture; then the check call, from the initial weights.
     # Eager providers record which implementation served each op; a compiled graph would guard on the trace.
@@ -893,7 +988,8 @@ def _setup_case(case: _Case, workload: str, mode: str) -> None:
             if i == 0:
                 info["first_call_s"] = time.perf_counter() - t0
         t_check = time.perf_counter()
-        out, saved = _check_call(r, mode, provider, predict_fn, loss_fn, optimizer, initial, y, x_true)
+        out, saved = _check_call(r, mode, provider, predict_fn, loss_fn, optimizer, initial, y, x_true,
+                                 graphed=step if case.train_graph is not None else None)
         t_check = time.perf_counter() - t_check
         if warmup == 0:
             info["first_call_s"] = t_check
@@ -906,6 +1002,10 @@ def _setup_case(case: _Case, workload: str, mode: str) -> None:
     if not result["ok"]:
         warnings.warn(f"{workload} {mode} {provider}: check failed, errors {result['err']} > {result['tol']}")
     info["impls"] = sorted(f"{op}:{impl}" for op, impl in impls) if impls is not None else []
+    if case.train_graph is not None:
+        info.update(_graph_info(case.train_graph, optimizer))
+    if mode == "predict" and provider == baseline_of(spec):
+        info["flop"] = _flop_count(step)
     if CUDA:
         info["memory_bytes"] = torch.cuda.max_memory_allocated() - mem_before
         info["memory_kind"] = "cuda peak allocated (warm-up + check call)"
@@ -938,6 +1038,8 @@ def _finish_case(case: _Case) -> None:
     info = case.info
     if case.compiled:
         info["recompiled_while_timed"] = case.graphs_while_timed
+    if case.train_graph is not None:
+        info.update(_graph_info(case.train_graph, case.objects[1]))
     if CUDA:
         info.update(_kernel_counts(case.step))
         synchronize(DEVICE)

@@ -27,7 +27,8 @@
 #   bench     100  + whatever the stages above leave unused (expected 80-190 s more: 180-290 s in all); ends
 #                  REPORT+SLACK before 420 s. Cases in priority order: L2 predict, S2 predict, S2 train_step,
 #                  S1 predict, S1 train_step, L2 train_step; per group torch_rim, rim_fast, rim_fast_nographs,
-#                  rim_fast_compiled, torch_rim_compiled, each built, warmed up and checked, then their timed calls
+#                  rim_fast_graphed (train_step: the step as fit(cuda_graphs=True) records it), rim_fast_compiled,
+#                  torch_rim_compiled, each built, warmed up and checked, then their timed calls
 #                  interleaved round by round (at least 20 calls and 0.5 s each, at most 100 rounds), and one
 #                  profiled call each; a group's cases end together, so a cut loses the group in flight. A compile
 #                  of the unrolled T=10 loop costs 30-90 s cold; from Inductor's caches (the prewarm's) a compiled
@@ -184,12 +185,14 @@ fi
 . "$WORK/preflight.env"
 
 if [ "$MODE" = full ]; then
-  BENCH_ARGS=(--device cuda --providers torch_rim,rim_fast,rim_fast_nographs,rim_fast_compiled,torch_rim_compiled
+  BENCH_ARGS=(--device cuda
+              --providers torch_rim,rim_fast,rim_fast_nographs,rim_fast_graphed,rim_fast_compiled,torch_rim_compiled
               --groups "${GROUPS_ARG:-L2:predict,S2:predict,S2:train_step,S1:predict,S1:train_step,L2:train_step}")
   BENCH_PYTEST=()
 else
   # smoke sizes on the CPU, L2 included; one compiled case (a CPU compile costs 20-60 s on 2 cores)
-  BENCH_ARGS=(--device cpu --smoke --threads 2 --providers torch_rim,rim_fast,rim_fast_compiled
+  # rim_fast_graphed through the CPU stand-in recorder (its plumbing; train_step groups only)
+  BENCH_ARGS=(--device cpu --smoke --threads 2 --providers torch_rim,rim_fast,rim_fast_graphed,rim_fast_compiled
               --groups "${GROUPS_ARG:-L2:predict,S2:predict,S2:train_step,S1:predict,S1:train_step,L2:train_step}")
   BENCH_PYTEST=(-- -k "not compiled or L2-cpu-predict")
 fi

@@ -127,9 +127,10 @@ def bench(work: str, out: str) -> dict | None:
     if not os.path.exists(status):
         return None
     sys.path.insert(0, ROOT)
-    from bench.report import load, markdown
+    from bench.report import goals, goals_markdown, load, markdown
     summary = load(status)
-    summary["markdown"] = markdown(summary)
+    summary["goals"] = goals(summary)
+    summary["markdown"] = markdown(summary) + "\n" + "\n".join(goals_markdown(summary))
     chart = os.path.join(work, "bench", "speedups.png")
     if os.path.exists(chart):
         shutil.copy(chart, os.path.join(out, "speedups.png"))

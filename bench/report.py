@@ -21,7 +21,7 @@ import os
 import sys
 
 PROVIDER_ORDER = ("torch_rim", "torch_rim_compiled", "rim_fast_reference", "rim_fast_nographs", "rim_fast",
-                  "rim_fast_compiled")
+                  "rim_fast_graphed", "rim_fast_compiled")
 MODE_ORDER = ("predict", "train_step")
 MiB = 2 ** 20
 #: a case whose IQR exceeds this fraction of its median is noisy (bench_rim.NOISY)
@@ -31,7 +31,7 @@ ROW_INFO = ("baseline", "memory_bytes", "memory_kind", "steady_memory_bytes", "f
             "reference_s", "check_ok", "check_err", "check_tol", "check_against", "graphs", "graph_breaks",
             "graph_break_reasons", "recompiled_while_timed", "impls", "memory_error", "cudagraph_skips",
             "cudagraph_skip_reasons", "cuda_kernels", "cuda_memory_ops", "kernels_per_step", "kernels_error",
-            "retried")
+            "retried", "train_graph", "optimizer", "flop")
 
 
 def _order(value, order) -> tuple:
@@ -78,11 +78,19 @@ def load(status_path: str) -> dict:
             "counts": counts, "rows": ordered}
 
 
+def _stand_in(row) -> bool:
+    # rim_fast_graphed on the CPU: the stand-in recorder runs the step again (and SGD): not a speed to quote
+    return (row.get("train_graph") or {}).get("recorder") == "EagerRecorder"
+
+
 def _speedups(rows: dict) -> None:
     for (w, m, p), row in rows.items():
         row["speedup"] = None
         if row["status"] != "ok":
             row["speedup_note"] = row["status"]
+            continue
+        if _stand_in(row):
+            row["speedup_note"] = "a CPU stand-in, not a speed"
             continue
         base = rows.get((w, m, row.get("baseline")))
         if base is None or base["status"] != "ok":
@@ -118,6 +126,20 @@ def _cudagraph_note(row, device: str) -> str | None:
     return f"**CUDA graphs skipped {skips}x{must}**: {reasons}"
 
 
+def _train_graph_note(row) -> str | None:
+    """rim_fast_graphed: whether its timed steps were replays of one CUDA graph (or the CPU stand-in's re-runs)."""
+    graph = row.get("train_graph")
+    if not graph:
+        return None
+    optimizer = row.get("optimizer") or "?"
+    if graph.get("eager"):
+        return f"**not recorded, ran eagerly**: {(graph.get('reason') or 'reason unknown')[:160]}; {optimizer}"
+    if graph.get("recorder") == "EagerRecorder":
+        return (f"CPU stand-in recorder: each replay runs the step again (no graph; {graph.get('replays')} "
+                f"replays), {optimizer}")
+    return f"training step: one CUDA graph, {graph.get('replays')} replays; {optimizer}"
+
+
 def _notes(row, device: str = "cpu") -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row['reason']}"
@@ -126,6 +148,9 @@ def _notes(row, device: str = "cpu") -> str:
         notes.append(f"**noisy**: IQR {100 * row['spread']:.0f}% of the median")
     if row["provider"] == row.get("baseline"):
         notes.append("baseline")
+    graph = _train_graph_note(row)
+    if graph:
+        notes.append(graph)
     if row.get("graphs") is not None:
         notes.append(f"{row['graphs']} graph{'s' if row['graphs'] != 1 else ''}, "
                      f"{row['graph_breaks']} break{'s' if row['graph_breaks'] != 1 else ''}")
@@ -228,7 +253,9 @@ def markdown(summary: dict) -> str:
                "- kernels/step: counted on CUDA only."),
               "- torch_rim_compiled: torch.compile(rim.predict) / torch.compile(rim.loss_fn), no fullgraph, mode "
               f"{s.get('torch_rim_compiled_mode')}; rim_fast_compiled: RIM.compile() (fullgraph; reduce-overhead "
-              "CUDA graphs on CUDA). The optimizer step stays eager for every provider.", ""]
+              "CUDA graphs on CUDA). The optimizer step stays eager for every provider but rim_fast_graphed "
+              "(train_step: zero_grad, forward, backward and a capturable Adam's step recorded as one CUDA graph, "
+              "as fit(cuda_graphs=True) records them; on the CPU only a stand-in that runs the step again).", ""]
     return "\n".join(lines)
 
 
@@ -289,6 +316,125 @@ def chart(summary: dict, path: str) -> str | None:
 
 
 
+# ---- the goals (issue 13 and the project's CPU goal) against this run's numbers ------------------------------
+
+#: the GPUs' dense TF32 tensor-core peaks in TFLOP/s (NVIDIA's data sheets give twice these "with sparsity"), by
+#: a part of torch.cuda.get_device_name(); the first match wins. RIM_FAST_BENCH_TF32_PEAK overrides (any GPU).
+TF32_PEAK_TFLOPS = (("H200 NVL", 417.5), ("H200", 494.7), ("H100 NVL", 417.5), ("H100 PCIe", 378.0),
+                    ("H100", 494.7), ("GH200", 494.7), ("A100", 156.0), ("A800", 156.0), ("L40S", 183.0),
+                    ("L40", 90.5), ("A40", 74.8), ("A10G", 35.0), ("A10", 62.5), ("L4", 60.0))
+
+#: (workload, mode, provider, kind, other provider, target, what): kind "speedup" (over the baseline, at least the
+#: target), "within" (the provider's median at most target x the other's), "ahead" (faster than the other),
+#: "roofline" (at most target x the dense TF32 roofline time: the baseline's FLOPs over the GPU's peak)
+GOALS = {
+    "cpu": [*[(w, "train_step", "rim_fast", "speedup", None, 1.25, "training step as imported vs torch_rim eager "
+               "(issue 13)") for w in ("S1", "S2", "S3")],
+            *[(w, "predict", "rim_fast", "speedup", None, 1.25, "predict as imported vs torch_rim eager (the CPU "
+               "goal: every case)") for w in ("S1", "S2", "S3")]],
+    "cuda": [("S1", "predict", "rim_fast", "speedup", None, 10.0, "predict as imported (whole-loop CUDA graphs) vs "
+              "torch_rim eager"),
+             ("S2", "predict", "rim_fast", "speedup", None, 5.0, "predict as imported vs torch_rim eager"),
+             *[(w, "predict", "rim_fast", "within", "rim_fast_compiled", 1.2, "predict as imported within 1.2x of "
+                "RIM.compile()") for w in ("S1", "S2")],
+             ("S2", "train_step", "rim_fast_graphed", "speedup", None, 4.0, "fit(cuda_graphs=True)'s recorded step "
+              "vs torch_rim's training step"),
+             ("L2", "predict", "rim_fast", "roofline", None, 2.0, "predict within 2x of its TF32 roofline"),
+             *[(w, "predict", "rim_fast", "ahead", "torch_rim_compiled", 1.0, "ahead of torch.compile of "
+                "torch_rim") for w in ("S1", "S2", "L2")],
+             ("S2", "train_step", "rim_fast_graphed", "ahead", "torch_rim_compiled", 1.0, "ahead of torch.compile "
+              "of torch_rim")],
+}
+
+
+def tf32_peak(settings: dict):
+    """(TFLOP/s, where from) of the run's GPU, or (None, why not)."""
+    if settings.get("tf32_peak_tflops"):
+        return float(settings["tf32_peak_tflops"]), "RIM_FAST_BENCH_TF32_PEAK"
+    name = settings.get("gpu") or ""
+    for part, peak in TF32_PEAK_TFLOPS:
+        if part.lower() in name.lower():
+            return peak, f"{part} data sheet, dense"
+    return None, f"no TF32 peak known for {name or 'this GPU'!r} (set RIM_FAST_BENCH_TF32_PEAK)"
+
+
+def _usable(row) -> str | None:
+    """None when the row's median can be quoted, else why not."""
+    if row is None:
+        return "not run"
+    if row["status"] != "ok":
+        return row["status"]
+    if row.get("check_ok") is not True:
+        return "check failed"
+    if _stand_in(row):
+        return "a CPU stand-in, not a speed"
+    return None
+
+
+def goals(summary: dict) -> list:
+    """One dict per goal of the run's device: goal, workload, mode, provider, measured (text), target (text), met
+    (True / False / None when not measured) and why (when not measured)."""
+    settings = summary.get("settings", {})
+    device = settings.get("device") or "cpu"
+    rows = {(r["workload"], r["mode"], r["provider"]): r for r in summary["rows"]}
+    out = []
+    for w, m, p, kind, other, target, what in GOALS.get(device, []):
+        row = rows.get((w, m, p))
+        goal = {"goal": what, "workload": w, "mode": m, "provider": p, "met": None, "measured": "-", "why": None}
+        why = "a smoke run (tiny sizes)" if settings.get("smoke") else _usable(row)
+        if kind == "speedup":
+            goal["target"] = f">= {target:g}x"
+            if why is None and row.get("speedup") is None:
+                why = row.get("speedup_note") or "no speedup"
+            if why is None:
+                goal.update(measured=f"{row['speedup']:.2f}x", met=row["speedup"] >= target)
+        elif kind in ("within", "ahead"):
+            ref = rows.get((w, m, other))
+            goal["target"] = f"<= {target:g}x {other}" if kind == "within" else f"faster than {other}"
+            why = why or (f"{other}: {_usable(ref)}" if _usable(ref) else None)
+            if why is None:
+                ratio = row["median_ms"] / ref["median_ms"]
+                goal.update(measured=f"{ratio:.2f}x {other}'s time",
+                            met=ratio <= target if kind == "within" else ratio < target)
+        else:  # roofline
+            goal["target"] = f"<= {target:g}x the roofline"
+            base = rows.get((w, m, (row or {}).get("baseline") or "torch_rim"))
+            peak, source = tf32_peak(settings)
+            flop = (base or {}).get("flop")
+            why = why or (None if flop else "FLOPs not counted (the baseline's predict did not run)") or (
+                None if peak else source)
+            if why is None:
+                roofline_ms = flop / (peak * 1e12) * 1e3
+                ratio = row["median_ms"] / roofline_ms
+                goal.update(measured=f"{ratio:.2f}x ({row['median_ms']:.2f} ms; {flop / 1e12:.2f} TFLOP at "
+                                     f"{peak:g} TFLOP/s, {source}: {roofline_ms:.2f} ms)", met=ratio <= target)
+        if why is None and (row.get("noisy") or (other and rows[(w, m, other)].get("noisy"))):
+            goal["measured"] += " (noisy)"
+        goal["why"] = why
+        out.append(goal)
+    return out
+
+
+def goals_markdown(summary: dict) -> list:
+    """The section of report.md: each goal of the run's device, measured in this run, met or not."""
+    items = goals(summary)
+    if not items:
+        return []
+    device = summary.get("settings", {}).get("device")
+    lines = [f"## Goals on the {'GPU' if device == 'cuda' else 'CPU'} (this run's medians)", "",
+             "| goal | workload | mode | provider | measured | target | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for g in items:
+        verdict = ("met" if g["met"] else "**not met**") if g["met"] is not None else f"not measured: {g['why']}"
+        lines.append(f"| {g['goal']} | {g['workload']} | {g['mode']} | {g['provider']} | {g['measured']} | "
+                     f"{g['target']} | {verdict} |")
+    met = sum(g["met"] is True for g in items)
+    unmeasured = sum(g["met"] is None for g in items)
+    lines += ["", f"{met} of {len(items)} met, {len(items) - met - unmeasured} not met, {unmeasured} not measured. "
+              "A noisy median (IQR above the limit) is marked: rerun before quoting its verdict.", ""]
+    return lines
+
+
 def op_counts_markdown(rows: list) -> list:
     """The section of report.md for OUT/op_counts.json (bench.op_count)."""
     lines = ["## Ops per RIM step that launch a GPU kernel (counted on the CPU, bench/op_count.py)", ""]
@@ -326,6 +472,9 @@ def write(status_path: str, out_dir: str) -> dict:
             summary["op_counts"] = json.load(f)
     note = chart(summary, os.path.join(out_dir, "speedups.png"))
     md = markdown(summary)
+    summary["goals"] = goals(summary)
+    if summary["goals"]:
+        md += "\n" + "\n".join(goals_markdown(summary))
     if summary.get("op_counts"):
         md += "\n" + "\n".join(op_counts_markdown(summary["op_counts"]))
     if note:

@@ -208,14 +208,16 @@ class TrainStepGraph:
     batch runs eagerly (it creates the optimizer's state), then the step is recorded: the warm-up and the capture
     run real steps, so every tensor of ``state()`` (parameters, optimizer state, EMA shadows) is restored in place
     afterwards and each batch is stepped exactly once. Batches of another shape (the last, partial one) run
-    eagerly; a step that cannot be recorded runs eagerly from then on, with one warning. On a GPU the optimizer
-    must be capturable (``torch.optim.Adam(..., capturable=True)``, the learning rate a tensor)."""
+    eagerly; a step that cannot be recorded runs eagerly from then on, with one warning (``eager`` is then True
+    and ``reason`` says why). On a GPU the optimizer must be capturable (``torch.optim.Adam(..., capturable=True)``,
+    the learning rate a tensor). ``replays`` counts the steps replayed from the graph."""
 
     def __init__(self, step: Callable[..., Tensor], state: Callable[[], Sequence[Tensor]], recorder):
         self.step, self.state, self.recorder = step, state, recorder
         self._key = None
         self._entry = None
         self.eager = False
+        self.reason: Optional[str] = None
         self.replays = 0
 
     def __call__(self, *batch) -> Tensor:
@@ -241,8 +243,9 @@ class TrainStepGraph:
         try:
             graph, out = self.recorder.capture(lambda: self.step(*static))
         except Exception as err:  # noqa: BLE001 - whatever breaks a capture, the steps run eagerly
-            warnings.warn(f"rim_fast: the training step cannot be recorded into a CUDA graph ({type(err).__name__}: "
-                          f"{err}); it runs eagerly", RuntimeWarning, stacklevel=3)
+            self.reason = f"{type(err).__name__}: {err}"
+            warnings.warn(f"rim_fast: the training step cannot be recorded into a CUDA graph ({self.reason}); it runs "
+                          f"eagerly", RuntimeWarning, stacklevel=3)
             self.eager = True
             graph = out = None
         finally:

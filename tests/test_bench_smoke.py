@@ -1,9 +1,10 @@
 """The end-to-end benchmark suite runs and reports (no timing assertions).
 
 ``python -m bench.run --smoke`` on the CPU: tiny sizes, T=2, one round, one thread. Eager providers run every
-workload and mode; the compiled ones (each compilation costs seconds on our CPU) only S1 predict. Then the report:
-every file exists, every row is in the table, every case passes its correctness check and gets a speedup; the groups
-ran in priority order. A run interrupted by SIGINT reports the finished cases, the one in flight and those not reached."""
+workload and mode (rim_fast_graphed, named, the training step through the CPU stand-in recorder); the compiled ones
+(each compilation costs seconds on our CPU) only S1 predict. Then the report: every file exists, every row is in
+the table, every case passes its correctness check and gets a speedup (the stand-in none); the groups ran in
+priority order. A run interrupted by SIGINT reports the finished cases, the one in flight and those not reached."""
 import json
 import os
 import subprocess
@@ -14,9 +15,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.report import load, markdown  # noqa: E402
+from bench.report import goals, goals_markdown, load, markdown, tf32_peak  # noqa: E402
 
 PROVIDERS = ("torch_rim", "rim_fast_reference", "rim_fast", "rim_fast_compiled", "torch_rim_compiled")
+#: train_step only, CUDA only unless named: on the CPU through the stand-in recorder
+GRAPHED = "rim_fast_graphed"
 WORKLOADS = ("S1", "S2", "S3", "U2")  # the CPU workloads of bench.common, plus the Unet
 MODES = ("predict", "train_step")
 #: bench.common.PRIORITY restricted to the CPU workloads, then the others in table order
@@ -27,7 +30,7 @@ GROUP_ORDER = [("S2", "predict"), ("S2", "train_step"), ("S1", "predict"), ("S1"
 def _expected_rows():
     for w in WORKLOADS:
         for m in MODES:
-            for p in PROVIDERS:
+            for p in PROVIDERS[:3] + ((GRAPHED,) if m == "train_step" else ()) + PROVIDERS[3:]:
                 if p.endswith("_compiled") and (w, m) != ("S1", "predict"):
                     continue
                 yield w, m, p
@@ -38,7 +41,7 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_smoke")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RIM_FAST_BENCH_")}
     cmd = [sys.executable, "-m", "bench.run", "--device", "cpu", "--smoke", "--threads", "1", "--out", str(out),
-           "--", "-k", "not compiled or S1-cpu-predict"]
+           "--providers", ",".join(PROVIDERS + (GRAPHED,)), "--", "-k", "not compiled or S1-cpu-predict"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out, proc.stdout
@@ -76,13 +79,31 @@ def test_report_has_every_row(smoke_run):
         assert row["status"] == "ok", row
         assert row["median_ms"] > 0 and row["rounds"] == 1
         assert row["check_ok"] is True, row
-        assert row["speedup"] is not None and row["speedup"] > 0, row
+        if key[2] == GRAPHED:
+            # recorded in the warm-up call, then replayed: the check call and the timed one (and no speed quoted)
+            assert row["train_graph"] == {"recorder": "EagerRecorder", "eager": False, "reason": None,
+                                          "replays": 2}, row
+            assert row["optimizer"] == "SGD(momentum=0.9)" and row["warmup"] == 1, row
+            assert row["speedup"] is None and row["speedup_note"] == "a CPU stand-in, not a speed", row
+        else:
+            assert row["speedup"] is not None and row["speedup"] > 0, row
         if key[1] == "train_step":
             assert row["memory_bytes"] > 0, row
         if key[2].endswith("_compiled"):
             assert row["graphs"] >= 1 and row["recompiled_while_timed"] == 0, row
     assert rows[("U2", "predict", "rim_fast")]["baseline"] == "rim_fast_reference"
     assert rows[("S1", "predict", "rim_fast")]["baseline"] == "torch_rim"
+    # the baseline's predict FLOPs (the roofline goal's), counted once per group
+    for w in WORKLOADS:
+        baseline = "rim_fast_reference" if w == "U2" else "torch_rim"
+        assert rows[(w, "predict", baseline)]["flop"] > 0, w
+        assert rows[(w, "predict", "rim_fast")].get("flop") is None
+    stand_in = next(line for line in md.splitlines() if line.startswith(f"| S2 | train_step | {GRAPHED} |"))
+    assert "CPU stand-in recorder" in stand_in and "SGD(momentum=0.9)" in stand_in
+    # smoke sizes are not the goals' workloads: every goal is listed, none judged
+    assert "## Goals on the CPU" in md
+    assert [g["met"] for g in summary["goals"]] == [None] * 6
+    assert all(g["why"] == "a smoke run (tiny sizes)" for g in summary["goals"])
 
 
 def test_cases_ran_in_priority_order(smoke_run):
@@ -155,6 +176,84 @@ def test_report_marks_cuda_graph_skips_and_counts_kernels(tmp_path):
     assert "mutated inputs" in skipped and "| 21.5 |" in skipped
     clean = next(line for line in md.splitlines() if "| torch_rim_compiled |" in line)
     assert "CUDA graphs: no skip" in clean and "| 30.0 |" in clean
+
+
+def _goal(summary, workload, mode, provider, text):
+    return next(g for g in summary["goals"] if (g["workload"], g["mode"], g["provider"]) == (workload, mode, provider)
+                and text in g["goal"])
+
+
+def test_report_judges_the_gpu_goals(tmp_path):
+    """Issue 13's GPU goals from a run's medians: speedups over torch_rim, within 1.2x of RIM.compile(), ahead of
+    torch.compile of torch_rim, the recorded training step, and L2 against its TF32 roofline (the baseline's FLOPs
+    over the GPU's dense peak, from the table by name)."""
+    records = [
+        _ok("S1", "predict", "torch_rim", 10.0, True, device="cuda"),
+        _ok("S1", "predict", "rim_fast", 0.8, True, device="cuda"),  # 12.5x
+        _ok("S1", "predict", "rim_fast_compiled", 0.7, True, device="cuda"),  # 0.8 / 0.7 = 1.14 <= 1.2
+        _ok("S1", "predict", "torch_rim_compiled", 1.6, True, device="cuda"),
+        _ok("S2", "predict", "torch_rim", 10.0, True, device="cuda"),
+        _ok("S2", "predict", "rim_fast", 2.5, True, device="cuda"),  # 4x < 5x
+        _ok("S2", "predict", "rim_fast_compiled", 2.0, True, device="cuda"),  # 1.25 > 1.2
+        _ok("S2", "predict", "torch_rim_compiled", 2.4, True, device="cuda"),  # rim_fast slower
+        _ok("S2", "train_step", "torch_rim", 40.0, True, device="cuda"),
+        _ok("S2", "train_step", "rim_fast_graphed", 8.0, True, device="cuda",  # 5x
+            train_graph={"recorder": "CudaRecorder", "eager": False, "reason": None, "replays": 30},
+            optimizer="Adam(capturable=True)"),
+        _ok("L2", "predict", "torch_rim", 0.060, True, device="cuda", flop=4.1e12),
+        _ok("L2", "predict", "rim_fast", 0.015, True, device="cuda"),  # seconds
+    ]
+    path = _status_file(tmp_path, records, device="cuda")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    run = json.loads(lines[0])
+    run["settings"]["gpu"] = "NVIDIA H200"
+    with open(path, "w") as f:
+        f.write("\n".join([json.dumps(run), *lines[1:]]) + "\n")
+    summary = load(path)
+    summary["goals"] = goals(summary)
+    verdict = {k: _goal(summary, *k[:3], k[3])["met"] for k in [
+        ("S1", "predict", "rim_fast", "vs torch_rim eager"), ("S2", "predict", "rim_fast", "vs torch_rim eager"),
+        ("S1", "predict", "rim_fast", "within 1.2x"), ("S2", "predict", "rim_fast", "within 1.2x"),
+        ("S1", "predict", "rim_fast", "ahead"), ("S2", "predict", "rim_fast", "ahead"),
+        ("S2", "train_step", "rim_fast_graphed", "fit(cuda_graphs=True)"), ("L2", "predict", "rim_fast", "roofline")]}
+    assert list(verdict.values()) == [True, False, True, False, True, False, True, True], verdict
+    # the roofline: 4.1 TFLOP at the H200's 494.7 TFLOP/s is 8.29 ms; 15 ms is 1.81x of it
+    roofline = _goal(summary, "L2", "predict", "rim_fast", "roofline")
+    assert roofline["measured"].startswith("1.81x (15.00 ms; 4.10 TFLOP at 494.7 TFLOP/s") and "8.29 ms" in \
+        roofline["measured"]
+    # not run: L2 ahead of torch_rim_compiled, the recorded step against torch_rim_compiled
+    assert _goal(summary, "L2", "predict", "rim_fast", "ahead")["why"] == "torch_rim_compiled: not run"
+    assert _goal(summary, "S2", "train_step", "rim_fast_graphed", "ahead")["met"] is None
+    md = "\n".join(goals_markdown(summary))
+    assert md.startswith("## Goals on the GPU") and "**not met**" in md and "5 of 10 met, 3 not met, 2 not measured" in md
+    # an unknown GPU: no peak, the roofline not judged (unless RIM_FAST_BENCH_TF32_PEAK gave one)
+    assert tf32_peak({"gpu": "NVIDIA GeForce RTX 4090"})[0] is None
+    assert tf32_peak({"gpu": "NVIDIA GeForce RTX 4090", "tf32_peak_tflops": 82.6}) == (82.6, "RIM_FAST_BENCH_TF32_PEAK")
+    assert tf32_peak({"gpu": "NVIDIA H100 PCIe"})[0] == 378.0 and tf32_peak({"gpu": "NVIDIA A100-SXM4-80GB"})[0] == 156.0
+
+
+def test_report_judges_the_cpu_goals_and_names_what_did_not_count(tmp_path):
+    """The CPU goal (1.25x in every case) per workload and mode; a recorded step that fell back to eager says so, and
+    a failed check or a missing baseline leaves a goal unmeasured, never met."""
+    records = [
+        _ok("S1", "train_step", "torch_rim", 10.0, True), _ok("S1", "train_step", "rim_fast", 7.0, True),  # 1.43
+        _ok("S2", "train_step", "torch_rim", 10.0, True), _ok("S2", "train_step", "rim_fast", 8.1, True),  # 1.23
+        _ok("S3", "train_step", "rim_fast", 5.0, True),  # no baseline
+        _ok("S1", "predict", "torch_rim", 10.0, True), _ok("S1", "predict", "rim_fast", 1.0, False),  # check failed
+    ]
+    summary = load(_status_file(tmp_path, records))
+    summary["goals"] = goals(summary)
+    met = {(g["workload"], g["mode"]): (g["met"], g["why"]) for g in summary["goals"]}
+    assert met[("S1", "train_step")] == (True, None) and met[("S2", "train_step")] == (False, None)
+    assert met[("S3", "train_step")] == (None, "baseline not run")
+    assert met[("S1", "predict")] == (None, "check failed")
+    assert met[("S2", "predict")] == (None, "not run")
+    eager = _ok("S2", "train_step", "rim_fast_graphed", 1.0, True, device="cuda", optimizer="Adam(capturable=True)",
+                train_graph={"recorder": "CudaRecorder", "eager": True, "reason": "CaptureError: a host sync",
+                             "replays": 0})
+    md = markdown(load(_status_file(tmp_path, [eager], device="cuda")))
+    assert "**not recorded, ran eagerly**: CaptureError: a host sync" in md
 
 
 def _bench_run(out, *pytest_args, env_extra=None, **popen):

@@ -394,7 +394,7 @@ def test_train_step_graph_steps_exactly_like_eager():
     for i, (y, x) in enumerate(_batches()):
         lr = 1e-2 * (i + 1) / 5
         torch.testing.assert_close(run(y, x, lr), eager_run(y, x, lr), rtol=0, atol=0)
-    assert train._entry is not None and not train.eager
+    assert train._entry is not None and not train.eager and train.reason is None
     assert train.replays == 3  # batches 2-4; the first ran eagerly before the recording, the partial one eagerly
     for p, q in zip(rim.model.parameters(), eager_rim.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
@@ -411,6 +411,7 @@ def test_train_step_graph_falls_back_on_a_host_sync():
         for i, (y, x) in enumerate(_batches()):
             torch.testing.assert_close(run(y, x, 1e-2), eager_run(y, x, 1e-2), rtol=0, atol=0)
     assert train.eager and train.replays == 0
+    assert train.reason.startswith("CaptureError") and "host" in train.reason
     assert len([w for w in caught if "training step cannot be recorded" in str(w.message)]) == 1
     for p, q in zip(rim.model.parameters(), eager_rim.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -130,7 +130,7 @@ def _work_folder(tmp_path, info_ok=True):
     (work / "tests.log").write_text("x" * 5000)
     run = {"kind": "run", "machine": "machine: NVIDIA H200", "settings": {
         "device": "cuda", "T": 10, "cudnn_allow_tf32": True, "matmul_allow_tf32": False, "cudnn_benchmark": False,
-        "torch_rim_compiled_mode": "reduce-overhead"},
+        "torch_rim_compiled_mode": "reduce-overhead", "gpu": "NVIDIA H200"},
         "planned": [["L2", "predict", "torch_rim"], ["L2", "predict", "rim_fast"],
                     ["L2", "predict", "rim_fast_compiled"], ["S2", "predict", "torch_rim"]]}
     stats = {"median": 0.05, "iqr": 0.001, "q1": 0.05, "q3": 0.051, "min": 0.049, "max": 0.06, "mean": 0.05,
@@ -139,7 +139,7 @@ def _work_folder(tmp_path, info_ok=True):
             "T": 10, "check_ok": True, "check_err": {"predict": 1e-7}, "check_tol": {"predict": 1e-5},
             "memory_bytes": 2 ** 30, "first_call_s": 0.5, "kernels_per_step": 74.0}
     records = [run, {"workload": "L2", "mode": "predict", "provider": "torch_rim", "status": "ok", "stats": stats,
-                     "info": info},
+                     "info": dict(info, flop=4.1e12)},
                {"workload": "L2", "mode": "predict", "provider": "rim_fast", "status": "ok",
                 "stats": dict(stats, median=0.025), "info": dict(info, kernels_per_step=40.0)},
                {"workload": "L2", "mode": "predict", "provider": "rim_fast_compiled", "status": "interrupted",
@@ -170,7 +170,13 @@ def test_report_of_a_cut_run(tmp_path, monkeypatch):
     assert "| L2 | predict | rim_fast_compiled | - |" in md and "interrupted" in md
     assert "| S2 | predict | torch_rim | - |" in md and "not reached" in md
     assert "TF32: cuDNN on, matmul off" in md and "cudnn.benchmark off" in md
+    # the goals on its medians: L2 predict 25 ms against 4.1 TFLOP at the H200's 494.7 TFLOP/s (8.29 ms)
+    assert "## Goals on the GPU" in md
+    assert "| predict within 2x of its TF32 roofline | L2 | predict | rim_fast | 3.02x (25.00 ms;" in md
+    assert "| <= 2x the roofline | **not met** |" in md
+    assert "| S2 | predict | rim_fast | - | >= 5x | not measured: not run |" in md
     report = json.loads((out / "report.json").read_text())
+    assert [g["met"] for g in report["bench"]["goals"] if g["workload"] == "L2"] == [False, None]
     assert report["exit_codes"] == {"preflight": 0, "build": 0, "tests": 124, "bench": 124}
     assert report["elapsed_s"] == 405 and report["budget_s"] == 420
     with tarfile.open(out / "logs.tgz") as tar:
