@@ -408,7 +408,9 @@ def goals(summary: dict) -> list:
                 ratio = row["median_ms"] / roofline_ms
                 goal.update(measured=f"{ratio:.2f}x ({row['median_ms']:.2f} ms; {flop / 1e12:.2f} TFLOP at "
                                      f"{peak:g} TFLOP/s, {source}: {roofline_ms:.2f} ms)", met=ratio <= target)
-        if why is None and (row.get("noisy") or (other and rows[(w, m, other)].get("noisy"))):
+        # the medians the verdict divides: the provider's and its baseline's (speedup) or the other provider's
+        compared = rows.get((w, m, row.get("baseline") if kind == "speedup" and why is None else other))
+        if why is None and (row.get("noisy") or (compared or {}).get("noisy")):
             goal["measured"] += " (noisy)"
         goal["why"] = why
         out.append(goal)
