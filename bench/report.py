@@ -319,14 +319,15 @@ def chart(summary: dict, path: str) -> str | None:
 # ---- the goals (issue 13 and the project's CPU goal) against this run's numbers ------------------------------
 
 #: the GPUs' dense TF32 tensor-core peaks in TFLOP/s (NVIDIA's data sheets give twice these "with sparsity"), by
-#: a part of torch.cuda.get_device_name(); the first match wins. RIM_FAST_BENCH_TF32_PEAK overrides (any GPU).
+#: a part of torch.cuda.get_device_name(); the first match wins (None: not known here, so "A10" does not claim an
+#: A10G). RIM_FAST_BENCH_TF32_PEAK overrides (any GPU).
 TF32_PEAK_TFLOPS = (("H200 NVL", 417.5), ("H200", 494.7), ("H100 NVL", 417.5), ("H100 PCIe", 378.0),
                     ("H100", 494.7), ("GH200", 494.7), ("A100", 156.0), ("A800", 156.0), ("L40S", 183.0),
-                    ("L40", 90.5), ("A40", 74.8), ("A10G", 35.0), ("A10", 62.5), ("L4", 60.0))
+                    ("L40", 90.5), ("A40", 74.8), ("A10G", None), ("A10", 62.5), ("L4", 60.0))
 
 #: (workload, mode, provider, kind, other provider, target, what): kind "speedup" (over the baseline, at least the
 #: target), "within" (the provider's median at most target x the other's), "ahead" (faster than the other),
-#: "roofline" (at most target x the dense TF32 roofline time: the baseline's FLOPs over the GPU's peak)
+#: "roofline" (at most target x the dense TF32 roofline time: torch_rim's FLOPs over the GPU's peak)
 GOALS = {
     "cpu": [*[(w, "train_step", "rim_fast", "speedup", None, 1.25, "training step as imported vs torch_rim eager "
                "(issue 13)") for w in ("S1", "S2", "S3")],
@@ -354,6 +355,8 @@ def tf32_peak(settings: dict):
     name = settings.get("gpu") or ""
     for part, peak in TF32_PEAK_TFLOPS:
         if part.lower() in name.lower():
+            if peak is None:
+                break
             return peak, f"{part} data sheet, dense"
     return None, f"no TF32 peak known for {name or 'this GPU'!r} (set RIM_FAST_BENCH_TF32_PEAK)"
 
@@ -368,6 +371,8 @@ def _usable(row) -> str | None:
         return "check failed"
     if _stand_in(row):
         return "a CPU stand-in, not a speed"
+    if (row.get("train_graph") or {}).get("eager"):
+        return "the step was not recorded (it ran eagerly)"
     return None
 
 
@@ -398,10 +403,9 @@ def goals(summary: dict) -> list:
                             met=ratio <= target if kind == "within" else ratio < target)
         else:  # roofline
             goal["target"] = f"<= {target:g}x the roofline"
-            base = rows.get((w, m, (row or {}).get("baseline") or "torch_rim"))
             peak, source = tf32_peak(settings)
-            flop = (base or {}).get("flop")
-            why = why or (None if flop else "FLOPs not counted (the baseline's predict did not run)") or (
+            flop = (rows.get((w, m, "torch_rim")) or {}).get("flop")
+            why = why or (None if flop else "FLOPs not counted (torch_rim's predict did not run)") or (
                 None if peak else source)
             if why is None:
                 roofline_ms = flop / (peak * 1e12) * 1e3
