@@ -796,7 +796,7 @@ def _graphed_step(r, loss_fn, optimizer, y, x_true):
     optimizer step), recorded in the first call (which steps eagerly first, as fit does) and replayed afterwards:
     CUDA graphs on CUDA, the stand-in recorder on the CPU."""
     from rim_fast.cuda_graphs import CudaRecorder, EagerRecorder, TrainStepGraph
-    params = list(r.model.parameters())
+    from rim_fast.fit_graph import training_state
 
     def one_step(y_, x_):
         optimizer.zero_grad(set_to_none=True)
@@ -805,13 +805,8 @@ def _graphed_step(r, loss_fn, optimizer, y, x_true):
         optimizer.step()
         return loss.detach()
 
-    def state():
-        # what a step updates in place: the recording's warm-up and capture steps are undone on these
-        return [*params, *r.buffers(), *(t for s in optimizer.state.values() for t in s.values()
-                                         if isinstance(t, torch.Tensor))]
-
     recorder = CudaRecorder(torch.device(DEVICE)) if CUDA else EagerRecorder()
-    train = TrainStepGraph(one_step, state, recorder)
+    train = TrainStepGraph(one_step, lambda: training_state(r, optimizer), recorder)
     return (lambda: train(y, x_true)), train
 
 

@@ -127,10 +127,9 @@ def bench(work: str, out: str) -> dict | None:
     if not os.path.exists(status):
         return None
     sys.path.insert(0, ROOT)
-    from bench.report import goals, goals_markdown, load, markdown
+    from bench.report import load, markdown
     summary = load(status)
-    summary["goals"] = goals(summary)
-    summary["markdown"] = markdown(summary) + "\n" + "\n".join(goals_markdown(summary))
+    summary["markdown"] = markdown(summary)
     chart = os.path.join(work, "bench", "speedups.png")
     if os.path.exists(chart):
         shutil.copy(chart, os.path.join(out, "speedups.png"))

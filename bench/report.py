@@ -73,9 +73,11 @@ def load(status_path: str) -> dict:
     counts = {}
     for row in ordered:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return {"machine": run.get("machine", "machine: unknown (no run line in the results)"),
-            "settings": run.get("settings", {}), "groups": [f"{w}:{m}" for w, m in group_order],
-            "counts": counts, "rows": ordered}
+    summary = {"machine": run.get("machine", "machine: unknown (no run line in the results)"),
+               "settings": run.get("settings", {}), "groups": [f"{w}:{m}" for w, m in group_order],
+               "counts": counts, "rows": ordered}
+    summary["goals"] = goals(summary)
+    return summary
 
 
 def _stand_in(row) -> bool:
@@ -134,7 +136,7 @@ def _train_graph_note(row) -> str | None:
     optimizer = row.get("optimizer") or "?"
     if graph.get("eager"):
         return f"**not recorded, ran eagerly**: {(graph.get('reason') or 'reason unknown')[:160]}; {optimizer}"
-    if graph.get("recorder") == "EagerRecorder":
+    if _stand_in(row):
         return (f"CPU stand-in recorder: each replay runs the step again (no graph; {graph.get('replays')} "
                 f"replays), {optimizer}")
     return f"training step: one CUDA graph, {graph.get('replays')} replays; {optimizer}"
@@ -256,7 +258,7 @@ def markdown(summary: dict) -> str:
               "CUDA graphs on CUDA). The optimizer step stays eager for every provider but rim_fast_graphed "
               "(train_step: zero_grad, forward, backward and a capturable Adam's step recorded as one CUDA graph, "
               "as fit(cuda_graphs=True) records them; on the CPU only a stand-in that runs the step again).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + goals_markdown(summary))
 
 
 def chart(summary: dict, path: str) -> str | None:
@@ -422,8 +424,9 @@ def goals(summary: dict) -> list:
 
 
 def goals_markdown(summary: dict) -> list:
-    """The section of report.md: each goal of the run's device, measured in this run, met or not."""
-    items = goals(summary)
+    """The section of report.md: each goal of the run's device (``summary["goals"]``, from ``load``), measured in
+    this run, met or not."""
+    items = summary.get("goals") or []
     if not items:
         return []
     device = summary.get("settings", {}).get("device")
@@ -478,9 +481,6 @@ def write(status_path: str, out_dir: str) -> dict:
             summary["op_counts"] = json.load(f)
     note = chart(summary, os.path.join(out_dir, "speedups.png"))
     md = markdown(summary)
-    summary["goals"] = goals(summary)
-    if summary["goals"]:
-        md += "\n" + "\n".join(goals_markdown(summary))
     if summary.get("op_counts"):
         md += "\n" + "\n".join(op_counts_markdown(summary["op_counts"]))
     if note:

@@ -28,8 +28,8 @@ import torch
 from .cuda_graphs import LR_FLOOR, TrainStepGraph, ema_decay, ema_update
 from .utils import NullEMA
 
-__all__ = ["blocker", "optimizer_blocker", "capturable_optimizer", "warn", "build", "before_step", "floor_lrs",
-           "optimizer_form", "restore_optimizer_form"]
+__all__ = ["blocker", "optimizer_blocker", "capturable_optimizer", "warn", "training_state", "build", "before_step",
+           "floor_lrs", "optimizer_form", "restore_optimizer_form"]
 
 #: optimizers whose step fit records (their ``capturable=True`` keeps the step counter on the device)
 CAPTURABLE = (torch.optim.Adam, torch.optim.AdamW)
@@ -75,6 +75,14 @@ def warn(why: str) -> None:
     warnings.warn(f"fit(cuda_graphs=True): {why}; training runs eagerly", RuntimeWarning, stacklevel=4)
 
 
+def training_state(rim, optimizer, ema=None) -> list:
+    """What a training step updates in place, ``TrainStepGraph``'s ``state()``: the recording's warm-up and capture
+    steps are undone on these (the parameters, the buffers, the optimizer's state tensors, the EMA shadows)."""
+    return [*rim.model.parameters(), *rim.buffers(), *(t for s in optimizer.state.values() for t in s.values()
+                                                       if isinstance(t, torch.Tensor)),
+            *(ema.shadow_params if ema is not None else [])]
+
+
 def build(run, recorder) -> TrainStepGraph:
     """The recorded step of a run: ``graph(y, x_true, w, *args)`` returns the batch's loss (a device tensor)."""
     rim, optimizer, config = run.rim, run.optimizer, run.config
@@ -97,12 +105,7 @@ def build(run, recorder) -> TrainStepGraph:
             ema_update(ema, params, run.one_minus_decay)
         return loss.detach()
 
-    def state():
-        # what a step updates in place: the warm-up and capture steps are undone on these
-        return [*params, *rim.buffers(), *(t for s in optimizer.state.values() for t in s.values()
-                                            if isinstance(t, torch.Tensor)), *(ema.shadow_params if ema else [])]
-
-    return TrainStepGraph(step, state, recorder)
+    return TrainStepGraph(step, lambda: training_state(rim, optimizer, ema), recorder)
 
 
 def before_step(run) -> None:
