@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gru_gates import INTERPRETED, _tanh, _traceable
+from .gru_gates import INTERPRETED, _on, _tanh, _traceable
 
 # the interpreter pays per program (Python), the GPU per byte: bigger tiles there
 _MAX_TILE = 8192 if INTERPRETED else 2048
@@ -159,9 +159,10 @@ def bias_tanh_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
     M, K, on_rows = _matrix(x)
     block_m, block_k, n_k_blocks, grid, num_warps = _launch(M, K, x.device)
-    _traceable(_bias_tanh_fwd_kernel)[grid](
-        x, bias.contiguous(), y, M, K, x.shape[1], n_k_blocks,
-        BLOCK_M=block_m, BLOCK_K=block_k, BIAS_ON_ROWS=on_rows, num_warps=num_warps)
+    with _on(x.device):
+        _traceable(_bias_tanh_fwd_kernel)[grid](
+            x, bias.contiguous(), y, M, K, x.shape[1], n_k_blocks,
+            BLOCK_M=block_m, BLOCK_K=block_k, BIAS_ON_ROWS=on_rows, num_warps=num_warps)
     return y
 
 
@@ -178,5 +179,6 @@ def bias_tanh_bwd(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if tuple(grad.stride()) != tuple(y.stride()):
         grad = torch.empty_strided(y.shape, y.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
     block_m, block, n_k_blocks, grid, num_warps = _launch(1, y.numel(), y.device)
-    _traceable(_bias_tanh_bwd_kernel)[grid](grad, y, gx, y.numel(), BLOCK=block, num_warps=num_warps)
+    with _on(grad.device):
+        _traceable(_bias_tanh_bwd_kernel)[grid](grad, y, gx, y.numel(), BLOCK=block, num_warps=num_warps)
     return gx

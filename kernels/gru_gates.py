@@ -18,6 +18,7 @@ an extra write in inference, where no backward follows; the recompute is free in
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -40,6 +41,14 @@ def _traceable(kernel):
     if INTERPRETED:
         return kernel
     return torch.library.wrap_triton(kernel)
+
+
+def _on(device: torch.device):
+    """The tensors' GPU made current for a launch: Triton launches on the current device (and its current
+    stream), whatever device the pointers are on. Nothing to do when it is current already."""
+    if INTERPRETED or device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _empty(shape, dtype, device):
@@ -362,9 +371,10 @@ def gru_gates_zr_fwd(wx, uzr, h, bias_z, bias_r):
         return z, rh
     (wx, s_wx), (uzr, s_u), (h, s_h) = _bcn(wx), _bcn(uzr), _bcn(h)
     L = _launch(B, H, _numel_n(h), h.device)
-    _traceable(_gru_zr_fwd_kernel)[L.grid](
-        wx, uzr, h, bias_z.contiguous(), bias_r.contiguous(), z, rh, H, L.N, L.n_blocks,
-        *L.strides(s_wx), *L.strides(s_u), *L.strides(s_h), *L.strides(_bcn_strides(z)), **L.meta())
+    with _on(wx.device):
+        _traceable(_gru_zr_fwd_kernel)[L.grid](
+            wx, uzr, h, bias_z.contiguous(), bias_r.contiguous(), z, rh, H, L.N, L.n_blocks,
+            *L.strides(s_wx), *L.strides(s_u), *L.strides(s_h), *L.strides(_bcn_strides(z)), **L.meta())
     return z, rh
 
 
@@ -379,10 +389,11 @@ def gru_gates_h_fwd(wx, uh, z, h, bias_h):
         return out
     (wx, s_wx), (uh, s_u), (z, s_z), (h, s_h) = _bcn(wx), _bcn(uh), _bcn(z), _bcn(h)
     L = _launch(B, H, _numel_n(h), h.device)
-    _traceable(_gru_h_fwd_kernel)[L.grid](
-        wx, uh, z, h, bias_h.contiguous(), out, H, L.N, L.n_blocks,
-        *L.strides(s_wx), *L.strides(s_u), *L.strides(s_z), *L.strides(s_h), *L.strides(_bcn_strides(out)),
-        **L.meta())
+    with _on(wx.device):
+        _traceable(_gru_h_fwd_kernel)[L.grid](
+            wx, uh, z, h, bias_h.contiguous(), out, H, L.N, L.n_blocks,
+            *L.strides(s_wx), *L.strides(s_u), *L.strides(s_z), *L.strides(s_h), *L.strides(_bcn_strides(out)),
+            **L.meta())
     return out
 
 
@@ -397,9 +408,10 @@ def gru_gates_zero_state_fwd(wzh, bias_z, bias_h):
         return out
     wzh, s_w = _bcn(wzh)
     L = _launch(B, H, _numel_n(wzh), wzh.device)
-    _traceable(_gru_zero_state_fwd_kernel)[L.grid](
-        wzh, bias_z.contiguous(), bias_h.contiguous(), out, H, L.N, L.n_blocks,
-        *L.strides(s_w), *L.strides(_bcn_strides(out)), **L.meta())
+    with _on(wzh.device):
+        _traceable(_gru_zero_state_fwd_kernel)[L.grid](
+            wzh, bias_z.contiguous(), bias_h.contiguous(), out, H, L.N, L.n_blocks,
+            *L.strides(s_w), *L.strides(_bcn_strides(out)), **L.meta())
     return out
 
 
@@ -426,11 +438,12 @@ def gru_gates_zr_bwd(gz, grh, wx, uzr, h, z, bias_r):
         _bcn(gz), _bcn(grh), _bcn(wx), _bcn(uzr), _bcn(h), _bcn(z))
     L = _launch(B, H, _numel_n(h), h.device)
     partial = _empty((L.rows, 2 * H), torch.float32, h.device)
-    _traceable(_gru_zr_bwd_kernel)[L.grid](
-        gz, grh, wx, uzr, h, z, bias_r.contiguous(), g_zr, g_h, partial, H, L.N, L.n_blocks,
-        *L.strides(s_gz), *L.strides(s_gr), *L.strides(s_wx), *L.strides(s_u), *L.strides(s_h),
-        *L.strides(s_z), *L.strides(_bcn_strides(g_zr)), *L.strides(_bcn_strides(g_h)),
-        partial.stride(0), partial.stride(1), **L.meta())
+    with _on(gz.device):
+        _traceable(_gru_zr_bwd_kernel)[L.grid](
+            gz, grh, wx, uzr, h, z, bias_r.contiguous(), g_zr, g_h, partial, H, L.N, L.n_blocks,
+            *L.strides(s_gz), *L.strides(s_gr), *L.strides(s_wx), *L.strides(s_u), *L.strides(s_h),
+            *L.strides(s_z), *L.strides(_bcn_strides(g_zr)), *L.strides(_bcn_strides(g_h)),
+            partial.stride(0), partial.stride(1), **L.meta())
     return g_zr, g_h, _bias_grad(partial, 2, H, h.device)
 
 
@@ -451,10 +464,11 @@ def gru_gates_h_bwd(g, wx, uh, z, h, bias_h):
     partial = _empty((L.rows, H), torch.float32, h.device)
     # the three outputs are allocated alike: one set of strides
     assert g_a.stride() == g_z.stride() == g_h.stride()
-    _traceable(_gru_h_bwd_kernel)[L.grid](
-        g, wx, uh, z, h, bias_h.contiguous(), g_a, g_z, g_h, partial, H, L.N, L.n_blocks,
-        *L.strides(s_g), *L.strides(s_wx), *L.strides(s_u), *L.strides(s_z), *L.strides(s_h),
-        *L.strides(_bcn_strides(g_a)), partial.stride(0), partial.stride(1), **L.meta())
+    with _on(g.device):
+        _traceable(_gru_h_bwd_kernel)[L.grid](
+            g, wx, uh, z, h, bias_h.contiguous(), g_a, g_z, g_h, partial, H, L.N, L.n_blocks,
+            *L.strides(s_g), *L.strides(s_wx), *L.strides(s_u), *L.strides(s_z), *L.strides(s_h),
+            *L.strides(_bcn_strides(g_a)), partial.stride(0), partial.stride(1), **L.meta())
     return g_a, g_z, g_h, _bias_grad(partial, 1, H, h.device)
 
 
@@ -470,8 +484,9 @@ def gru_gates_zero_state_bwd(g, wzh, bias_z, bias_h):
     (g, s_g), (wzh, s_w) = _bcn(g), _bcn(wzh)
     L = _launch(B, H, _numel_n(wzh), wzh.device)
     partial = _empty((L.rows, 2 * H), torch.float32, wzh.device)
-    _traceable(_gru_zero_state_bwd_kernel)[L.grid](
-        g, wzh, bias_z.contiguous(), bias_h.contiguous(), g_w, partial, H, L.N, L.n_blocks,
-        *L.strides(s_g), *L.strides(s_w), *L.strides(_bcn_strides(g_w)), partial.stride(0), partial.stride(1),
-        **L.meta())
+    with _on(g.device):
+        _traceable(_gru_zero_state_bwd_kernel)[L.grid](
+            g, wzh, bias_z.contiguous(), bias_h.contiguous(), g_w, partial, H, L.N, L.n_blocks,
+            *L.strides(s_g), *L.strides(s_w), *L.strides(_bcn_strides(g_w)), partial.stride(0), partial.stride(1),
+            **L.meta())
     return g_w, _bias_grad(partial, 2, H, wzh.device)

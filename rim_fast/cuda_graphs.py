@@ -13,8 +13,10 @@ Rules (each tested):
 - parameters updated in place are seen by the next replay (the graph reads their memory);
 - a parameter or buffer tensor replaced (``load_state_dict(assign=True)``, ``.to()``, a new model) invalidates
   every graph (``watch``);
-- a call that cannot be captured (a host sync such as ``.item()``, a CPU allocation in the score function, ...)
-  makes its signature run eagerly from then on, with one warning; never an error, and the cache stays usable;
+- the first call of a signature is recorded, then replayed for its outputs (a capture runs nothing);
+- a call that cannot be captured (a host sync such as ``.item()``, a CPU allocation in the score function, a
+  parameter whose memory the call replaces, ...) makes its signature run eagerly from then on, with one warning;
+  never an error, and the cache stays usable;
 - at most ``max_entries`` signatures are kept (the least recently used is dropped); ``clear()`` frees them all.
 
 ``TrainStepGraph`` records a whole training step (forward, backward, clipping, optimizer step, EMA update) on the
@@ -23,6 +25,7 @@ device tensors that a replay reads.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Optional, Sequence
@@ -60,6 +63,25 @@ def signature(tree: Any) -> Optional[Hashable]:
     return tuple(key)
 
 
+class Identity:
+    """A key's leaf that is one object, whatever it is (a function, a module): equal only to itself, hashable even
+    when the object is not, and holding it, so that its ``id`` is not handed to a new object while a key lives."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Identity) and other.obj is self.obj
+
+    def __repr__(self) -> str:
+        return f"Identity({self.obj!r})"
+
+
 class EagerRecorder:
     """The stand-in for the CPU: ``capture`` runs the function once under a mode that raises ``CaptureError`` on
     a host sync (what breaks a CUDA capture) and keeps its outputs as the static outputs; ``replay`` runs the
@@ -74,6 +96,13 @@ class EagerRecorder:
     def capture(self, fn: Callable[[], Any]):
         with ops.graph_region(), self._NoHostSync():
             out = fn()
+        # a CUDA capture records the kernels without running them: its outputs hold garbage until the first
+        # replay, so the stand-in's hold NaN (a caller that forgets to replay sees it)
+        with torch.no_grad(), torch.inference_mode(False):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
+                    with torch.inference_mode(t.is_inference()):
+                        t.fill_(float("nan"))
         return fn, out
 
     def replay(self, graph, out) -> None:
@@ -88,34 +117,85 @@ class EagerRecorder:
 
 class CudaRecorder:
     """``torch.cuda.CUDAGraph``: warm-up calls on a side stream (lazy initialisation, cuDNN and Triton choices
-    happen outside the capture), then the capture into a memory pool shared by the RIM's graphs. Sharing is safe
-    here whatever the order of the replays: graphs never run concurrently, their static inputs live outside the
-    pool, and a graph's outputs are copied right after its replay, before another graph can write over them."""
+    happen outside the capture; the last one refuses host syncs, so that a call that would break the capture is
+    turned down before it starts), then the capture on the recorder's own stream of its device, into a memory pool
+    shared by the RIM's graphs. Sharing is safe here whatever the order of the replays: graphs never run
+    concurrently, their static inputs live outside the pool, and a graph's outputs are copied right after its
+    replay, before another graph can write over them.
+
+    The capture is ``thread_local`` (another thread's CUDA calls, e.g. a DataLoader's pin-memory thread, cannot
+    break it), runs with autocast's weight cache off (a cached cast would be a copy the graph keeps reading after
+    autocast frees it, blind to later weight updates) and with the RIM's device current (Triton launches on the
+    current device). A capture that fails, or records no GPU work, raises ``CaptureError`` and leaves the
+    thread's current stream as it was."""
 
     def __init__(self, device: torch.device, warmup: int = 2):
-        self.device, self.warmup = device, warmup
+        self.device, self.warmup = torch.device(device), warmup
         self.pool = None
+        self.stream = None
 
     def capture(self, fn: Callable[[], Any]):
-        with ops.graph_region():
+        with ops.graph_region(), torch.cuda.device(self.device), _autocast_without_cache(self.device.type):
+            current = torch.cuda.current_stream(self.device)
             side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
+            side.wait_stream(current)
             try:
-                with torch.cuda.graph(graph, pool=self.pool):
-                    out = fn()
+                with torch.cuda.stream(side):
+                    for i in range(self.warmup):
+                        with _refuse_host_syncs(i == self.warmup - 1 and i > 0):
+                            fn()
             except RuntimeError as err:
                 raise CaptureError(str(err)) from err
+            current.wait_stream(side)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(self.device)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # the outer stream context puts the current stream back even when the capture's own exit raises
+                with torch.cuda.stream(self.stream), warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
+                                          capture_error_mode="thread_local"):
+                        out = fn()
+            except RuntimeError as err:
+                raise CaptureError(str(err)) from err
+            if any("graph is empty" in str(w.message).lower() for w in caught):
+                raise CaptureError(f"the graph recorded no GPU work on {self.device} (are the tensors on another "
+                                   f"device?)")
         return graph, out
 
     def replay(self, graph, out) -> None:
         graph.replay()
+
+
+@contextlib.contextmanager
+def _refuse_host_syncs(on: bool):
+    """torch's sync debug mode set to "error": a call that synchronises with the host raises here, in a warm-up,
+    rather than breaking the capture that follows."""
+    if not on:
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
+def _autocast_without_cache(device_type: str):
+    """The caller's autocast, with its cache of cast weights off (torch.cuda.make_graphed_callables refuses that
+    cache for the same reason); nothing when autocast is off."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+
+
+def _memory(tensors: Sequence[Tensor]) -> tuple:
+    """Which memory these tensors are: a graph reads them by address."""
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.device) for t in tensors)
 
 
 class _Entry:
@@ -132,6 +212,7 @@ class GraphCache:
         self.recorder, self.max_entries = recorder, max_entries
         self._entries: OrderedDict = OrderedDict()
         self._watched: Optional[tuple] = None
+        self._watched_tensors: list = []
         self.captures = 0  # graphs recorded so far (tests and benchmarks read it)
 
     def __len__(self) -> int:
@@ -144,11 +225,13 @@ class GraphCache:
     def watch(self, tensors: Sequence[Tensor]) -> None:
         """Invalidate every graph when these tensors (the parameters and buffers a call reads) are not the same
         memory as at the last call: a graph would read the old tensors. In-place updates keep them."""
-        now = tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.device) for t in tensors)
+        now = _memory(tensors)
         if now != self._watched:
-            if self._watched is not None:
-                self.clear()
+            if self._watched is not None:  # the graphs go; signatures that cannot be captured stay eager
+                for key in [k for k, entry in self._entries.items() if entry is not _EAGER]:
+                    del self._entries[key]
             self._watched = now
+        self._watched_tensors = list(tensors)
 
     def __call__(self, key: Optional[Hashable], fn: Callable[..., Any], inputs: Sequence[Any]) -> Any:
         """``fn(*inputs)``: replayed from a graph recorded for ``key`` (recorded now on the first call);
@@ -164,12 +247,13 @@ class GraphCache:
             entry = self._record(key, fn, inputs)
             if entry is _EAGER:
                 return fn(*inputs)
+            # a capture records without running: this call's outputs come from the first replay
         else:
             self._entries.move_to_end(key)
             for static, value in zip(tree_flatten(entry.inputs)[0], tree_flatten(list(inputs))[0]):
                 if isinstance(static, Tensor):
                     static.copy_(value)
-            self.recorder.replay(entry.graph, entry.out)
+        self.recorder.replay(entry.graph, entry.out)
         return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.out)
 
     def _record(self, key, fn, inputs):
@@ -177,8 +261,18 @@ class GraphCache:
         # normal tensors even when the first call runs under inference_mode: later calls copy into them in any mode
         with torch.inference_mode(False):
             static = tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
+        before = [t.data for t in self._watched_tensors]
         try:
             graph, out = self.recorder.capture(lambda: fn(*static))
+            if self._watched is not None and _memory(self._watched_tensors) != self._watched:
+                # e.g. score_models' SpectralNorm, which sets ``u.data`` at every forward: the graph would keep
+                # reading memory the capture wrote nothing into; the tensors get their memory back, as before
+                # the call (the warm-up's and the capture's updates undone), and the call runs eagerly
+                for tensor, data in zip(self._watched_tensors, before):
+                    if tensor.data_ptr() != data.data_ptr():
+                        tensor.data = data
+                raise CaptureError("the call replaces the memory of parameters or buffers (``.data = ...``, e.g. a "
+                                   "spectral norm's power iteration)")
         except Exception as err:  # noqa: BLE001 - whatever breaks a capture, the call runs eagerly
             warnings.warn(f"rim_fast: this call cannot be recorded into a CUDA graph ({type(err).__name__}: {err}); "
                           f"calls with the same signature run eagerly (a score function that synchronises with "

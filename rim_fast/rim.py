@@ -16,7 +16,7 @@ from . import cpu_pool, ops
 from .architectures.base import EncoderDecoder
 from .checkpoints import load_architecture
 from .compat import Compat, CompatLike, resolve
-from .cuda_graphs import CudaRecorder, GraphCache, signature
+from .cuda_graphs import CudaRecorder, GraphCache, Identity, signature
 from .definitions import DEVICE
 from .layers import derived
 from .validation import as_device, choice, flag, function, integer, integers, same_device, tensor
@@ -477,21 +477,29 @@ class RIM(nn.Module):
                 t.requires_grad for t in tree_flatten(list(inputs))[0] if isinstance(t, Tensor))):
             return None
         graphs = self.__dict__.get("_graph_cache")
+        if graphs is not None and self.__dict__.get("_graph_device") != self.device:
+            graphs.clear()  # the RIM moved: its recorder was for the old device
+            graphs = self.__dict__["_graph_cache"] = None
         if graphs is None:
             recorder = self._graph_recorder()
             if recorder is None:
                 return None
             graphs = self.__dict__["_graph_cache"] = GraphCache(recorder)
+            self.__dict__["_graph_device"] = self.device
         graphs.watch([*self.parameters(), *self.buffers()])
         return graphs
 
     def _loop_settings(self, amp: bool) -> tuple:
-        """What a recorded loop depends on besides its inputs: the RIM's settings and functions, autocast."""
+        """What a recorded loop depends on besides its inputs: the RIM's settings and functions (by identity,
+        holding the objects: a bare ``id`` is reused by a new function once the old one is freed), train or eval
+        mode, autocast, the TF32 switches."""
         return (self.T, self._preprocessing, self.epsilon, self.beta_1, self.beta_2, self.initialization_method,
-                self.compat, id(self.model), id(self.score_fn), id(self.energy_fn), id(self.model_score_fn),
-                id(self.link_function), id(self.inverse_link_function),
-                id(getattr(self, "approximate_inverse_fn", None)),
-                torch.get_autocast_dtype(self.device.type) if amp else None, ops.backend())
+                self.compat, *map(Identity, (self.model, self.score_fn, self.energy_fn, self.model_score_fn,
+                                             self.link_function, self.inverse_link_function,
+                                             getattr(self, "approximate_inverse_fn", None))),
+                self.training, self.model.training,
+                torch.get_autocast_dtype(self.device.type) if amp else None, ops.backend(),
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 
     def clear_cuda_graphs(self) -> None:
         """Drop the CUDA graphs recorded for eager inference (their memory goes back to the allocator); the next

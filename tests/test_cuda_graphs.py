@@ -1,11 +1,15 @@
 """The CUDA-graph cache of eager inference (rim_fast/cuda_graphs.py): its logic on the CPU through the stand-in
 recorder (replays by running the function again), the real capture on CUDA."""
+import contextlib
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
 
-from rim_fast.cuda_graphs import CaptureError, CudaRecorder, EagerRecorder, GraphCache, signature
+from rim_fast.cuda_graphs import (CaptureError, CudaRecorder, EagerRecorder, GraphCache, Identity,
+                                  _autocast_without_cache, signature)
 
 from conftest import requires_cuda
 
@@ -45,7 +49,8 @@ def test_first_call_records_then_replays_with_new_inputs():
     x1, x2 = torch.randn(4), torch.randn(4)
     out1 = cache(signature((x1, 2.0)), fn, [x1, 2.0])
     out2 = cache(signature((x2, 2.0)), fn, [x2, 2.0])
-    assert cache.captures == 1 and cache.recorder.replays == 1
+    # the capture records without running (the stand-in leaves NaN in its outputs): both calls replay
+    assert cache.captures == 1 and cache.recorder.replays == 2
     torch.testing.assert_close(out1, x1 * w * 2.0)
     torch.testing.assert_close(out2, x2 * w * 2.0)
     # outputs are copies: a later replay does not overwrite what an earlier call returned
@@ -98,6 +103,72 @@ def test_an_uncapturable_call_falls_back_to_eager_with_one_warning():
 def test_the_stand_in_refuses_host_syncs_like_cuda():
     with pytest.raises(CaptureError):
         EagerRecorder().capture(lambda: torch.ones(2).sum().item())
+
+
+def test_the_stand_in_capture_leaves_its_outputs_unwritten_like_cuda():
+    """A CUDA capture records kernels without running them: until the first replay its outputs are garbage. The
+    stand-in leaves NaN there, so a cache that hands out a capture's outputs without replaying fails on the CPU."""
+    graph, out = EagerRecorder().capture(lambda: (torch.ones(3) * 2, [torch.zeros(2)], torch.arange(3)))
+    assert out[0].isnan().all() and out[1][0].isnan().all()
+    EagerRecorder().replay(graph, out)
+    torch.testing.assert_close(out[0], torch.full((3,), 2.0))
+    torch.testing.assert_close(out[2], torch.arange(3))
+
+
+def test_signatures_that_cannot_be_captured_stay_eager_when_parameters_are_replaced():
+    cache = _cache()
+    w = torch.randn(4)
+    x = torch.randn(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for w_now in (w, torch.randn(4), torch.randn(4)):  # new memory at every call: the graphs go, not the verdict
+            cache.watch([w_now])
+            out = cache(signature((x,)), lambda x: x * float(x.sum().item()) * w_now, [x])
+            torch.testing.assert_close(out, x * x.sum() * w_now)
+    assert len([c for c in caught if "cannot be recorded" in str(c.message)]) == 1
+    assert cache.captures == 0
+
+
+def test_a_call_that_replaces_parameter_memory_runs_eagerly_and_leaves_it_as_it_was():
+    """score_models' SpectralNorm sets ``u.data`` and ``v.data`` at every forward: a graph would read memory the
+    capture never wrote. The call runs eagerly (one warning), and u and v are as if no capture had been tried."""
+    from rim_fast.layers.spectral_norm import SpectralNorm
+
+    torch.manual_seed(0)
+    graphed, eager = SpectralNorm(torch.nn.Linear(5, 3)), SpectralNorm(torch.nn.Linear(5, 3))
+    eager.load_state_dict(graphed.state_dict())
+    cache = _cache()
+    x = torch.randn(2, 5)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            cache.watch([*graphed.parameters(), *graphed.buffers()])
+            torch.testing.assert_close(cache(signature((x,)), graphed, [x]), eager(x), rtol=0, atol=0)
+    assert len([c for c in caught if "replaces the memory of parameters" in str(c.message)]) == 1
+    assert cache.captures == 0
+    for (name, a), b in zip(graphed.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_identity_keys_hold_their_object():
+    def f():
+        pass
+
+    assert Identity(f) == Identity(f) and hash(Identity(f)) == hash(Identity(f))
+    assert Identity(f) != Identity(lambda: None) and Identity([1]) != Identity([1])
+    assert signature((Identity({"unhashable": [1]}),)) is not None
+
+
+def test_autocast_cache_is_off_for_a_capture():
+    """Autocast caches the casts of weights; a graph recorded with the cache on would keep reading a cast copy that
+    autocast frees when its region ends (and that no weight update reaches)."""
+    assert isinstance(_autocast_without_cache("cpu"), contextlib.nullcontext)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_cache_enabled()
+        with _autocast_without_cache("cpu"):
+            assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.is_autocast_cache_enabled()
 
 
 def test_oldest_signature_dropped_and_clear_frees_all():
@@ -166,6 +237,46 @@ def test_cuda_capture_error_falls_back_and_cache_stays_usable():
     torch.testing.assert_close(cache(signature((y,)), torch.neg, [y]), -y)
 
 
+@requires_cuda
+def test_cuda_failed_capture_leaves_the_current_stream_as_it_was():
+    cache = GraphCache(CudaRecorder(torch.device("cuda")))
+    stream = torch.cuda.current_stream()
+    x = torch.randn(8, device="cuda")
+    with pytest.warns(RuntimeWarning, match="cannot be recorded"):
+        cache(signature((x,)), lambda x: x * x.sum().item(), [x])
+    assert torch.cuda.current_stream() == stream and not torch.cuda.is_current_stream_capturing()
+    # a sync that only the capture itself meets (the warm-ups run it on the host side) breaks the capture
+    calls = []
+
+    def syncs_in_capture(x):
+        calls.append(1)
+        return x * x.sum().item() if len(calls) == 3 else x * 2
+
+    y = torch.randn(9, device="cuda")
+    with pytest.warns(RuntimeWarning, match="cannot be recorded"):
+        out = cache(signature((y,)), syncs_in_capture, [y])
+    assert torch.cuda.current_stream() == stream and not torch.cuda.is_current_stream_capturing()
+    torch.testing.assert_close(out, y * 2)
+    torch.testing.assert_close(cache(signature((x,)), torch.neg, [x]), -x)
+
+
+@requires_cuda
+def test_cuda_graph_under_autocast_reads_the_weights_not_a_cached_cast():
+    w = torch.randn(16, 16, device="cuda", requires_grad=True)
+    cache = GraphCache(CudaRecorder(torch.device("cuda")))
+    x = torch.randn(4, 16, device="cuda")
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            first = cache(signature((x,)), lambda x: x @ w, [x])
+        w.add_(1.0)  # an optimizer step, outside the autocast region that cached the cast
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            again = cache(signature((x,)), lambda x: x @ w, [x])
+            expected = x @ w
+    assert cache.captures == 1
+    torch.testing.assert_close(again, expected)
+    assert not torch.equal(first, again)
+
+
 # ---- the RIM's eager inference through the cache ------------------------------------------------------------
 
 import rim_fast  # noqa: E402
@@ -203,7 +314,7 @@ def test_rim_records_once_per_signature_and_replays(stand_in):
         y1, y2, y3 = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.randn(3, 1, 8, 8)
         out1 = graphed.predict(y1)
         out2 = graphed.predict(y2)
-        assert _captures(graphed) == 1 and graphed._graph_cache.recorder.replays == 1
+        assert _captures(graphed) == 1 and graphed._graph_cache.recorder.replays == 2
         torch.testing.assert_close(out1, eager.predict(y1))  # out1 survived the replay for y2
         torch.testing.assert_close(out2, eager.predict(y2))
         graphed.predict(y3)  # another batch size
@@ -252,6 +363,58 @@ def test_rim_settings_are_part_of_the_signature(stand_in):
         graphed.T = eager.T = 5
         torch.testing.assert_close(graphed.predict(y), eager.predict(y))
         assert _captures(graphed) == 2
+
+
+def test_rim_a_new_score_function_records_anew_even_at_a_reused_id(stand_in):
+    """``rim.score_fn = make_score(psf)`` in a loop: CPython hands a new closure the ``id`` of the freed one, so
+    keys hold the functions themselves, not their ids (a real graph would replay the old closure's kernels)."""
+    graphed, eager = _pair()
+    y = torch.randn(2, 1, 8, 8)
+
+    def make(a):
+        return lambda x, y: (y - a * x)
+
+    alive = []
+    with torch.no_grad():
+        for i in range(4):
+            graphed.score_fn = eager.score_fn = make(0.5 + 0.1 * i)
+            alive.append(weakref.ref(graphed.score_fn))
+            torch.testing.assert_close(graphed.predict(y), eager.predict(y))
+    assert _captures(graphed) == 4
+    # the old closures live as long as their graphs: their ids cannot go to a new function meanwhile
+    assert all(ref() is not None for ref in alive)
+    graphed.clear_cuda_graphs()
+    graphed.score_fn = eager.score_fn = _score
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+
+
+def test_rim_train_mode_is_part_of_the_signature(stand_in):
+    graphed, _ = _pair()
+    y = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        graphed.predict(y)
+        graphed.eval()
+        graphed.predict(y)
+        graphed.model.train()
+        graphed.predict(y)
+    assert _captures(graphed) == 3
+
+
+def test_rim_moved_to_another_device_records_with_that_devices_recorder(stand_in, monkeypatch):
+    graphed, eager = _pair()
+    y = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        graphed.predict(y)
+        before = graphed._graph_cache
+        graphed.__dict__["_graph_device"] = torch.device("cuda", 1)  # as if its cache was made before a .to()
+        torch.testing.assert_close(graphed.predict(y), eager.predict(y))
+        assert graphed._graph_cache is not before and len(before) == 0 and _captures(graphed) == 1
+        # a device without graphs (a RIM moved to the CPU): no cache, eager calls
+        monkeypatch.setattr(rim_fast.RIM, "_graph_recorder", lambda self: None)
+        graphed.__dict__["_graph_device"] = torch.device("cuda", 0)
+        torch.testing.assert_close(graphed.predict(y), eager.predict(y))
+        assert graphed.__dict__["_graph_cache"] is None
 
 
 def test_rim_uncapturable_score_function_runs_eagerly_with_one_warning(stand_in):

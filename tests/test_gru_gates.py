@@ -228,6 +228,17 @@ def test_opcheck(device, S):
         torch.library.opcheck(op, args, test_utils=_opcheck_utils(device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_mixed_dtypes(device):
+    """The fakes promote dtypes as the kernels do: z from (wx, uzr, b_z) only, rh with h too."""
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 3, (5,), "contig", device=device)
+    half = [t.half() for t in (wx, uzr, bz, br)]
+    z, rh = torch.ops.rim_fast.gru_gates_zr(half[0], half[1], h, half[2], half[3])
+    assert z.dtype == torch.float16 and rh.dtype == torch.float32
+    torch.library.opcheck(torch.ops.rim_fast.gru_gates_zr.default, [half[0], half[1], h, half[2], half[3]],
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("S", [(), (3,), (2, 3)], ids=["S0", "S3", "S2x3"])
 def test_gradcheck_references(S):
     wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 3, S, "contig", dtype=torch.float64)
@@ -410,6 +421,30 @@ def test_cuda_low_precision(dtype, S):
             (reference.gru_gates_h, _triton.gru_gates_h, (wx, uh, z, h, bh), 1),
             (reference.gru_gates_zero_state, _triton.gru_gates_zero_state, (uzr, bz, bh), 1)):
         assert_error_budget(*_low_precision_runs(fn_ref, fn_new, ins, n, dtype), dtype, what=fn_ref.__name__)
+
+
+@requires_cuda
+def test_cuda_on_second_device():
+    """Tensors on a GPU that is not the current one: the launches go to their GPU (Triton launches on the current
+    device), forward and backward, gates and bias_tanh."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    assert torch.cuda.current_device() == 0
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 5, (7, 3), "contig", device="cuda:1")
+    for fn_ref, fn_new, ins in ((reference.gru_gates_zr, _triton.gru_gates_zr, (wx, uzr, h, bz, br)),
+                                (reference.gru_gates_h, _triton.gru_gates_h, (wx, uh, z, h, bh)),
+                                (reference.gru_gates_zero_state, _triton.gru_gates_zero_state, (uzr, bz, bh)),
+                                (reference.bias_tanh, _triton.bias_tanh, (wx, torch.randn(15, device="cuda:1")))):
+        a_ins, b_ins = leaves(*ins), leaves(*ins)
+        new, ref = fn_new(*a_ins), fn_ref(*b_ins)
+        new, ref = (new,) if isinstance(new, torch.Tensor) else new, (ref,) if isinstance(ref, torch.Tensor) else ref
+        for a, b in zip(new, ref):
+            assert a.device == b.device == torch.device("cuda:1")
+            torch.testing.assert_close(a, b, **tol(torch.float32))
+        grads = torch.autograd.grad(sum(o.square().sum() for o in new), a_ins)
+        expected = torch.autograd.grad(sum(o.square().sum() for o in ref), b_ins)
+        for a, b in zip(grads, expected):
+            torch.testing.assert_close(a, b, **tol(torch.float32))
 
 
 @requires_cuda

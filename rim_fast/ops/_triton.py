@@ -258,7 +258,7 @@ if _MISSING is None:
 
     @_zr.register_fake
     def _(wx, uzr, h, bias_z, bias_r):
-        return _like(h, h.shape, wx, uzr, bias_z), _like(h, h.shape, wx, uzr, bias_r)
+        return h.new_empty(h.shape, dtype=K._dtype(wx, uzr, bias_z)), _like(h, h.shape, wx, uzr, bias_r)
 
     @_h.register_fake
     def _(wx, uh, z, h, bias_h):
