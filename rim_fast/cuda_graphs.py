@@ -17,7 +17,9 @@ Rules (each tested):
 - a call that cannot be captured (a host sync such as ``.item()``, a CPU allocation in the score function, a
   parameter whose memory the call replaces, ...) makes its signature run eagerly from then on, with one warning;
   never an error, and the cache stays usable;
-- at most ``max_entries`` signatures are kept (the least recently used is dropped); ``clear()`` frees them all.
+- at most ``max_entries`` signatures are kept (the least recently used is dropped); ``clear()`` frees them all;
+- at most ``max_values`` graphs are recorded for calls that differ only in the values of Python numbers; calls with
+  further values run eagerly, with one warning (a number that changes at every call would record at every call).
 
 ``TrainStepGraph`` records a whole training step (forward, backward, clipping, optimizer step, EMA update) on the
 same recorders; ``set_lr``, ``ema_decay`` and ``ema_update`` keep the learning rate and torch_ema's decay in
@@ -193,6 +195,12 @@ def _autocast_without_cache(device_type: str):
     return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
+def _family(key: tuple) -> tuple:
+    """A ``signature`` with the values of its numbers (int, float) left out, their types kept."""
+    return tuple((leaf[0],) if type(leaf) is tuple and len(leaf) == 2 and leaf[0] in (int, float) else leaf
+                 for leaf in key)
+
+
 def _memory(tensors: Sequence[Tensor]) -> tuple:
     """Which memory these tensors are: a graph reads them by address."""
     return tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.device) for t in tensors)
@@ -206,10 +214,14 @@ class _Entry:
 class GraphCache:
     """Records ``fn(*inputs)`` once per signature and replays it; see the module docstring."""
 
-    def __init__(self, recorder, max_entries: int = 8):
+    def __init__(self, recorder, max_entries: int = 8, max_values: int = 4):
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        self.recorder, self.max_entries = recorder, max_entries
+        if max_values < 1:
+            raise ValueError(f"max_values must be >= 1, got {max_values}")
+        self.recorder, self.max_entries, self.max_values = recorder, max_entries, max_values
+        self._values: dict = {}  # the keys recorded per family (a key with its numbers' values left out)
+        self._eager_families: set = set()
         self._entries: OrderedDict = OrderedDict()
         self._watched: Optional[tuple] = None
         self._watched_tensors: list = []
@@ -221,6 +233,8 @@ class GraphCache:
     def clear(self) -> None:
         """Drop every graph and its static buffers (the memory goes back to the allocator)."""
         self._entries.clear()
+        self._values.clear()
+        self._eager_families.clear()
 
     def watch(self, tensors: Sequence[Tensor]) -> None:
         """Invalidate every graph when these tensors (the parameters and buffers a call reads) are not the same
@@ -244,6 +258,19 @@ class GraphCache:
             self._entries.move_to_end(key)
             return fn(*inputs)
         if entry is None:
+            family = _family(key)
+            values = self._values.setdefault(family, set())
+            if key not in values and family in self._eager_families:
+                return fn(*inputs)
+            if key not in values and len(values) >= self.max_values:
+                # a number that changes from call to call (a noise level, a step size) would record a graph per
+                # call, three runs each, and push the other graphs out
+                self._eager_families.add(family)
+                warnings.warn(f"rim_fast: {self.max_values} CUDA graphs were recorded for calls that differ only in "
+                              f"the values of Python numbers (arguments or the RIM's settings); calls with new values "
+                              f"run eagerly. Pass a number that changes as a 0-dim tensor: it is copied into the graph "
+                              f"at each call", RuntimeWarning, stacklevel=3)
+                return fn(*inputs)
             entry = self._record(key, fn, inputs)
             if entry is _EAGER:
                 return fn(*inputs)
@@ -281,6 +308,7 @@ class GraphCache:
             self._store(key, _EAGER)
             return _EAGER
         self.captures += 1
+        self._values.setdefault(_family(key), set()).add(key)
         entry = _Entry(graph, static, out)
         self._store(key, entry)
         return entry

@@ -185,6 +185,40 @@ def test_oldest_signature_dropped_and_clear_frees_all():
     assert len(cache) == 0
 
 
+def test_a_number_that_changes_at_every_call_runs_eagerly_after_a_few_graphs():
+    """A float argument with a new value at every call would record (three runs) at every call: after max_values
+    graphs for one family (the key less its numbers' values), new values run eagerly with one warning; the graphs
+    already recorded still replay, a tensor of the same value replays one graph, and other families record."""
+    cache = GraphCache(Counting(), max_values=3)
+    x = torch.randn(4)
+
+    def fn(x, sigma, n):
+        return x * sigma + n
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(8):
+            torch.testing.assert_close(cache(signature((x, 0.1 * i, 1)), fn, [x, 0.1 * i, 1]), x * 0.1 * i + 1)
+        for i in (0, 1, 2):  # recorded: replayed
+            torch.testing.assert_close(cache(signature((x, 0.1 * i, 1)), fn, [x, 0.1 * i, 1]), x * 0.1 * i + 1)
+    assert len([c for c in caught if "differ only in the values of Python numbers" in str(c.message)]) == 1
+    assert cache.captures == 3 and cache.recorder.replays == 6
+    for i in range(4):  # the advice: a 0-dim tensor, copied in at each call
+        sigma = torch.tensor(0.1 * i)
+        torch.testing.assert_close(cache(signature((x, sigma, 1)), fn, [x, sigma, 1]), x * sigma + 1)
+    assert cache.captures == 4
+    y = torch.randn(5)  # another family
+    torch.testing.assert_close(cache(signature((y, 0.5, 1)), fn, [y, 0.5, 1]), y * 0.5 + 1)
+    assert cache.captures == 5
+    # graphs dropped and recorded again (parameters replaced) count once per key
+    cache.watch([torch.randn(2)])
+    cache.watch([torch.randn(2)])
+    torch.testing.assert_close(cache(signature((x, 0.1, 1)), fn, [x, 0.1, 1]), x * 0.1 + 1)
+    assert cache.captures == 6
+    with pytest.raises(ValueError, match="max_values"):
+        GraphCache(Counting(), max_values=0)
+
+
 def test_nested_inputs_and_outputs():
     cache = _cache()
 
