@@ -205,9 +205,15 @@ def check_batch(batch, index: int, name: str = "dataset") -> None:
                             f"a {type(value).__name__}")
 
 
+def _all_finite(value: torch.Tensor) -> bool:
+    """Whether every element is finite: the sum is NaN or inf when one is (one pass, no mask: several times faster
+    than ``isfinite(value).all()`` on the CPU); a sum that overflowed from finite values takes the exact check."""
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+
+
 def check_batch_finite(y, x_true, mode: str, given, index: int) -> None:
     for part, value in (("y", y), ("x_true", x_true)):
-        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+        if (value.is_floating_point() or value.is_complex()) and not _all_finite(value):
             message = (f"{part} of batch {index} contains NaN or inf (fit's check_finite={given!r}; "
                        f"check_finite=False trains on it anyway)")
             if mode == "warn":

@@ -188,4 +188,8 @@ def setup(rim) -> Group:
     if found.source in ("torchrun", "slurm"):
         _init(found, device)
         created = True
+    elif found.several and device.type == "cuda" and device.index is not None:
+        # a group the caller formed: NCCL's collectives (barrier, broadcast_object_list) and the pin-memory thread
+        # work on the current device, which must be this process' GPU
+        torch.cuda.set_device(device)
     return Group(device, found, created)

@@ -237,7 +237,8 @@ def _rng_state(device: torch.device) -> dict:
 def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+    # the training state is loaded onto the run's device (map_location): the generators' states come back here
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
@@ -612,6 +613,11 @@ def _wrap(run: _Run) -> None:
         if device.type == "cuda":
             kwargs.setdefault("device_ids", [device.index if device.index is not None else
                                              torch.cuda.current_device()])
+        # parameters of the RIM outside its network (an nn.Module given as score_fn, energy_fn, a link function)
+        # are not trained (the score is computed without autograd): DDP would wait for their gradients for ever
+        frozen = [name for name, p in run.rim.named_parameters() if not name.startswith("model.")]
+        if frozen:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(run.rim, frozen)
         run.net = DistributedDataParallel(run.rim, **kwargs)
     else:
         run.net = run.rim
@@ -736,6 +742,8 @@ def train_step(run: _Run, i: int, y, x_true, args, w) -> None:
         scale = _window_size(i, n, k)
         scaled = loss / scale if scale > 1 else loss
         (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    if k > 1 and not last_of_window and i % k == 0 and run.rim.__dict__.get("_uses_cuda_graphs"):
+        _own_gradients(run)
     loss = loss.detach()
     if config.on_nan == "skip":
         ok = torch.isfinite(loss)
@@ -747,6 +755,17 @@ def train_step(run: _Run, i: int, y, x_true, args, w) -> None:
         run.n_good += 1
     if last_of_window:
         _optimizer_step(run)
+
+
+def _own_gradients(run: _Run) -> None:
+    """After a window's first backward through a loop compiled with CUDA graphs (``rim.compile()`` on CUDA): the
+    gradients autograd took over are the graph's output memory, which the next micro-batch's replay overwrites
+    before its backward adds into them; copied into memory of their own, they accumulate in place (torch's
+    advice for gradient accumulation under mode="reduce-overhead")."""
+    for group in run.optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad = p.grad.clone()
 
 
 def _optimizer_step(run: _Run) -> None:

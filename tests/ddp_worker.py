@@ -6,6 +6,8 @@ Scenarios, each saving what the test compares to ``OUT_DIR/<scenario>_rank<r>.pt
   per-process batch 2, no shuffle, with a checkpoints directory that rank 0 alone writes; then a second
   call (in the same group) that resumes from it, with shuffle.
 - ``accumulate``: fit with accumulate_grad_batches=2 at per-process batch 1.
+- ``score_module``: fit with an ``nn.Module`` holding a parameter as the score function (a RIM submodule that
+  gets no gradient).
 - ``user_loss``: the user's own loop: DistributedDataParallel(rim), the loss through DDP's forward
   (``ddp(y, x_true=x)``), the user's Adam and StepLR.
 - ``user_trajectory_bf16``: the same loop with the user's own loss on the trajectory (``ddp(y)``), under
@@ -58,10 +60,22 @@ def slurm_fit(rim, dataset, directory, **kw):
                    checkpoints_directory=directory, checkpoints=1, loss_curve=False, verbose=-1, **kw)
 
 
+class ScoreModule(torch.nn.Module):
+    """A score function with a parameter (a forward model's learned constant, say): not trained by fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(0.8))
+
+    def forward(self, x, y):
+        return y - self.a * x
+
+
 def build(**kw):
     torch.manual_seed(0)
     net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
-    return rim_fast.RIM(D, net, score_fn=score_fn, T=T, score_preprocessing_method="ADAM", device="cpu", **kw)
+    kw.setdefault("score_fn", score_fn)
+    return rim_fast.RIM(D, net, T=T, score_preprocessing_method="ADAM", device="cpu", **kw)
 
 
 def params(rim):
@@ -119,6 +133,10 @@ def main(out):
     rim = build()
     losses = rim.fit(dataset, epochs=2, batch_size=1, accumulate_grad_batches=2, learning_rate=1e-3, verbose=-1)
     torch.save({"losses": losses, "params": params(rim)}, os.path.join(out, f"accumulate_rank{rank}.pt"))
+
+    rim = build(score_fn=ScoreModule())
+    losses = rim.fit(dataset, epochs=2, batch_size=2, learning_rate=1e-3, verbose=-1)
+    torch.save({"losses": losses, "params": params(rim)}, os.path.join(out, f"score_module_rank{rank}.pt"))
 
     rim = build()
     losses = user_loop(rim, rank, world)

@@ -462,6 +462,30 @@ def test_check_finite_in_fit_and_in_the_rim():
     _rim().predict(y_bad)  # off by default: no host sync
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.complex64])
+def test_the_batch_finite_check_is_exact(dtype):
+    """fit's check of CPU batches (a sum, then the element check when the sum is not finite): every NaN or inf is
+    found, and finite values whose sum overflows are not taken for one."""
+    from rim_fast.data import _all_finite
+
+    big = torch.finfo(dtype).max if not dtype.is_complex else torch.finfo(torch.float32).max
+    x = torch.randn(3, 5, 7).to(dtype)
+    assert _all_finite(x) and _all_finite(x[:0])
+    assert _all_finite(torch.full((4,), big, dtype=dtype))  # the sum overflows; every element is finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0, 0), (2, 4, 6), (1, 2, 3)):
+            y = x.clone()
+            y[where] = bad
+            assert not _all_finite(y), (bad, where)
+    y = x.clone()
+    y[0, 0, 0], y[1, 1, 1] = float("inf"), -float("inf")  # inf - inf: NaN
+    assert not _all_finite(y)
+    if dtype.is_complex:
+        y = x.clone()
+        y[1, 1, 1] = complex(0.0, float("nan"))
+        assert not _all_finite(y)
+
+
 def test_retention_prunes_every_file_and_orphans(tmp_path):
     directory = str(tmp_path / "run")
     _, _, data = _data(4)
@@ -552,6 +576,21 @@ def test_cuda_fit_matches_the_cpu(kw):
 
 
 @requires_cuda
+def test_cuda_resume_continues_the_run(tmp_path):
+    """A run on CUDA stopped after 2 epochs and resumed for 2 more (its training state, RNG states included, loaded
+    onto the GPU) gives the uninterrupted run's losses."""
+    _, _, data = _data(8)
+    losses = _rim(device="cuda", score_preprocessing_method="ADAM").fit(
+        data, epochs=4, checkpoints_directory=str(tmp_path / "a"), **RESUME_KW)
+    half = _rim(device="cuda", score_preprocessing_method="ADAM").fit(
+        data, epochs=2, checkpoints_directory=str(tmp_path / "b"), **RESUME_KW)
+    torch.manual_seed(1234)
+    rest = _rim(device="cuda", seed=99, score_preprocessing_method="ADAM").fit(
+        data, epochs=2, checkpoints_directory=str(tmp_path / "b"), **RESUME_KW)
+    assert half + rest == pytest.approx(losses, rel=1e-4)
+
+
+@requires_cuda
 def test_cuda_fit_with_compile_and_cuda_graphs_trains_like_eager():
     """fit(compile=True) on CUDA: the loop compiled with reduce-overhead (CUDA graphs), forward and backward,
     inside the training loop: the eager run's losses."""
@@ -561,6 +600,21 @@ def test_cuda_fit_with_compile_and_cuda_graphs_trains_like_eager():
     _, compiled = _cuda_pair(score_preprocessing_method="ADAM")
     losses_e = eager.fit(data, epochs=3, batch_size=4, learning_rate=1e-3, verbose=-1)
     losses_c = compiled.fit(data, epochs=3, batch_size=4, learning_rate=1e-3, verbose=-1, compile=True)
+    assert compiled.__dict__.get("_uses_cuda_graphs") is True
+    assert losses_c == pytest.approx(losses_e, rel=1e-3)
+
+
+@requires_cuda
+def test_cuda_fit_with_compile_and_gradient_accumulation_trains_like_eager():
+    """accumulate_grad_batches=2 under rim.compile()'s CUDA graphs: the window's second backward adds into
+    gradients the first left, which must not be graph memory the second replay overwrote."""
+    torch._dynamo.reset()
+    _, _, data = _data(8)
+    _, eager = _cuda_pair(score_preprocessing_method="ADAM")
+    _, compiled = _cuda_pair(score_preprocessing_method="ADAM")
+    kw = dict(epochs=3, batch_size=2, accumulate_grad_batches=2, learning_rate=1e-3, verbose=-1)
+    losses_e = eager.fit(data, **kw)
+    losses_c = compiled.fit(data, compile=True, **kw)
     assert compiled.__dict__.get("_uses_cuda_graphs") is True
     assert losses_c == pytest.approx(losses_e, rel=1e-3)
 
