@@ -23,7 +23,7 @@ import tarfile
 import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("preflight", "build", "tests", "bench")
+STAGES = ("preflight", "build", "tests", "bench", "bench_compiled")
 #: a log bigger than this travels as its last MAX_LOG bytes (logs.tgz must stay far below 16 MiB)
 MAX_LOG = 4 * 2 ** 20
 
@@ -122,14 +122,18 @@ def prewarm(work: str) -> list:
     return jobs
 
 
-def bench(work: str, out: str) -> dict | None:
-    status = os.path.join(work, "bench", "status.jsonl")
+def bench(work: str, out: str, folder: str = "bench") -> dict | None:
+    """The results of one benchmark pass (WORK/FOLDER/status.jsonl), None when it wrote none; its chart to OUT for
+    the first pass."""
+    status = os.path.join(work, folder, "status.jsonl")
     if not os.path.exists(status):
         return None
     sys.path.insert(0, ROOT)
     from bench.report import load, markdown
     summary = load(status)
     summary["markdown"] = markdown(summary)
+    if folder != "bench":
+        return summary
     chart = os.path.join(work, "bench", "speedups.png")
     if os.path.exists(chart):
         shutil.copy(chart, os.path.join(out, "speedups.png"))
@@ -177,7 +181,14 @@ def write(work: str, out: str, mode: str = "full", budget: int = 420, elapsed: i
     facts["exit_codes"] = {s["name"]: s["exit_code"] for s in facts["stages"]}
     facts["arch_list"] = _read(os.path.join(work, "arch_list.txt")).strip() or None
     facts["tests"] = tests(work)
-    summary = bench(work, out)
+    # the logs first: whatever fails below, they come back
+    facts["logs"] = pack_logs(work, os.path.join(out, "logs.tgz"))
+    passes = {}
+    for folder in ("bench", "bench_compiled"):
+        try:
+            passes[folder] = (bench(work, out, folder), None)
+        except Exception as err:  # noqa: BLE001 - a malformed results file must not cost the rest of the report
+            passes[folder] = (None, f"{type(err).__name__}: {err}")
     facts["prewarm"] = prewarm(work)
 
     pre = facts["preflight"]
@@ -214,21 +225,29 @@ def write(work: str, out: str, mode: str = "full", budget: int = 420, elapsed: i
         lines.append(t.get("error") or "No junit report (pytest was killed before writing it): see tests.log in "
                                         "logs.tgz.")
 
-    lines += ["", "## End to end (bench/bench_rim.py)", ""]
-    if summary is None:
-        lines.append("No results (the stage did not run or was cut before its first case).")
-    else:
+    titles = {"bench": "## End to end (bench/bench_rim.py)",
+              "bench_compiled": "## End to end, compiled: rim.compile() and torch.compile of torch_rim, beside both "
+                                "eager (bench/bench_rim.py)"}
+    for folder, title in titles.items():
+        summary, bench_error = passes[folder]
+        lines += ["", title, ""]
+        if bench_error is not None:
+            facts[f"{folder}_error"] = bench_error
+            lines.append(f"**The results could not be read** ({bench_error}): {folder}/status.jsonl is in logs.tgz.")
+            continue
+        if summary is None:
+            lines.append("No results (the stage did not run or was cut before its first case).")
+            continue
         md = summary.pop("markdown").splitlines()
         # its machine line is already at the top, and this section has its title
         body = [line for line in md[1:] if not line.startswith("# ")]
         while body and not body[0]:
             body.pop(0)
         lines += body
-        facts["bench"] = summary
+        facts[folder] = summary
         compiled = [r for r in summary["rows"] if r["provider"] == "rim_fast_compiled" and r.get("cudagraph_skips")]
         if compiled and mode == "full":
-            lines.insert(lines.index("## End to end (bench/bench_rim.py)") + 2,
-                         "**rim_fast_compiled skipped CUDA graphs** in: "
+            lines.insert(lines.index(title) + 2, "**rim_fast_compiled skipped CUDA graphs** in: "
                          + ", ".join(f"{r['workload']} {r['mode']}" for r in compiled) + ".\n")
 
     jobs = facts["prewarm"]
@@ -249,7 +268,6 @@ def write(work: str, out: str, mode: str = "full", budget: int = 420, elapsed: i
 
     facts["files"] = ["report.md", "report.json", "logs.tgz"] + (
         ["speedups.png"] if os.path.exists(os.path.join(out, "speedups.png")) else [])
-    facts["logs"] = pack_logs(work, os.path.join(out, "logs.tgz"))
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "report.json"), "w") as f:

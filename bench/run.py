@@ -120,7 +120,12 @@ def main(argv=None) -> int:
         return code or 1
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    _write_op_counts(status, out)
+    if code == 130:
+        # cut by a time box: the op counts (minutes of CPU tracing) would outlive the grace before SIGKILL, and the
+        # report must still be written
+        print("interrupted: the op counts are skipped", file=sys.stderr, flush=True)
+    else:
+        _write_op_counts(status, out)
     from bench.report import write
     summary = write(status, out)
     print()
