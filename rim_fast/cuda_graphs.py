@@ -162,6 +162,9 @@ class CudaRecorder:
                                           capture_error_mode="thread_local"):
                         out = fn()
             except RuntimeError as err:
+                # a capture that failed may leave the allocator routing this stream's allocations to its pool
+                # (torch versions differ): the next capture gets a stream and a pool of its own
+                self.stream = self.pool = None
                 raise CaptureError(str(err)) from err
             if any("graph is empty" in str(w.message).lower() for w in caught):
                 raise CaptureError(f"the graph recorded no GPU work on {self.device} (are the tensors on another "

@@ -292,6 +292,11 @@ def test_cuda_failed_capture_leaves_the_current_stream_as_it_was():
     assert torch.cuda.current_stream() == stream and not torch.cuda.is_current_stream_capturing()
     torch.testing.assert_close(out, y * 2)
     torch.testing.assert_close(cache(signature((x,)), torch.neg, [x]), -x)
+    # and the next signature records and replays
+    z1, z2 = torch.randn(10, device="cuda"), torch.randn(10, device="cuda")
+    torch.testing.assert_close(cache(signature((z1,)), torch.neg, [z1]), -z1)
+    torch.testing.assert_close(cache(signature((z2,)), torch.neg, [z2]), -z2)
+    assert cache.captures == 1
 
 
 @requires_cuda
