@@ -20,6 +20,7 @@ the window fits; channels averaged). Every spatial size must be at least the win
 """
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import torch
@@ -94,11 +95,15 @@ def ssim_window(sigma: float = 1.5, truncate: float = 3.5) -> int:
     return 2 * int(truncate * sigma + 0.5) + 1
 
 
+@functools.lru_cache(maxsize=16)
 def _gaussian(sigma: float, truncate: float, dtype: torch.dtype, device) -> Tensor:
+    """The window, made once per device and dtype (a copy to a GPU at every validation batch would wait for it);
+    a normal tensor even when first made under inference_mode. Read, never written."""
     radius = int(truncate * sigma + 0.5)
-    r = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    w = torch.exp(-0.5 * (r / sigma) ** 2)
-    return (w / w.sum()).to(dtype=dtype, device=device)
+    with torch.inference_mode(False):
+        r = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        w = torch.exp(-0.5 * (r / sigma) ** 2)
+        return (w / w.sum()).to(dtype=dtype, device=device)
 
 
 def _filter_valid(x: Tensor, w: Tensor) -> Tensor:

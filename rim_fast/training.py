@@ -872,7 +872,7 @@ def _validate(run: _Run, epoch: int) -> dict:
                 values = fit_metrics.image_metrics(estimate.float(), x_true.float(), config.data_range, names)
                 B = y.shape[0]
                 sums += torch.stack([loss.double() * B, *(values[n].double().sum() for n in names),
-                                     torch.tensor(float(B), dtype=torch.float64, device=device)])
+                                     torch.full((), float(B), dtype=torch.float64, device=device)])
                 if run.images is None and run.main and estimate.dim() == 4:
                     run.images = {"observation": y[:_IMAGES].detach().cpu(),
                                   "estimate": estimate[:_IMAGES].float().cpu(),
