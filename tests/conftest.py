@@ -134,10 +134,11 @@ def fake_cuda():
 
 
 def _runs_on_the_gpu(item) -> bool:
-    """A test that exercises CUDA here: a CUDA-only test, a cuda parametrisation, or the gate kernel file (its
+    """A test that exercises CUDA here: a CUDA-only test, a cuda parametrisation, or the Triton kernel files (their
     tests run on CUDA wherever a GPU is visible)."""
     marker = item.get_closest_marker("skipif")
-    return ("cuda" in item.nodeid.lower() or item.nodeid.startswith("tests/test_gru_gates.py")
+    return ("cuda" in item.nodeid.lower() or item.nodeid.startswith(("tests/test_gru_gates.py",
+                                                                      "tests/test_bias_tanh.py"))
             or (marker is not None and marker.kwargs.get("reason") == requires_cuda.kwargs["reason"]))
 
 

@@ -244,6 +244,7 @@ def test_conv_tanh_on_the_kernel(dims, S, monkeypatch):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(KB is None or not KB.INTERPRETED, reason="the kernels backend on CPU tensors needs the interpreter")
 def test_dispatch_on_the_cpu():
     """On the CPU ``auto`` keeps the CPU's choices (oneDNN's fusion, with autograd too, or the unfused pair; the
     reference bias_tanh); the kernels backend runs the bias_tanh kernel through the interpreter, and conv_tanh as

@@ -258,8 +258,9 @@ def test_dispatch_picks_triton_with_kernels_backend():
     assert calls == {(name, "triton"): 1 for name in GATE_OPS}
     with ops.use_backend("auto"), ops.trace() as calls:
         ops.gru_gates_zr(wx, uzr, h, bz, br)
-    # on CPU the reference is faster than the interpreter
-    assert calls == {("gru_gates_zr", "reference" if DEV == "cpu" else "triton"): 1}
+    # on the CPU the reference is faster than the interpreter; on CUDA a small eager call is launch-bound and the
+    # reference's aten kernels launch faster (test_cuda_auto_backend_choice: the kernels for large calls)
+    assert calls == {("gru_gates_zr", "reference"): 1}
     assert not _triton.usable(wx.double(), uzr.double(), h.double(), bz.double(), br.double())
 
 
