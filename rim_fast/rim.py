@@ -523,8 +523,23 @@ class RIM(nn.Module):
         self.__dict__["_uses_cuda_graphs"] = self.device.type == "cuda" and (
             kwargs.get("mode") in ("reduce-overhead", "max-autotune")
             or bool(kwargs.get("options", {}).get("triton.cudagraphs", False)))
+        self.__dict__["_compile_kwargs"] = dict(kwargs)
         self.__dict__["_compiled_loop"] = torch.compile(self._loop, **kwargs)
         return self
+
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickling) leaves out what belongs to this RIM alone: its CUDA graphs (they
+        read this RIM's parameters) and its compiled loop (it calls this RIM's ``_loop``). The copy records its
+        own graphs, and is compiled again with the same arguments (lazily: at its first call)."""
+        state = super().__getstate__()
+        for name in ("_graph_cache", "_graph_device", "_compiled_loop"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if state.get("_compile_kwargs") is not None:
+            self.__dict__["_compiled_loop"] = torch.compile(self._loop, **state["_compile_kwargs"])
 
     def export(self, y: Tensor, *args, ops: str = "auto", dynamic_batch: bool = False,
                **kwargs) -> "torch.export.ExportedProgram":

@@ -123,6 +123,30 @@ def test_a_new_shape_compiles_with_static_shapes():
     assert [_symbolic_inputs(gm) for gm in graphs] == [[], [], []]
 
 
+def test_a_copy_of_a_compiled_rim_runs_its_own_weights():
+    """copy.deepcopy of a compiled RIM: its compiled loop would call the original's (and read its weights); the
+    copy is compiled again with the same arguments."""
+    import copy
+    torch._dynamo.reset()
+    eager, compiled = _pair(1, dict(score_fn=score_fn))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled.compile(backend=backend)
+    y = torch.randn(2, 1, 16)
+    compiled.predict(y)
+    twin = copy.deepcopy(compiled)
+    with torch.no_grad():
+        for p, q in zip(twin.model.parameters(), eager.model.parameters()):
+            p.add_(0.05)
+            q.add_(0.05)
+    assert_close(twin.predict(y), eager.predict(y))
+    assert len(graphs) == 2  # the copy traced its own loop
+
+
 def test_hidden_state_is_made_on_the_rim_device():
     """h_0 is created on the RIM's device and in its state dtype (no CPU tensor copied to the GPU inside the
     compiled loop, which CUDA graphs cannot capture); a network with torch_rim's two-argument

@@ -456,6 +456,22 @@ def test_rim_moved_to_another_device_records_with_that_devices_recorder(stand_in
         assert graphed.__dict__["_graph_cache"] is None
 
 
+def test_rim_copies_record_their_own_graphs(stand_in):
+    """copy.deepcopy of a RIM whose graphs were recorded: the copy's graphs would read (and replay) the original's
+    parameters; the copy records its own."""
+    import copy
+    graphed, eager = _pair()
+    y = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        graphed.predict(y)
+        twin = copy.deepcopy(graphed)
+        for p, q in zip(twin.model.parameters(), eager.model.parameters()):
+            p.add_(0.05)
+            q.add_(0.05)
+        torch.testing.assert_close(twin.predict(y), eager.predict(y))
+        assert _captures(twin) == 1 and twin._graph_cache is not graphed._graph_cache
+
+
 def test_rim_uncapturable_score_function_runs_eagerly_with_one_warning(stand_in):
     torch.manual_seed(0)
     net = rim_fast.Hourglass(1, dimensions=2, nf=4, hidden_units=6)
