@@ -133,6 +133,12 @@ class Group:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def broadcast_tensors(self, tensors) -> None:
+        """Rank 0's values of these tensors, in place, on every rank."""
+        if self.on:
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
+
     def broadcast(self, value):
         """Rank 0's ``value`` on every rank (any picklable object)."""
         if not self.on:

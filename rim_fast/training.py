@@ -619,6 +619,9 @@ def _wrap(run: _Run) -> None:
         if frozen:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(run.rim, frozen)
         run.net = DistributedDataParallel(run.rim, **kwargs)
+        if not isinstance(run.ema, NullEMA):
+            # DDP gave every rank rank 0's weights; the EMA's shadows, made from each rank's own, follow them
+            run.group.broadcast_tensors(run.ema.shadow_params)
     else:
         run.net = run.rim
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(config.precision)

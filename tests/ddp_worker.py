@@ -6,6 +6,7 @@ Scenarios, each saving what the test compares to ``OUT_DIR/<scenario>_rank<r>.pt
   per-process batch 2, no shuffle, with a checkpoints directory that rank 0 alone writes; then a second
   call (in the same group) that resumes from it, with shuffle.
 - ``accumulate``: fit with accumulate_grad_batches=2 at per-process batch 1.
+- ``ema_seeds``: fit with an EMA, each rank's RIM built with its own seed (other initial weights).
 - ``score_module``: fit with an ``nn.Module`` holding a parameter as the score function (a RIM submodule that
   gets no gradient).
 - ``user_loss``: the user's own loop: DistributedDataParallel(rim), the loss through DDP's forward
@@ -71,8 +72,8 @@ class ScoreModule(torch.nn.Module):
         return y - self.a * x
 
 
-def build(**kw):
-    torch.manual_seed(0)
+def build(seed=0, **kw):
+    torch.manual_seed(seed)
     net = rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6)
     kw.setdefault("score_fn", score_fn)
     return rim_fast.RIM(D, net, T=T, score_preprocessing_method="ADAM", device="cpu", **kw)
@@ -133,6 +134,10 @@ def main(out):
     rim = build()
     losses = rim.fit(dataset, epochs=2, batch_size=1, accumulate_grad_batches=2, learning_rate=1e-3, verbose=-1)
     torch.save({"losses": losses, "params": params(rim)}, os.path.join(out, f"accumulate_rank{rank}.pt"))
+
+    rim = build(seed=rank)  # every rank its own initial weights; DDP starts them all from rank 0's
+    losses = rim.fit(dataset, epochs=2, batch_size=2, learning_rate=1e-3, ema_decay=0.9, verbose=-1)
+    torch.save({"losses": losses, "params": params(rim)}, os.path.join(out, f"ema_seeds_rank{rank}.pt"))
 
     rim = build(score_fn=ScoreModule())
     losses = rim.fit(dataset, epochs=2, batch_size=2, learning_rate=1e-3, verbose=-1)

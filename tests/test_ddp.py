@@ -36,7 +36,7 @@ def runs(tmp_path_factory):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {}
-    for scenario in ("fit", "accumulate", "score_module", "user_loss", "user_trajectory_bf16"):
+    for scenario in ("fit", "accumulate", "ema_seeds", "score_module", "user_loss", "user_trajectory_bf16"):
         results[scenario] = [torch.load(os.path.join(out, f"{scenario}_rank{r}.pt")) for r in (0, 1)]
     results["dir"] = os.path.join(out, "run")
     results["stderr"] = proc.stderr
@@ -69,6 +69,17 @@ def test_fit_ranks_agree_and_match_one_process_at_twice_the_batch(runs):
     _assert_close_params(W.params(single), rank0["params"])
     # the weights moved: the comparison is not between two untouched initialisations
     assert not torch.equal(W.params(W.build())["input_layer.weight"], rank0["params"]["input_layer.weight"])
+
+
+def test_fit_with_an_ema_from_ranks_built_with_other_seeds(runs):
+    """DDP starts every rank from rank 0's weights, and the EMA's shadows follow: every rank ends with the same
+    (EMA) weights, those of one process from rank 0's initial weights at twice the batch."""
+    rank0, rank1 = runs["ema_seeds"]
+    _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
+    single = W.build(seed=0)
+    losses = single.fit(_dataset(), epochs=2, batch_size=4, learning_rate=1e-3, ema_decay=0.9, verbose=-1)
+    assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
+    _assert_close_params(W.params(single), rank0["params"])
 
 
 def test_fit_with_a_score_module_holding_a_parameter(runs):
