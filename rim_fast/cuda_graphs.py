@@ -224,7 +224,7 @@ class GraphCache:
             raise ValueError(f"max_values must be >= 1, got {max_values}")
         self.recorder, self.max_entries, self.max_values = recorder, max_entries, max_values
         self._values: dict = {}  # the keys recorded per family (a key with its numbers' values left out)
-        self._eager_families: set = set()
+        self._warned_families: set = set()  # families whose further values run eagerly (warned once)
         self._entries: OrderedDict = OrderedDict()
         self._watched: Optional[tuple] = None
         self._watched_tensors: list = []
@@ -237,7 +237,7 @@ class GraphCache:
         """Drop every graph and its static buffers (the memory goes back to the allocator)."""
         self._entries.clear()
         self._values.clear()
-        self._eager_families.clear()
+        self._warned_families.clear()
 
     def watch(self, tensors: Sequence[Tensor]) -> None:
         """Invalidate every graph when these tensors (the parameters and buffers a call reads) are not the same
@@ -263,12 +263,12 @@ class GraphCache:
         if entry is None:
             family = _family(key)
             values = self._values.setdefault(family, set())
-            if key not in values and family in self._eager_families:
-                return fn(*inputs)
             if key not in values and len(values) >= self.max_values:
                 # a number that changes from call to call (a noise level, a step size) would record a graph per
                 # call, three runs each, and push the other graphs out
-                self._eager_families.add(family)
+                if family in self._warned_families:
+                    return fn(*inputs)
+                self._warned_families.add(family)
                 warnings.warn(f"rim_fast: {self.max_values} CUDA graphs were recorded for calls that differ only in "
                               f"the values of Python numbers (arguments or the RIM's settings); calls with new values "
                               f"run eagerly. Pass a number that changes as a 0-dim tensor: it is copied into the graph "

@@ -103,18 +103,24 @@ def _symbolic_inputs(gm: torch.fx.GraphModule) -> list:
     return found
 
 
-def test_a_new_shape_compiles_with_static_shapes():
-    """RIM.compile defaults to dynamic=False: a second batch size compiles a graph for that shape, with no
-    symbolic sizes (torch.compile's default would make the sizes symbolic and hand them to the Triton gate
-    launchers and CUDA graphs)."""
-    torch._dynamo.reset()
-    eager, compiled = _pair(1, dict(score_fn=score_fn))
+def _recording_backend():
+    """(graphs, backend): a torch.compile backend that runs each traced graph as it is and keeps it in graphs."""
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    return graphs, backend
+
+
+def test_a_new_shape_compiles_with_static_shapes():
+    """RIM.compile defaults to dynamic=False: a second batch size compiles a graph for that shape, with no
+    symbolic sizes (torch.compile's default would make the sizes symbolic and hand them to the Triton gate
+    launchers and CUDA graphs)."""
+    torch._dynamo.reset()
+    eager, compiled = _pair(1, dict(score_fn=score_fn))
+    graphs, backend = _recording_backend()
     compiled.compile(backend=backend)
     for batch in (2, 3, 5, 3):
         y = torch.randn(batch, 1, 16)
@@ -129,12 +135,7 @@ def test_a_copy_of_a_compiled_rim_runs_its_own_weights():
     import copy
     torch._dynamo.reset()
     eager, compiled = _pair(1, dict(score_fn=score_fn))
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, backend = _recording_backend()
     compiled.compile(backend=backend)
     y = torch.randn(2, 1, 16)
     compiled.predict(y)
