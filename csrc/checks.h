@@ -6,8 +6,24 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 
 namespace rim_fast {
+
+// Numbers, shapes and devices in messages, formatted without std::ostream's number output: on the H200 image
+// (torch 2.11, built there with its gcc) streaming an integer from this extension crashed the process inside
+// libstdc++'s num_put (a segfault at the first shape error, test_update_step.py::test_user_errors[cuda]).
+inline std::string text(int64_t n) { return std::to_string(n); }
+
+inline std::string text(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
+
+inline std::string text(const c10::Device& device) { return device.str(); }
 
 inline bool is_supported_float(c10::ScalarType t) {
   return t == c10::kFloat || t == c10::kDouble || t == c10::kBFloat16 || t == c10::kHalf;
@@ -24,9 +40,9 @@ inline void check_float(const at::Tensor& t, const char* op, const char* name) {
 inline void check_like(const at::Tensor& ref, const at::Tensor& other, const char* op, const char* ref_name,
                        const char* name, bool same_dtype = true) {
   TORCH_CHECK(other.sizes() == ref.sizes(), "rim_fast::", op, ": ", name, " must have the shape of ", ref_name,
-              " ", ref.sizes(), ", got ", other.sizes(), " (the compiled kernels do not broadcast)");
+              " ", text(ref.sizes()), ", got ", text(other.sizes()), " (the compiled kernels do not broadcast)");
   TORCH_CHECK(other.device() == ref.device(), "rim_fast::", op, ": ", name, " must be on ", ref_name,
-              "'s device ", ref.device(), ", got ", other.device());
+              "'s device ", text(ref.device()), ", got ", text(other.device()));
   if (same_dtype) {
     TORCH_CHECK(other.scalar_type() == ref.scalar_type(), "rim_fast::", op, ": ", name, " must have ",
                 ref_name, "'s dtype ", ref.scalar_type(), ", got ", other.scalar_type());
@@ -47,9 +63,9 @@ inline void check_moments(const at::Tensor& score, const at::Tensor& m, const at
               "rim_fast::", op, ": m and v must have score's dtype ", score.scalar_type(),
               " (or float32 for a bfloat16/float16 score), got ", m.scalar_type());
   TORCH_CHECK(step.numel() == 1, "rim_fast::", op, ": step must hold one number (the step index t), got ",
-              step.numel(), " elements");
+              text(step.numel()), " elements");
   TORCH_CHECK(step.device().is_cpu() || step.device() == score.device(), "rim_fast::", op,
-              ": step must be on the CPU or on score's device ", score.device(), ", got ", step.device());
+              ": step must be on the CPU or on score's device ", text(score.device()), ", got ", text(step.device()));
   TORCH_CHECK(!step.is_complex() && step.scalar_type() != c10::kBool, "rim_fast::", op,
               ": step must be a real number, got ", step.scalar_type());
 }
@@ -76,9 +92,9 @@ inline void check_update_backward(const at::Tensor& grad_out, const at::Tensor& 
     check_like(x_new, *w, op, "x_new", "w");
   }
   TORCH_CHECK(grad_loss.numel() == 1, "rim_fast::", op, ": grad_loss must hold one number, got ",
-              grad_loss.numel(), " elements");
+              text(grad_loss.numel()), " elements");
   TORCH_CHECK(grad_loss.device() == x_new.device(), "rim_fast::", op, ": grad_loss must be on x_new's device ",
-              x_new.device(), ", got ", grad_loss.device());
+              text(x_new.device()), ", got ", text(grad_loss.device()));
   TORCH_CHECK(grad_loss.scalar_type() == x_new.scalar_type(), "rim_fast::", op,
               ": grad_loss must have x_new's dtype ", x_new.scalar_type(), ", got ", grad_loss.scalar_type());
 }

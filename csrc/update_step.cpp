@@ -56,7 +56,7 @@ template <Moments mode>
 TensorTriple preprocess_moments_cpu(const Tensor& score_, const Tensor& m_, const Tensor& v_, const Tensor& step,
                                     double beta_1, double beta_2, double epsilon, const char* op) {
   check_moments(score_, m_, v_, step, op);
-  TORCH_CHECK(score_.device().is_cpu(), "rim_fast::", op, ": the CPU kernel got score on ", score_.device());
+  TORCH_CHECK(score_.device().is_cpu(), "rim_fast::", op, ": the CPU kernel got score on ", text(score_.device()));
   const Tensor score = score_.contiguous(), m = m_.contiguous(), v = v_.contiguous();
   const double t = read_step(step);
   Tensor out = new_output(score.sizes(), m.options());

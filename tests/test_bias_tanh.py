@@ -364,13 +364,18 @@ def test_cuda_compile_sees_the_kernel():
     w = (0.2 * torch.randn(12, 8, 3, 3, device="cuda")).requires_grad_()
     b = torch.randn(12, device="cuda", requires_grad=True)
 
-    def step(x, w, b):
-        out = ops.conv_tanh(x, w, b)
+    def forward(x, w, b):
+        return ops.conv_tanh(x, w, b)
+
+    def step(fn):
+        # the backward outside the compiled function (Dynamo does not trace torch.autograd.grad by default):
+        # AOTAutograd compiles it with the forward
+        out = fn(x, w, b)
         return out, torch.autograd.grad(out.square().sum(), (x, w, b))
 
     with ops.use_backend("kernels"):
-        eager = step(x, w, b)
-        compiled, code = run_and_get_code(torch.compile(step, fullgraph=True), x, w, b)
+        eager = step(forward)
+        compiled, code = run_and_get_code(step, torch.compile(forward, fullgraph=True))
     torch.testing.assert_close(compiled[0], eager[0], **tol(torch.float32))
     for a, c in zip(compiled[1], eager[1]):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)

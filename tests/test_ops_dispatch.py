@@ -192,3 +192,21 @@ def test_kernels_backend_runs_the_kernels_or_raises_under_compile():
     with ops.use_backend("auto"):  # auto compiles the reference
         compiled = torch.compile(ops.gru_gates_zero_state, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(wzh, b, b), ops.reference.gru_gates_zero_state(wzh, b, b))
+
+
+def test_kernels_backend_takes_the_reference_where_no_kernel_is_written_for_the_device():
+    """RIM_FAST_BACKEND=kernels raises when a kernel that should run cannot (not built, bad inputs), not where the
+    op has no kernel for the device by design (the C++ tanh on CUDA tensors: the reference is CUDA's one pass)."""
+    op = Op("_test_devices", reference=lambda x: x + 1)
+    try:
+        op.register(Impl("cpu_only", lambda x: x + 2, usable=lambda x: x.device.type == "cpu", auto=lambda x: True,
+                         why_not=lambda x: "CPU tensors only", devices=("cpu",)))
+        with ops.use_backend("kernels"), ops.trace() as calls:
+            assert op(torch.zeros(2, device="meta")).device.type == "meta"
+            torch.testing.assert_close(op(torch.zeros(2)), torch.full((2,), 2.0))
+        assert calls == {("_test_devices", "reference"): 1, ("_test_devices", "cpu_only"): 1}
+        op.impls[0].usable = lambda x: False  # on its own device, a kernel that cannot run still raises
+        with ops.use_backend("kernels"), pytest.raises(RuntimeError, match="no kernel of op '_test_devices'"):
+            op(torch.zeros(2))
+    finally:
+        del OPS["_test_devices"]

@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---- host side -----------------------------------------------------------------------------------------
 
 void check_cuda(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "rim_fast::", op, ": the CUDA kernel got ", name, " on ", t.device());
+  TORCH_CHECK(t.is_cuda(), "rim_fast::", op, ": the CUDA kernel got ", name, " on ", text(t.device()));
 }
 
 // Launches kernel<VEC> when every pointer is aligned to VEC elements of its type, else kernel<1>.

@@ -130,13 +130,16 @@ class Impl:
     ``missing()`` returns None when the implementation is installed, else why it is not;
     ``why_not(*args)``, optional, why it cannot run these arguments (errors and ``python -m rim_fast.info``).
     ``kernel=False`` marks a plain-PyTorch variant (e.g. another memory layout): ``RIM_FAST_BACKEND=kernels``
-    uses it where it can, but never raises for it."""
+    uses it where it can, but never raises for it. ``devices``, optional, the device types it is written for
+    (the C++ tanh: the CPU, CUDA's own being one fast pass): elsewhere ``kernels`` does not count it as a kernel
+    that should have run."""
 
     def __init__(self, name: str, fn: Callable, usable: Callable[..., bool],
                  auto: Callable[..., bool], missing: Callable[[], Optional[str]] = lambda: None,
-                 kernel: bool = True, why_not: Optional[Callable[..., Optional[str]]] = None):
+                 kernel: bool = True, why_not: Optional[Callable[..., Optional[str]]] = None,
+                 devices: Optional[tuple] = None):
         self.name, self.fn, self.usable, self.auto, self.missing = name, fn, usable, auto, missing
-        self.kernel, self._why_not = kernel, why_not
+        self.kernel, self._why_not, self.devices = kernel, why_not, devices
 
     def why_not(self, *args) -> str:
         """Why it cannot run these arguments (call when ``missing()`` or ``usable(*args)`` says it cannot)."""
@@ -170,10 +173,11 @@ class Op:
             return "reference", self.reference
         if _BACKEND == "kernels":
             reasons = []
+            device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
             for impl in self.impls:
                 if impl.missing() is None and impl.usable(*args):
                     return impl.name, impl.fn
-                if impl.kernel:
+                if impl.kernel and (impl.devices is None or device in impl.devices):
                     reasons.append(f"{impl.name}: {impl.why_not(*args)}")
             if not reasons:
                 return "reference", self.reference

@@ -171,7 +171,7 @@ for _op, _fn in ((_conv, _cpu.conv), (_conv_same, _cpu.conv_same), (_conv_transp
     _op.register(Impl("channels_last", _fn, usable=_cpu.usable, auto=_cpu.usable, why_not=_cpu.why_not,
                       kernel=False))
 _tanh.register(Impl("cpp", _cpp.tanh, usable=_cpp.tanh_usable, auto=_cpp.tanh_auto, missing=_cpp.missing,
-                    why_not=_cpp.tanh_why_not))
+                    why_not=_cpp.tanh_why_not, devices=("cpu",)))
 _conv_same.register(Impl("symmetric_padding", _conv_same_symmetric, usable=_symmetric_usable, auto=_symmetric_auto,
                          why_not=lambda *a: "dilation 1 only", kernel=False))
 _conv_transpose_tanh.register(Impl("triton_bias_tanh", _conv_transpose_bias_tanh,
