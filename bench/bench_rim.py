@@ -131,6 +131,7 @@ import torch.nn.functional as F
 
 import rim
 import rim_fast
+from bench import kernel_time
 from bench.common import (MODEL, PRIORITY, SMOKE, T as DEFAULT_T, blur_kernel, end_to_end_workloads,
                           machine_line, make_score_fn, synchronize)
 
@@ -919,7 +920,8 @@ def _flop_count(step):
 
 def _kernel_counts(step) -> dict:
     """One call under torch.profiler: the CUDA kernels it launched (CUDA graph replays included), memcpy/memset
-    apart; kernels_per_step = kernels / T."""
+    apart; kernels_per_step = kernels / T; kernel_time: their time per step by class and by name
+    (bench.kernel_time)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     try:
@@ -927,18 +929,20 @@ def _kernel_counts(step) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             synchronize(DEVICE)
-        kernels = memory_ops = 0
+        memory_ops, timed = 0, []
         for event in prof.events():
             if event.device_type != DeviceType.CUDA:
                 continue
             if event.name.startswith(("Memcpy", "Memset")):
                 memory_ops += 1
             else:
-                kernels += 1
+                timed.append((event.name, event.time_range.elapsed_us()))
     except Exception as err:  # noqa: BLE001 - the profiler is a measurement, not the case
         return {"kernels_error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+    kernels = len(timed)
     result = {"cuda_kernels": kernels, "cuda_memory_ops": memory_ops,
-              "kernels_per_step": kernels / T if kernels else None}
+              "kernels_per_step": kernels / T if kernels else None,
+              "kernel_time": kernel_time.summarize(timed, T) if kernels else None}
     if not kernels:
         result["kernels_error"] = "the profiler recorded no CUDA kernel (CUPTI unavailable?)"
     return result

@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+from bench import kernel_time
+
 PROVIDER_ORDER = ("torch_rim", "torch_rim_compiled", "rim_fast_reference", "rim_fast_nographs", "rim_fast",
                   "rim_fast_graphed", "rim_fast_compiled")
 MODE_ORDER = ("predict", "train_step")
@@ -31,7 +33,7 @@ ROW_INFO = ("baseline", "memory_bytes", "memory_kind", "steady_memory_bytes", "f
             "reference_s", "check_ok", "check_err", "check_tol", "check_against", "graphs", "graph_breaks",
             "graph_break_reasons", "recompiled_while_timed", "impls", "memory_error", "cudagraph_skips",
             "cudagraph_skip_reasons", "cuda_kernels", "cuda_memory_ops", "kernels_per_step", "kernels_error",
-            "retried", "train_graph", "optimizer", "flop")
+            "kernel_time", "retried", "train_graph", "optimizer", "flop")
 
 
 def _order(value, order) -> tuple:
@@ -258,7 +260,7 @@ def markdown(summary: dict) -> str:
               "CUDA graphs on CUDA). The optimizer step stays eager for every provider but rim_fast_graphed "
               "(train_step: zero_grad, forward, backward and a capturable Adam's step recorded as one CUDA graph, "
               "as fit(cuda_graphs=True) records them; on the CPU only a stand-in that runs the step again).", ""]
-    return "\n".join(lines + goals_markdown(summary))
+    return "\n".join(lines + kernel_time.markdown(summary["rows"]) + goals_markdown(summary))
 
 
 def chart(summary: dict, path: str) -> str | None:

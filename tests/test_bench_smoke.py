@@ -334,3 +334,40 @@ def test_report_has_the_op_counts(smoke_run):
         report = f.read()
     assert "## Ops per RIM step that launch a GPU kernel" in report
     assert "| S2 | predict |" in report
+
+
+def test_kernel_time_classes_and_report_section(tmp_path):
+    """The GPU report's time per kernel class and the costliest kernels, from (name, microseconds) pairs as the
+    profiler gives them (names of cuDNN, aten, Inductor and rim_fast kernels)."""
+    from bench import kernel_time
+    assert kernel_time.kernel_class("_gru_zr_fwd_kernel") == "gates"
+    assert kernel_time.kernel_class("_bias_tanh_rows_kernel") == "gates"
+    assert kernel_time.kernel_class("void update_state_kernel<float>(float const*)") == "update step"
+    assert kernel_time.kernel_class("triton_poi_fused_add_tanh_0") == "inductor"
+    assert kernel_time.kernel_class("void cudnn::ops::nchwToNhwcKernel<float, float>(...)") == "layout"
+    assert kernel_time.kernel_class("sm90_xmma_fprop_implicit_gemm_tf32f32_tf32f32_f32_nhwckrsc_nhwc") \
+        == "convolution"
+    assert kernel_time.kernel_class("void at::native::vectorized_elementwise_kernel<4, tanh>") == "elementwise"
+    assert kernel_time.kernel_class("void at::native::reduce_kernel<512, 1>") == "reduction"
+    assert kernel_time.kernel_class("mystery") == "other"
+    long_name = "void " + "x" * 200
+    kernels = [("sm90_xmma_fprop_a", 30.0)] * 20 + [("void cudnn::ops::nchwToNhwcKernel", 5.0)] * 40 \
+        + [("_gru_h_fwd_kernel", 4.0)] * 10 + [(long_name, 1.0)] * 10
+    kt = kernel_time.summarize(kernels, steps=10)
+    assert kt["us_per_step"] == pytest.approx((600 + 200 + 40 + 10) / 10)
+    assert list(kt["classes"]) == ["convolution", "layout", "gates", "other"]  # costliest first
+    assert kt["classes"]["layout"] == pytest.approx([4.0, 20.0])
+    assert kt["top"][0] == ["sm90_xmma_fprop_a", 2.0, 60.0]
+    assert len(kt["top"][-1][0]) == kernel_time.NAME_CHARS and kt["top"][-1][0].endswith("...")
+    path = _status_file(tmp_path, [
+        _ok("S2", "predict", "torch_rim", 0.002, True, device="cuda", kernel_time=kt),
+        _ok("S2", "predict", "rim_fast", 0.0005, True, device="cuda"),  # profiled nothing: no line
+    ], device="cuda")
+    md = markdown(load(path))
+    assert "## Where the GPU time goes" in md
+    line = next(line for line in md.splitlines() if line.startswith("| S2 | predict | torch_rim | 200 |"))
+    # 85 us of kernels in a 200 us step: 42% busy; the costliest class first
+    assert "| 85 | 42% | convolution 60 (2.0), layout 20 (4.0)" in line and "`sm90_xmma_fprop_a` 60 (2.0)" in line
+    assert not any(line.startswith("| S2 | predict | rim_fast |") for line in md.split("## Where")[1].splitlines())
+    assert "## Where the GPU time goes" not in markdown(load(_status_file(tmp_path, [
+        _ok("S2", "predict", "torch_rim", 2.0, True)])))
