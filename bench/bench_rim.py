@@ -17,12 +17,15 @@ Providers
                        loop from a CUDA graph recorded on the first call: rim_fast.cuda_graphs)
   rim_fast_nographs    the same with ``RIM(cuda_graphs=False)``: the graphs' effect is its own number (CUDA only; on
                        the CPU it is rim_fast)
+  rim_fast_cl          rim_fast with the CUDA convolutions in channels-last layout (``RIM_FAST_CUDA_LAYOUT``,
+                       rim_fast/ops/_cudnn.py; opt-in until this measures it), graphs and all (CUDA only)
   rim_fast_graphed     train_step only: the whole step recorded once as one CUDA graph and replayed, as
                        ``fit(cuda_graphs=True)`` records it (``rim_fast.cuda_graphs.TrainStepGraph``, Adam with
                        ``capturable=True`` and its learning rate a device tensor). CUDA only by default; named on the
                        CPU it runs through the CPU stand-in recorder (``EagerRecorder``: each "replay" runs the step
                        again) with SGD (momentum 0.9), since Adam reads its step count on the host unless capturable,
                        which only GPUs allow: a test of the plumbing, not a speed
+  rim_fast_graphed_cl  rim_fast_graphed in channels-last layout (CUDA only)
   rim_fast_compiled    ``RIM.compile()``: the whole T-step loop as one graph (fullgraph; CUDA graphs on CUDA)
   torch_rim_compiled   torch.compile(rim.predict) / torch.compile(rim.loss_fn), no fullgraph (the graph count and
                        graph breaks are recorded). On CUDA with ``mode="reduce-overhead"``: the fair compiled
@@ -135,16 +138,20 @@ from bench import kernel_time
 from bench.common import (MODEL, PRIORITY, SMOKE, T as DEFAULT_T, blur_kernel, end_to_end_workloads,
                           machine_line, make_score_fn, synchronize)
 
-PROVIDERS = ("torch_rim", "rim_fast_reference", "rim_fast", "rim_fast_nographs", "rim_fast_graphed",
-             "rim_fast_compiled", "torch_rim_compiled")
+PROVIDERS = ("torch_rim", "rim_fast_reference", "rim_fast", "rim_fast_nographs", "rim_fast_cl", "rim_fast_graphed",
+             "rim_fast_graphed_cl", "rim_fast_compiled", "torch_rim_compiled")
 COMPILED = ("torch_rim_compiled", "rim_fast_compiled")
 #: the training step recorded as one graph (TrainStepGraph, as fit(cuda_graphs=True) records it)
 GRAPHED = "rim_fast_graphed"
-#: providers on the CUDA device only, unless named (on the CPU: nographs is rim_fast, graphed a stand-in)
-CUDA_ONLY = ("rim_fast_nographs", GRAPHED)
+#: a provider named with this suffix is its base provider with the CUDA convolutions in channels-last layout
+#: (``rim_fast.ops.use_cuda_layout``; opt-in until measured, rim_fast/ops/_cudnn.py)
+CHANNELS_LAST = "_cl"
+#: providers on the CUDA device only, unless named (on the CPU: nographs is rim_fast, graphed a stand-in, and the
+#: channels-last layout is the CPU's own anyway)
+CUDA_ONLY = ("rim_fast_nographs", "rim_fast_cl", GRAPHED, GRAPHED + CHANNELS_LAST)
 MODES = ("predict", "train_step")
 #: providers that run some modes only
-PROVIDER_MODES = {GRAPHED: ("train_step",)}
+PROVIDER_MODES = {GRAPHED: ("train_step",), GRAPHED + CHANNELS_LAST: ("train_step",)}
 #: CPU fp32 tolerances of the check (relative to the largest magnitude of the baseline's tensor)
 CPU_TOL = {"predict": 1e-5, "loss": 1e-5, "grads": 1e-4}
 LEARNING_RATE = 1e-4
@@ -269,8 +276,19 @@ def build(name: str, provider: str, dtype=torch.float32):
                         cuda_graphs=provider != "rim_fast_nographs")
 
 
+def _base(provider: str) -> str:
+    """The provider without its layout suffix (``CHANNELS_LAST``)."""
+    return provider[:-len(CHANNELS_LAST)] if provider.endswith(CHANNELS_LAST) else provider
+
+
 def _backend_ctx(provider: str):
-    return rim_fast.ops.use_backend("reference") if provider == "rim_fast_reference" else contextlib.nullcontext()
+    """What a provider's calls run under: the reference backend, or the channels-last layout of CUDA convolutions
+    (which a CUDA graph recorded under it keeps)."""
+    if provider == "rim_fast_reference":
+        return rim_fast.ops.use_backend("reference")
+    if provider.endswith(CHANNELS_LAST):
+        return rim_fast.ops.use_cuda_layout("channels_last")
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -763,7 +781,7 @@ def _warmup(provider: str) -> int:
     compiled = provider in COMPILED
     if WARMUP is not None:
         # compiled providers compile in their first call, rim_fast_graphed records its graph: never in the check
-        return max(WARMUP, 1) if compiled or provider == GRAPHED else WARMUP
+        return max(WARMUP, 1) if compiled or _base(provider) == GRAPHED else WARMUP
     return 3 if CUDA and compiled else 1
 
 
@@ -784,7 +802,7 @@ def _optimizer(r, provider: str, mode: str):
     if mode != "train_step":
         return None
     params = list(r.model.parameters())
-    if provider != GRAPHED:
+    if _base(provider) != GRAPHED:
         return torch.optim.Adam(params, lr=LEARNING_RATE)
     if CUDA:
         from rim_fast import fit_graph
@@ -792,7 +810,7 @@ def _optimizer(r, provider: str, mode: str):
     return torch.optim.SGD(params, lr=LEARNING_RATE, momentum=0.9)
 
 
-def _graphed_step(r, loss_fn, optimizer, y, x_true):
+def _graphed_step(r, provider, loss_fn, optimizer, y, x_true):
     """rim_fast_graphed's call and its ``TrainStepGraph``: the other providers' step (zero_grad, forward, backward,
     optimizer step), recorded in the first call (which steps eagerly first, as fit does) and replayed afterwards:
     CUDA graphs on CUDA, the stand-in recorder on the CPU."""
@@ -808,7 +826,11 @@ def _graphed_step(r, loss_fn, optimizer, y, x_true):
 
     recorder = CudaRecorder(torch.device(DEVICE)) if CUDA else EagerRecorder()
     train = TrainStepGraph(one_step, lambda: training_state(r, optimizer), recorder)
-    return (lambda: train(y, x_true)), train
+
+    def step():
+        with _backend_ctx(provider):  # the recording too (the first call)
+            return train(y, x_true)
+    return step, train
 
 
 def _graph_info(train, optimizer) -> dict:
@@ -971,8 +993,8 @@ def _setup_case(case: _Case, workload: str, mode: str) -> None:
     initial = [p.detach().clone() for p in r.model.parameters()]
     predict_fn, loss_fn = _functions(r, provider)
     optimizer = _optimizer(r, provider, mode)
-    if provider == GRAPHED:
-        step, case.train_graph = _graphed_step(r, loss_fn, optimizer, y, x_true)
+    if _base(provider) == GRAPHED:
+        step, case.train_graph = _graphed_step(r, provider, loss_fn, optimizer, y, x_true)
     else:
         step = _step_fn(mode, provider, predict_fn, loss_fn, optimizer, y, x_true)
 

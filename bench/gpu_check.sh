@@ -26,7 +26,9 @@
 #                  with CUDA graphs, 20-60 s each: ~60-120 s.
 #   bench     100  + whatever the stages above leave unused (expected 80-190 s more: 180-290 s in all); ends
 #                  REPORT+SLACK before 420 s. Two passes: first the eager providers (torch_rim, rim_fast,
-#                  rim_fast_nographs, rim_fast_graphed: the step as fit(cuda_graphs=True) records it) on S2, S1 and
+#                  rim_fast_nographs, rim_fast_graphed: the step as fit(cuda_graphs=True) records it, and
+#                  rim_fast_cl, rim_fast_graphed_cl: the same in channels-last; the first GPU run's bench pass took
+#                  223 s without these two, so expect the last group, L2 train_step, to be cut) on S2, S1 and
 #                  L2 predict, then S2, S1 and L2 train_step, leaving at least 60 s; then ("bench_compiled") torch_rim,
 #                  rim_fast, rim_fast_compiled and torch_rim_compiled on S2, S1, L2 predict and S2 train_step. In a
 #                  group each provider is built, warmed up and checked, then their timed calls
@@ -192,11 +194,14 @@ fi
 # together: in one pass, a slow compile would cost the eager timings of its group)
 if [ "$MODE" = full ]; then
   GROUPS_ALL=${GROUPS_ARG:-S2:predict,S1:predict,L2:predict,S2:train_step,S1:train_step,L2:train_step}
-  BENCH_ARGS=(--device cuda --providers torch_rim,rim_fast,rim_fast_nographs,rim_fast_graphed --groups "$GROUPS_ALL")
+  BENCH_ARGS=(--device cuda
+              --providers torch_rim,rim_fast,rim_fast_nographs,rim_fast_cl,rim_fast_graphed,rim_fast_graphed_cl
+              --groups "$GROUPS_ALL")
   COMPILED_ARGS=(--device cuda --providers torch_rim,rim_fast,rim_fast_compiled,torch_rim_compiled
                  --groups "${GROUPS_ARG:-S2:predict,S1:predict,L2:predict,S2:train_step}")
   PREWARM_ARGS=(--device cuda
-                --providers torch_rim,rim_fast,rim_fast_nographs,rim_fast_graphed,rim_fast_compiled,torch_rim_compiled
+                --providers torch_rim,rim_fast,rim_fast_nographs,rim_fast_cl,rim_fast_graphed,rim_fast_graphed_cl,\
+rim_fast_compiled,torch_rim_compiled
                 --groups "$GROUPS_ALL")
   COMPILED_MIN=60
 else

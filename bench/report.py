@@ -23,7 +23,7 @@ import sys
 from bench import kernel_time
 
 PROVIDER_ORDER = ("torch_rim", "torch_rim_compiled", "rim_fast_reference", "rim_fast_nographs", "rim_fast",
-                  "rim_fast_graphed", "rim_fast_compiled")
+                  "rim_fast_cl", "rim_fast_graphed", "rim_fast_graphed_cl", "rim_fast_compiled")
 MODE_ORDER = ("predict", "train_step")
 MiB = 2 ** 20
 #: a case whose IQR exceeds this fraction of its median is noisy (bench_rim.NOISY)

@@ -5,7 +5,8 @@ Every tensor is seen as [B, C, N] with N = prod(spatial) (N = 1 for a GRU on lin
 program handles a [BLOCK_C, BLOCK_N] tile of one batch sample; a tensor whose spatial dims cannot be merged
 into one stride is made contiguous first (``_bcn``), everything else (slices, transposes, channels-last,
 expanded grads) is read in place through its strides. When N = 1 the batch plays the role of N (batch
-stride as the "N" stride) so that [B, H] tensors still fill whole tiles. Outputs are allocated contiguous.
+stride as the "N" stride) so that [B, H] tensors still fill whole tiles. Outputs are allocated contiguous, or
+channels-last where the W-convolution's output (wx, wzh) is (``_out``): a network kept channels-last stays so.
 
 All arithmetic is fp32 (inputs are loaded and converted), outputs are stored in their tensor's dtype.
 Offsets are int64. Launchers call the kernels through ``torch.library.wrap_triton`` so that
@@ -54,6 +55,36 @@ def _on(device: torch.device):
 def _empty(shape, dtype, device):
     """Allocation of every kernel output (tests replace it to NaN-poison outputs)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether t [B, C, *S] (C > 1, S of 1-3 dims, not all 1) is dense with its channels innermost: the layout
+    of [B, *S, C] moved to [B, C, *S] (channels-last, and 1D or 3D tensors laid out alike). Size-1 dims are
+    ignored."""
+    if t.dim() < 3 or t.shape[1] == 1 or all(s == 1 for s in t.shape[2:]):
+        return False
+    expected = t.shape[1]
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return t.stride(1) == 1 and (t.shape[0] == 1 or t.stride(0) == expected)
+
+
+def out_shape_order(like: torch.Tensor, shape) -> tuple:
+    """(the shape to allocate, whether to move its last dim to dim 1): an output [B, C', *S] is allocated in
+    ``like``'s layout, channels-last where ``like`` is (``channels_last``), else contiguous. The fakes of
+    ``rim_fast.ops._triton`` follow the same rule."""
+    if channels_last(like):
+        return (shape[0], *shape[2:], shape[1]), True
+    return tuple(shape), False
+
+
+def _out(like: torch.Tensor, shape, dtype):
+    """An output [B, C', *S] in ``like``'s layout (``out_shape_order``)."""
+    alloc, move = out_shape_order(like, shape)
+    out = _empty(alloc, dtype, like.device)
+    return out.movedim(-1, 1) if move else out
 
 
 # ---- device helpers ---------------------------------------------------------------------------------------
@@ -362,11 +393,11 @@ def gru_gates_zr_fwd(wx, uzr, h, bias_z, bias_r):
     """z = sigmoid(wx[:, :H] + uzr[:, :H] + b_z), rh = sigmoid(wx[:, H:2H] + uzr[:, H:] + b_r) * h.
 
     wx: [B, 3H, *S], uzr: [B, 2H, *S], h: [B, H, *S], bias_z, bias_r: [H]; fp32/fp16/bf16 (fp32 math).
-    Returns (z, rh), [B, H, *S] contiguous, dtypes promoted as the reference's.
+    Returns (z, rh), [B, H, *S] in wx's layout (``_out``), dtypes promoted as the reference's.
     Bytes moved: 7 e B H N (reads wx[:, :2H], uzr, h; writes z, rh; e = element size, N = prod(S))."""
     B, H = h.shape[0], h.shape[1]
-    z = _empty(h.shape, _dtype(wx, uzr, bias_z), h.device)
-    rh = _empty(h.shape, _dtype(wx, uzr, bias_r, h), h.device)
+    z = _out(wx, h.shape, _dtype(wx, uzr, bias_z))
+    rh = _out(wx, h.shape, _dtype(wx, uzr, bias_r, h))
     if h.numel() == 0:
         return z, rh
     (wx, s_wx), (uzr, s_u), (h, s_h) = _bcn(wx), _bcn(uzr), _bcn(h)
@@ -381,10 +412,10 @@ def gru_gates_zr_fwd(wx, uzr, h, bias_z, bias_r):
 def gru_gates_h_fwd(wx, uh, z, h, bias_h):
     """h' = (1 - z) h + z tanh(wx[:, 2H:] + uh + b_h).
 
-    wx: [B, 3H, *S], uh, z, h: [B, H, *S], bias_h: [H]. Returns h' [B, H, *S] contiguous.
+    wx: [B, 3H, *S], uh, z, h: [B, H, *S], bias_h: [H]. Returns h' [B, H, *S] in wx's layout.
     Bytes moved: 5 e B H N (reads wx[:, 2H:], uh, z, h; writes h')."""
     B, H = h.shape[0], h.shape[1]
-    out = _empty(h.shape, _dtype(z, h, wx, uh, bias_h), h.device)
+    out = _out(wx, h.shape, _dtype(z, h, wx, uh, bias_h))
     if h.numel() == 0:
         return out
     (wx, s_wx), (uh, s_u), (z, s_z), (h, s_h) = _bcn(wx), _bcn(uh), _bcn(z), _bcn(h)
@@ -400,10 +431,10 @@ def gru_gates_h_fwd(wx, uh, z, h, bias_h):
 def gru_gates_zero_state_fwd(wzh, bias_z, bias_h):
     """h' = sigmoid(wzh[:, :H] + b_z) tanh(wzh[:, H:] + b_h).
 
-    wzh: [B, 2H, *S], bias_z, bias_h: [H]. Returns h' [B, H, *S] contiguous.
+    wzh: [B, 2H, *S], bias_z, bias_h: [H]. Returns h' [B, H, *S] in wzh's layout.
     Bytes moved: 3 e B H N (reads wzh; writes h')."""
     B, H = wzh.shape[0], wzh.shape[1] // 2
-    out = _empty((B, H, *wzh.shape[2:]), _dtype(wzh, bias_z, bias_h), wzh.device)
+    out = _out(wzh, (B, H, *wzh.shape[2:]), _dtype(wzh, bias_z, bias_h))
     if out.numel() == 0:
         return out
     wzh, s_w = _bcn(wzh)
@@ -430,8 +461,8 @@ def gru_gates_zr_bwd(gz, grh, wx, uzr, h, z, bias_r):
     Bytes moved: 9 e B H N + 8 (2H) rows (reads gz, grh, wx[:, H:2H], uzr[:, H:], h, z; writes g_zr, g_h;
     rows = B cdiv(N, BLOCK_N) fp32 partial sums)."""
     B, H = h.shape[0], h.shape[1]
-    g_zr = _empty((B, 2 * H, *h.shape[2:]), _dtype(wx, uzr), h.device)
-    g_h = _empty(h.shape, h.dtype, h.device)
+    g_zr = _out(wx, (B, 2 * H, *h.shape[2:]), _dtype(wx, uzr))
+    g_h = _out(wx, h.shape, h.dtype)
     if h.numel() == 0:
         return g_zr, g_h, _bias_grad(None, 2, H, h.device)
     (gz, s_gz), (grh, s_gr), (wx, s_wx), (uzr, s_u), (h, s_h), (z, s_z) = (
@@ -454,9 +485,9 @@ def gru_gates_h_bwd(g, wx, uh, z, h, bias_h):
     (1 - z) term only); g_bias_h [H] fp32).
     Bytes moved: 8 e B H N + 4 H rows (reads g, wx[:, 2H:], uh, z, h; writes g_a, g_z, g_h)."""
     B, H = h.shape[0], h.shape[1]
-    g_a = _empty(h.shape, _dtype(wx, uh), h.device)
-    g_z = _empty(h.shape, z.dtype, h.device)
-    g_h = _empty(h.shape, h.dtype, h.device)
+    g_a = _out(wx, h.shape, _dtype(wx, uh))
+    g_z = _out(wx, h.shape, z.dtype)
+    g_h = _out(wx, h.shape, h.dtype)
     if h.numel() == 0:
         return g_a, g_z, g_h, _bias_grad(None, 1, H, h.device)
     (g, s_g), (wx, s_wx), (uh, s_u), (z, s_z), (h, s_h) = _bcn(g), _bcn(wx), _bcn(uh), _bcn(z), _bcn(h)
@@ -478,7 +509,7 @@ def gru_gates_zero_state_bwd(g, wzh, bias_z, bias_h):
     Returns (g_wzh [B, 2H, *S], g_bias [2H] fp32 = (grad b_z, grad b_h)).
     Bytes moved: 5 e B H N + 8 (2H) rows (reads g, wzh; writes g_wzh)."""
     B, H = wzh.shape[0], wzh.shape[1] // 2
-    g_w = _empty(wzh.shape, wzh.dtype, wzh.device)
+    g_w = _out(wzh, wzh.shape, wzh.dtype)
     if g_w.numel() == 0:
         return g_w, _bias_grad(None, 2, H, wzh.device)
     (g, s_g), (wzh, s_w) = _bcn(g), _bcn(wzh)

@@ -492,13 +492,13 @@ class RIM(nn.Module):
     def _loop_settings(self, amp: bool) -> tuple:
         """What a recorded loop depends on besides its inputs: the RIM's settings and functions (by identity,
         holding the objects: a bare ``id`` is reused by a new function once the old one is freed), train or eval
-        mode, autocast, the TF32 switches."""
+        mode, autocast, the backend, the CUDA convolutions' layout, the TF32 switches."""
         return (self.T, self._preprocessing, self.epsilon, self.beta_1, self.beta_2, self.initialization_method,
                 self.compat, *map(Identity, (self.model, self.score_fn, self.energy_fn, self.model_score_fn,
                                              self.link_function, self.inverse_link_function,
                                              getattr(self, "approximate_inverse_fn", None))),
                 self.training, self.model.training,
-                torch.get_autocast_dtype(self.device.type) if amp else None, ops.backend(),
+                torch.get_autocast_dtype(self.device.type) if amp else None, ops.backend(), ops.cuda_layout(),
                 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
 
     def clear_cuda_graphs(self) -> None:

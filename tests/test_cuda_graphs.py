@@ -309,6 +309,7 @@ def test_cuda_graph_under_autocast_reads_the_weights_not_a_cached_cast():
 # ---- the RIM's eager inference through the cache ------------------------------------------------------------
 
 import rim_fast  # noqa: E402
+from rim_fast import ops  # noqa: E402
 
 
 
@@ -394,6 +395,12 @@ def test_rim_settings_are_part_of_the_signature(stand_in):
         graphed.T = eager.T = 5
         torch.testing.assert_close(graphed.predict(y), eager.predict(y))
         assert _captures(graphed) == 2
+        # the CUDA convolutions' layout: a graph recorded in one layout replays that layout's kernels
+        with ops.use_cuda_layout("channels_last"):
+            graphed.predict(y)
+        assert _captures(graphed) == 3
+        graphed.predict(y)
+        assert _captures(graphed) == 3
 
 
 def test_rim_a_new_score_function_records_anew_even_at_a_reused_id(stand_in):

@@ -45,7 +45,7 @@ SHAPES = [
     (1, 5, (5, 3)), (2, 3, (9, 7)), (2, 1, (4, 4)),
     (2, 5, (3, 4, 5)), (1, 3, (3, 1, 2)),
 ]
-LAYOUTS = ("contig", "strided")
+LAYOUTS = ("contig", "strided", "channels_last")
 
 
 def shape_id(B, H, S):
@@ -53,7 +53,7 @@ def shape_id(B, H, S):
 
 
 CASES = [pytest.param(B, H, S, layout, id=f"{shape_id(B, H, S)}-{layout}")
-         for (B, H, S) in SHAPES for layout in LAYOUTS]
+         for (B, H, S) in SHAPES for layout in LAYOUTS if layout != "channels_last" or S]
 
 
 def strided(t: torch.Tensor, kind: int) -> torch.Tensor:
@@ -73,6 +73,22 @@ def strided(t: torch.Tensor, kind: int) -> torch.Tensor:
     return out.copy_(t)
 
 
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """The same values with the channels innermost in memory (channels-last; 1D and 3D alike), as the CUDA
+    convolutions leave them under RIM_FAST_CUDA_LAYOUT=channels_last."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def check_layouts(outs, like, layout):
+    """Every output [B, C, *S] is channels-last where the inputs were (and C > 1, S not all 1), else contiguous."""
+    for i, o in enumerate(outs):
+        if o.dim() < 3:
+            continue
+        expected = layout == "channels_last" and o.shape[1] > 1 and any(s > 1 for s in o.shape[2:])
+        assert K.channels_last(o) == expected, f"output {i}: strides {o.stride()} for shape {tuple(o.shape)}"
+        assert expected or o.is_contiguous(), f"output {i}: strides {o.stride()}"
+
+
 def make_inputs(B, H, S, layout, device=DEV, dtype=torch.float32, seed=0):
     """wx, uzr, uh, h, z (in (0,1)), bias_z, bias_r, bias_h with values on the scale a GRU sees."""
     g = torch.Generator().manual_seed(seed)
@@ -84,6 +100,8 @@ def make_inputs(B, H, S, layout, device=DEV, dtype=torch.float32, seed=0):
     if layout == "strided":
         wx, uzr, uh, h, z = (strided(t, k) for k, t in enumerate((wx, uzr, uh, h, z)))
         assert not (wx.is_contiguous() and uzr.is_contiguous() and uh.is_contiguous())
+    if layout == "channels_last":
+        wx, uzr, uh, h, z = map(channels_last, (wx, uzr, uh, h, z))
     return wx, uzr, uh, h, z, *biases
 
 
@@ -120,20 +138,29 @@ def compare(fn_ref, fn_new, inputs, n_out, dtype=torch.float32, cotangent_seed=1
 @pytest.mark.parametrize("B,H,S,layout", CASES)
 def test_zr(B, H, S, layout):
     wx, uzr, uh, h, z, bz, br, bh = make_inputs(B, H, S, layout)
-    compare(reference.gru_gates_zr, _triton.gru_gates_zr, (wx, uzr, h, bz, br), 2)
+    outs, _ = compare(reference.gru_gates_zr, _triton.gru_gates_zr, (wx, uzr, h, bz, br), 2)
+    if layout != "strided":
+        check_layouts(outs, wx, layout)
+        check_layouts(K.gru_gates_zr_bwd(h, h, wx, uzr, h, z, br)[:2], wx, layout)
 
 
 @pytest.mark.parametrize("B,H,S,layout", CASES)
 def test_h(B, H, S, layout):
     wx, uzr, uh, h, z, bz, br, bh = make_inputs(B, H, S, layout)
-    compare(reference.gru_gates_h, _triton.gru_gates_h, (wx, uh, z, h, bh), 1)
+    outs, _ = compare(reference.gru_gates_h, _triton.gru_gates_h, (wx, uh, z, h, bh), 1)
+    if layout != "strided":
+        check_layouts(outs, wx, layout)
+        check_layouts(K.gru_gates_h_bwd(h, wx, uh, z, h, bh)[:3], wx, layout)
 
 
 @pytest.mark.parametrize("B,H,S,layout", CASES)
 def test_zero_state(B, H, S, layout):
     wx, uzr, uh, h, z, bz, br, bh = make_inputs(B, H, S, layout)
-    wzh = uzr * 1.5 if layout == "contig" else strided(uzr * 1.5, 1)
-    compare(reference.gru_gates_zero_state, _triton.gru_gates_zero_state, (wzh, bz, bh), 1)
+    wzh = uzr * 1.5 if layout != "strided" else strided(uzr * 1.5, 1)
+    outs, _ = compare(reference.gru_gates_zero_state, _triton.gru_gates_zero_state, (wzh, bz, bh), 1)
+    if layout != "strided":
+        check_layouts(outs, wzh, layout)
+        check_layouts(K.gru_gates_zero_state_bwd(h, wzh, bz, bh)[:1], wzh, layout)
 
 
 @pytest.mark.parametrize("which", ["z_only", "rh_only"])
@@ -213,9 +240,12 @@ def _opcheck_utils(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("S", [(), (5,), (3, 4)], ids=["S0", "S5", "S3x4"])
-def test_opcheck(device, S):
-    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 3, S, "contig", device=device)
+@pytest.mark.parametrize("S,layout", [((), "contig"), ((5,), "contig"), ((3, 4), "contig"),
+                                      ((3, 4), "channels_last"), ((2, 3, 2), "channels_last")],
+                         ids=["S0", "S5", "S3x4", "S3x4-channels_last", "S2x3x2-channels_last"])
+def test_opcheck(device, S, layout):
+    """Schema, autograd registration and the fakes (their strides too: channels-last in, channels-last out)."""
+    wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 3, S, layout, device=device)
     calls = [
         (torch.ops.rim_fast.gru_gates_zr.default, leaves(wx, uzr, h, bz, br)),
         (torch.ops.rim_fast.gru_gates_h.default, leaves(wx, uh, z, h, bh)),

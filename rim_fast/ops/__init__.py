@@ -9,9 +9,10 @@
 Each op has a pure-PyTorch reference (``reference``: the spec, the fallback, the baseline of every test and
 benchmark) and may have faster implementations, which live in private modules named by backend, each with its
 ``usable``/``auto`` rules next to them: ``_triton`` (Triton kernels, ``rim_fast.kernels``), ``_cpp`` (the
-C++/CUDA extension ``rim_fast._C``, csrc/), ``_cpu`` (CPU layouts and oneDNN). ``RIM_FAST_BACKEND`` chooses
-(``_dispatch``: ``auto``, ``reference``, ``kernels``); ``trace()`` shows what served each call, and
-``python -m rim_fast.info`` what ``auto`` picks on this machine. What ``auto`` picks, and why:
+C++/CUDA extension ``rim_fast._C``, csrc/), ``_cpu`` (CPU layouts and oneDNN), ``_cudnn`` (cuDNN in
+channels-last). ``RIM_FAST_BACKEND`` chooses (``_dispatch``: ``auto``, ``reference``, ``kernels``); ``trace()``
+shows what served each call, and ``python -m rim_fast.info`` what ``auto`` picks on this machine. What ``auto``
+picks, and why:
 
 =====================  =================  =================================================================
 op                     auto picks         where, and why
@@ -20,7 +21,10 @@ conv, conv_same,       ``channels_last``  CPU, float32/64, bfloat16: oneDNN runs
 conv_transpose                            reference's NCHW (1D as [B, C, 1, L]); elsewhere the reference (cuDNN),
                                           except ``conv_same`` on CUDA outside torch.compile:
                                           ``symmetric_padding`` (no pad kernel: the larger pad on both sides and
-                                          zero taps in the kernel, built once per RIM call)
+                                          zero taps in the kernel, built once per RIM call);
+                                          ``cudnn_channels_last`` on CUDA, eagerly, only where
+                                          ``RIM_FAST_CUDA_LAYOUT=channels_last`` asks for it (``_cudnn``:
+                                          opt-in until a GPU run measures it)
 tanh                   ``cpp``            CPU float32/bfloat16, eager: one vectorised pass, accurate near 0;
                                           reference (torch.tanh) under torch.compile (Inductor fuses it), on
                                           GPUs, and for float32 on Intel CPUs with AVX-512, where torch.tanh is
@@ -58,6 +62,7 @@ update_state           ``cpp``            eager with a loss term (x_true): one f
 import torch
 
 from . import _triton, reference
+from ._cudnn import LAYOUTS as CUDA_LAYOUTS, cuda_layout, use_cuda_layout
 from ._dispatch import BACKENDS, backend, graph_region, trace, use_backend
 from .conv import (bias_tanh, conv, conv_same, conv_tanh, conv_transpose, conv_transpose_tanh, folds_bias, rewrites,
                    tanh, upfirdn)
@@ -79,6 +84,7 @@ def check_compilable(device: torch.device) -> None:
 
 __all__ = [
     "BACKENDS", "backend", "check_compilable", "graph_region", "trace", "use_backend", "reference", "PREPROCESSING",
+    "CUDA_LAYOUTS", "cuda_layout", "use_cuda_layout",
     "conv", "conv_same", "conv_tanh", "bias_tanh", "conv_transpose", "conv_transpose_tanh", "folds_bias", "rewrites",
     "tanh", "upfirdn",
     "gru_gates_zr", "gru_gates_h", "gru_gates_zero_state",

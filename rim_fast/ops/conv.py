@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _cpp, _cpu, _triton, reference
+from . import _cpp, _cpu, _cudnn, _triton, reference
 from ._dispatch import Impl, Op, backend
 
 Tensor = torch.Tensor
@@ -169,6 +169,10 @@ def _always(*args) -> bool:
 
 for _op, _fn in ((_conv, _cpu.conv), (_conv_same, _cpu.conv_same), (_conv_transpose, _cpu.conv_transpose)):
     _op.register(Impl("channels_last", _fn, usable=_cpu.usable, auto=_cpu.usable, why_not=_cpu.why_not,
+                      kernel=False))
+for _op, _fn in ((_conv, _cudnn.conv), (_conv_same, _cudnn.conv_same), (_conv_transpose, _cudnn.conv_transpose)):
+    # opt-in (RIM_FAST_CUDA_LAYOUT=channels_last): usable only then, so that no backend takes it unasked
+    _op.register(Impl("cudnn_channels_last", _fn, usable=_cudnn.usable, auto=_cudnn.usable, why_not=_cudnn.why_not,
                       kernel=False))
 _tanh.register(Impl("cpp", _cpp.tanh, usable=_cpp.tanh_usable, auto=_cpp.tanh_auto, missing=_cpp.missing,
                     why_not=_cpp.tanh_why_not, devices=("cpu",)))

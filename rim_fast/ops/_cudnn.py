@@ -1,0 +1,117 @@
+"""cuDNN convolutions in channels-last layout (``cudnn_channels_last``): opt-in, until a GPU run measures it.
+
+``RIM_FAST_CUDA_LAYOUT=channels_last`` (or ``use_cuda_layout("channels_last")``) runs the eager CUDA convolutions
+(``conv``, ``conv_same``, ``conv_transpose``, and through them conv + tanh) on channels-last inputs and weights, as
+the CPU backend (``_cpu``) does for oneDNN: the first convolution converts its input once, the outputs stay
+channels-last, and so do the ops between them (the Triton gates and ``bias_tanh`` keep their input's layout,
+aten's element-wise ops too), so that cuDNN runs its NHWC kernels without converting each convolution's input and
+output (the first GPU run counted about 84 kernels per S2 step under CUDA graphs where 47 ops run: cuDNN's layout
+conversions are the suspects). A "same" convolution keeps ``symmetric_padding`` (no pad kernel). Each weight is
+laid out once per RIM call (``layers.derived``). 1D inputs run as [B, C, 1, L] 2D convolutions.
+
+The default, ``contiguous``, is today's path (the reference's NCHW convolutions). Not under torch.compile (Inductor
+chooses its layouts) nor torch.func transforms. Which layout is faster is for ``bench/bench_rim.py``'s
+``rim_fast_cl`` provider to say on a GPU; then ``auto`` takes the winner.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _cpu
+
+Tensor = torch.Tensor
+LAYOUTS = ("contiguous", "channels_last")
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _read_layout() -> str:
+    value = os.environ.get("RIM_FAST_CUDA_LAYOUT", "contiguous").strip().lower() or "contiguous"
+    if value not in LAYOUTS:
+        raise ValueError(f"RIM_FAST_CUDA_LAYOUT={value!r} is not one of {LAYOUTS}")
+    return value
+
+
+_LAYOUT = [_read_layout()]
+
+
+def cuda_layout() -> str:
+    """The memory layout of eager CUDA convolutions: ``RIM_FAST_CUDA_LAYOUT`` (read at import) or
+    ``use_cuda_layout``'s."""
+    return _LAYOUT[0]
+
+
+@contextlib.contextmanager
+def use_cuda_layout(name: str) -> Iterator[None]:
+    """Temporarily select the layout of eager CUDA convolutions (tests and benchmarks; not thread-safe). A RIM's
+    CUDA graphs are recorded per layout."""
+    if name not in LAYOUTS:
+        raise ValueError(f"layout {name!r} is not one of {LAYOUTS}")
+    old, _LAYOUT[0] = _LAYOUT[0], name
+    try:
+        yield
+    finally:
+        _LAYOUT[0] = old
+
+
+def usable(x, *args) -> bool:
+    """CUDA tensors of 1 to 3 spatial dims and a float dtype, eagerly (or recorded into a CUDA graph), when the
+    channels-last layout is selected."""
+    return (_LAYOUT[0] == "channels_last" and x.is_cuda and x.dtype in _FLOATS and x.dim() in (3, 4, 5)
+            and not torch.compiler.is_compiling() and not _cpu._functorch_active())
+
+
+def why_not(x, *args) -> str:
+    if _LAYOUT[0] != "channels_last":
+        return "RIM_FAST_CUDA_LAYOUT is 'contiguous' (the default)"
+    if not x.is_cuda:
+        return "CUDA tensors only"
+    if torch.compiler.is_compiling():
+        return "not under torch.compile (Inductor chooses the layout)"
+    if _cpu._functorch_active():
+        return "not under torch.func transforms"
+    return f"{x.dtype} / {x.dim() - 2} spatial dims not covered"
+
+
+def _squeeze(out: Tensor, one_d: bool) -> Tensor:
+    return out.squeeze(2) if one_d else out
+
+
+def _conv_nd(xc: Tensor):
+    return F.conv2d if xc.dim() == 4 else F.conv3d
+
+
+def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, padding="same",
+         dilation: int = 1, groups: int = 1) -> Tensor:
+    one_d = x.dim() == 3
+    xc = _cpu._to_cl(x)
+    pad = padding if isinstance(padding, str) else _cpu._pair(padding, one_d)
+    out = _conv_nd(xc)(xc, _cpu._weight(weight), bias, _cpu._pair(stride, one_d, 1), pad,
+                       _cpu._pair(dilation, one_d, 1), groups)
+    return _squeeze(out, one_d)
+
+
+def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int, stride: int, dilation: int,
+              groups: int, axis_swap: bool = True) -> Tensor:
+    """``symmetric_padding`` in channels-last (dilation 1); a pad and a valid convolution otherwise."""
+    from ..layers.derived import derived
+    from .reference import conv_same_pads, symmetric_padding
+    one_d = x.dim() == 3
+    pads = conv_same_pads(tuple(x.shape[2:]), kernel_size, stride, dilation, axis_swap)
+    if dilation != 1:
+        return conv(F.pad(_cpu._to_cl(x), pads), weight, bias, stride, 0, dilation, groups)
+    padding, weight_pads = symmetric_padding(pads, x.dim() - 2)
+    w = derived(weight, ("zero_taps_channels_last", tuple(weight_pads)),
+                lambda: _cpu._to_cl(F.pad(weight, weight_pads)))
+    xc = _cpu._to_cl(x)
+    pad = (0, padding[0]) if one_d else padding
+    return _squeeze(_conv_nd(xc)(xc, w, bias, _cpu._pair(stride, one_d, 1), pad, 1, groups), one_d)
+
+
+def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
+                   output_padding: int, groups: int, dilation: int) -> Tensor:
+    return _cpu.conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation)

@@ -1,0 +1,224 @@
+"""The channels-last layout of the CUDA convolutions (rim_fast/ops/_cudnn.py, ``RIM_FAST_CUDA_LAYOUT``): its
+convolutions against the references (forward, every gradient, channels-last outputs), the switch and the dispatch
+rules, and a whole RIM kept channels-last from its input to its output. On the CPU the convolutions run through
+the same functions (oneDNN serves them there), and the RIM through a stand-in that lets the layout serve CPU
+tensors with the Triton gates and bias + tanh under the interpreter, as a GPU runs them; on CUDA the real thing."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rim_fast
+from rim_fast import ops
+from rim_fast.ops import _cpu, _cudnn, _triton, reference
+from rim_fast.ops._dispatch import OPS
+
+from conftest import CUDA, requires_cuda, tol
+
+K = _triton.K
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+CONV_OPS = ("conv", "conv_same", "conv_transpose")
+
+
+def conv_tol(dtype):
+    # another summation order (see test_conv.conv_tol); TF32 is off in these tests' CUDA runs
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else tol(dtype)
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    # [B, C, *S] with the channels innermost (1D: [B, C, L] with strides (C L, 1, C))
+    return t.movedim(1, -1).is_contiguous()
+
+
+CASES = [
+    pytest.param(1, (17,), 3, 1, 1, id="1D-L17-k3"),
+    pytest.param(1, (17,), 3, 2, 1, id="1D-L17-k3-s2"),
+    pytest.param(1, (16,), 4, 2, 1, id="1D-L16-k4-s2"),
+    pytest.param(2, (7, 9), 3, 1, 1, id="2D-7x9-k3"),
+    pytest.param(2, (8, 5), 5, 2, 1, id="2D-8x5-k5-s2"),
+    pytest.param(2, (9, 8), 3, 2, 2, id="2D-9x8-k3-s2-d2"),
+    pytest.param(3, (3, 4, 5), 3, 1, 1, id="3D-3x4x5-k3"),
+    pytest.param(3, (4, 4, 4), 3, 2, 1, id="3D-4x4x4-k3-s2"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dims,size,k,stride,dilation", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_convs_match_reference_and_stay_channels_last(device, dims, size, k, stride, dilation, dtype, no_tf32):
+    """conv ("same", stride 1), conv_same (score_models' strided "same": symmetric padding with zero taps, or a pad
+    where the dilation rules that out) and conv_transpose: values and gradients of x, weight and bias as the
+    reference's, outputs channels-last."""
+    x = torch.randn(2, 3, *size, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(5, 3, *([k] * dims), dtype=dtype, device=device, requires_grad=True)
+    b = torch.randn(5, dtype=dtype, device=device, requires_grad=True)
+    if stride == 1:
+        args = (w, b, 1, "same", dilation, 1)
+        ref, new = reference.conv(x, *args), _cudnn.conv(x, *args)
+    else:
+        args = (w, b, k, stride, dilation, 1, True)
+        ref, new = reference.conv_same(x, *args), _cudnn.conv_same(x, *args)
+    # aten's CPU float64 3D convolutions (no oneDNN there) answer contiguous: the layout is asserted elsewhere
+    layout_kept = device == "cuda" or dtype == torch.float32 or dims < 3
+    assert new.shape == ref.shape and (is_channels_last(new) or not layout_kept)
+    torch.testing.assert_close(new, ref, **conv_tol(dtype))
+    cot = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad(new, (x, w, b), cot), torch.autograd.grad(ref, (x, w, b), cot)):
+        torch.testing.assert_close(a, c, **conv_tol(dtype))
+
+    wt = torch.randn(3, 4, *([k] * dims), dtype=dtype, device=device, requires_grad=True)
+    ref_t = reference.conv_transpose(x, wt, b[:4], 2, (k - 1) // 2, 1, 1, 1)
+    new_t = _cudnn.conv_transpose(x, wt, b[:4], 2, (k - 1) // 2, 1, 1, 1)
+    assert new_t.shape == ref_t.shape and (is_channels_last(new_t) or not layout_kept)
+    torch.testing.assert_close(new_t, ref_t, **conv_tol(dtype))
+    cot = torch.randn_like(ref_t)
+    for a, c in zip(torch.autograd.grad(new_t, (x, wt), cot), torch.autograd.grad(ref_t, (x, wt), cot)):
+        torch.testing.assert_close(a, c, **conv_tol(dtype))
+
+
+def test_layout_switch_and_its_errors(monkeypatch):
+    assert ops.CUDA_LAYOUTS == ("contiguous", "channels_last")
+    before = ops.cuda_layout()
+    with ops.use_cuda_layout("channels_last"):
+        assert ops.cuda_layout() == "channels_last"
+        with ops.use_cuda_layout("contiguous"):
+            assert ops.cuda_layout() == "contiguous"
+        assert ops.cuda_layout() == "channels_last"
+    assert ops.cuda_layout() == before
+    with pytest.raises(ValueError, match="layout 'nhwc' is not one of"):
+        with ops.use_cuda_layout("nhwc"):
+            pass
+    monkeypatch.setenv("RIM_FAST_CUDA_LAYOUT", "NHWC")
+    with pytest.raises(ValueError, match=r"RIM_FAST_CUDA_LAYOUT='nhwc' is not one of \('contiguous', 'channels_last'\)"):
+        _cudnn._read_layout()
+    monkeypatch.setenv("RIM_FAST_CUDA_LAYOUT", " Channels_Last ")
+    assert _cudnn._read_layout() == "channels_last"
+    monkeypatch.delenv("RIM_FAST_CUDA_LAYOUT")
+    assert _cudnn._read_layout() == "contiguous"
+
+
+@pytest.mark.parametrize("backend", ["auto", "kernels"])
+def test_the_layout_serves_cuda_tensors_only_and_only_when_asked(backend):
+    """Never on CPU tensors (the CPU has its own channels-last convolutions), never unasked, under any backend."""
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    for layout in ("contiguous", "channels_last"):
+        with ops.use_backend(backend), ops.use_cuda_layout(layout), ops.trace() as calls:
+            ops.conv_same(x, w, None, kernel_size=3, stride=2)
+            ops.conv(x, w)
+        assert all(impl != "cudnn_channels_last" for _, impl in calls), calls
+    impl = OPS["conv"].impl("cudnn_channels_last")
+    assert impl.kernel is False  # a layout, not a kernel: RIM_FAST_BACKEND=kernels never raises for it
+    assert impl.why_not(x, w) == "RIM_FAST_CUDA_LAYOUT is 'contiguous' (the default)" or ops.cuda_layout() != \
+        "contiguous"
+    with ops.use_cuda_layout("channels_last"):
+        assert not impl.usable(x, w) and impl.why_not(x, w) == "CUDA tensors only"
+    # registered before symmetric_padding: on CUDA, when asked, it serves the strided "same" convolutions
+    names = [i.name for i in OPS["conv_same"].impls]
+    assert names.index("cudnn_channels_last") < names.index("symmetric_padding")
+
+
+class Conversions(TorchDispatchMode):
+    """Counts the copies that change a tensor's layout (``clone`` with a memory format, as ``.contiguous(fmt)``
+    runs), by the copied tensor's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket is torch.ops.aten.clone and kwargs.get("memory_format") not in (None,
+                                                                                             torch.preserve_format):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def cpu_stand_in(monkeypatch):
+    """CPU tensors served as a GPU serves them under RIM_FAST_CUDA_LAYOUT=channels_last: the layout's
+    convolutions, the Triton gates and bias + tanh (interpreter), not the CPU's channels-last and oneDNN paths."""
+    if K is None or not K.INTERPRETED:
+        pytest.skip("the stand-in runs the Triton kernels through the interpreter (TRITON_INTERPRET=1)")
+    usable = lambda x, *a: _cudnn._LAYOUT[0] == "channels_last" and x.dim() in (3, 4, 5)  # noqa: E731
+    never = lambda *a: False  # noqa: E731
+    for op in CONV_OPS:
+        for name, fn in (("cudnn_channels_last", usable), ("channels_last", never)):
+            monkeypatch.setattr(OPS[op].impl(name), "usable", fn)
+            monkeypatch.setattr(OPS[op].impl(name), "auto", fn)
+    for op in ("conv_tanh", "conv_transpose_tanh"):
+        monkeypatch.setattr(OPS[op].impl("onednn_fused"), "usable", never)
+        monkeypatch.setattr(OPS[op].impl("onednn_fused"), "auto", never)
+
+
+def _rim(dims, size, T=3, device="cpu"):
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(channels=1, dimensions=dims, nf=16, ch_mult=(2, 2), hidden_units=16)
+    return rim_fast.RIM(size, net.to(device), score_fn=lambda x, y: y - x, T=T, device=device)
+
+
+@pytest.mark.parametrize("dims,size", [(1, (32,)), (2, (12, 8)), (3, (8, 4, 8))], ids=["1D", "2D", "3D"])
+def test_rim_stays_channels_last_from_input_to_output(cpu_stand_in, dims, size):
+    """predict and a training step in channels-last equal the contiguous path's, and the only activations
+    converted are the network's 2-channel input, once per step (the weights: once per call)."""
+    r = _rim(dims, size)
+    B = 2
+    y, x_true = torch.randn(B, 1, *size), torch.randn(B, 1, *size)
+    conv_weights = sum(p.dim() >= 3 for p in r.model.parameters())
+    results = {}
+    for layout in ("contiguous", "channels_last"):
+        with ops.use_backend("kernels"), ops.use_cuda_layout(layout):
+            with torch.no_grad(), ops.trace() as calls, Conversions() as conv:
+                predict = r.predict(y)
+            r.zero_grad(set_to_none=True)
+            r.loss_fn(y, x_true).backward()
+        grads = {n: p.grad.clone() for n, p in r.model.named_parameters()}
+        results[layout] = predict, grads
+        used = {op: impl for (op, impl) in calls if op in CONV_OPS}
+        if layout == "channels_last":
+            assert set(used.values()) == {"cudnn_channels_last"}, calls
+            assert calls[("gru_gates_zero_state", "triton")] > 0 and calls[("bias_tanh", "triton")] > 0
+            activations = [s for s in conv.shapes if s[0] == B]
+            # (1D runs as [B, C, 1, L])
+            assert activations == [(B, 2, *((1,) if dims == 1 else ()), *size)] * r.T, conv.shapes
+            # each weight once per call, not once per step (T = 3); the GRUs' merged weights are a few more
+            assert len(conv.shapes) - len(activations) <= conv_weights + 4, conv.shapes
+    torch.testing.assert_close(results["channels_last"][0], results["contiguous"][0], **tol(torch.float32))
+    for name, g in results["contiguous"][1].items():
+        torch.testing.assert_close(results["channels_last"][1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- CUDA: the real layout, eagerly and in CUDA graphs -----------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("dims,size", [(1, (64,)), (2, (24, 20)), (3, (8, 8, 12))], ids=["1D", "2D", "3D"])
+def test_cuda_rim_in_channels_last_matches_contiguous(dims, size, no_tf32):
+    """On the GPU: predict (recorded into a CUDA graph, then replayed; and without graphs) and a training step in
+    channels-last equal the contiguous path's; the trace shows the layout served every convolution."""
+    r = _rim(dims, size, device="cuda")
+    y, x_true = torch.randn(2, 1, *size, device="cuda"), torch.randn(2, 1, *size, device="cuda")
+    with torch.no_grad():
+        expected = r.predict(y)
+    with ops.use_cuda_layout("channels_last"):
+        with torch.no_grad():
+            first, second = r.predict(y).clone(), r.predict(y)
+            r.cuda_graphs = False
+            with ops.trace() as calls:
+                eager = r.predict(y)
+            r.cuda_graphs = True
+        assert {impl for (op, impl) in calls if op in CONV_OPS} == {"cudnn_channels_last"}, calls
+        r.zero_grad(set_to_none=True)
+        r.loss_fn(y, x_true).backward()
+        grads = {n: p.grad.clone() for n, p in r.model.named_parameters()}
+    for out in (first, second, eager):
+        torch.testing.assert_close(out, expected, **tol(torch.float32))
+    r.zero_grad(set_to_none=True)
+    r.loss_fn(y, x_true).backward()
+    for name, p in r.model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
