@@ -41,6 +41,7 @@ CASES = [
     pytest.param(1, (17,), 3, 1, 1, id="1D-L17-k3"),
     pytest.param(1, (17,), 3, 2, 1, id="1D-L17-k3-s2"),
     pytest.param(1, (16,), 4, 2, 1, id="1D-L16-k4-s2"),
+    pytest.param(1, (19,), 3, 2, 2, id="1D-L19-k3-s2-d2"),
     pytest.param(2, (7, 9), 3, 1, 1, id="2D-7x9-k3"),
     pytest.param(2, (8, 5), 5, 2, 1, id="2D-8x5-k5-s2"),
     pytest.param(2, (9, 8), 3, 2, 2, id="2D-9x8-k3-s2-d2"),

@@ -102,8 +102,8 @@ def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: in
     from .reference import conv_same_pads, symmetric_padding
     one_d = x.dim() == 3
     pads = conv_same_pads(tuple(x.shape[2:]), kernel_size, stride, dilation, axis_swap)
-    if dilation != 1:
-        return conv(F.pad(_cpu._to_cl(x), pads), weight, bias, stride, 0, dilation, groups)
+    if dilation != 1:  # (1D: the padded input is [B, C, 1, L'], a 2D convolution's)
+        return _squeeze(conv(F.pad(_cpu._to_cl(x), pads), weight, bias, stride, 0, dilation, groups), one_d)
     padding, weight_pads = symmetric_padding(pads, x.dim() - 2)
     w = derived(weight, ("zero_taps_channels_last", tuple(weight_pads)),
                 lambda: _cpu._to_cl(F.pad(weight, weight_pads)))
