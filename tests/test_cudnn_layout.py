@@ -12,7 +12,7 @@ from rim_fast import ops
 from rim_fast.ops import _cpu, _cudnn, _triton, reference
 from rim_fast.ops._dispatch import OPS
 
-from conftest import CUDA, requires_cuda, tol
+from conftest import CUDA, assert_error_budget, requires_cuda, tol
 
 K = _triton.K
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
@@ -158,10 +158,35 @@ def cpu_stand_in(monkeypatch):
         monkeypatch.setattr(OPS[op].impl("onednn_fused"), "auto", never)
 
 
-def _rim(dims, size, T=3, device="cpu"):
+def _rim(dims, size, T=3, device="cpu", dtype=torch.float32):
     torch.manual_seed(0)
     net = rim_fast.Hourglass(channels=1, dimensions=dims, nf=16, ch_mult=(2, 2), hidden_units=16)
-    return rim_fast.RIM(size, net.to(device), score_fn=lambda x, y: y - x, T=T, device=device)
+    return rim_fast.RIM(size, net.to(device, dtype), score_fn=lambda x, y: y - 0.7 * x, T=T, device=device)
+
+
+def _trajectory_and_gradients(dims, size, dtype, layout, backend, device="cpu"):
+    """(names, tensors): the trajectory without autograd, then the loss and every parameter gradient."""
+    r = _rim(dims, size, device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    y, x_true = (torch.randn(2, 1, *size, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(2))
+    with ops.use_backend(backend), ops.use_cuda_layout(layout):
+        with torch.no_grad():
+            trajectory = r(y)
+        loss = r.loss_fn(y, x_true)
+        loss.backward()
+    names = [f"x_{t + 1}" for t in range(len(trajectory))] + ["loss"]
+    tensors = [x.detach() for x in trajectory] + [loss.detach()]
+    for name, p in r.model.named_parameters():
+        names.append(f"grad {name}")
+        tensors.append(p.grad)
+    return names, tensors
+
+
+def _within_budget(dims, size, backend, device="cpu"):
+    names, exact = _trajectory_and_gradients(dims, size, torch.float64, "contiguous", "reference", device)
+    _, ref = _trajectory_and_gradients(dims, size, torch.float32, "contiguous", "reference", device)
+    _, fast = _trajectory_and_gradients(dims, size, torch.float32, "channels_last", backend, device)
+    assert_error_budget(fast, ref, exact, torch.float32, names, what=f"channels-last on {device}, {backend}")
 
 
 @pytest.mark.parametrize("dims,size", [(1, (32,)), (2, (12, 8)), (3, (8, 4, 8))], ids=["1D", "2D", "3D"])
@@ -195,6 +220,13 @@ def test_rim_stays_channels_last_from_input_to_output(cpu_stand_in, dims, size):
         torch.testing.assert_close(results["channels_last"][1][name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("dims,size", [(1, (32,)), (2, (8, 12)), (3, (4, 8, 4))], ids=["1D", "2D", "3D"])
+def test_rim_in_channels_last_within_the_error_budget(cpu_stand_in, dims, size):
+    """The trajectory (no autograd: bias + tanh in Triton), the loss and every gradient, channels-last with the
+    kernels, within the budget of conftest against the float32 and float64 references."""
+    _within_budget(dims, size, "kernels")
+
+
 # ---- CUDA: the real layout, eagerly and in CUDA graphs -----------------------------------------------------
 
 @requires_cuda
@@ -223,3 +255,10 @@ def test_cuda_rim_in_channels_last_matches_contiguous(dims, size, no_tf32):
     r.loss_fn(y, x_true).backward()
     for name, p in r.model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dims,size", [(1, (64,)), (2, (16, 12)), (3, (8, 4, 8))], ids=["1D", "2D", "3D"])
+@pytest.mark.parametrize("backend", ["auto", "kernels"])
+def test_cuda_rim_in_channels_last_within_the_error_budget(dims, size, backend, no_tf32):
+    _within_budget(dims, size, backend, device="cuda")
