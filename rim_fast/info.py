@@ -3,8 +3,8 @@ bug report.
 
 It prints the versions (rim_fast, torch, Triton, CUDA, Python), the extension ``rim_fast._C`` (where it was
 loaded from, CPU and CUDA kernels, the GPU architectures and CUDA version it was built for), the GPUs and their
-compute capabilities, ``RIM_FAST_BACKEND``, and, for each op and device, the implementation ``auto`` picks for
-a standard workload (S2: B=16, 64x64, Hourglass nf=32, hidden_units=32; eager, no autograd) and why each other
+compute capabilities, ``RIM_FAST_BACKEND`` and ``RIM_FAST_CUDA_LAYOUT``, and, for each op and device, the
+implementation ``auto`` picks for a standard workload (S2: B=16, 64x64, Hourglass nf=32, hidden_units=32; eager, no autograd) and why each other
 implementation is not used there. ``--short``: one line. ``--json``: the same facts as JSON.
 """
 from __future__ import annotations
@@ -122,6 +122,7 @@ def collect(with_ops: bool = True) -> dict:
         },
         "gpus": gpus,
         "backend": ops.backend(),
+        "cuda_layout": ops.cuda_layout(),
         "cpu_pool": cpu_pool.available(),
     }
     if with_ops:
@@ -163,7 +164,7 @@ def format_text(info: dict) -> str:
                          f"{gpu['update_step_kernels']}")
     else:
         lines.append("GPUs: none visible")
-    lines.append(f"RIM_FAST_BACKEND={info['backend']}")
+    lines.append(f"RIM_FAST_BACKEND={info['backend']} | RIM_FAST_CUDA_LAYOUT={info['cuda_layout']}")
     lines.append("CPU memory pool (eager CPU calls and their backward): " + (
         "on (RIM_FAST_CPU_POOL=0 turns it off)" if info["cpu_pool"]
         else "off (RIM_FAST_CPU_POOL=0, or no rim_fast._C)"))
