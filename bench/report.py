@@ -187,6 +187,15 @@ def _on_off(value) -> str:
     return "?" if value is None else ("on" if value else "off")
 
 
+def _check_rule(settings: dict, cuda: bool) -> str:
+    if (settings.get("check") or ("fp64" if cuda else "fp32")) != "fp64":
+        return "the fp32 baseline (1e-5 predict and loss, 1e-4 each parameter gradient)."
+    tf32 = (", 9.8e-4 with cuDNN's TF32 on: which convolutions run in TF32 depends on their shapes and layout; the "
+            "float32 budget is the tests', TF32 off" if cuda and settings.get("cudnn_allow_tf32") else "")
+    return ("a float64 run of the baseline; a case passes within max(2x the fp32 baseline's own error, 1e-5 "
+            f"predict/loss, 1e-4 gradients{tf32}).")
+
+
 def markdown(summary: dict) -> str:
     s = summary["settings"]
     device = s.get("device") or "?"
@@ -240,11 +249,7 @@ def markdown(summary: dict) -> str:
               "- speedup: the baseline's median over the case's median, both measured in this run (baseline: "
               "torch_rim eager; rim_fast_reference where torch_rim has no such model). None for a case that "
               "failed its correctness check or whose baseline did not run.",
-              "- check: the worst relative error max|a - b| / max|b| against "
-              + ("a float64 run of the baseline; a case passes within max(2x the fp32 baseline's own error, "
-                 "1e-5 predict/loss, 1e-4 gradients)." if (s.get("check") or ("fp64" if cuda else
-                                                                               "fp32")) == "fp64" else
-                 "the fp32 baseline (1e-5 predict and loss, 1e-4 each parameter gradient)."),
+              "- check: the worst relative error max|a - b| / max|b| against " + _check_rule(s, cuda),
               ("- peak MiB: torch.cuda.max_memory_allocated over warm-up (CUDA-graph capture included) and the "
                "check call, minus what was allocated before the case (the shared inputs)." if cuda else
                "- saved MiB (train_step): distinct non-parameter storages saved for backward; eager providers: by "

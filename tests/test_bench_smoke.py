@@ -371,3 +371,19 @@ def test_kernel_time_classes_and_report_section(tmp_path):
     assert not any(line.startswith("| S2 | predict | rim_fast |") for line in md.split("## Where")[1].splitlines())
     assert "## Where the GPU time goes" not in markdown(load(_status_file(tmp_path, [
         _ok("S2", "predict", "torch_rim", 2.0, True)])))
+
+
+def test_fp64_check_tolerance_has_a_tf32_floor(tmp_path):
+    """Where cuDNN may run convolutions in TF32 (CUDA, PyTorch's default) the fp64 check's tolerance is at least
+    2^-10; elsewhere 2x the baseline's own error, at least the CPU's; the report says which rule judged."""
+    from bench.bench_rim import CPU_TOL, TF32_FLOOR, fp64_tolerances
+    err = {"predict": 4e-5, "grads": 3e-3}
+    assert fp64_tolerances(err, tf32=False) == {"predict": 8e-5, "grads": 6e-3}
+    assert fp64_tolerances(err, tf32=True) == {"predict": TF32_FLOOR, "grads": 6e-3}
+    assert fp64_tolerances({"loss": 1e-9}, tf32=False) == {"loss": CPU_TOL["loss"]}
+    on = markdown(load(_status_file(tmp_path, [_ok("S1", "predict", "torch_rim", 0.002, True, device="cuda")],
+                                    device="cuda", check="fp64", cudnn_allow_tf32=True)))
+    assert "9.8e-4 with cuDNN's TF32 on" in on
+    off = markdown(load(_status_file(tmp_path, [_ok("S1", "predict", "torch_rim", 0.002, True, device="cuda")],
+                                     device="cuda", check="fp64", cudnn_allow_tf32=False)))
+    assert "a float64 run of the baseline" in off and "TF32 on:" not in off
