@@ -266,3 +266,14 @@ def test_cuda_rim_within_the_error_budget(dims, size, backend, layout, no_tf32):
     gates and bias + tanh in Triton where auto or kernels picks them, the update step in CUDA) and the
     channels-last layout's, trajectory, loss and every gradient."""
     _within_budget(dims, size, backend, device="cuda", layout=layout)
+
+
+@requires_cuda
+def test_cuda_channels_last_does_not_fold_biases_into_an_odd_channel():
+    """fold_next_bias's extra channel (33 of 32) would misalign cuDNN's NHWC kernels: not in channels-last."""
+    x = torch.randn(2, 32, 16, 16, device="cuda")
+    w, b = torch.randn(32, 32, 3, 3, device="cuda"), torch.randn(32, device="cuda")
+    with ops.graph_region():  # what a CUDA graph's recording picks: the Triton bias + tanh, and the fold with it
+        assert ops.folds_bias(x, w, b, "same", 1, 1) == (_triton.missing() is None)
+        with ops.use_cuda_layout("channels_last"):
+            assert not ops.folds_bias(x, w, b, "same", 1, 1)

@@ -7,7 +7,8 @@ channels-last, and so do the ops between them (the Triton gates and ``bias_tanh`
 aten's element-wise ops too), so that cuDNN runs its NHWC kernels without converting each convolution's input and
 output (the first GPU run counted about 84 kernels per S2 step under CUDA graphs where 47 ops run: cuDNN's layout
 conversions are the suspects). A "same" convolution keeps ``symmetric_padding`` (no pad kernel). Each weight is
-laid out once per RIM call (``layers.derived``). 1D inputs run as [B, C, 1, L] 2D convolutions.
+laid out once per RIM call (``layers.derived``). 1D inputs run as [B, C, 1, L] 2D convolutions. No bias is folded
+into an extra channel (``ops.folds_bias``): 33 channels would misalign cuDNN's NHWC tensor-core kernels.
 
 The default, ``contiguous``, is today's path (the reference's NCHW convolutions). Not under torch.compile (Inductor
 chooses its layouts) nor torch.func transforms. Which layout is faster is for ``bench/bench_rim.py``'s

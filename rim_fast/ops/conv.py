@@ -108,11 +108,16 @@ def folds_bias(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilat
     channel of constant 1 (``architectures.base.fold_next_bias``): where ``conv_tanh`` runs the convolution and
     then the Triton ``bias_tanh`` (CUDA: the next convolution then needs no bias add of its own) and under
     torch.compile on GPUs (Inductor's stand-alone bias kernel between two convolutions goes). Not on the CPU,
-    eager or compiled, where oneDNN adds biases inside the convolution."""
+    eager or compiled, where oneDNN adds biases inside the convolution, nor in the channels-last CUDA layout
+    (``_cudnn``)."""
     if bias is None or not rewrites() or x.device.type == "cpu":
         return False
     if torch.compiler.is_compiling():
         return True
+    if _cudnn.usable(x):
+        # channels-last: the extra channel (33 of 32) would misalign cuDNN's NHWC tensor-core kernels, which want
+        # channels in multiples of 4 (TF32) or 8 (half precision); the next convolution keeps its bias add
+        return False
     return _conv_tanh._choose((x, weight, bias, padding, dilation, groups))[0] == "triton_bias_tanh"
 
 
