@@ -24,6 +24,8 @@
 #                  323 update step, 106 gate kernels, 22 RIM parity, 5 fit, 1 reduce-overhead compile; the preflight
 #                  prints today's count). Most take well under a second; the long poles compile a tiny RIM (T<=3)
 #                  with CUDA graphs, 20-60 s each: ~60-120 s.
+#   conv_ab    45  (taken from the benchmarks' share, never leaving them under 120 s) bench/conv_ab.py: convolution
+#                  variants on S2, L2 and S1 shapes in CUDA graphs (layout, bias fold, stride-2 padding), ~20 s
 #   bench     100  + whatever the stages above leave unused (expected 80-190 s more: 180-290 s in all); ends
 #                  REPORT+SLACK before 420 s. Two passes: first the eager providers (torch_rim, rim_fast,
 #                  rim_fast_nographs, rim_fast_graphed: the step as fit(cuda_graphs=True) records it, and
@@ -68,11 +70,13 @@ done
 if [ "$MODE" = full ]; then
   # the preflight's test collection loads torch, torch_rim and the tests from a cold disk beside CUDA's start-up
   BOXES=(55 120 125 100 10 10)
+  CONV_AB_BOX=45
 else
   # dry (CI, 2 cores): expected ~2 min in all; the boxes are safety nets. The build is skipped when the in-place
   # extension is newer than setup.py and csrc/ (CI's `make test` built it); a rebuild for the default archs takes
   # minutes on 2 cores.
   BOXES=(60 300 180 240 30 10)
+  CONV_AB_BOX=120
 fi
 # RIM_FAST_GPU_CHECK_BOXES="preflight build tests bench report slack" (seconds) overrides them, e.g. to rehearse a cut
 read -r PREFLIGHT_BOX BUILD_BOX TESTS_BOX BENCH_BOX REPORT_BOX SLACK <<< "${RIM_FAST_GPU_CHECK_BOXES:-${BOXES[*]}}"
@@ -85,6 +89,7 @@ plan() {
   printf '%-10s %5s  %s\n' preflight "$PREFLIGHT_BOX" "GPU, nvcc (real path, CUDA major = torch's), Python.h, the test wheels import, pytest -m cuda collects"
   printf '%-10s %5s  %s\n' build "$BUILD_BOX" "python setup.py build_ext --inplace (the visible GPU's arch)$([ "$MODE" = dry ] && echo '; skipped when up to date')"
   printf '%-10s %5s  %s\n' tests "$TESTS_BOX" "$([ "$TESTS" = 0 ] && echo 'skipped (--no-tests)' || echo 'pytest -m cuda (xdist when present)')"
+  printf '%-10s %5s  %s\n' conv_ab "<=$CONV_AB_BOX" "convolution A/B (bench/conv_ab.py), from the bench's share (not in the total)"
   printf '%-10s %5s  %s\n' bench "$BENCH_BOX" "+ what the stages above leave; end-to-end cases in priority order, eager providers, then the compiled ones$([ "$MODE" = dry ] && echo ' (smoke, CPU)')"
   printf '%-10s %5s  %s\n' report "$REPORT_BOX" "report.md, report.json, logs.tgz"
   printf '%-10s %5s  %s\n' slack "$SLACK" "the bench stage's exit after its SIGINT"
@@ -261,6 +266,16 @@ else
 fi
 stop_prewarm
 wait "$INFO_PID" 2>/dev/null
+
+# 3b. the convolution A/B (layout, bias fold, stride-2 padding; ~20 s on the GPU), from the benchmarks' share
+if [ "$MODE" = full ]; then AB_ARGS=(--device cuda); else AB_ARGS=(--device cpu --workloads S2); fi
+AB_BOX=$((DEADLINE - SECONDS - COMPILED_MIN - 120))
+[ "$AB_BOX" -gt "$CONV_AB_BOX" ] && AB_BOX=$CONV_AB_BOX
+if [ "$AB_BOX" -lt 10 ]; then
+  skip_stage conv_ab "$AB_BOX" "no time left beside the benchmarks"
+else
+  run_stage conv_ab "$AB_BOX" 5 "$WORK/conv_ab.log" $PY -m bench.conv_ab "${AB_ARGS[@]}" --json "$WORK/conv_ab.json"
+fi
 
 # 4. the end-to-end benchmarks: the rest of the budget, the eager pass first, then the compiled one
 BENCH_LIMIT=$((DEADLINE - SECONDS - COMPILED_MIN))

@@ -23,7 +23,7 @@ import tarfile
 import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("preflight", "build", "tests", "bench", "bench_compiled")
+STAGES = ("preflight", "build", "tests", "conv_ab", "bench", "bench_compiled")
 #: a log bigger than this travels as its last MAX_LOG bytes (logs.tgz must stay far below 16 MiB)
 MAX_LOG = 4 * 2 ** 20
 
@@ -224,6 +224,22 @@ def write(work: str, out: str, mode: str = "full", budget: int = 420, elapsed: i
     else:
         lines.append(t.get("error") or "No junit report (pytest was killed before writing it): see tests.log in "
                                         "logs.tgz.")
+
+    lines += ["", "## Convolution A/B: layout, bias fold, stride-2 padding (bench/conv_ab.py)", ""]
+    facts["conv_ab"] = None
+    try:
+        ab = json.loads(_read(os.path.join(work, "conv_ab.json"), "null"))
+        if ab:
+            sys.path.insert(0, ROOT)
+            from bench.conv_ab import markdown as ab_markdown
+            lines += ab_markdown(ab)
+            facts["conv_ab"] = ab
+        else:
+            lines.append(next(s["meaning"] for s in facts["stages"] if s["name"] == "conv_ab").capitalize()
+                         + ": no results.")
+    except Exception as err:  # noqa: BLE001 - a malformed results file must not cost the rest of the report
+        lines.append(f"**The results could not be read** ({type(err).__name__}: {err}): conv_ab.json and "
+                     "conv_ab.log are in logs.tgz.")
 
     titles = {"bench": "## End to end (bench/bench_rim.py)",
               "bench_compiled": "## End to end, compiled: rim.compile() and torch.compile of torch_rim, beside both "

@@ -387,3 +387,38 @@ def test_fp64_check_tolerance_has_a_tf32_floor(tmp_path):
     off = markdown(load(_status_file(tmp_path, [_ok("S1", "predict", "torch_rim", 0.002, True, device="cuda")],
                                      device="cuda", check="fp64", cudnn_allow_tf32=False)))
     assert "a float64 run of the baseline" in off and "TF32 on:" not in off
+
+
+def test_conv_ab_runs_every_variant(tmp_path):
+    """bench/conv_ab.py on the CPU (tiny sizes, one round): every question's variants in both layouts and modes,
+    timed and written; a variant that raises is a row with its error, and the exit code says so."""
+    from bench import conv_ab
+    out = tmp_path / "ab.json"
+    assert conv_ab.main(["--device", "cpu", "--workloads", "S2,S1", "--rounds", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rows = results["rows"]
+    assert len(rows) == 2 * 2 * 8 and all("error" not in r and r["us"] > 0 for r in rows)
+    firsts = [r for r in rows if r["ratio"] == 1.0]
+    assert {(r["question"], r["variant"]) for r in firsts} == {("fold", "32 ch + bias, nchw"),
+                                                               ("stride-2 same", "pad + 3x3, nchw")}
+    md = conv_ab.markdown(results)
+    assert sum(line.startswith("| S2 | fwdbwd |") for line in md) == 8
+    with pytest.raises(SystemExit):
+        conv_ab.main(["--device", "cpu", "--workloads", "S9"])
+
+
+def test_conv_ab_times_no_wrong_variant(monkeypatch, tmp_path):
+    from bench import conv_ab
+    real = conv_ab._cases
+
+    def cases(*args):
+        out = real(*args)
+        fn, inputs = out[("stride-2 same", "symmetric 4x4, nchw")]
+        out[("stride-2 same", "symmetric 4x4, nchw")] = (lambda *a: fn(*a) * 1.1, inputs)
+        return out
+    monkeypatch.setattr(conv_ab, "_cases", cases)
+    assert conv_ab.main(["--device", "cpu", "--workloads", "S2", "--json", str(tmp_path / "ab.json")]) == 1
+    rows = json.loads((tmp_path / "ab.json").read_text())["rows"]
+    wrong = [r for r in rows if "error" in r]
+    assert len(wrong) == 2 and all(r["variant"] == "symmetric 4x4, nchw" for r in wrong)
+    assert wrong[0]["error"].startswith("wrong: 1.0e-01") and "pad + 3x3, nchw's output" in wrong[0]["error"]

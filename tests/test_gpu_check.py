@@ -38,6 +38,9 @@ def test_plan_fits_seven_minutes():
     assert {"preflight", "build", "tests", "bench", "report"} <= set(boxes)
     assert sum(boxes.values()) == total <= 420, boxes
     assert 45 <= boxes["preflight"] <= 60 and boxes["tests"] <= 150, boxes
+    # the convolution A/B runs within the benchmarks' share, not beside it
+    assert re.search(r"^conv_ab\s+<=\d+\s.*from the bench's share", subprocess.run(
+        ["bash", SCRIPT, "--plan"], capture_output=True, text=True, timeout=30).stdout, re.M)
     # --no-tests (a second run): the tests' box goes to the benchmarks
     no_tests = _plan("--no-tests")
     assert no_tests["tests"] == 0 and no_tests["bench"] == boxes["bench"] + boxes["tests"]
@@ -97,7 +100,7 @@ def test_preflight_failure_stops_the_run_with_a_one_line_reason(tmp_path):
     reason = next(line for line in md.splitlines() if "Preflight FAILED" in line)
     assert "rim_fast_no_such_wheel" in reason and "ModuleNotFoundError" in reason
     report = json.loads((out / "report.json").read_text())
-    assert report["exit_codes"] == {"preflight": 1, "build": None, "tests": None, "bench": None,
+    assert report["exit_codes"] == {"preflight": 1, "build": None, "tests": None, "conv_ab": None, "bench": None,
                                     "bench_compiled": None}
     assert "| build | 300 | 0 | - | not run (preflight failed) |" in md
     assert "preflight: FAILED: import rim_fast_no_such_wheel" in proc.stdout
@@ -110,7 +113,15 @@ def _work_folder(tmp_path, info_ok=True):
     (work / "prewarm").mkdir()
     (work / "refs").mkdir()
     (work / "stages.tsv").write_text("preflight\t0\t9\t30\nbuild\t0\t71\t120\ntests\t124\t150\t150\n"
-                                     "bench\t124\t160\t160\nbench_compiled\t124\t0\t0\n")
+                                     "conv_ab\t0\t21\t45\nbench\t124\t160\t160\nbench_compiled\t124\t0\t0\n")
+    (work / "conv_ab.json").write_text(json.dumps({"machine": "m", "device": "cuda", "repeat": 10, "rounds": 15,
+                                                   "rows": [
+        {"workload": "L2", "mode": "fwd", "question": "fold", "variant": "32 ch + bias, nchw", "us": 400.0,
+         "ratio": 1.0},
+        {"workload": "L2", "mode": "fwd", "question": "fold", "variant": "32 ch + bias, channels_last",
+         "us": 300.0, "ratio": 0.75},
+        {"workload": "L2", "mode": "fwd", "question": "fold", "variant": "33 ch, no bias, channels_last",
+         "error": "RuntimeError: boom"}]}))
     if info_ok:
         (work / "info.txt").write_text("rim_fast 0.1.0 | torch 2.11.0 | triton 3.6.0\nextension: sm_90\n")
         (work / "info.rc").write_text("0\n")
@@ -178,7 +189,10 @@ def test_report_of_a_cut_run(tmp_path, monkeypatch):
     assert "| S2 | predict | rim_fast | - | >= 5x | not measured: not run |" in md
     report = json.loads((out / "report.json").read_text())
     assert [g["met"] for g in report["bench"]["goals"] if g["workload"] == "L2"] == [False, None]
-    assert report["exit_codes"] == {"preflight": 0, "build": 0, "tests": 124, "bench": 124, "bench_compiled": 124}
+    assert report["exit_codes"] == {"preflight": 0, "build": 0, "tests": 124, "conv_ab": 0, "bench": 124,
+                                    "bench_compiled": 124}
+    assert "## Convolution A/B" in md and "| L2 | fwd | fold | 32 ch + bias, channels_last | 300.0 | 0.75 |" in md
+    assert "| L2 | fwd | fold | 33 ch, no bias, channels_last | - | RuntimeError: boom |" in md
     assert "## End to end, compiled" in md and md.count("No results (the stage did not run") == 1
     assert report["elapsed_s"] == 405 and report["budget_s"] == 420
     with tarfile.open(out / "logs.tgz") as tar:
