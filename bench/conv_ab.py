@@ -184,9 +184,11 @@ def run(workloads, device: str, rounds: int) -> dict:
 
 
 def markdown(results: dict) -> list:
-    lines = [f"Per call, GPU time in CUDA graphs ({results['repeat']} calls a replay, median of {results['rounds']} "
-             "rounds); ratio: to the first variant of its question (below 1: faster). Forward (fwd) without "
-             "autograd; fwdbwd: and the gradients of x and the weight.", "",
+    timing = (f"GPU time in CUDA graphs ({results['repeat']} calls a replay" if results["device"] == "cuda" else
+              "host time on the CPU, tiny sizes, no graphs: a test of the plumbing, not a speed (")
+    lines = [f"Per call, {timing}, median of {results['rounds']} round(s)); ratio: to the first variant of its "
+             "question (below 1: faster). Forward (fwd) without autograd; fwdbwd: and the gradients of x and the "
+             "weight.", "",
              "| workload | mode | question | variant | us | ratio |", "| --- | --- | --- | --- | ---: | ---: |"]
     for r in results["rows"]:
         if "error" in r:

@@ -185,6 +185,7 @@ tail -n 1 "$WORK/preflight.log"
 if [ "$PREFLIGHT_RC" != 0 ]; then
   skip_stage build "$BUILD_BOX" "preflight failed"
   skip_stage tests "$TESTS_BOX" "preflight failed"
+  skip_stage conv_ab 0 "preflight failed"
   skip_stage bench "$BENCH_BOX" "preflight failed"
   skip_stage bench_compiled 0 "preflight failed"
   timeout -k 5 20 $PY -m rim_fast.info > "$WORK/info.txt" 2> "$WORK/info.err"; echo $? > "$WORK/info.rc"
