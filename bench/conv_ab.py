@@ -184,9 +184,9 @@ def run(workloads, device: str, rounds: int) -> dict:
 
 
 def markdown(results: dict) -> list:
-    timing = (f"GPU time in CUDA graphs ({results['repeat']} calls a replay" if results["device"] == "cuda" else
-              "host time on the CPU, tiny sizes, no graphs: a test of the plumbing, not a speed (")
-    lines = [f"Per call, {timing}, median of {results['rounds']} round(s)); ratio: to the first variant of its "
+    timing = (f"GPU time in CUDA graphs ({results['repeat']} calls a replay, " if results["device"] == "cuda" else
+              "host time on the CPU (tiny sizes, no graphs: a test of the plumbing, not a speed; ")
+    lines = [f"Per call, {timing}median of {results['rounds']} round(s)); ratio: to the first variant of its "
              "question (below 1: faster). Forward (fwd) without autograd; fwdbwd: and the gradients of x and the "
              "weight.", "",
              "| workload | mode | question | variant | us | ratio |", "| --- | --- | --- | --- | ---: | ---: |"]
