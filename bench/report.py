@@ -265,7 +265,8 @@ def markdown(summary: dict) -> str:
               "CUDA graphs on CUDA). The optimizer step stays eager for every provider but rim_fast_graphed "
               "(train_step: zero_grad, forward, backward and a capturable Adam's step recorded as one CUDA graph, "
               "as fit(cuda_graphs=True) records them; on the CPU only a stand-in that runs the step again).", ""]
-    return "\n".join(lines + kernel_time.markdown(summary["rows"]) + goals_markdown(summary))
+    return "\n".join(lines + kernel_time.markdown(summary["rows"]) + layout_markdown(summary["rows"])
+                     + goals_markdown(summary))
 
 
 def chart(summary: dict, path: str) -> str | None:
@@ -428,6 +429,30 @@ def goals(summary: dict) -> list:
         goal["why"] = why
         out.append(goal)
     return out
+
+
+#: the providers that have a channels-last twin (their name + "_cl": bench_rim.CHANNELS_LAST)
+LAYOUT_TWINS = ("rim_fast", "rim_fast_graphed")
+
+
+def layout_markdown(rows: list) -> list:
+    """The channels-last twins beside their providers (``RIM_FAST_CUDA_LAYOUT``, opt-in until these numbers say
+    otherwise): each pair measured in the same group; [] when no pair ran."""
+    by_key = {(r["workload"], r["mode"], r["provider"]): r for r in rows}
+    lines = []
+    for (w, m, p), row in by_key.items():
+        twin = by_key.get((w, m, p + "_cl"))
+        if p not in LAYOUT_TWINS or twin is None:
+            continue
+        why = _usable(row) or _usable(twin)
+        cells = (f"{row['median_ms']:.2f} | {twin['median_ms']:.2f} | {twin['median_ms'] / row['median_ms']:.2f}x"
+                 if why is None else f"- | - | not compared: {why}")
+        lines.append(f"| {w} | {m} | {p} | {cells} |")
+    if not lines:
+        return []
+    return (["## The CUDA convolutions in channels-last (RIM_FAST_CUDA_LAYOUT=channels_last), beside the default",
+             "", "| workload | mode | provider | default ms | channels-last ms | channels-last's time |",
+             "| --- | --- | --- | ---: | ---: | ---: |"] + lines + [""])
 
 
 def goals_markdown(summary: dict) -> list:

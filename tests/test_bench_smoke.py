@@ -422,3 +422,19 @@ def test_conv_ab_times_no_wrong_variant(monkeypatch, tmp_path):
     wrong = [r for r in rows if "error" in r]
     assert len(wrong) == 2 and all(r["variant"] == "symmetric 4x4, nchw" for r in wrong)
     assert wrong[0]["error"].startswith("wrong: 1.0e-01") and "pad + 3x3, nchw's output" in wrong[0]["error"]
+
+
+def test_report_sets_the_channels_last_twins_beside_their_providers(tmp_path):
+    path = _status_file(tmp_path, [
+        _ok("S2", "predict", "torch_rim", 0.020, True, device="cuda"),
+        _ok("S2", "predict", "rim_fast", 0.0066, True, device="cuda"),
+        _ok("S2", "predict", "rim_fast_cl", 0.0050, True, device="cuda"),
+        _ok("S2", "train_step", "rim_fast_graphed", 0.025, True, device="cuda"),
+        _ok("S2", "train_step", "rim_fast_graphed_cl", 0.020, False, device="cuda"),  # its check failed
+    ], device="cuda")
+    md = markdown(load(path))
+    assert "## The CUDA convolutions in channels-last" in md
+    assert "| S2 | predict | rim_fast | 6.60 | 5.00 | 0.76x |" in md
+    assert "| S2 | train_step | rim_fast_graphed | - | - | not compared: check failed |" in md
+    assert "channels-last" not in markdown(load(_status_file(tmp_path, [
+        _ok("S2", "predict", "rim_fast", 0.0066, True, device="cuda")], device="cuda")))
