@@ -329,38 +329,47 @@ def _sm_count(index) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _launch(B, H, N, device: torch.device) -> "_Launch":
+def _launch(B, H, N, device: torch.device, channels_inner: bool = False) -> "_Launch":
     """The launch geometry of a problem, cached: the launchers' host time is what small cells pay for."""
     if type(B) is int and type(H) is int and type(N) is int:
-        return _launch_cached(B, H, N, device)
+        return _launch_cached(B, H, N, device, channels_inner)
     # symbolic sizes (torch.compile with dynamic shapes): not hashable, computed each trace
-    return _Launch(B, H, N, device)
+    return _Launch(B, H, N, device, channels_inner)
 
 
 @functools.lru_cache(maxsize=1024)
-def _launch_cached(B, H, N, device):
-    return _Launch(B, H, N, device)
+def _launch_cached(B, H, N, device, channels_inner=False):
+    return _Launch(B, H, N, device, channels_inner)
 
 
 class _Launch:
-    """Tile sizes and grid for a [Bk, H, Nk] problem (Nk = N, or B with Bk = 1 when N = 1)."""
+    """Tile sizes and grid for a [Bk, H, Nk] problem (Nk = N, or B with Bk = 1 when N = 1). ``channels_inner``
+    (channels-last tensors: the channels are the contiguous axis): the tile spans the channels first (up to 64),
+    so that a warp's loads and stores run along memory; otherwise it spans N first (up to 512)."""
 
-    def __init__(self, B: int, H: int, N: int, device: torch.device):
+    def __init__(self, B: int, H: int, N: int, device: torch.device, channels_inner: bool = False):
         # N = 1 (GRU on linear layers): the batch runs along the tile's N axis
         self.swap = N == 1
         self.Bk, self.N = (1, B) if self.swap else (B, N)
-        block_n = min(triton.next_power_of_2(self.N), _MAX_TILE if INTERPRETED else 512)
-        pow2_h = triton.next_power_of_2(H)
+        pow2_h, pow2_n = triton.next_power_of_2(H), triton.next_power_of_2(self.N)
         # memory-bound: the largest tile that still gives >= 2 programs per SM (H100: 132 SMs)
         target = 1 if device.type != "cuda" else 2 * _sm_count(device.index if device.index is not None
                                                                 else torch.cuda.current_device())
         tile = _MAX_TILE
-        while tile > _MIN_TILE and (self.Bk * triton.cdiv(self.N, block_n)
-                                    * triton.cdiv(H, max(1, min(pow2_h, tile // block_n)))) < target:
-            tile //= 2
-        block_n = min(block_n, tile)
-        self.block_n = block_n
-        self.block_c = max(1, min(pow2_h, tile // block_n))
+        if channels_inner and not self.swap:
+            block_c = min(pow2_h, 64)
+            block_n = min(pow2_n, max(1, tile // block_c))
+            while tile > _MIN_TILE and self.Bk * triton.cdiv(self.N, block_n) * triton.cdiv(H, block_c) < target:
+                tile //= 2
+                block_n = min(pow2_n, max(1, tile // block_c))
+        else:
+            block_n = min(pow2_n, _MAX_TILE if INTERPRETED else 512)
+            while tile > _MIN_TILE and (self.Bk * triton.cdiv(self.N, block_n)
+                                        * triton.cdiv(H, max(1, min(pow2_h, tile // block_n)))) < target:
+                tile //= 2
+            block_n = min(block_n, tile)
+            block_c = max(1, min(pow2_h, tile // block_n))
+        self.block_n, self.block_c = block_n, block_c
         self.n_blocks = triton.cdiv(self.N, block_n)
         self.grid = (self.Bk * self.n_blocks, triton.cdiv(H, self.block_c))
         self.rows = self.Bk * self.n_blocks
@@ -401,7 +410,7 @@ def gru_gates_zr_fwd(wx, uzr, h, bias_z, bias_r):
     if h.numel() == 0:
         return z, rh
     (wx, s_wx), (uzr, s_u), (h, s_h) = _bcn(wx), _bcn(uzr), _bcn(h)
-    L = _launch(B, H, _numel_n(h), h.device)
+    L = _launch(B, H, _numel_n(h), h.device, channels_last(z))
     with _on(wx.device):
         _traceable(_gru_zr_fwd_kernel)[L.grid](
             wx, uzr, h, bias_z.contiguous(), bias_r.contiguous(), z, rh, H, L.N, L.n_blocks,
@@ -419,7 +428,7 @@ def gru_gates_h_fwd(wx, uh, z, h, bias_h):
     if h.numel() == 0:
         return out
     (wx, s_wx), (uh, s_u), (z, s_z), (h, s_h) = _bcn(wx), _bcn(uh), _bcn(z), _bcn(h)
-    L = _launch(B, H, _numel_n(h), h.device)
+    L = _launch(B, H, _numel_n(h), h.device, channels_last(out))
     with _on(wx.device):
         _traceable(_gru_h_fwd_kernel)[L.grid](
             wx, uh, z, h, bias_h.contiguous(), out, H, L.N, L.n_blocks,
@@ -438,7 +447,7 @@ def gru_gates_zero_state_fwd(wzh, bias_z, bias_h):
     if out.numel() == 0:
         return out
     wzh, s_w = _bcn(wzh)
-    L = _launch(B, H, _numel_n(wzh), wzh.device)
+    L = _launch(B, H, _numel_n(wzh), wzh.device, channels_last(out))
     with _on(wzh.device):
         _traceable(_gru_zero_state_fwd_kernel)[L.grid](
             wzh, bias_z.contiguous(), bias_h.contiguous(), out, H, L.N, L.n_blocks,
@@ -467,7 +476,7 @@ def gru_gates_zr_bwd(gz, grh, wx, uzr, h, z, bias_r):
         return g_zr, g_h, _bias_grad(None, 2, H, h.device)
     (gz, s_gz), (grh, s_gr), (wx, s_wx), (uzr, s_u), (h, s_h), (z, s_z) = (
         _bcn(gz), _bcn(grh), _bcn(wx), _bcn(uzr), _bcn(h), _bcn(z))
-    L = _launch(B, H, _numel_n(h), h.device)
+    L = _launch(B, H, _numel_n(h), h.device, channels_last(g_h))
     partial = _empty((L.rows, 2 * H), torch.float32, h.device)
     with _on(gz.device):
         _traceable(_gru_zr_bwd_kernel)[L.grid](
@@ -491,7 +500,7 @@ def gru_gates_h_bwd(g, wx, uh, z, h, bias_h):
     if h.numel() == 0:
         return g_a, g_z, g_h, _bias_grad(None, 1, H, h.device)
     (g, s_g), (wx, s_wx), (uh, s_u), (z, s_z), (h, s_h) = _bcn(g), _bcn(wx), _bcn(uh), _bcn(z), _bcn(h)
-    L = _launch(B, H, _numel_n(h), h.device)
+    L = _launch(B, H, _numel_n(h), h.device, channels_last(g_a))
     partial = _empty((L.rows, H), torch.float32, h.device)
     # the three outputs are allocated alike: one set of strides
     assert g_a.stride() == g_z.stride() == g_h.stride()
@@ -513,7 +522,7 @@ def gru_gates_zero_state_bwd(g, wzh, bias_z, bias_h):
     if g_w.numel() == 0:
         return g_w, _bias_grad(None, 2, H, wzh.device)
     (g, s_g), (wzh, s_w) = _bcn(g), _bcn(wzh)
-    L = _launch(B, H, _numel_n(wzh), wzh.device)
+    L = _launch(B, H, _numel_n(wzh), wzh.device, channels_last(g_w))
     partial = _empty((L.rows, 2 * H), torch.float32, wzh.device)
     with _on(g.device):
         _traceable(_gru_zero_state_bwd_kernel)[L.grid](

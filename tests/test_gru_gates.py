@@ -569,3 +569,17 @@ def test_mixed_activation_dtypes_take_the_reference():
     assert not _triton.usable(wx, uzr, h, b, b)
     assert _triton.usable(wx.float(), uzr.float(), h, b, b) == (_triton.missing() is None
                                                                     and _triton.K.INTERPRETED)
+
+
+def test_launch_tiles_run_along_memory():
+    """A tile spans N first for NC* tensors and the channels first (up to 64) for channels-last ones, so that a
+    warp's accesses are contiguous either way; the partial-sum rows follow the tiles."""
+    cpu = torch.device("cpu")  # one program is enough on the CPU: the largest tile
+    nchw = K._Launch(2, 16, 4096, cpu)
+    cl = K._Launch(2, 16, 4096, cpu, channels_inner=True)
+    assert nchw.block_n > nchw.block_c and nchw.block_n == min(4096, K._MAX_TILE)
+    assert cl.block_c == 16 and cl.block_n * cl.block_c == K._MAX_TILE
+    assert cl.grid == (2 * cl.n_blocks, 1) and cl.rows == 2 * cl.n_blocks
+    assert K._Launch(2, 100, 4096, cpu, channels_inner=True).block_c == 64
+    # [B, H] (N = 1): the batch runs along N whatever the layout flag
+    assert K._Launch(8, 16, 1, cpu, channels_inner=True).block_n == K._Launch(8, 16, 1, cpu).block_n

@@ -181,8 +181,8 @@ def record_launches(K, sm_count: int, problems, dtypes=DTYPES["fp32"]) -> list:
     def empty(shape, dtype, device):
         return torch.empty(shape, dtype=dtype, device="meta")
 
-    def launch(B, H, N, device):
-        return K._Launch(B, H, N, torch.device("cuda", 0))
+    def launch(B, H, N, device, channels_inner=False):
+        return K._Launch(B, H, N, torch.device("cuda", 0), channels_inner)
     with _recording(K, sm_count, empty, launch) as (calls, problem):
         for name, B, H, spatial in problems:
             problem["name"] = name
@@ -200,6 +200,20 @@ def record_launches(K, sm_count: int, problems, dtypes=DTYPES["fp32"]) -> list:
             K.gru_gates_zr_bwd(torch.empty_like(z), torch.empty_like(rh), wx, uzr, h, z, br)
             K.gru_gates_h_bwd(torch.empty_like(out), wx, uh, z, h, bh)
             K.gru_gates_zero_state_bwd(torch.empty_like(out0), wzh, bz, bh)
+            if spatial:
+                # channels-last, as the CUDA convolutions leave them under RIM_FAST_CUDA_LAYOUT=channels_last:
+                # channel stride 1 (a specialisation of its own), and the outputs laid out alike
+                def cl(*shape, dtype=act):
+                    return m(shape[0], *shape[2:], shape[1], dtype=dtype).movedim(-1, 1)
+                wx, uzr, uh, wzh, h = cl(B, 3 * H, *spatial), cl(B, 2 * H, *spatial), cl(B, H, *spatial), \
+                    cl(B, 2 * H, *spatial), cl(B, H, *spatial)
+                z, rh = K.gru_gates_zr_fwd(wx, uzr, h, bz, br)
+                assert K.channels_last(z), z.stride()
+                out = K.gru_gates_h_fwd(wx, uh, z, h, bh)
+                out0 = K.gru_gates_zero_state_fwd(wzh, bz, bh)
+                K.gru_gates_zr_bwd(cl(B, H, *spatial), cl(B, H, *spatial), wx, uzr, h, z, br)
+                K.gru_gates_h_bwd(cl(B, H, *spatial), wx, uh, z, h, bh)
+                K.gru_gates_zero_state_bwd(cl(B, H, *spatial), wzh, bz, bh)
     return calls
 
 
