@@ -10,7 +10,9 @@ Providers: "reference" (eager), "compiled" (torch.compile of the reference), on 
 fused kernels, eager), "triton_compiled" (torch.compile over the triton ops), and "reference_graph" /
 "triton_graph" (the eager code captured in a CUDA graph and replayed: kernel time without the host's launch
 overhead, which dominates every standard cell in eager mode), "compiled_graph" / "triton_compiled_graph"
-(the compiled code captured likewise, as RIM.compile's reduce-overhead mode runs it); the compiled providers run
+(the compiled code captured likewise, as RIM.compile's reduce-overhead mode runs it), "reference_graph_cl" /
+"triton_graph_cl" (the same graphs on channels-last inputs, as RIM_FAST_CUDA_LAYOUT=channels_last leaves them; the
+kernels then write channels-last outputs and tile along the channels); the compiled providers run
 for "cell" only (compiling costs seconds per case). The Triton interpreter is not a benchmark: on CPU
 only the reference providers run. Each case is checked against the reference before it is timed.
 
@@ -43,7 +45,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = _triton.missing() is None and DEVICE == "cuda" and not _triton.K.INTERPRETED
 PROVIDERS = ("reference", "compiled") + (("triton", "triton_compiled") if KERNELS else ()) + (
     ("reference_graph", "compiled_graph") if DEVICE == "cuda" else ()) + (
-    ("triton_graph", "triton_compiled_graph") if KERNELS else ())
+    ("triton_graph", "triton_compiled_graph", "reference_graph_cl", "triton_graph_cl") if KERNELS else ())
 # RIM_FAST_BENCH_PROVIDERS=a,b / RIM_FAST_BENCH_OPS=cell: run a subset
 if os.environ.get("RIM_FAST_BENCH_PROVIDERS"):
     PROVIDERS = tuple(p for p in PROVIDERS if p in os.environ["RIM_FAST_BENCH_PROVIDERS"].split(","))
@@ -95,10 +97,17 @@ def _function(op: str, provider: str):
     return fn
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if t.dim() >= 3 else t
+
+
 def make_case(op: str, mode: str, provider: str, B: int, S: tuple):
     """The callable to time for one case (it synchronises the device and returns its results)."""
+    layout_cl, provider = provider.endswith("_cl"), provider.removesuffix("_cl")
     fn = _function(op, provider.removesuffix("_graph"))
     inputs = _inputs(B, S, op)
+    if layout_cl:
+        inputs = [_channels_last(t) for t in inputs]
     if mode == "fwdbwd":
         inputs = [t.requires_grad_() for t in inputs]
 
