@@ -5,7 +5,8 @@ It prints the versions (rim_fast, torch, Triton, CUDA, Python), the extension ``
 loaded from, CPU and CUDA kernels, the GPU architectures and CUDA version it was built for), the GPUs and their
 compute capabilities, ``RIM_FAST_BACKEND`` and ``RIM_FAST_CUDA_LAYOUT``, and, for each op and device, the
 implementation ``auto`` picks for a standard workload (S2: B=16, 64x64, Hourglass nf=32, hidden_units=32; eager,
-no autograd) and why each other implementation is not used there. ``--short``: one line. ``--json``: the same facts as JSON.
+no autograd) and why each other implementation is not used there. ``--short``: one line. ``--json``: the same
+facts as JSON.
 """
 from __future__ import annotations
 
