@@ -97,7 +97,8 @@ def test_layout_switch_and_its_errors(monkeypatch):
         with ops.use_cuda_layout("nhwc"):
             pass
     monkeypatch.setenv("RIM_FAST_CUDA_LAYOUT", "NHWC")
-    with pytest.raises(ValueError, match=r"RIM_FAST_CUDA_LAYOUT='nhwc' is not one of \('contiguous', 'channels_last'\)"):
+    expected = r"RIM_FAST_CUDA_LAYOUT='nhwc' is not one of \('contiguous', 'channels_last'\)"
+    with pytest.raises(ValueError, match=expected):
         _cudnn._read_layout()
     monkeypatch.setenv("RIM_FAST_CUDA_LAYOUT", " Channels_Last ")
     assert _cudnn._read_layout() == "channels_last"
