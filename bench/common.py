@@ -75,20 +75,26 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
+def capture(compute: Callable[[], object], warmup: int = 3) -> tuple:
+    """(graph, its outputs): ``compute`` captured once in a CUDA graph after ``warmup`` calls on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            compute()
+    torch.cuda.current_stream().wait_stream(stream)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        static = compute()
+    return cuda_graph, static
+
+
 def timed_call(compute: Callable[[], object], device, graph: bool = False) -> Callable[[], object]:
     """What the op benchmarks time: ``compute()`` then a device sync, or (``graph``, CUDA) ``compute`` captured once
-    in a CUDA graph after 3 warm-up calls on a side stream and replayed: kernel time without the host's launch
-    overhead (what RIM.compile's reduce-overhead mode gets)."""
+    in a CUDA graph after 3 warm-up calls on a side stream and replayed (``capture``): kernel time without the
+    host's launch overhead (what RIM.compile's reduce-overhead mode gets)."""
     if graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                compute()
-        torch.cuda.current_stream().wait_stream(stream)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            static = compute()
+        cuda_graph, static = capture(compute)
 
         def replay():
             cuda_graph.replay()

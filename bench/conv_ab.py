@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine_line, synchronize
+from bench.common import capture, machine_line, synchronize
 from rim_fast.layers.derived import per_call_cache
 from rim_fast.ops import _cudnn, reference
 from rim_fast.ops.conv import _conv_same_symmetric
@@ -110,15 +111,7 @@ def _timer(compute, device: str):
             compute()
             return (time.perf_counter() - t0) / REPEAT
         return run
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            compute()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        compute()
+    graph, _ = capture(compute, warmup=2)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def replay():
@@ -220,7 +213,6 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
-        import os
         os.replace(args.json + ".tmp", args.json)
     print(results["machine"])
     print("\n".join(markdown(results)))
