@@ -12,6 +12,7 @@ from rim_fast import ops
 from rim_fast.ops import _cpu, _cudnn, _triton, reference
 from rim_fast.ops._dispatch import OPS
 
+import test_error_budget as budget
 from conftest import CUDA, assert_error_budget, requires_cuda, tol
 
 K = _triton.K
@@ -159,35 +160,24 @@ def cpu_stand_in(monkeypatch):
         monkeypatch.setattr(OPS[op].impl("onednn_fused"), "auto", never)
 
 
-def _rim(dims, size, T=3, device="cpu", dtype=torch.float32):
-    torch.manual_seed(0)
-    net = rim_fast.Hourglass(channels=1, dimensions=dims, nf=16, ch_mult=(2, 2), hidden_units=16)
-    return rim_fast.RIM(size, net.to(device, dtype), score_fn=lambda x, y: y - 0.7 * x, T=T, device=device)
+#: the small RIM of the error-budget tests, on one channel as the standard workloads
+KW = dict(score_fn=budget.score_fn, channels=1)
 
 
-def _trajectory_and_gradients(dims, size, dtype, layout, backend, device="cpu"):
-    """(names, tensors): the trajectory without autograd, then the loss and every parameter gradient."""
-    r = _rim(dims, size, device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(1)
-    y, x_true = (torch.randn(2, 1, *size, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(2))
-    with ops.use_backend(backend), ops.use_cuda_layout(layout):
-        with torch.no_grad():
-            trajectory = r(y)
-        loss = r.loss_fn(y, x_true)
-        loss.backward()
-    names = [f"x_{t + 1}" for t in range(len(trajectory))] + ["loss"]
-    tensors = [x.detach() for x in trajectory] + [loss.detach()]
-    for name, p in r.model.named_parameters():
-        names.append(f"grad {name}")
-        tensors.append(p.grad)
-    return names, tensors
+def _rim(dims, size, device="cpu"):
+    return budget._small_rim(dims, KW, torch.float32, size, device)[0]
 
 
 def _within_budget(dims, size, backend, device="cpu", layout="channels_last"):
-    names, exact = _trajectory_and_gradients(dims, size, torch.float64, "contiguous", "reference", device)
-    _, ref = _trajectory_and_gradients(dims, size, torch.float32, "contiguous", "reference", device)
-    _, fast = _trajectory_and_gradients(dims, size, torch.float32, layout, backend, device)
-    assert_error_budget(fast, ref, exact, torch.float32, names, what=f"{layout} on {device}, {backend}")
+    """The trajectory with autograd, the loss and every gradient (``budget._run``), and the trajectory without
+    (``budget._predict``: the inference-only paths), in ``layout`` with ``backend``, within the budget of conftest
+    against the float32 and float64 references (contiguous)."""
+    for run in (budget._run, budget._predict):
+        names, exact = run(dims, KW, torch.float64, "reference", size=size, device=device)
+        _, ref = run(dims, KW, torch.float32, "reference", size=size, device=device)
+        _, fast = run(dims, KW, torch.float32, backend, size=size, device=device, layout=layout)
+        assert_error_budget(fast, ref, exact, torch.float32, names,
+                            what=f"{layout} on {device}, {backend}, {run.__name__}")
 
 
 @pytest.mark.parametrize("dims,size", [(1, (32,)), (2, (12, 8)), (3, (8, 4, 8))], ids=["1D", "2D", "3D"])

@@ -23,25 +23,25 @@ def energy_fn(x, y):
     return 0.5 * ((y - 0.7 * x) ** 2).flatten(1).sum(1)
 
 
-def _small_rim(dims, kw, dtype, size):
-    """(rim, channels): a small RIM in ``dtype`` (C=2, or ``kw["channels"]``; T=3, as initialised: zero GRU biases,
-    so that many activations sit near 0); ``kw``: the RIM's other arguments."""
+def _small_rim(dims, kw, dtype, size, device="cpu"):
+    """(rim, channels): a small RIM in ``dtype`` on ``device`` (C=2, or ``kw["channels"]``; T=3, as initialised:
+    zero GRU biases, so that many activations sit near 0); ``kw``: the RIM's other arguments."""
     kw = dict(kw)
     c = kw.pop("channels", 2)
     torch.manual_seed(0)
     net = rim_fast.Hourglass(c, dimensions=dims, nf=8, ch_mult=(2, 2), hidden_units=12)
-    return rim_fast.RIM(size, net, T=3, **kw).to(dtype), c
+    return rim_fast.RIM(size, net, T=3, **kw).to(device, dtype), c
 
 
-def _run(dims, kw, dtype, backend, size=None, batch=2):
+def _run(dims, kw, dtype, backend, size=None, batch=2, device="cpu", layout="contiguous"):
     """(names, tensors): the trajectory, the loss and every parameter gradient of ``_small_rim``, computed in
-    ``dtype`` with ``backend``."""
+    ``dtype`` with ``backend`` (and the CUDA convolutions' ``layout``, ``ops.use_cuda_layout``)."""
     size = size or SIZES[dims]
-    rim, c = _small_rim(dims, kw, dtype, size)
+    rim, c = _small_rim(dims, kw, dtype, size, device)
     g = torch.Generator().manual_seed(1)
-    y = torch.randn(batch, c, *size, generator=g, dtype=torch.float64).to(dtype)
-    x_true = torch.randn(batch, c, *size, generator=g, dtype=torch.float64).to(dtype)
-    with ops.use_backend(backend):
+    y = torch.randn(batch, c, *size, generator=g, dtype=torch.float64).to(device, dtype)
+    x_true = torch.randn(batch, c, *size, generator=g, dtype=torch.float64).to(device, dtype)
+    with ops.use_backend(backend), ops.use_cuda_layout(layout):
         trajectory = rim(y)
         loss = rim.loss_fn(y, x_true)
         loss.backward()
@@ -85,13 +85,14 @@ def test_whole_rim_within_the_error_budget(dims, kw, backend, inference):
                         what=f"RIM_FAST_BACKEND={backend}" + (", no_grad" if inference else ""))
 
 
-def _predict(dims, kw, dtype, backend, compiled=False):
+def _predict(dims, kw, dtype, backend, compiled=False, size=None, device="cpu", layout="contiguous"):
     """(names, tensors): the trajectory without autograd, where the inference-only paths run (oneDNN's conv + tanh
-    and transposed conv + tanh on the CPU, the Hourglass' merged output conv); ``compiled``: ``RIM.compile()``."""
-    size = SIZES[dims]
-    rim, c = _small_rim(dims, kw, dtype, size)
-    y = torch.randn(2, c, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
-    with ops.use_backend(backend), torch.no_grad():
+    and transposed conv + tanh on the CPU, the Hourglass' merged output conv, CUDA graphs and Triton's bias + tanh
+    on CUDA); ``compiled``: ``RIM.compile()``; ``layout``: as ``_run``'s."""
+    size = size or SIZES[dims]
+    rim, c = _small_rim(dims, kw, dtype, size, device)
+    y = torch.randn(2, c, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+    with ops.use_backend(backend), ops.use_cuda_layout(layout), torch.no_grad():
         if compiled:
             torch._dynamo.reset()
             rim.compile()
