@@ -334,9 +334,11 @@ THIN_IN = 2
 
 def _thin_ok(xc: Tensor, w: Tensor, pads, stride, dilation, groups) -> bool:
     # stride 1, no dilation, no groups, odd kernels padded (k - 1) / 2 on both sides: the output has the input's
-    # size and tap k of every output position reads the input shifted by k - pad; eagerly, float32/float64
+    # size and tap k of every output position reads the input shifted by k - pad; eagerly, float32/float64, CPU
+    # tensors (the thin paths work around oneDNN; cuDNN runs ``_cudnn``'s through ``conv`` as they are)
     ks = tuple(w.shape[2:])
-    return (stride == 1 and groups == 1 and dilation == 1 and xc.dtype in (torch.float32, torch.float64)
+    return (xc.device.type == "cpu" and stride == 1 and groups == 1 and dilation == 1
+            and xc.dtype in (torch.float32, torch.float64)
             and w.dtype == xc.dtype and all(k % 2 == 1 for k in ks)
             and list(pads) == [(k - 1) // 2 for k in ks] and not torch.compiler.is_compiling() and not exporting()
             and not _autocast_on())

@@ -78,41 +78,25 @@ def why_not(x, *args) -> str:
     return f"{x.dtype} / {x.dim() - 2} spatial dims not covered"
 
 
-def _squeeze(out: Tensor, one_d: bool) -> Tensor:
-    return out.squeeze(2) if one_d else out
-
-
-def _conv_nd(xc: Tensor):
-    return F.conv2d if xc.dim() == 4 else F.conv3d
-
-
-def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, padding="same",
-         dilation: int = 1, groups: int = 1) -> Tensor:
-    one_d = x.dim() == 3
-    xc = _cpu._to_cl(x)
-    pad = padding if isinstance(padding, str) else _cpu._pair(padding, one_d)
-    out = _conv_nd(xc)(xc, _cpu._weight(weight), bias, _cpu._pair(stride, one_d, 1), pad,
-                       _cpu._pair(dilation, one_d, 1), groups)
-    return _squeeze(out, one_d)
+# the CPU backend's channels-last convolutions serve CUDA tensors as they are (their thin paths, oneDNN
+# workarounds, take CPU tensors only)
+conv = _cpu.conv
+conv_transpose = _cpu.conv_transpose
 
 
 def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int, stride: int, dilation: int,
               groups: int, axis_swap: bool = True) -> Tensor:
-    """``symmetric_padding`` in channels-last (dilation 1); a pad and a valid convolution otherwise."""
+    """``symmetric_padding`` in channels-last (dilation 1); else the CPU backend's pad and valid convolution."""
     from ..layers.derived import derived
     from .reference import conv_same_pads, symmetric_padding
+    if dilation != 1:
+        return _cpu.conv_same(x, weight, bias, kernel_size, stride, dilation, groups, axis_swap)
     one_d = x.dim() == 3
     pads = conv_same_pads(tuple(x.shape[2:]), kernel_size, stride, dilation, axis_swap)
-    if dilation != 1:  # (1D: the padded input is [B, C, 1, L'], a 2D convolution's)
-        return _squeeze(conv(F.pad(_cpu._to_cl(x), pads), weight, bias, stride, 0, dilation, groups), one_d)
     padding, weight_pads = symmetric_padding(pads, x.dim() - 2)
     w = derived(weight, ("zero_taps_channels_last", tuple(weight_pads)),
                 lambda: _cpu._to_cl(F.pad(weight, weight_pads)))
     xc = _cpu._to_cl(x)
-    pad = (0, padding[0]) if one_d else padding
-    return _squeeze(_conv_nd(xc)(xc, w, bias, _cpu._pair(stride, one_d, 1), pad, 1, groups), one_d)
-
-
-def conv_transpose(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
-                   output_padding: int, groups: int, dilation: int) -> Tensor:
-    return _cpu.conv_transpose(x, weight, bias, stride, padding, output_padding, groups, dilation)
+    out = (F.conv2d if xc.dim() == 4 else F.conv3d)(xc, w, bias, _cpu._pair(stride, one_d, 1),
+                                                   (0, padding[0]) if one_d else padding, 1, groups)
+    return out.squeeze(2) if one_d else out
