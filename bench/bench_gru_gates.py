@@ -32,7 +32,7 @@ import os
 import pytest
 import torch
 
-from bench.common import SMOKE, machine_line, measure, timed_call, workloads
+from bench.common import SMOKE, machine_line, measure, timed_call, to_channels_last, workloads
 from rim_fast.ops import reference, _triton
 
 # every case compiles the same `cell` code object again (other closures, shapes, grad mode)
@@ -97,17 +97,13 @@ def _function(op: str, provider: str):
     return fn
 
 
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.movedim(1, -1).contiguous().movedim(-1, 1) if t.dim() >= 3 else t
-
-
 def make_case(op: str, mode: str, provider: str, B: int, S: tuple):
     """The callable to time for one case (it synchronises the device and returns its results)."""
     layout_cl, provider = provider.endswith("_cl"), provider.removesuffix("_cl")
     fn = _function(op, provider.removesuffix("_graph"))
     inputs = _inputs(B, S, op)
     if layout_cl:
-        inputs = [_channels_last(t) for t in inputs]
+        inputs = [to_channels_last(t) for t in inputs]
     if mode == "fwdbwd":
         inputs = [t.requires_grad_() for t in inputs]
 

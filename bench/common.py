@@ -75,6 +75,12 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
+def to_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """t [B, C, *S] with its channels innermost in memory (channels-last; 1D and 3D alike), as the CUDA
+    convolutions leave their outputs under RIM_FAST_CUDA_LAYOUT=channels_last; t as it is below 3 dims."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if t.dim() >= 3 else t
+
+
 def capture(compute: Callable[[], object], warmup: int = 3) -> tuple:
     """(graph, its outputs): ``compute`` captured once in a CUDA graph after ``warmup`` calls on a side stream."""
     stream = torch.cuda.Stream()

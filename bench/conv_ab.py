@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import capture, machine_line, synchronize
+from bench.common import capture, machine_line, synchronize, to_channels_last
 from rim_fast.layers.derived import per_call_cache
 from rim_fast.ops import _cudnn, reference
 from rim_fast.ops.conv import _conv_same_symmetric
@@ -61,11 +61,9 @@ def _cases(dims: int, size: tuple, batch: int, device: str) -> dict:
     conv = (F.conv1d, F.conv2d)[dims - 1]
     cl = _cudnn.conv
     cases = {}
-    # channels-last inputs for the channels-last variants, as the previous op leaves them in that layout
-    cl_in = lambda t: t.movedim(1, -1).contiguous().movedim(-1, 1)  # noqa: E731
     for layout in ("nchw", "channels_last"):
-        if layout == "channels_last":
-            x, x33 = cl_in(x), cl_in(x33)
+        if layout == "channels_last":  # inputs as the previous op leaves them in that layout
+            x, x33 = to_channels_last(x), to_channels_last(x33)
         same = (lambda x_, w_, b_: conv(x_, w_, b_, padding="same")) if layout == "nchw" else \
             (lambda x_, w_, b_: cl(x_, w_, b_, 1, "same", 1, 1))
         cases[("fold", f"32 ch + bias, {layout}")] = (lambda x_, w_, s=same: s(x_, w_, b), (x, w))
