@@ -71,19 +71,19 @@ def channels_last(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.shape[0] == 1 or t.stride(0) == expected)
 
 
-def out_shape_order(like: torch.Tensor, shape) -> tuple:
-    """(the shape to allocate, whether to move its last dim to dim 1): an output [B, C', *S] is allocated in
-    ``like``'s layout, channels-last where ``like`` is (``channels_last``), else contiguous. The fakes of
+def out_shape_order(inner: bool, shape) -> tuple:
+    """(the shape to allocate, whether to move its last dim to dim 1) of an output [B, C', *S]: channels-last where
+    the W-convolution's output is (``inner = channels_last(wx)``, or wzh's), else contiguous. The fakes of
     ``rim_fast.ops._triton`` follow the same rule."""
-    if channels_last(like):
+    if inner:
         return (shape[0], *shape[2:], shape[1]), True
     return tuple(shape), False
 
 
-def _out(like: torch.Tensor, shape, dtype):
-    """An output [B, C', *S] in ``like``'s layout (``out_shape_order``)."""
-    alloc, move = out_shape_order(like, shape)
-    out = _empty(alloc, dtype, like.device)
+def _out(inner: bool, shape, dtype, device):
+    """An output [B, C', *S], channels-last where ``inner`` (``out_shape_order``)."""
+    alloc, move = out_shape_order(inner, shape)
+    out = _empty(alloc, dtype, device)
     return out.movedim(-1, 1) if move else out
 
 
@@ -402,15 +402,16 @@ def gru_gates_zr_fwd(wx, uzr, h, bias_z, bias_r):
     """z = sigmoid(wx[:, :H] + uzr[:, :H] + b_z), rh = sigmoid(wx[:, H:2H] + uzr[:, H:] + b_r) * h.
 
     wx: [B, 3H, *S], uzr: [B, 2H, *S], h: [B, H, *S], bias_z, bias_r: [H]; fp32/fp16/bf16 (fp32 math).
-    Returns (z, rh), [B, H, *S] in wx's layout (``_out``), dtypes promoted as the reference's.
+    Returns (z, rh), [B, H, *S] in wx's layout (``out_shape_order``), dtypes promoted as the reference's.
     Bytes moved: 7 e B H N (reads wx[:, :2H], uzr, h; writes z, rh; e = element size, N = prod(S))."""
     B, H = h.shape[0], h.shape[1]
-    z = _out(wx, h.shape, _dtype(wx, uzr, bias_z))
-    rh = _out(wx, h.shape, _dtype(wx, uzr, bias_r, h))
+    inner = channels_last(wx)
+    z = _out(inner, h.shape, _dtype(wx, uzr, bias_z), h.device)
+    rh = _out(inner, h.shape, _dtype(wx, uzr, bias_r, h), h.device)
     if h.numel() == 0:
         return z, rh
     (wx, s_wx), (uzr, s_u), (h, s_h) = _bcn(wx), _bcn(uzr), _bcn(h)
-    L = _launch(B, H, _numel_n(h), h.device, channels_last(z))
+    L = _launch(B, H, _numel_n(h), h.device, inner and H > 1)
     with _on(wx.device):
         _traceable(_gru_zr_fwd_kernel)[L.grid](
             wx, uzr, h, bias_z.contiguous(), bias_r.contiguous(), z, rh, H, L.N, L.n_blocks,
@@ -424,11 +425,12 @@ def gru_gates_h_fwd(wx, uh, z, h, bias_h):
     wx: [B, 3H, *S], uh, z, h: [B, H, *S], bias_h: [H]. Returns h' [B, H, *S] in wx's layout.
     Bytes moved: 5 e B H N (reads wx[:, 2H:], uh, z, h; writes h')."""
     B, H = h.shape[0], h.shape[1]
-    out = _out(wx, h.shape, _dtype(z, h, wx, uh, bias_h))
+    inner = channels_last(wx)
+    out = _out(inner, h.shape, _dtype(z, h, wx, uh, bias_h), h.device)
     if h.numel() == 0:
         return out
     (wx, s_wx), (uh, s_u), (z, s_z), (h, s_h) = _bcn(wx), _bcn(uh), _bcn(z), _bcn(h)
-    L = _launch(B, H, _numel_n(h), h.device, channels_last(out))
+    L = _launch(B, H, _numel_n(h), h.device, inner and H > 1)
     with _on(wx.device):
         _traceable(_gru_h_fwd_kernel)[L.grid](
             wx, uh, z, h, bias_h.contiguous(), out, H, L.N, L.n_blocks,
@@ -443,11 +445,12 @@ def gru_gates_zero_state_fwd(wzh, bias_z, bias_h):
     wzh: [B, 2H, *S], bias_z, bias_h: [H]. Returns h' [B, H, *S] in wzh's layout.
     Bytes moved: 3 e B H N (reads wzh; writes h')."""
     B, H = wzh.shape[0], wzh.shape[1] // 2
-    out = _out(wzh, (B, H, *wzh.shape[2:]), _dtype(wzh, bias_z, bias_h))
+    inner = channels_last(wzh)
+    out = _out(inner, (B, H, *wzh.shape[2:]), _dtype(wzh, bias_z, bias_h), wzh.device)
     if out.numel() == 0:
         return out
     wzh, s_w = _bcn(wzh)
-    L = _launch(B, H, _numel_n(wzh), wzh.device, channels_last(out))
+    L = _launch(B, H, _numel_n(wzh), wzh.device, inner and H > 1)
     with _on(wzh.device):
         _traceable(_gru_zero_state_fwd_kernel)[L.grid](
             wzh, bias_z.contiguous(), bias_h.contiguous(), out, H, L.N, L.n_blocks,
@@ -470,13 +473,14 @@ def gru_gates_zr_bwd(gz, grh, wx, uzr, h, z, bias_r):
     Bytes moved: 9 e B H N + 8 (2H) rows (reads gz, grh, wx[:, H:2H], uzr[:, H:], h, z; writes g_zr, g_h;
     rows = B cdiv(N, BLOCK_N) fp32 partial sums)."""
     B, H = h.shape[0], h.shape[1]
-    g_zr = _out(wx, (B, 2 * H, *h.shape[2:]), _dtype(wx, uzr))
-    g_h = _out(wx, h.shape, h.dtype)
+    inner = channels_last(wx)
+    g_zr = _out(inner, (B, 2 * H, *h.shape[2:]), _dtype(wx, uzr), h.device)
+    g_h = _out(inner, h.shape, h.dtype, h.device)
     if h.numel() == 0:
         return g_zr, g_h, _bias_grad(None, 2, H, h.device)
     (gz, s_gz), (grh, s_gr), (wx, s_wx), (uzr, s_u), (h, s_h), (z, s_z) = (
         _bcn(gz), _bcn(grh), _bcn(wx), _bcn(uzr), _bcn(h), _bcn(z))
-    L = _launch(B, H, _numel_n(h), h.device, channels_last(g_h))
+    L = _launch(B, H, _numel_n(h), h.device, inner and H > 1)
     partial = _empty((L.rows, 2 * H), torch.float32, h.device)
     with _on(gz.device):
         _traceable(_gru_zr_bwd_kernel)[L.grid](
@@ -494,13 +498,14 @@ def gru_gates_h_bwd(g, wx, uh, z, h, bias_h):
     (1 - z) term only); g_bias_h [H] fp32).
     Bytes moved: 8 e B H N + 4 H rows (reads g, wx[:, 2H:], uh, z, h; writes g_a, g_z, g_h)."""
     B, H = h.shape[0], h.shape[1]
-    g_a = _out(wx, h.shape, _dtype(wx, uh))
-    g_z = _out(wx, h.shape, z.dtype)
-    g_h = _out(wx, h.shape, h.dtype)
+    inner = channels_last(wx)
+    g_a = _out(inner, h.shape, _dtype(wx, uh), h.device)
+    g_z = _out(inner, h.shape, z.dtype, h.device)
+    g_h = _out(inner, h.shape, h.dtype, h.device)
     if h.numel() == 0:
         return g_a, g_z, g_h, _bias_grad(None, 1, H, h.device)
     (g, s_g), (wx, s_wx), (uh, s_u), (z, s_z), (h, s_h) = _bcn(g), _bcn(wx), _bcn(uh), _bcn(z), _bcn(h)
-    L = _launch(B, H, _numel_n(h), h.device, channels_last(g_a))
+    L = _launch(B, H, _numel_n(h), h.device, inner and H > 1)
     partial = _empty((L.rows, H), torch.float32, h.device)
     # the three outputs are allocated alike: one set of strides
     assert g_a.stride() == g_z.stride() == g_h.stride()
@@ -518,11 +523,12 @@ def gru_gates_zero_state_bwd(g, wzh, bias_z, bias_h):
     Returns (g_wzh [B, 2H, *S], g_bias [2H] fp32 = (grad b_z, grad b_h)).
     Bytes moved: 5 e B H N + 8 (2H) rows (reads g, wzh; writes g_wzh)."""
     B, H = wzh.shape[0], wzh.shape[1] // 2
-    g_w = _out(wzh, wzh.shape, wzh.dtype)
+    inner = channels_last(wzh)
+    g_w = _out(inner, wzh.shape, wzh.dtype, wzh.device)
     if g_w.numel() == 0:
         return g_w, _bias_grad(None, 2, H, wzh.device)
     (g, s_g), (wzh, s_w) = _bcn(g), _bcn(wzh)
-    L = _launch(B, H, _numel_n(wzh), wzh.device, channels_last(g_w))
+    L = _launch(B, H, _numel_n(wzh), wzh.device, inner)
     partial = _empty((L.rows, 2 * H), torch.float32, wzh.device)
     with _on(g.device):
         _traceable(_gru_zero_state_bwd_kernel)[L.grid](

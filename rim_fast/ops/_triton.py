@@ -254,37 +254,42 @@ if _MISSING is None:
 
     # fakes: the launchers' layouts (``K.out_shape_order``: wx's or wzh's, channels-last or contiguous) and dtypes
     # (as the launchers and the references promote them)
-    def _out(like: Tensor, shape, dtype) -> Tensor:
-        alloc, move = K.out_shape_order(like, shape)
+    def _out(inner: bool, like: Tensor, shape, dtype) -> Tensor:
+        alloc, move = K.out_shape_order(inner, shape)
         out = like.new_empty(alloc, dtype=dtype)
         return out.movedim(-1, 1) if move else out
 
     @_zr.register_fake
     def _(wx, uzr, h, bias_z, bias_r):
-        return _out(wx, h.shape, K._dtype(wx, uzr, bias_z)), _out(wx, h.shape, K._dtype(wx, uzr, bias_r, h))
+        inner = K.channels_last(wx)
+        return (_out(inner, wx, h.shape, K._dtype(wx, uzr, bias_z)),
+                _out(inner, wx, h.shape, K._dtype(wx, uzr, bias_r, h)))
 
     @_h.register_fake
     def _(wx, uh, z, h, bias_h):
-        return _out(wx, h.shape, K._dtype(z, h, wx, uh, bias_h))
+        return _out(K.channels_last(wx), wx, h.shape, K._dtype(z, h, wx, uh, bias_h))
 
     @_zero_state.register_fake
     def _(wzh, bias_z, bias_h):
-        return _out(wzh, (wzh.shape[0], wzh.shape[1] // 2, *wzh.shape[2:]), K._dtype(wzh, bias_z, bias_h))
+        return _out(K.channels_last(wzh), wzh, (wzh.shape[0], wzh.shape[1] // 2, *wzh.shape[2:]),
+                    K._dtype(wzh, bias_z, bias_h))
 
     @_zr_backward.register_fake
     def _(gz, grh, wx, uzr, h, z, bias_r):
-        H = h.shape[1]
-        return (_out(wx, (h.shape[0], 2 * H, *h.shape[2:]), K._dtype(wx, uzr)), _out(wx, h.shape, h.dtype),
-                h.new_empty(2 * H, dtype=torch.float32))
+        H, inner = h.shape[1], K.channels_last(wx)
+        return (_out(inner, wx, (h.shape[0], 2 * H, *h.shape[2:]), K._dtype(wx, uzr)),
+                _out(inner, wx, h.shape, h.dtype), h.new_empty(2 * H, dtype=torch.float32))
 
     @_h_backward.register_fake
     def _(g, wx, uh, z, h, bias_h):
-        return (_out(wx, h.shape, K._dtype(wx, uh)), _out(wx, h.shape, z.dtype), _out(wx, h.shape, h.dtype),
-                h.new_empty(h.shape[1], dtype=torch.float32))
+        inner = K.channels_last(wx)
+        return (_out(inner, wx, h.shape, K._dtype(wx, uh)), _out(inner, wx, h.shape, z.dtype),
+                _out(inner, wx, h.shape, h.dtype), h.new_empty(h.shape[1], dtype=torch.float32))
 
     @_zero_state_backward.register_fake
     def _(g, wzh, bias_z, bias_h):
-        return _out(wzh, wzh.shape, wzh.dtype), wzh.new_empty(wzh.shape[1], dtype=torch.float32)
+        return (_out(K.channels_last(wzh), wzh, wzh.shape, wzh.dtype),
+                wzh.new_empty(wzh.shape[1], dtype=torch.float32))
 
     # autograd: saved are the inputs and z (the backward kernels recompute r and tanh, see the kernel module)
     def _zr_setup(ctx, inputs, output):
