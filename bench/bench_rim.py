@@ -104,7 +104,7 @@ Environment (all optional; lists are comma-separated)
   RIM_FAST_BENCH_DEVICE     cpu | cuda
   RIM_FAST_BENCH_PROVIDERS  subset of the providers above
   RIM_FAST_BENCH_MODES      predict,train_step
-  RIM_FAST_BENCH_WORKLOADS  S1,S2,S3,L2,U2 (those that run on the device)
+  RIM_FAST_BENCH_WORKLOADS  S1,S2,S3,L2,U2 (those that run on the device); S1B1,S2B1,S3B1 (one sample) when named
   RIM_FAST_BENCH_GROUPS     workload:mode,... run exactly these groups in this order (overrides the two above)
   RIM_FAST_BENCH_ROUNDS     timed rounds per group, exactly (default: see above; smoke 1)
   RIM_FAST_BENCH_WARMUP     untimed calls before the check call, every provider (default: see above; smoke 0, and
@@ -206,7 +206,7 @@ NOISY = 0.10
 WARMUP = 0 if SMOKE else (_env_int("RIM_FAST_BENCH_WARMUP", -1) if os.environ.get("RIM_FAST_BENCH_WARMUP") else None)
 ALL_WORKLOADS = end_to_end_workloads()
 WORKLOAD_NAMES = _env_list("RIM_FAST_BENCH_WORKLOADS", ALL_WORKLOADS,
-                           [n for n, w in ALL_WORKLOADS.items() if DEVICE in w["devices"]])
+                           [n for n, w in ALL_WORKLOADS.items() if DEVICE in w["devices"] and w.get("default", True)])
 MODE_NAMES = _env_list("RIM_FAST_BENCH_MODES", MODES, MODES)
 PROVIDER_NAMES = _env_list("RIM_FAST_BENCH_PROVIDERS", PROVIDERS,
                            [p for p in PROVIDERS if CUDA or p not in CUDA_ONLY])

@@ -138,9 +138,12 @@ def measure(fn: Callable[[], object], device="cpu", warmup: int = 2, rounds: int
 
 def end_to_end_workloads() -> dict:
     """The workload table for end-to-end RIM benchmarks: ``workloads()`` with the backbone named (``arch``:
-    Hourglass), plus U2, a Unet on S2's shape."""
+    Hourglass), plus U2, a Unet on S2's shape, and S1B1, S2B1, S3B1: S1-S3 on one sample (B = 1), as inference and
+    single-volume training run them, only when named (``default``: False; ``bench.run --workloads S1B1,...``)."""
     table = {name: dict(spec, arch="Hourglass") for name, spec in workloads().items()}
     table["U2"] = dict(table["S2"], arch="Unet")
+    for name in ("S1", "S2", "S3"):
+        table[f"{name}B1"] = dict(table[name], batch=1, default=False)
     return table
 
 

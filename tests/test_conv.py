@@ -5,6 +5,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rim_fast import _ext, ops
 from rim_fast.ops import _cpp, _cpu, reference
@@ -220,6 +221,141 @@ def test_one_d_outputs_chain_without_copies():
     assert _cpu._to_cl(y).data_ptr() == y.data_ptr()
     torch.testing.assert_close(_cpu.conv(y, w, None), reference.conv(reference.conv(x, w, None), w, None),
                                **tol(torch.float32))
+
+
+# ---- oneDNN only where it pays; 3D convolutions of one sample as two depth halves -----------------------------
+
+@pytest.mark.parametrize("shape,pays", [
+    ((1, 32, 640), False), ((1, 32, 641), True),  # 1D and 2D: 20,480 elements (aten's own rule)
+    ((1, 32, 16, 40), False), ((1, 32, 16, 41), True),
+    ((1, 32, 4, 4, 8), False), ((1, 32, 4, 4, 9), True),  # 3D: 4,096
+    ((2, 2, 4), True), ((2, 1, 2, 2, 2), True),  # a batch of two or more: always (aten takes oneDNN there too)
+], ids=["1D-small", "1D-large", "2D-small", "2D-large", "3D-small", "3D-large", "1D-batch", "3D-batch"])
+def test_onednn_only_where_it_pays(shape, pays):
+    """``auto`` runs one sample's small convolutions in aten's native kernels as the reference does (oneDNN's
+    primitives cost 50-70 us a call however small), larger ones and batches in channels-last oneDNN; the results
+    match the reference's either way, and ``RIM_FAST_BACKEND=kernels`` still takes the channels-last path."""
+    dims = len(shape) - 2
+    x = torch.randn(shape, requires_grad=True)
+    w = (torch.randn(4, shape[1], *([3] * dims)) / (shape[1] * 3 ** dims) ** 0.5).requires_grad_()  # outputs O(1)
+    b = torch.randn(4, requires_grad=True)
+    assert _cpu.onednn_pays(x) is pays
+    fused = "onednn_fused" if _cpu._fused_works() else "unfused"
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), ops.trace() as conv_calls:
+            out = ops.conv(x, w, b)
+        with torch.set_grad_enabled(grad), ops.trace() as tanh_calls:
+            out_tanh = ops.conv_tanh(x, w, b)
+        assert conv_calls[("conv", "channels_last" if pays else "reference")] == 1
+        assert tanh_calls[("conv_tanh", fused if pays else "reference")] == 1
+        torch.testing.assert_close(out, reference.conv(x, w, b), **conv_tol(torch.float32))
+        torch.testing.assert_close(out_tanh, reference.conv_tanh(x, w, b, "same", 1, 1), **conv_tol(torch.float32))
+    with ops.use_backend("kernels"), ops.trace() as calls:
+        ops.conv(x, w, b)
+    assert calls[("conv", "channels_last")] == 1
+
+
+class _ConvBatches(TorchDispatchMode):
+    """The batch size of every ``aten.convolution`` (forward) and ``aten.convolution_backward`` call."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward, self.backward = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.forward.append(args[0].shape[0])
+        elif func is torch.ops.aten.convolution_backward.default:
+            self.backward.append(args[1].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+DEPTH_SPLIT_CASES = [  # (depth, height/width, kernel, stride, padding); stride > 1 as conv_same runs it (valid)
+    pytest.param(16, (16, 16), 3, 1, "same", id="16^3-k3"),
+    pytest.param(7, (9, 10), 3, 1, "same", id="7x9x10-k3-odd-depth"),
+    pytest.param(17, (9, 8), 3, 2, 0, id="17x9x8-k3-s2"),
+    pytest.param(16, (16, 16), 3, 2, 0, id="16^3-k3-s2"),
+    pytest.param(8, (8, 8), 1, 1, "same", id="8^3-k1"),
+    pytest.param(12, (6, 6), 3, 3, 0, id="12x6x6-k3-s3"),
+    pytest.param(9, (7, 7), 5, 1, "same", id="9x7x7-k5"),
+    pytest.param(2, (20, 20), 3, 1, "same", id="2x20x20-k3-thin-depth"),
+]
+
+
+def _split_inputs(depth, size, k, dtype):
+    x = torch.randn(1, 12, depth, *size, dtype=torch.float64)
+    # weights at the scale of an initialised layer (outputs O(1))
+    w = torch.randn(10, 12, k, k, k, dtype=torch.float64) / (12 * k ** 3) ** 0.5
+    b = torch.randn(10, dtype=torch.float64)
+    return [t.to(dtype).requires_grad_() for t in (x, w, b)]
+
+
+@pytest.mark.parametrize("depth,size,k,stride,padding", DEPTH_SPLIT_CASES)
+def test_depth_split_matches_reference(depth, size, k, stride, padding):
+    """The depth halves' arithmetic (``_cpu._depth_split``, in float64): the reference's output, every gradient and
+    the gradients of the gradients."""
+    x, w, b = _split_inputs(depth, size, k, torch.float64)
+    xc = _cpu._to_cl(x)
+    out = _cpu._depth_split(xc, w, b, stride, _cpu._pads(padding, w, False, 1))
+    _close_with_double_backward(out, reference.conv(x, w, b, stride, padding), (x, w, b), torch.float64)
+
+
+@pytest.mark.parametrize("depth,size,k,stride,padding", DEPTH_SPLIT_CASES)
+def test_depth_split_within_the_error_budget(depth, size, k, stride, padding):
+    """A float32 3D convolution of one sample that aten would give its native kernels runs as a batch of two depth
+    halves (aten then takes oneDNN), forward and backward; output and every gradient within the error budget."""
+    x, w, b = _split_inputs(depth, size, k, torch.float32)
+    assert _cpu._depth_split_ok(_cpu._to_cl(x), w, stride, 1, 1)
+    batches = _ConvBatches()
+    with batches:
+        out = _cpu.conv(x, w, b, stride, padding)
+        cot = torch.randn_like(out)
+        fast = [out.detach(), *torch.autograd.grad(out, (x, w, b), cot)]
+    assert batches.forward == [2] and batches.backward == [2]
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+    def run(dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+        ref = reference.conv(*inputs, stride, padding)
+        return [ref.detach(), *torch.autograd.grad(ref, inputs, cot.to(dtype))]
+
+    assert_error_budget(fast, run(torch.float32), run(torch.float64), torch.float32, ["out", "grad x", "grad w",
+                                                                                      "grad b"])
+
+
+def test_depth_split_only_where_it_applies():
+    """One float32 or bfloat16 sample (oneDNN's types), at most 20,480 elements in N * C * D * H (beyond, aten
+    takes oneDNN itself), above ``onednn_pays``'s size; no dilation, no groups; eagerly."""
+    w = torch.randn(8, 12, 3, 3, 3)
+    xc = _cpu._to_cl(torch.randn(1, 12, 8, 8, 8))
+    assert _cpu._depth_split_ok(xc, w, 1, 1, 1)
+    assert not _cpu._depth_split_ok(_cpu._to_cl(torch.randn(2, 12, 8, 8, 8)), w, 1, 1, 1)  # a batch
+    assert not _cpu._depth_split_ok(_cpu._to_cl(torch.randn(1, 12, 4, 4, 4)), w, 1, 1, 1)  # small: native
+    assert not _cpu._depth_split_ok(_cpu._to_cl(torch.randn(1, 12, 40, 43, 2)), w, 1, 1, 1)  # aten's oneDNN
+    assert not _cpu._depth_split_ok(xc, w, 1, 2, 1)  # dilation
+    assert not _cpu._depth_split_ok(xc, torch.randn(8, 6, 3, 3, 3), 1, 1, 2)  # groups
+    assert not _cpu._depth_split_ok(_cpu._to_cl(torch.randn(1, 12, 8, 8)), w[..., 0], 1, 1, 1)  # 2D
+    assert not _cpu._depth_split_ok(xc.double(), w.double(), 1, 1, 1)  # float64: native kernels either way
+
+
+def test_conv_tanh_with_autograd_takes_the_depth_split():
+    """The training path of conv + tanh (aten's convolution, then tanh in place) on one 3D sample: batches of two,
+    the output and every gradient within the error budget."""
+    x, w, b = _split_inputs(8, (8, 8), 3, torch.float32)
+    batches = _ConvBatches()
+    with batches:
+        out = ops.conv_tanh(x, w, b)
+        cot = torch.randn_like(out)
+        fast = [out.detach(), *torch.autograd.grad(out, (x, w, b), cot)]
+    assert batches.forward == [2] and batches.backward == [2]
+
+    def run(dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+        ref = reference.conv_tanh(*inputs, "same", 1, 1)
+        return [ref.detach(), *torch.autograd.grad(ref, inputs, cot.to(dtype))]
+
+    assert_error_budget(fast, run(torch.float32), run(torch.float64), torch.float32, ["out", "grad x", "grad w",
+                                                                                      "grad b"])
 
 
 # ---- tanh: the C++ CPU kernel ------------------------------------------------------------------------------

@@ -85,19 +85,41 @@ def test_whole_rim_within_the_error_budget(dims, kw, backend, inference):
                         what=f"RIM_FAST_BACKEND={backend}" + (", no_grad" if inference else ""))
 
 
-def _predict(dims, kw, dtype, backend, compiled=False, size=None, device="cpu", layout="contiguous"):
+def _predict(dims, kw, dtype, backend, compiled=False, size=None, device="cpu", layout="contiguous", batch=2):
     """(names, tensors): the trajectory without autograd, where the inference-only paths run (oneDNN's conv + tanh
     and transposed conv + tanh on the CPU, the Hourglass' merged output conv, CUDA graphs and Triton's bias + tanh
     on CUDA); ``compiled``: ``RIM.compile()``; ``layout``: as ``_run``'s."""
     size = size or SIZES[dims]
     rim, c = _small_rim(dims, kw, dtype, size, device)
-    y = torch.randn(2, c, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
+    y = torch.randn(batch, c, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device,
+                                                                                                         dtype)
     with ops.use_backend(backend), ops.use_cuda_layout(layout), torch.no_grad():
         if compiled:
             torch._dynamo.reset()
             rim.compile()
         trajectory = rim(y)
     return [f"x_{t + 1}" for t in range(len(trajectory))], [x.detach() for x in trajectory]
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["forward-backward", "no_grad"])
+def test_one_sample_within_the_error_budget(inference, monkeypatch):
+    """One 3D sample (B = 1), as users run inference and single-volume training: on the CPU the convolutions of the
+    first level run as two depth halves (``_cpu._depth_split``: aten takes oneDNN for a batch of two), the smaller
+    ones in aten's native kernels as the reference's do (``_cpu.onednn_pays``)."""
+    from rim_fast.ops import _cpu
+    splits = []
+    split = _cpu._depth_split
+    monkeypatch.setattr(_cpu, "_depth_split", lambda *args: splits.append(1) or split(*args))
+    kw = dict(score_fn=score_fn, score_preprocessing_method="ADAM")
+    run = (lambda *a: _predict(*a, size=(8, 8, 12), batch=1)) if inference else (
+        lambda *a: _run(*a, size=(8, 8, 12), batch=1))
+    names, exact = run(3, kw, torch.float64, "reference")
+    _, reference = run(3, kw, torch.float32, "reference")
+    assert not splits
+    _, fast = run(3, kw, torch.float32, "auto")
+    assert splits
+    assert_error_budget(fast, reference, exact, torch.float32, names,
+                        what="one sample, auto" + (", no_grad" if inference else ""))
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -121,6 +143,9 @@ def test_the_budget_catches_a_fast_path_that_loses_digits(monkeypatch):
     monkeypatch.setattr(tanh_op.impls[0], "auto", lambda *args: True)  # where MKL's tanh would be taken instead
     # every tanh through ops.tanh (conv + tanh as the conv, then the patched tanh, not oneDNN's fused primitive)
     monkeypatch.setattr(ops._dispatch.OPS["conv_tanh"].impl("onednn_fused"), "auto", lambda *args: False)
+    # and on one sample's small convolutions too, where auto takes the reference conv + tanh directly
+    for op in ("conv_tanh", "conv_transpose_tanh"):
+        monkeypatch.setattr(ops._dispatch.OPS[op].impl("unfused"), "auto", lambda *args: True)
     kw = dict(score_fn=score_fn, score_preprocessing_method="RMSPROP")
     run = dict(size=(16, 16), batch=1)  # the case where the digit was seen lost (1.9e-5 against 1.2e-6)
     names, exact = _run(2, kw, torch.float64, "reference", **run)

@@ -287,6 +287,15 @@ def test_auto_policy(ext):
         ops.update_state(x, g)
     assert calls == {("preprocess_score", "cpp"): 3, ("preprocess_score", "reference"): 1,
                      ("update_state", "cpp"): 1, ("update_state", "reference"): 1}
+    # with autograd on CPU tensors the loss term takes the reference (the custom op's backward, registered from
+    # Python, costs more host time than the fused pass saves there); a CUDA tensor keeps the kernel
+    g.requires_grad_(True)
+    with ops.use_backend("auto"), ops.trace() as calls:
+        ops.update_state(x, g, x_true)
+    assert calls == {("update_state", "reference"): 1}
+    assert not _cpp.update_auto(x, g, x_true)
+    with torch.no_grad():
+        assert _cpp.update_auto(x, g, x_true)
 
 
 # ---- user errors ----------------------------------------------------------------------------------------

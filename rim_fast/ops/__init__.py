@@ -18,7 +18,11 @@ picks, and why:
 op                     auto picks         where, and why
 =====================  =================  =================================================================
 conv, conv_same,       ``channels_last``  CPU, float32/64, bfloat16: oneDNN runs NHWC 2-20x faster than the
-conv_transpose                            reference's NCHW (1D as [B, C, 1, L]); elsewhere the reference (cuDNN),
+conv_transpose                            reference's NCHW (1D as [B, C, 1, L]); for batches and one sample above
+                                          ``_cpu.ONEDNN_MIN_NUMEL`` elements (below, aten's native kernels, the
+                                          reference's, beat oneDNN's 50-70 us a call; a float32 3D sample that
+                                          aten would give them runs as two depth halves, a batch of two that
+                                          aten gives oneDNN: ``_cpu._depth_split``); elsewhere the reference (cuDNN),
                                           except ``conv_same`` on CUDA outside torch.compile:
                                           ``symmetric_padding`` (no pad kernel: the larger pad on both sides and
                                           zero taps in the kernel, built once per RIM call);
@@ -38,7 +42,8 @@ conv_tanh              ``onednn_fused``   CPU float32: the tanh rides on the con
                                           ``triton_bias_tanh`` on CUDA where ``bias_tanh`` picks
                                           ``triton`` (the conv without its bias, then ``bias_tanh``: 2 kernels,
                                           not cuDNN's conv + bias add + tanh = 3); else ``unfused``: the
-                                          dispatched conv, then the dispatched tanh
+                                          dispatched conv, then the dispatched tanh; the reference on one
+                                          CPU sample's small inputs (``_cpu.onednn_pays``)
 conv_transpose_tanh    ``unfused``        the dispatched transposed conv, then the dispatched tanh;
                                           ``triton_bias_tanh`` where ``conv_tanh`` picks it (the transposed conv
                                           without its bias, then ``bias_tanh``). Its ``onednn_fused`` (CPU,
@@ -56,7 +61,9 @@ preprocess_score       ``cpp``            eager, a method that computes (adam, r
                                           torch.compile (Inductor fuses its element-wise ops with their
                                           neighbours, which an opaque custom op prevents)
 update_state           ``cpp``            eager with a loss term (x_true): one fused pass instead of four ops
-                                          and their autograd nodes; a lone x + g is one PyTorch op already
+                                          and their autograd nodes; a lone x + g is one PyTorch op already; on
+                                          the CPU not with autograd (its Python-registered backward costs more
+                                          host time than the fused pass saves)
 =====================  =================  =================================================================
 """
 import torch

@@ -31,6 +31,31 @@ def usable(x, *args) -> bool:
     return x.device.type == "cpu" and x.dtype in _FLOATS and x.dim() in (3, 4, 5) and not _functorch_active()
 
 
+def auto(x, *args) -> bool:
+    """``auto`` takes the channels-last convolutions where oneDNN runs them faster than aten's native kernels
+    (``onednn_pays``): below that size the reference's NCHW convolution, as torch_rim runs it."""
+    return onednn_pays(x) and usable(x)
+
+
+#: Inputs of one sample (B = 1) of at most this many elements (by number of spatial dims) run faster in aten's
+#: native convolution kernels than in oneDNN, whose primitives cost 50-70 us a call on our 2-core CPU however small
+#: the problem. Measured per convolution (bench/results/cpu-small-batch: 3x3 kernels, 2 -> 32, 32 -> 32 and
+#: 64 -> 64 channels): oneDNN's conv + tanh against aten's conv and tanh in NCHW, 1D and 2D: 1.5-5.8x slower up to
+#: 20,480 elements (aten's own rule for taking oneDNN), 0.65-0.82x above it; 3D: 1.3-4.9x slower up to 4,096
+#: elements, 0.25-0.62x above (aten's rule, which counts the depth but not the width, leaves 3D inputs of one
+#: sample up to 16 times larger with its slow native kernels: ``_depth_split``). Batches of two or more always take
+#: oneDNN (aten does too).
+ONEDNN_MIN_NUMEL = {1: 20480, 2: 20480, 3: 4096}
+
+
+def onednn_pays(x: Tensor) -> bool:
+    """Whether a convolution of ``x`` [B, C, *S] should run in oneDNN (channels-last): batches of two or more, and
+    one sample above ``ONEDNN_MIN_NUMEL`` elements. Always under torch.compile (Inductor picks its kernels)."""
+    if torch.compiler.is_compiling():
+        return True
+    return x.shape[0] > 1 or x.numel() > ONEDNN_MIN_NUMEL.get(x.dim() - 2, 0)
+
+
 def why_not(x, *args) -> str:
     if x.device.type != "cpu":
         return "CPU tensors only (cuDNN serves GPU tensors in their own layout)"
@@ -71,10 +96,42 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, pad
     if w.shape[0] <= THIN_OUT and _thin_ok(xc, w, _pads(padding, w, one_d, dilation), stride, dilation, groups):
         out = _ThinOutConv.apply(xc, w, bias)
         return out.squeeze(2) if one_d else out
+    if _depth_split_ok(xc, w, stride, dilation, groups):
+        out = _depth_split(xc, w, bias, stride, _pads(padding, w, one_d, dilation))
+        return out.squeeze(2) if one_d else out
     pad = padding if isinstance(padding, str) else _pair(padding, one_d)
     out = (F.conv2d if xc.dim() == 4 else F.conv3d)(xc, w, bias, _pair(stride, one_d, 1), pad,
                                                    _pair(dilation, one_d, 1), groups)
     return out.squeeze(2) if one_d else out
+
+
+def _depth_split_ok(xc: Tensor, w: Tensor, stride, dilation, groups) -> bool:
+    # a 3D float32/bfloat16 input (oneDNN's types) of one sample that aten would give its native kernels
+    # (at::native's rule for taking oneDNN, with a 3x3x3 kernel: a batch of two or more, or N * C * D * H > 20480)
+    # but that oneDNN runs faster (``onednn_pays``); eagerly, plain stride-1 or strided convolutions (the depth
+    # split takes no dilation or groups)
+    return (xc.dim() == 5 and xc.shape[0] == 1 and xc.dtype in (torch.float32, torch.bfloat16)
+            and math.prod(xc.shape[:4]) <= 20480 and xc.shape[2] > 1 and dilation == 1 and groups == 1
+            and onednn_pays(xc) and not torch.compiler.is_compiling() and not exporting())
+
+
+def _depth_split(xc: Tensor, w: Tensor, bias: Optional[Tensor], stride: int, pads: list) -> Tensor:
+    """A 3D convolution of one sample ``xc`` [1, C, D, H, W] (channels-last) run as a batch of two: its depth
+    halves, each with the planes its outputs read. aten runs a batch of one of this size in its native kernels,
+    forward and backward (S3's 32 -> 32 conv at 16^3: 3.0 ms forward, 8.3 ms backward), a batch of two in oneDNN
+    (0.7 ms forward for the whole volume, 1.4 ms backward for both halves). The same products and sums per output
+    and gradient element (the weight gradient sums the two halves' contributions); padding, slicing and the
+    concatenations are differentiable, so autograd needs nothing of its own."""
+    k, depth = w.shape[2], xc.shape[2]
+    d_out = (depth + 2 * pads[0] - k) // stride + 1
+    half = (d_out + 1) // 2  # output planes per half (the second half's last one is cut when d_out is odd)
+    span = stride * (half - 1) + k  # input planes one half reads
+    total = stride * half + span  # the padded depth both halves read
+    xp = F.pad(xc, (0, 0, 0, 0, pads[0], max(0, total - depth - pads[0])))  # keeps the channels-last layout
+    halves = torch.cat([xp[:, :, :span], xp[:, :, stride * half:stride * half + span]])
+    out = F.conv3d(halves, w, bias, stride, [0, pads[1], pads[2]])
+    out = torch.cat([out[:1], out[1:]], dim=2)
+    return out if 2 * half == d_out else out[:, :, :d_out]
 
 
 def conv_same(x: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: int, stride: int, dilation: int,
@@ -175,6 +232,11 @@ def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
             "Inductor computed 1D ones wrong)")
 
 
+def conv_tanh_auto(x, weight, bias, padding, dilation, groups) -> bool:
+    """``conv_tanh_usable`` where oneDNN pays (``onednn_pays``): below, the reference's conv and tanh."""
+    return onednn_pays(x) and conv_tanh_usable(x, weight, bias, padding, dilation, groups)
+
+
 def conv_tanh_usable(x, weight, bias, padding, dilation, groups) -> bool:
     """oneDNN's conv with a tanh post-op: CPU float32, a symmetric padding ("same" with an odd effective kernel).
     Without autograd eagerly and under torch.compile (Inductor runs the op as an extern kernel: on the CPU it fuses
@@ -260,7 +322,10 @@ def conv_tanh(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilati
     elif needs_grad(xc, w, bias):
         # autograd's own nodes: the channels-last convolution, then tanh in place on its fresh output (the
         # convolution's backward does not read its output; tanh's reads the result)
-        out = (F.conv2d if spatial == 2 else F.conv3d)(xc, w, bias, 1, pads, dil, groups).tanh_()
+        if _depth_split_ok(xc, w, 1, max(dil), groups):
+            out = _depth_split(xc, w, bias, 1, pads).tanh_()
+        else:
+            out = (F.conv2d if spatial == 2 else F.conv3d)(xc, w, bias, 1, pads, dil, groups).tanh_()
     else:
         out = _fused_conv_tanh(xc, w, bias, pads, dil, groups)
     return out.squeeze(2) if one_d else out

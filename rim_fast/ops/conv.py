@@ -168,12 +168,18 @@ def _symmetric_auto(x, weight, bias, kernel_size, stride, dilation, groups, axis
     return x.is_cuda and dilation == 1 and not torch.compiler.is_compiling()
 
 
+def _unfused_auto(x, *args) -> bool:
+    # on the CPU below the size where oneDNN pays (``_cpu.onednn_pays``) the two ops would each take their
+    # reference: the reference conv + tanh directly then, without two more dispatches (~10 us each)
+    return x.device.type != "cpu" or _cpu.onednn_pays(x)
+
+
 def _always(*args) -> bool:
     return True
 
 
 for _op, _fn in ((_conv, _cpu.conv), (_conv_same, _cpu.conv_same), (_conv_transpose, _cpu.conv_transpose)):
-    _op.register(Impl("channels_last", _fn, usable=_cpu.usable, auto=_cpu.usable, why_not=_cpu.why_not,
+    _op.register(Impl("channels_last", _fn, usable=_cpu.usable, auto=_cpu.auto, why_not=_cpu.why_not,
                       kernel=False))
 for _op, _fn in ((_conv, _cudnn.conv), (_conv_same, _cudnn.conv_same), (_conv_transpose, _cudnn.conv_transpose)):
     # opt-in (RIM_FAST_CUDA_LAYOUT=channels_last): usable only then, so that no backend takes it unasked
@@ -189,11 +195,12 @@ _conv_transpose_tanh.register(Impl("triton_bias_tanh", _conv_transpose_bias_tanh
 _conv_transpose_tanh.register(Impl("onednn_fused", _cpu.conv_transpose_tanh, usable=_cpu.conv_transpose_tanh_usable,
                                    auto=_cpu.conv_transpose_tanh_auto, why_not=_cpu.conv_transpose_tanh_why_not,
                                    kernel=False))
-_conv_transpose_tanh.register(Impl("unfused", _conv_transpose_then_tanh, usable=_always, auto=_always, kernel=False))
-_conv_tanh.register(Impl("onednn_fused", _cpu.conv_tanh, usable=_cpu.conv_tanh_usable, auto=_cpu.conv_tanh_usable,
-                         why_not=_cpu.conv_tanh_why_not, kernel=False))
+_conv_transpose_tanh.register(Impl("unfused", _conv_transpose_then_tanh, usable=_always, auto=_unfused_auto,
+                                   kernel=False))
+_conv_tanh.register(Impl("onednn_fused", _cpu.conv_tanh, usable=_cpu.conv_tanh_usable,
+                         auto=_cpu.conv_tanh_auto, why_not=_cpu.conv_tanh_why_not, kernel=False))
 _conv_tanh.register(Impl("triton_bias_tanh", _conv_bias_tanh, usable=_triton.conv_tanh_usable,
                          auto=_triton.conv_tanh_auto, missing=_triton.missing, why_not=_triton.conv_tanh_why_not))
-_conv_tanh.register(Impl("unfused", _conv_then_tanh, usable=_always, auto=_always, kernel=False))
+_conv_tanh.register(Impl("unfused", _conv_then_tanh, usable=_always, auto=_unfused_auto, kernel=False))
 _bias_tanh.register(Impl("triton", _triton.bias_tanh, usable=_triton.bias_tanh_usable, auto=_triton.bias_tanh_auto,
                          missing=_triton.missing, why_not=_triton.bias_tanh_why_not))
