@@ -438,3 +438,14 @@ def test_report_sets_the_channels_last_twins_beside_their_providers(tmp_path):
     assert "| S2 | train_step | rim_fast_graphed | - | - | not compared: check failed |" in md
     assert "channels-last" not in markdown(load(_status_file(tmp_path, [
         _ok("S2", "predict", "rim_fast", 0.0066, True, device="cuda")], device="cuda")))
+
+
+def test_conv_threshold_tables():
+    """bench/conv_threshold.py, the measurement behind the CPU's oneDNN size rule: its backward table (which checks
+    that each 3D shape takes the depth split) and the rule's verdict column of its forward table."""
+    from bench import conv_threshold
+    rows = conv_threshold.backward_table(rounds=1)
+    assert len(rows) == 2 + 4 and all(row.count("|") == 8 for row in rows)
+    forward = conv_threshold.forward_table(rounds=1)
+    verdicts = [row.rsplit("|", 2)[-2].strip() for row in forward[2:]]
+    assert set(verdicts) == {"yes", "no"} and len(forward) == 2 + 3 * 2 * 5 * 3
