@@ -253,6 +253,12 @@ def test_onednn_only_where_it_pays(shape, pays):
     with ops.use_backend("kernels"), ops.trace() as calls:
         ops.conv(x, w, b)
     assert calls[("conv", "channels_last")] == 1
+    # auto, where true, implies usable (the dispatcher then does not ask usable again: auto_implies_usable)
+    from rim_fast.ops._dispatch import OPS
+    for op, args in (("conv", (x, w, b, 1, "same", 1, 1)), ("conv_tanh", (x, w, b, "same", 1, 1))):
+        for impl in OPS[op].impls:
+            if impl.auto_implies_usable and impl.auto(*args):
+                assert impl.missing() is None and impl.usable(*args), (op, impl.name)
 
 
 class _ConvBatches(TorchDispatchMode):

@@ -132,14 +132,16 @@ class Impl:
     ``kernel=False`` marks a plain-PyTorch variant (e.g. another memory layout): ``RIM_FAST_BACKEND=kernels``
     uses it where it can, but never raises for it. ``devices``, optional, the device types it is written for
     (the C++ tanh: the CPU, CUDA's own being one fast pass): elsewhere ``kernels`` does not count it as a kernel
-    that should have run."""
+    that should have run. ``auto_implies_usable``: ``auto`` is only true where ``usable`` is (and nothing is
+    missing), so ``auto`` need not ask ``usable`` again (a few us of host time per call on every op call)."""
 
     def __init__(self, name: str, fn: Callable, usable: Callable[..., bool],
                  auto: Callable[..., bool], missing: Callable[[], Optional[str]] = lambda: None,
                  kernel: bool = True, why_not: Optional[Callable[..., Optional[str]]] = None,
-                 devices: Optional[tuple] = None):
+                 devices: Optional[tuple] = None, auto_implies_usable: bool = False):
         self.name, self.fn, self.usable, self.auto, self.missing = name, fn, usable, auto, missing
         self.kernel, self._why_not, self.devices = kernel, why_not, devices
+        self.auto_implies_usable = auto_implies_usable
 
     def why_not(self, *args) -> str:
         """Why it cannot run these arguments (call when ``missing()`` or ``usable(*args)`` says it cannot)."""
@@ -187,7 +189,7 @@ class Op:
                 f"eager CPU tensors, or use RIM_FAST_BACKEND=auto.")
         for impl in self.impls:
             if impl.auto(*args):
-                if impl.missing() is None and impl.usable(*args):
+                if impl.auto_implies_usable or (impl.missing() is None and impl.usable(*args)):
                     return impl.name, impl.fn
                 if self.name not in _WARNED:
                     _WARNED.add(self.name)

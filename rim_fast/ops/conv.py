@@ -180,7 +180,7 @@ def _always(*args) -> bool:
 
 for _op, _fn in ((_conv, _cpu.conv), (_conv_same, _cpu.conv_same), (_conv_transpose, _cpu.conv_transpose)):
     _op.register(Impl("channels_last", _fn, usable=_cpu.usable, auto=_cpu.auto, why_not=_cpu.why_not,
-                      kernel=False))
+                      kernel=False, auto_implies_usable=True))
 for _op, _fn in ((_conv, _cudnn.conv), (_conv_same, _cudnn.conv_same), (_conv_transpose, _cudnn.conv_transpose)):
     # opt-in (RIM_FAST_CUDA_LAYOUT=channels_last): usable only then, so that no backend takes it unasked
     _op.register(Impl("cudnn_channels_last", _fn, usable=_cudnn.usable, auto=_cudnn.usable, why_not=_cudnn.why_not,
@@ -198,7 +198,8 @@ _conv_transpose_tanh.register(Impl("onednn_fused", _cpu.conv_transpose_tanh, usa
 _conv_transpose_tanh.register(Impl("unfused", _conv_transpose_then_tanh, usable=_always, auto=_unfused_auto,
                                    kernel=False))
 _conv_tanh.register(Impl("onednn_fused", _cpu.conv_tanh, usable=_cpu.conv_tanh_usable,
-                         auto=_cpu.conv_tanh_auto, why_not=_cpu.conv_tanh_why_not, kernel=False))
+                         auto=_cpu.conv_tanh_auto, why_not=_cpu.conv_tanh_why_not, kernel=False,
+                         auto_implies_usable=True))
 _conv_tanh.register(Impl("triton_bias_tanh", _conv_bias_tanh, usable=_triton.conv_tanh_usable,
                          auto=_triton.conv_tanh_auto, missing=_triton.missing, why_not=_triton.conv_tanh_why_not))
 _conv_tanh.register(Impl("unfused", _conv_then_tanh, usable=_always, auto=_unfused_auto, kernel=False))
