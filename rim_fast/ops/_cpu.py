@@ -39,12 +39,12 @@ def auto(x, *args) -> bool:
 
 #: Inputs of one sample (B = 1) of at most this many elements (by number of spatial dims) run faster in aten's
 #: native convolution kernels than in oneDNN, whose primitives cost 50-70 us a call on our 2-core CPU however small
-#: the problem. Measured per convolution (bench/results/cpu-small-batch: 3x3 kernels, 2 -> 32, 32 -> 32 and
-#: 64 -> 64 channels): oneDNN's conv + tanh against aten's conv and tanh in NCHW, 1D and 2D: 1.5-5.8x slower up to
-#: 20,480 elements (aten's own rule for taking oneDNN), 0.65-0.82x above it; 3D: 1.3-4.9x slower up to 4,096
-#: elements, 0.25-0.62x above (aten's rule, which counts the depth but not the width, leaves 3D inputs of one
-#: sample up to 16 times larger with its slow native kernels: ``_depth_split``). Batches of two or more always take
-#: oneDNN (aten does too).
+#: the problem. Measured per convolution (bench/conv_threshold.py, bench/results/cpu-small-batch-90d68f7: 3x3
+#: kernels, 2 -> 32, 32 -> 32 and 64 -> 64 channels), oneDNN's conv + tanh against aten's conv and tanh in NCHW:
+#: 1D and 2D 1.04-4.9x the time at or below 20,480 elements (aten's own rule for taking oneDNN), 0.73-0.86x above;
+#: 3D 0.95-3.4x at or below 4,096 (but the 2 -> 32 input conv at 12^3, 3,456 elements: 0.79x), 0.22-0.64x above
+#: (aten's rule, which counts the depth but not the width, leaves 3D inputs of one sample up to 16 times larger
+#: with its slow native kernels: ``_depth_split``). Batches of two or more always take oneDNN (aten does too).
 ONEDNN_MIN_NUMEL = {1: 20480, 2: 20480, 3: 4096}
 
 
@@ -96,9 +96,8 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, pad
     if w.shape[0] <= THIN_OUT and _thin_ok(xc, w, _pads(padding, w, one_d, dilation), stride, dilation, groups):
         out = _ThinOutConv.apply(xc, w, bias)
         return out.squeeze(2) if one_d else out
-    if _depth_split_ok(xc, w, stride, dilation, groups):
-        out = _depth_split(xc, w, bias, stride, _pads(padding, w, one_d, dilation))
-        return out.squeeze(2) if one_d else out
+    if _depth_split_ok(xc, w, stride, dilation, groups):  # 3D only
+        return _depth_split(xc, w, bias, stride, _pads(padding, w, one_d, dilation))
     pad = padding if isinstance(padding, str) else _pair(padding, one_d)
     out = (F.conv2d if xc.dim() == 4 else F.conv3d)(xc, w, bias, _pair(stride, one_d, 1), pad,
                                                    _pair(dilation, one_d, 1), groups)
@@ -118,8 +117,8 @@ def _depth_split_ok(xc: Tensor, w: Tensor, stride, dilation, groups) -> bool:
 def _depth_split(xc: Tensor, w: Tensor, bias: Optional[Tensor], stride: int, pads: list) -> Tensor:
     """A 3D convolution of one sample ``xc`` [1, C, D, H, W] (channels-last) run as a batch of two: its depth
     halves, each with the planes its outputs read. aten runs a batch of one of this size in its native kernels,
-    forward and backward (S3's 32 -> 32 conv at 16^3: 3.0 ms forward, 8.3 ms backward), a batch of two in oneDNN
-    (0.7 ms forward for the whole volume, 1.4 ms backward for both halves). The same products and sums per output
+    forward and backward, a batch of two in oneDNN (S3's 32 -> 32 conv at 16^3: 3.3 -> 0.87 ms forward, 8.8 -> 2.2
+    ms backward; bench/conv_threshold.py). The same products and sums per output
     and gradient element (the weight gradient sums the two halves' contributions); padding, slicing and the
     concatenations are differentiable, so autograd needs nothing of its own."""
     k, depth = w.shape[2], xc.shape[2]
