@@ -20,9 +20,10 @@ op                     auto picks         where, and why
 conv, conv_same,       ``channels_last``  CPU, float32/64, bfloat16: oneDNN runs NHWC 2-20x faster than the
 conv_transpose                            reference's NCHW (1D as [B, C, 1, L]); for batches and one sample above
                                           ``_cpu.ONEDNN_MIN_NUMEL`` elements (below, aten's native kernels, the
-                                          reference's, beat oneDNN's 50-70 us a call; a float32 3D sample that
-                                          aten would give them runs as two depth halves, a batch of two that
-                                          aten gives oneDNN: ``_cpu._depth_split``); elsewhere the reference (cuDNN),
+                                          reference's, beat oneDNN's 50-70 us a call; a float32/bfloat16 3D
+                                          sample that aten would give them runs as two depth halves, a batch
+                                          of two that aten gives oneDNN: ``_cpu._depth_split``); elsewhere the
+                                          reference (cuDNN),
                                           except ``conv_same`` on CUDA outside torch.compile:
                                           ``symmetric_padding`` (no pad kernel: the larger pad on both sides and
                                           zero taps in the kernel, built once per RIM call);
