@@ -449,3 +449,24 @@ def test_conv_threshold_tables():
     forward = conv_threshold.forward_table(rounds=1)
     verdicts = [row.rsplit("|", 2)[-2].strip() for row in forward[2:]]
     assert set(verdicts) == {"yes", "no"} and len(forward) == 2 + 3 * 2 * 5 * 3
+
+
+def test_one_sample_workloads_run_only_when_named():
+    """S1B1, S2B1, S3B1: the standard workloads on one sample, in the end-to-end table but not in a default run."""
+    from bench.common import end_to_end_workloads
+    table = end_to_end_workloads()
+    for name in ("S1", "S2", "S3"):
+        one = table[f"{name}B1"]
+        assert one["batch"] == 1 and one["default"] is False
+        assert {k: v for k, v in one.items() if k not in ("batch", "default")} == {
+            k: v for k, v in table[name].items() if k != "batch"}
+    code = ("import bench.bench_rim as b; print(','.join(b.WORKLOAD_NAMES))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIM_FAST_BENCH_")}
+    names = subprocess.run([sys.executable, "-c", code], env={**env, "RIM_FAST_BENCH_DEVICE": "cpu"}, check=True,
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    assert names.strip().splitlines()[-1].split(",") == ["S1", "S2", "S3", "U2"]
+    named = subprocess.run([sys.executable, "-c", code], env={**env, "RIM_FAST_BENCH_DEVICE": "cpu",
+                                                               "RIM_FAST_BENCH_WORKLOADS": "S3B1,S1"},
+                           check=True, capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    assert named.strip().splitlines()[-1].split(",") == ["S3B1", "S1"]
