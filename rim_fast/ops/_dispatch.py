@@ -175,7 +175,11 @@ class Op:
             return "reference", self.reference
         if _BACKEND == "kernels":
             reasons = []
-            device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
+            device = None  # the first tensor's (a plain loop: torch 2.6's Dynamo cannot trace next() on a generator)
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    device = a.device.type
+                    break
             for impl in self.impls:
                 if impl.missing() is None and impl.usable(*args):
                     return impl.name, impl.fn
