@@ -14,28 +14,17 @@ inputs of one sample, aten's backward (native kernels) against the same convolut
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine_line
+from bench.common import machine_line, measure
 from rim_fast.ops import _cpu
-
-_CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _time(fn, rounds: int) -> float:
     """Median microseconds of ``rounds`` calls after 3 untimed ones."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return measure(fn, "cpu", warmup=3, rounds=rounds)["median"] * 1e6
 
 
 def forward_table(rounds: int) -> list:

@@ -330,7 +330,7 @@ def test_depth_split_within_the_error_budget(depth, size, k, stride, padding):
 
 
 def test_depth_split_only_where_it_applies():
-    """One float32 or bfloat16 sample (oneDNN's types), at most 20,480 elements in N * C * D * H (beyond, aten
+    """One float32 or bfloat16 CPU sample (oneDNN's types), at most 20,480 elements in N * C * D * H (beyond, aten
     takes oneDNN itself), above ``onednn_pays``'s size; no dilation, no groups; eagerly."""
     w = torch.randn(8, 12, 3, 3, 3)
     xc = _cpu._to_cl(torch.randn(1, 12, 8, 8, 8))
@@ -342,6 +342,8 @@ def test_depth_split_only_where_it_applies():
     assert not _cpu._depth_split_ok(xc, torch.randn(8, 6, 3, 3, 3), 1, 1, 2)  # groups
     assert not _cpu._depth_split_ok(_cpu._to_cl(torch.randn(1, 12, 8, 8)), w[..., 0], 1, 1, 1)  # 2D
     assert not _cpu._depth_split_ok(xc.double(), w.double(), 1, 1, 1)  # float64: native kernels either way
+    # CPU tensors only (the CUDA channels-last layout runs ``_cpu.conv`` on CUDA tensors: cuDNN needs no split)
+    assert not _cpu._depth_split_ok(xc.to("meta"), w.to("meta"), 1, 1, 1)
 
 
 def test_conv_tanh_with_autograd_takes_the_depth_split():

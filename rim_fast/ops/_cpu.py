@@ -105,11 +105,13 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, pad
 
 
 def _depth_split_ok(xc: Tensor, w: Tensor, stride, dilation, groups) -> bool:
-    # a 3D float32/bfloat16 input (oneDNN's types) of one sample that aten would give its native kernels
+    # a 3D float32/bfloat16 CPU input (oneDNN's types) of one sample that aten would give its native kernels
     # (at::native's rule for taking oneDNN, with a 3x3x3 kernel: a batch of two or more, or N * C * D * H > 20480)
     # but that oneDNN runs faster (``onednn_pays``); eagerly, plain stride-1 or strided convolutions (the depth
-    # split takes no dilation or groups)
-    return (xc.dim() == 5 and xc.shape[0] == 1 and xc.dtype in (torch.float32, torch.bfloat16)
+    # split takes no dilation or groups). CPU tensors only: ``_cudnn`` serves CUDA tensors through ``conv`` as
+    # they are, and cuDNN has no such rule
+    return (xc.dim() == 5 and xc.shape[0] == 1 and xc.device.type == "cpu"
+            and xc.dtype in (torch.float32, torch.bfloat16)
             and math.prod(xc.shape[:4]) <= 20480 and xc.shape[2] > 1 and dilation == 1 and groups == 1
             and onednn_pays(xc) and not torch.compiler.is_compiling() and not exporting())
 
