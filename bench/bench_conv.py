@@ -9,8 +9,8 @@ S3 [4, 32, 16x16x16], L2 [32, 32, 256x256] (CUDA only). Ops:
              fwdbwd: forward, then the gradients of the input and the weight (training)
   conv_transpose_tanh  an upsampling layer and its tanh: a stride-2 3x3 transposed convolution nf -> nf from the
              half-size map [B, nf, *size/2] to [B, nf, *size], then tanh, fwd (no autograd)
-  conv_out   the thin output conv nf -> 1 (the Hourglass' merged output layer), fwdbwd: forward, then the
-             gradients of the input and the weight
+  conv_out   the thin output conv nf -> 1 (the Hourglass' merged output layer), fwd (no autograd: inference);
+             fwdbwd: forward, then the gradients of the input and the weight
   conv_in    the thin input conv 2 -> nf and its tanh (a network's first layer), fwdbwd: forward, then the
              gradients of the input and the weight
 Providers: "reference" (the reference op, eager: torch.tanh, NCHW convolutions), "compiled" (torch.compile of the
@@ -20,7 +20,9 @@ C++ CPU kernel), "channels_last" (CPU convolutions in oneDNN's preferred layout)
 this convolution too (the fused forward and a Python backward, which only the thin input conv takes: with autograd
 ``onednn_fused`` runs the channels-last convolution and tanh in place); for conv_out and conv_in, "channels_last" is
 the channels-last path with its thin-convolution code (``_cpu.THIN_OUT``, ``_cpu.THIN_IN``) and "onednn" the same
-with oneDNN for every convolution. Every case is checked against the reference before it is timed (no time for a wrong case).
+with oneDNN for every convolution; for conv_out fwd, "matmul" is the channels-last path with the matrix products
+where ``auto`` takes the depthwise convolution (``_cpu.THIN_DEPTHWISE_DIMS``: 3D).
+Every case is checked against the reference before it is timed (no time for a wrong case).
 
 GB/s for tanh (e = 4 bytes, N elements): fwd 2 e N (read x, write y); fwdbwd 5 e N (and read grad, y; write
 grad_x). GFLOP/s for the convolutions: 2 N nf 3^d (multiply-adds of the 3x3(x3) kernel; N the input's elements).
@@ -44,7 +46,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NF = MODEL["nf"]
 CPU = DEVICE == "cpu"
 OPS = (("tanh", "fwd"), ("tanh", "fwdbwd"), ("conv", "fwd"), ("conv_tanh", "fwd"), ("conv_tanh", "fwdbwd"),
-       ("conv_transpose_tanh", "fwd"), ("conv_out", "fwdbwd"), ("conv_in", "fwdbwd"))
+       ("conv_transpose_tanh", "fwd"), ("conv_out", "fwd"), ("conv_out", "fwdbwd"), ("conv_in", "fwdbwd"))
 #: input and output channels of the thin convolutions
 THIN = {"conv_out": (NF, 1), "conv_in": (2, NF)}
 PROVIDERS = {
@@ -54,7 +56,7 @@ PROVIDERS = {
                  + (("unfused",) if CPU else ()),
     "conv_transpose_tanh": ("reference", "compiled") + (("onednn_fused",) if CPU and _cpu._transpose_fused_works()
                                                         else ()) + (("unfused",) if CPU else ()),
-    "conv_out": ("reference",) + (("channels_last", "onednn") if CPU else ()),
+    "conv_out": ("reference",) + (("channels_last", "matmul", "onednn") if CPU else ()),
     "conv_in": ("reference",) + (("channels_last", "onednn") if CPU else ()),
 }
 #: conv_transpose_tanh's arguments after (x, weight, bias): stride 2, padding 1, output_padding 1, groups, dilation,
@@ -145,16 +147,17 @@ def make_case(op: str, mode: str, provider: str, shape: tuple):
            if mode == "fwdbwd" else None)
 
     thin = (0, 0) if provider == "onednn" else (_cpu.THIN_OUT, _cpu.THIN_IN)
+    depthwise = () if provider == "matmul" else _cpu.THIN_DEPTHWISE_DIMS
 
     def run():
-        saved = _cpu.THIN_OUT, _cpu.THIN_IN
-        _cpu.THIN_OUT, _cpu.THIN_IN = thin  # for the forward and the backward
+        saved = _cpu.THIN_OUT, _cpu.THIN_IN, _cpu.THIN_DEPTHWISE_DIMS
+        _cpu.THIN_OUT, _cpu.THIN_IN, _cpu.THIN_DEPTHWISE_DIMS = (*thin, depthwise)  # for forward and backward
         try:
             with torch.set_grad_enabled(mode == "fwdbwd"):
                 out = fn(*inputs)
                 outs = (out,) + (torch.autograd.grad(out, wrt, cot) if mode == "fwdbwd" else ())
         finally:
-            _cpu.THIN_OUT, _cpu.THIN_IN = saved
+            _cpu.THIN_OUT, _cpu.THIN_IN, _cpu.THIN_DEPTHWISE_DIMS = saved
         synchronize(DEVICE)
         return outs
     return run
@@ -192,7 +195,8 @@ def throughput(op, mode, shape, seconds) -> dict:
 CASES = [pytest.param(name, op, mode, provider, id=f"{name}-{op}-{mode}-{provider}")
          for i, name in enumerate(shapes()) for op, mode in OPS for provider in PROVIDERS[op]
          # smoke mode (CI): compiling costs seconds per case and tells nothing there; one workload suffices
-         if not (SMOKE and provider == "compiled" and i > 0) and not (provider == "function" and mode == "fwd")]
+         if not (SMOKE and provider == "compiled" and i > 0) and not (provider == "function" and mode == "fwd")
+         and not (provider == "matmul" and mode == "fwdbwd")]
 
 
 @pytest.mark.parametrize("name,op,mode,provider", CASES)

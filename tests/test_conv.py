@@ -167,6 +167,40 @@ def test_thin_output_conv_matches_reference(dims, size, k, c_out, bias, dtype, m
 
 
 @pytest.mark.parametrize("dims,size,k", THIN_CASES)
+@pytest.mark.parametrize("c_out", [1, 2])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_thin_output_conv_without_autograd(dims, size, k, c_out, bias, monkeypatch):
+    """Without autograd a float32 thin conv runs as a depthwise convolution and a sum over the input channels in
+    3D (``THIN_DEPTHWISE_DIMS``), as the matrix products elsewhere; within the error budget of the float32
+    reference against float64, laid out channels-last."""
+    monkeypatch.setattr(_cpu, "THIN_OUT", 2)
+    calls = []
+    depthwise = _cpu._thin_out_depthwise
+    monkeypatch.setattr(_cpu, "_thin_out_depthwise", lambda *a: calls.append(1) or depthwise(*a))
+    x = torch.randn(3, 5, *size, dtype=torch.float64)
+    w = torch.randn(c_out, 5, *([k] * dims), dtype=torch.float64) / (5 * k ** dims) ** 0.5
+    b = torch.randn(c_out, dtype=torch.float64) if bias else None
+
+    def run(dtype):
+        cast = [None if t is None else t.to(dtype) for t in (x, w, b)]
+        return reference.conv(*cast, 1, "same", 1, 1)
+
+    with torch.no_grad():
+        out = _cpu.conv(x.float(), w.float(), None if b is None else b.float(), 1, "same", 1, 1)
+    assert calls == ([1] if dims == 3 else [])
+    assert out.shape == (3, c_out, *size) and out.dtype == torch.float32
+    if dims > 1:
+        assert out.is_contiguous(memory_format=_cpu._CL[dims + 2])
+    assert_error_budget([out], [run(torch.float32)], [run(torch.float64)], torch.float32, ["out"])
+    # with autograd, or in float64, the matrix products (their backward is 3x faster than the depthwise one's)
+    x.requires_grad_()
+    _cpu.conv(x.float(), w.float(), None, 1, "same", 1, 1)
+    with torch.no_grad():
+        _cpu.conv(x, w, b, 1, "same", 1, 1)
+    assert calls == ([1] if dims == 3 else [])
+
+
+@pytest.mark.parametrize("dims,size,k", THIN_CASES)
 @pytest.mark.parametrize("c_in", [1, 2])
 def test_thin_input_conv_gradient_matches_reference(dims, size, k, c_in, monkeypatch):
     """The input conv's input gradient (2C -> nf, conv + tanh with autograd) as a matrix product and shifted
