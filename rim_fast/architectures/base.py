@@ -243,8 +243,12 @@ def fold_next_bias(first: Module, second: Module, x: Tensor, weight2: Optional[T
     ``second``: a stride-1 "same" conv, or a strided Conv*dSame (no spectral norm); ``weight2``/``bias2``
     replace second's parameters (the Hourglass' merged output conv). Derived weights are built once per RIM call
     (``layers.derived``)."""
-    if not (isinstance(first, _SameConvMixin) and first.padding_mode == "zeros" and first.bias is not None
-            and first.groups == 1 and unobserved(first, second)):
+    # ``ops.folds_bias`` first: on the CPU it says no at once, before the checks below (every conv + tanh pair of
+    # every step asks)
+    if not (isinstance(first, _SameConvMixin) and ops.folds_bias(x, first.weight, first.bias, first.padding,
+                                                                 first.dilation[0], 1)):
+        return None
+    if not (first.padding_mode == "zeros" and first.groups == 1 and unobserved(first, second)):
         return None
     n = x.dim() - 2
     if isinstance(second, _SameConvMixin):
@@ -266,8 +270,7 @@ def fold_next_bias(first: Module, second: Module, x: Tensor, weight2: Optional[T
         return None
     weight2 = conv2.weight if weight2 is None else weight2
     bias2 = conv2.bias if bias2 is None else bias2
-    if bias2 is None or any(t is None for t in taps) or not ops.folds_bias(
-            x, first.weight, first.bias, first.padding, first.dilation[0], 1):
+    if bias2 is None or any(t is None for t in taps):
         return None
 
     def first_weight():  # one more output channel, all zeros

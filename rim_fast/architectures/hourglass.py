@@ -50,10 +50,11 @@ class Hourglass(EncoderDecoder):
         x = torch.cat([x, score], dim=1)
         x = self._conv_act(self.input_layer, x)
         period = self.num_layers + 1
-        x = self._levels(self.all_modules[:self.decoder_index], x, period)
+        layers = list(self.all_modules)  # sliced as a list: a ModuleList's slice builds a new ModuleList
+        x = self._levels(layers[:self.decoder_index], x, period)
         x, h = self.gru_layer(x, h, zero_state)
         merged = self._merged_output()
-        x = self._levels(self.all_modules[self.decoder_index:], x, period, merged)
+        x = self._levels(layers[self.decoder_index:], x, period, merged)
         return (x if merged is not None else self.output_layer(x)), h
 
     def _levels(self, layers, x: Tensor, period: int, merged: Optional[tuple] = None) -> Tensor:

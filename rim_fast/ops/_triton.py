@@ -140,7 +140,7 @@ def auto(*args) -> bool:
     always under torch.compile and CUDA-graph capture (kernel time is what counts there: 1.4-2x faster than
     the eager reference's kernels, on par with Inductor's own fusion of it), in eager mode for large inputs."""
     tensors = _tensors(args)
-    if not all(t.is_cuda and t.dtype in _DTYPES for t in tensors):
+    if not _on_cuda(tensors):
         return False
     if torch.compiler.is_compiling() or in_graph_region():
         return True
@@ -156,8 +156,16 @@ def bias_tanh_why_not(x, bias) -> str:
     return why_not(x, bias)
 
 
+def _on_cuda(tensors) -> bool:
+    # CUDA tensors of the kernels' dtypes (a loop that stops at the first CPU tensor: ``auto`` asks on every call)
+    for t in tensors:
+        if not t.is_cuda or t.dtype not in _DTYPES:
+            return False
+    return True
+
+
 def _bias_tanh_auto_rule(tensors, numel) -> bool:
-    if not all(t.is_cuda and t.dtype in _DTYPES for t in tensors):
+    if not _on_cuda(tensors):
         return False
     # under torch.compile Inductor fuses the bias add and the tanh itself (and into their neighbours), which an
     # opaque op would prevent
@@ -187,7 +195,7 @@ def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
 
 def conv_tanh_auto(x, weight, bias, padding, dilation, groups) -> bool:
     """As ``bias_tanh_auto``, on the convolution's output ([B, C_out, *S] for a "same" convolution), with a bias."""
-    if bias is None:
+    if bias is None or not x.is_cuda:  # the rule's first condition, before the output's size
         return False
     numel = x.shape[0] * weight.shape[0]
     for size in x.shape[2:]:
@@ -211,7 +219,7 @@ def conv_transpose_tanh_why_not(x, weight, bias, *args) -> str:
 
 def conv_transpose_tanh_auto(x, weight, bias, stride, padding, output_padding, groups, dilation, crop) -> bool:
     """As ``conv_tanh_auto``, on the output (about [B, C_out, *S * stride])."""
-    if bias is None or needs_grad(x, weight, bias):
+    if bias is None or not x.is_cuda or needs_grad(x, weight, bias):
         return False
     numel = x.numel() // max(x.shape[1], 1) * weight.shape[1] * groups * stride ** (x.dim() - 2)
     return _bias_tanh_auto_rule(_tensors((x, weight, bias)), numel)
