@@ -88,7 +88,8 @@ class Hourglass(EncoderDecoder):
         process (2-core Xeon with AVX-512, 2026-12-03): 1.19x -> 1.26x (S1), 1.17x -> 1.24x (S2), 1.07x -> 1.15x
         (S3). Within the whole-RIM error budget (tests/test_error_budget.py; worst use 0.79 of it with 1 or 2
         threads; the first try, commit 6694712, went over it in 3D, before the tanh and conv + tanh paths changed).
-        On the CPU, with C = 1, the merged conv runs as ``ops._cpu._ThinOutConv``.
+        On the CPU, with C = 1, the merged conv runs as ``ops._cpu._ThinOutConv`` (in 3D without autograd,
+        ``ops._cpu._thin_out_depthwise``).
         None where the layers are not plain convs, hooks could observe them, or with ``RIM_FAST_BACKEND=reference``
         (``ops.rewrites``: torch_rim's computation)."""
         if self.num_layers == 0 or not ops.rewrites():

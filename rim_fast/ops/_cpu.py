@@ -7,7 +7,8 @@ transposed convs 3-4x; a 1D conv of length 256 4x when run as a [B, C, 1, L] cha
 first conv of a network converts its input once; the outputs stay channels-last (element-wise ops keep the
 layout), so later convs pay nothing. Each weight is laid out once per RIM call. Thin convolutions (one output
 channel; the input gradient of one with at most two input channels), where oneDNN runs at 15-60 GFLOP/s, are
-matrix products and shifted sums instead. Results equal the reference up to float rounding (another summation
+matrix products and shifted sums instead (without autograd in 3D, one output channel as a depthwise convolution
+and a sum over the channels). Results equal the reference up to float rounding (another summation
 order), which is why ``RIM_FAST_BACKEND=reference`` keeps torch_rim's NCHW convs bit for bit."""
 from __future__ import annotations
 
@@ -499,11 +500,11 @@ class _ThinOutConv(torch.autograd.Function):
 
 
 #: Spatial dims where a thin convolution without autograd runs as ``_thin_out_depthwise``. Measured against the
-#: matrix products (``bench.bench_conv``'s conv_out fwd, 2-core Xeon with AVX-512, 2026-12-04): S3's 32 -> 1
-#: 3x3x3 conv [4, 32, 16^3] 0.59 -> 0.33 ms; in the RIM, alternated in one process, S3 predict 226.1 -> 222.5 ms and
-#: S3B1 98.1 -> 94.4 ms. In 1D and 2D the two were equal (S1 0.09 ms both, S2 0.67 ms both), so they keep the
-#: matrix products; with autograd the depthwise convolution's backward took 3x the thin path's (S3 5.8 against 1.8
-#: ms forward + backward).
+#: matrix products (2-core Xeon with AVX-512, 2026-12-04; bench/results/cpu-74ace30): S3's 32 -> 1 3x3x3 conv
+#: [4, 32, 16^3] 0.70 -> 0.57 ms (``bench.bench_conv``'s conv_out fwd); in the RIM, alternated in one process for 30
+#: rounds, S3 predict 235.4 -> 233.3 ms, S3B1 99.8 -> 98.9 ms. In 1D and 2D the two were equal (S1 0.09 ms, S2 0.67
+#: ms), so they keep the matrix products; with autograd the depthwise convolution's backward took 3x the thin
+#: path's (S3 5.8 against 1.8 ms forward + backward).
 THIN_DEPTHWISE_DIMS = (3,)
 
 
