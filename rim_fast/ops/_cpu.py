@@ -38,6 +38,10 @@ def auto(x, *args) -> bool:
     return onednn_pays(x) and usable(x)
 
 
+#: aten's own rule for taking oneDNN on the CPU (at::native): a batch of two or more, or more than this many
+#: elements in N * C * H * W (1D as [N, C, 1, L]), in 3D N * C * D * H (the width not counted)
+ATEN_ONEDNN_MIN_NUMEL = 20480
+
 #: Inputs of one sample (B = 1) of at most this many elements (by number of spatial dims) run faster in aten's
 #: native convolution kernels than in oneDNN, whose primitives cost 50-70 us a call on our 2-core CPU however small
 #: the problem. Measured per convolution (bench/conv_threshold.py, bench/results/cpu-small-batch-90d68f7: 3x3
@@ -46,7 +50,7 @@ def auto(x, *args) -> bool:
 #: 3D 0.95-3.4x at or below 4,096 (but the 2 -> 32 input conv at 12^3, 3,456 elements: 0.79x), 0.22-0.64x above
 #: (aten's rule, which counts the depth but not the width, leaves 3D inputs of one sample up to 16 times larger
 #: with its slow native kernels: ``_depth_split``). Batches of two or more always take oneDNN (aten does too).
-ONEDNN_MIN_NUMEL = {1: 20480, 2: 20480, 3: 4096}
+ONEDNN_MIN_NUMEL = {1: ATEN_ONEDNN_MIN_NUMEL, 2: ATEN_ONEDNN_MIN_NUMEL, 3: 4096}
 
 
 def onednn_pays(x: Tensor) -> bool:
@@ -109,13 +113,13 @@ def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int = 1, pad
 
 def _depth_split_ok(xc: Tensor, w: Tensor, stride, dilation, groups) -> bool:
     # a 3D float32/bfloat16 CPU input (oneDNN's types) of one sample that aten would give its native kernels
-    # (at::native's rule for taking oneDNN, with a 3x3x3 kernel: a batch of two or more, or N * C * D * H > 20480)
-    # but that oneDNN runs faster (``onednn_pays``); eagerly, plain stride-1 or strided convolutions (the depth
-    # split takes no dilation or groups). CPU tensors only: ``_cudnn`` serves CUDA tensors through ``conv`` as
-    # they are, and cuDNN has no such rule
+    # (N * C * D * H at most ``ATEN_ONEDNN_MIN_NUMEL``) but that oneDNN runs faster (``onednn_pays``); eagerly,
+    # plain stride-1 or strided convolutions (the depth split takes no dilation or groups). CPU tensors only:
+    # ``_cudnn`` serves CUDA tensors through ``conv`` as they are, and cuDNN has no such rule
     return (xc.dim() == 5 and xc.shape[0] == 1 and xc.device.type == "cpu"
             and xc.dtype in (torch.float32, torch.bfloat16)
-            and math.prod(xc.shape[:4]) <= 20480 and xc.shape[2] > 1 and dilation == 1 and groups == 1
+            and math.prod(xc.shape[:4]) <= ATEN_ONEDNN_MIN_NUMEL and xc.shape[2] > 1
+            and dilation == 1 and groups == 1
             and onednn_pays(xc) and not torch.compiler.is_compiling() and not exporting())
 
 
