@@ -50,10 +50,48 @@ def test_channels_last_convs_match_reference(dims, size, k, stride, dtype):
     for a, c in zip(g_new, g_ref):
         torch.testing.assert_close(a, c, **conv_tol(dtype))
 
-    wt = torch.randn(3, 4, *([k] * dims), dtype=dtype)
-    ref_t = reference.conv_transpose(x, wt, None, 2, (k - 1) // 2, 1, 1, 1)
-    new_t = _cpu.conv_transpose(x, wt, None, 2, (k - 1) // 2, 1, 1, 1)
-    torch.testing.assert_close(new_t, ref_t, **conv_tol(dtype))
+    wt = torch.randn(3, 4, *([k] * dims), dtype=dtype, requires_grad=True)
+    bt = torch.randn(4, dtype=dtype, requires_grad=True)
+    for bias in (None, bt):
+        ref_t = reference.conv_transpose(x, wt, bias, 2, (k - 1) // 2, 1, 1, 1)
+        new_t = _cpu.conv_transpose(x, wt, bias, 2, (k - 1) // 2, 1, 1, 1)
+        torch.testing.assert_close(new_t, ref_t, **conv_tol(dtype))
+        wrt = (x, wt) if bias is None else (x, wt, bias)
+        cot = torch.randn_like(ref_t)
+        for a, c in zip(torch.autograd.grad(new_t, wrt, cot), torch.autograd.grad(ref_t, wrt, cot), strict=True):
+            torch.testing.assert_close(a, c, **conv_tol(dtype))
+
+
+class _ConvBiases(TorchDispatchMode):
+    # the bias argument of every aten.convolution call: None where the bias is added after it
+    def __init__(self):
+        super().__init__()
+        self.biases = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.biases.append(args[2])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_transposed_conv_adds_a_trained_bias_after_onednn(dims):
+    # oneDNN's transposed-convolution backward computes the bias gradient slowly (``_cpu._late_bias``): a bias that
+    # needs a gradient is added after the convolution; without autograd it stays inside the primitive
+    x = torch.randn(2, 6, *([5] * dims))
+    w = torch.randn(6, 4, *([3] * dims), requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    for grad, inside in ((True, False), (False, True)):
+        with torch.set_grad_enabled(grad), _ConvBiases() as mode:
+            out = _cpu.conv_transpose(x, w, b, 2, 1, 1, 1, 1)
+        assert len(mode.biases) == 1 and (mode.biases[0] is not None) == inside
+        torch.testing.assert_close(out, reference.conv_transpose(x, w, b, 2, 1, 1, 1, 1), rtol=1e-5, atol=1e-5)
+    out = _cpu.conv_transpose(x, w, b, 2, 1, 1, 1, 1)
+    (gb,) = torch.autograd.grad(out, (b,), torch.ones_like(out))
+    torch.testing.assert_close(gb, torch.full_like(b, out[:, 0].numel()))
+    with torch.autocast("cpu", dtype=torch.bfloat16), _ConvBiases() as mode:
+        _cpu.conv_transpose(x, w, b, 2, 1, 1, 1, 1)
+    assert mode.biases[0] is not None  # under autocast the bias stays inside (no extra bfloat16 rounding)
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
