@@ -10,6 +10,7 @@
 
 #include "cpu_pool.h"
 #include "outputs.h"
+#include "shift.h"
 #include "tanh.h"
 #include "update_step.h"
 
@@ -132,6 +133,8 @@ TORCH_LIBRARY_IMPL(rim_fast, CPU, m) {
   m.impl("update_state_loss", &update_state_loss_cpu);
   m.impl("update_state_loss_backward", &update_state_loss_backward_cpu);
   m.impl("tanh", &tanh_cpu);
+  m.impl("shift_sum", &shift_sum_cpu);
+  m.impl("shift_stack", &shift_stack_cpu);
 }
 
 #ifdef RIM_FAST_WITH_CUDA

@@ -2,6 +2,8 @@
 (csrc/tanh.*) and conv + tanh against their references: forward, every gradient, the error budget of conftest,
 layouts, NaN-poisoned outputs, opcheck."""
 import contextlib
+import math
+import re
 
 import pytest
 import torch
@@ -436,6 +438,100 @@ def test_conv_tanh_with_autograd_takes_the_depth_split():
 
     assert_error_budget(fast, run(torch.float32), run(torch.float64), torch.float32, ["out", "grad x", "grad w",
                                                                                       "grad b"])
+
+
+# ---- shifted sums: the C++ CPU kernels of the thin convolutions ---------------------------------------------
+
+# (kernel, spatial sizes): 1D as the CPU path runs it ([N, 1, L] with a 1 x k kernel), a plain 1D one, 2D and 3D;
+# odd kernels of 1 to 5 taps per axis, sizes below the kernel, a single element
+SHIFT_CASES = [((1, 3), (1, 9)), ((3,), (7,)), ((5,), (3,)), ((3, 3), (5, 6)), ((3, 5), (4, 7)),
+               ((3, 3, 3), (3, 4, 5)), ((5, 1, 3), (6, 2, 4)), ((3, 3, 3), (1, 1, 1)), ((3, 3, 3), (16, 16, 16))]
+
+
+@pytest.fixture
+def shift_ext(ext):
+    if not _cpp.has_kernel("cpu"):
+        pytest.skip("rim_fast._C has no CPU kernels")
+    return ext
+
+
+@pytest.mark.parametrize("kernel,size", SHIFT_CASES, ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_shift_kernels_match_reference(shift_ext, kernel, size, dtype, sign):
+    """Outputs NaN-poisoned before the kernels write them; shift_stack moves values (exact), shift_sum adds the
+    taps in another order than the reference (within the error budget against float64)."""
+    taps = math.prod(kernel)
+    x = torch.randn(2, 3, *size, dtype=dtype)
+    stacked = torch.ops.rim_fast.shift_stack(x, list(kernel), sign)
+    assert stacked.shape == (2, taps, 3, *size) and stacked.is_contiguous()
+    assert torch.equal(stacked, reference.shift_stack(x, kernel, sign))
+    planes = torch.randn(2, taps, 3, *size, dtype=dtype)
+    out = torch.ops.rim_fast.shift_sum(planes, list(kernel), sign)
+    assert out.shape == (2, 3, *size) and out.is_contiguous()
+    ref = reference.shift_sum(planes, kernel, sign)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    else:
+        assert_error_budget([out], [ref], [reference.shift_sum(planes.double(), kernel, sign)], dtype, ["shift_sum"])
+    # each other's adjoint: <shift_sum(P), G> = <P, shift_stack(G)>
+    g = torch.randn_like(out, dtype=torch.float64)
+    p64 = planes.double()
+    lhs = (torch.ops.rim_fast.shift_sum(p64, list(kernel), sign) * g).sum()
+    rhs = (p64 * torch.ops.rim_fast.shift_stack(g, list(kernel), sign)).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+def test_shift_kernels_read_any_layout(shift_ext):
+    # the thin paths pass views (a channels-last gradient moved to [C, N, *S]); the kernels make them contiguous
+    x = torch.randn(4, 3, 5, 6).contiguous(memory_format=torch.channels_last).movedim(1, 0)
+    torch.testing.assert_close(torch.ops.rim_fast.shift_stack(x, [3, 3], 1), reference.shift_stack(x, (3, 3), 1),
+                               rtol=0, atol=0)
+    planes = torch.randn(2, 9, 3, 6, 5).transpose(3, 4)  # [C, K, N, 5, 6], not contiguous
+    torch.testing.assert_close(torch.ops.rim_fast.shift_sum(planes, [3, 3], -1),
+                               reference.shift_sum(planes, (3, 3), -1), rtol=1e-5, atol=1e-5)
+
+
+def test_shift_kernels_gradients(shift_ext):
+    """Each op's gradient is the other op (registered autograd), twice differentiable."""
+    planes = torch.randn(2, 9, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    for sign in (1, -1):
+        assert torch.autograd.gradcheck(lambda p: torch.ops.rim_fast.shift_sum(p, [3, 3], sign), (planes,))
+        assert torch.autograd.gradgradcheck(lambda p: torch.ops.rim_fast.shift_sum(p, [3, 3], sign), (planes,))
+        assert torch.autograd.gradcheck(lambda t: torch.ops.rim_fast.shift_stack(t, [3, 3], sign), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: torch.ops.rim_fast.shift_stack(t, [3, 3], sign), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_shift_opcheck(shift_ext, dtype):
+    planes = torch.randn(1, 27, 2, 3, 4, 5, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.rim_fast.shift_sum.default, (planes, [3, 3, 3], 1))
+    x = torch.randn(2, 3, 4, 5, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.rim_fast.shift_stack.default, (x, [1, 3], -1))
+
+
+def test_shift_kernels_skipped_write_is_caught(shift_ext):
+    planes, x = torch.randn(1, 9, 2, 4, 5), torch.randn(1, 2, 4, 5)
+    for out in (torch.ops.rim_fast.shift_sum(planes, [3, 3], 1), torch.ops.rim_fast.shift_stack(x, [3, 3], 1)):
+        assert not out.isnan().any()
+    shift_ext._set_test_hooks(True, True)
+    for out in (torch.ops.rim_fast.shift_sum(planes, [3, 3], 1), torch.ops.rim_fast.shift_stack(x, [3, 3], 1)):
+        flat = out.reshape(-1)
+        assert flat[-1].isnan() and not flat[:-1].isnan().any()
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: torch.ops.rim_fast.shift_sum(torch.randn(1, 9, 2, 4, 5), [3, 3], 2), "sign must be 1 or -1"),
+    (lambda: torch.ops.rim_fast.shift_sum(torch.randn(1, 9, 2, 4, 5), [2, 3], 1), "kernel sizes must be odd"),
+    (lambda: torch.ops.rim_fast.shift_sum(torch.randn(1, 8, 2, 4, 5), [3, 3], 1), "prod(kernel) = 9 taps"),
+    (lambda: torch.ops.rim_fast.shift_sum(torch.randn(1, 9, 2, 4, 5), [3], 1), "one size per spatial dim"),
+    (lambda: torch.ops.rim_fast.shift_stack(torch.randn(2, 3), [3], 1), "1 to 3 spatial dims"),
+    (lambda: torch.ops.rim_fast.shift_stack(torch.randn(1, 2, 4, 5).half(), [3, 3], 1), "float32 or float64"),
+])
+def test_shift_kernels_user_errors(shift_ext, call, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call()
 
 
 # ---- tanh: the C++ CPU kernel ------------------------------------------------------------------------------

@@ -126,8 +126,9 @@ def test_dispatcher_registration(ext, name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
     # the CPU kernel is the C++ one from csrc/register.cpp, not the Python fallback
     assert "register.cpp" in torch._C._dispatch_dump(qualname)
-    # tanh is CPU only (GPUs have a fast, accurate tanh)
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA") == (bool(ext.WITH_CUDA) and name != "tanh")
+    # tanh is CPU only (GPUs have a fast, accurate tanh), and so are the shifted sums (of the CPU thin convolutions)
+    cpu_only = name in ("tanh", "shift_sum", "shift_stack")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA") == (bool(ext.WITH_CUDA) and not cpu_only)
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
 
 
@@ -385,8 +386,8 @@ def test_opcheck(ext, device, index):
 
 
 def test_every_op_has_an_opcheck_sample():
-    # tanh, the extension's one op of the conv family, is checked in tests/test_conv.py
-    assert {n for n, _ in _op_samples("cpu")} == set(_cpp.OPS) - {"tanh"}
+    # tanh and the shifted sums, the extension's ops of the conv family, are checked in tests/test_conv.py
+    assert {n for n, _ in _op_samples("cpu")} == set(_cpp.OPS) - {"tanh", "shift_sum", "shift_stack"}
 
 
 @pytest.mark.parametrize("index", range(len(_op_samples("cpu"))),
@@ -613,6 +614,17 @@ def test_without_extension_ops_still_work():
         for a, e in zip(out, ref):
             torch.testing.assert_close(a, e)
         torch.library.opcheck(torch.ops.rim_fast.update_state_loss.default, (x, g, t, None))
+        # the shifted sums of the CPU thin convolutions: their references, differentiable
+        planes, img = torch.randn(1, 9, 2, 4, 5), torch.randn(1, 2, 4, 5)
+        assert torch.equal(torch.ops.rim_fast.shift_sum(planes, [3, 3], 1), reference.shift_sum(planes, (3, 3), 1))
+        assert torch.equal(torch.ops.rim_fast.shift_stack(img, [3, 3], -1), reference.shift_stack(img, (3, 3), -1))
+        from rim_fast.ops import _cpu
+        xc = torch.randn(2, 5, 6, 7, requires_grad=True)
+        w1, b1 = torch.randn(1, 5, 3, 3, requires_grad=True), torch.randn(1, requires_grad=True)
+        fast, ref = _cpu.conv(xc, w1, b1), reference.conv(xc, w1, b1)
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+        for a, e in zip(torch.autograd.grad(fast.sum(), (xc, w1, b1)), torch.autograd.grad(ref.sum(), (xc, w1, b1))):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
         with ops.trace() as calls:
             ops.update_state(x, g, t)
         assert calls == {("update_state", "reference"): 1}, calls

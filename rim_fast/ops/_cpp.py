@@ -1,5 +1,5 @@
-"""The C++/CUDA backend (``rim_fast._C``, csrc/) of the update-step family (``update_step``) and of tanh
-(``conv``): schemas, fakes, autograd, fallbacks, and the ``cpp`` implementations with their ``usable``/``auto``
+"""The C++/CUDA backend (``rim_fast._C``, csrc/) of the update-step family (``update_step``), of tanh and of the
+thin convolutions' shifted sums (``conv``, ``_cpu``): schemas, fakes, autograd, fallbacks, and the ``cpp`` implementations with their ``usable``/``auto``
 rules.
 
 Ops (namespace ``rim_fast``), all functional (new outputs; inputs are never written):
@@ -14,6 +14,9 @@ Ops (namespace ``rim_fast``), all functional (new outputs; inputs are never writ
 - ``update_state_loss_backward(grad_out, grad_loss, x_new, x_true, w?) -> grad of x (and of g)``
 - ``tanh(x) -> tanh(x)``: CPU only (float32, bfloat16), a rational approximation that keeps float32's relative
   accuracy near 0 (csrc/tanh.h), in one vectorised pass; the output keeps x's layout. Backward: tanh_backward.
+- ``shift_sum(planes, kernel, sign)``, ``shift_stack(x, kernel, sign)``: CPU only (float32, float64), the shifted
+  sums of the CPU thin convolutions (``_cpu._ThinOutConv``) and their adjoint, one pass each (csrc/shift.h;
+  references ``reference.shift_sum`` / ``reference.shift_stack``). Backward: each other.
 
 One op per mode, so no output is ever optional. score, m, v, x, g, x_true, w: same shape [B, C, *S] (no
 broadcasting), float32/float64/bfloat16/float16; the moments m, v have score's dtype, or float32 for a
@@ -39,6 +42,7 @@ reference.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional
 
@@ -65,6 +69,8 @@ SCHEMAS = {
     "update_state_loss_backward": ("(Tensor grad_out, Tensor grad_loss, Tensor x_new, Tensor x_true, Tensor? w) "
                                    "-> Tensor"),
     "tanh": "(Tensor x) -> Tensor",
+    "shift_sum": "(Tensor planes, int[] kernel, int sign) -> Tensor",
+    "shift_stack": "(Tensor x, int[] kernel, int sign) -> Tensor",
 }
 OPS = tuple(SCHEMAS)
 
@@ -116,6 +122,16 @@ def _update_state_loss_backward_fake(grad_out, grad_loss, x_new, x_true, w):
 @torch.library.register_fake(f"{NAMESPACE}::tanh")
 def _tanh_fake(x):
     return torch.empty_like(x)  # x's layout, as the kernel's empty_like
+
+
+@torch.library.register_fake(f"{NAMESPACE}::shift_sum")
+def _shift_sum_fake(planes, kernel, sign):
+    return planes.new_empty((planes.shape[0], *planes.shape[2:]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::shift_stack")
+def _shift_stack_fake(x, kernel, sign):
+    return x.new_empty((x.shape[0], math.prod(kernel), *x.shape[1:]))
 
 
 # ---- autograd ------------------------------------------------------------------------------------------
@@ -200,6 +216,23 @@ def _tanh_bwd(ctx, grad):
 torch.library.register_autograd(f"{NAMESPACE}::tanh", _tanh_bwd, setup_context=_tanh_setup)
 
 
+def _shift_setup(ctx, inputs, output):
+    ctx.kernel, ctx.sign = inputs[1], inputs[2]
+
+
+# each other's adjoint: the gradient of one is the other (differentiable, so double backward works too)
+def _shift_sum_bwd(ctx, grad):
+    return _ops.shift_stack(grad, ctx.kernel, ctx.sign), None, None
+
+
+def _shift_stack_bwd(ctx, grad):
+    return _ops.shift_sum(grad, ctx.kernel, ctx.sign), None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::shift_sum", _shift_sum_bwd, setup_context=_shift_setup)
+torch.library.register_autograd(f"{NAMESPACE}::shift_stack", _shift_stack_bwd, setup_context=_shift_setup)
+
+
 # ---- Python kernels used when rim_fast._C is not loaded -------------------------------------------------
 
 def _bias_corrected(step: Tensor):
@@ -227,6 +260,8 @@ _PY_KERNELS = {
     "update_state_loss_backward": lambda grad_out, grad_loss, x_new, x_true, w: (
         grad_out + (grad_loss if w is None else grad_loss * w) * (2 * (x_new - x_true))),
     "tanh": lambda x: torch.tanh(x),
+    "shift_sum": lambda planes, kernel, sign: reference.shift_sum(planes, tuple(kernel), sign),
+    "shift_stack": lambda x, kernel, sign: reference.shift_stack(x, tuple(kernel), sign),
 }
 
 if _ext.module() is None:
@@ -466,3 +501,13 @@ def tanh_why_not(x) -> str:
 def tanh(x: Tensor) -> Tensor:
     """tanh(x) through the C++ CPU kernel (float32 math; bfloat16 stored after it)."""
     return _ops.tanh(x)
+
+
+def shift_sum(planes: Tensor, kernel: tuple, sign: int) -> Tensor:
+    """``reference.shift_sum`` through the C++ CPU kernel (the reference itself where rim_fast._C is not built)."""
+    return _ops.shift_sum(planes, list(kernel), sign)
+
+
+def shift_stack(x: Tensor, kernel: tuple, sign: int) -> Tensor:
+    """``reference.shift_stack`` through the C++ CPU kernel (the reference itself where rim_fast._C is not built)."""
+    return _ops.shift_stack(x, list(kernel), sign)

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import _cpp
 from ._dispatch import exporting, needs_grad
 
 Tensor = torch.Tensor
@@ -433,45 +434,17 @@ def _thin_ok(xc: Tensor, w: Tensor, pads, stride, dilation, groups) -> bool:
             and not _autocast_on())
 
 
-def _window(shift: int, size: int) -> tuple:
-    # out[q] += src[q + shift] for the q where q + shift lies inside: (destination slice, source slice)
-    return slice(max(0, -shift), size - max(0, shift)), slice(max(0, shift), size + min(0, shift))
-
-
 def _shift_sum(planes: Tensor, ks: tuple, sign: int) -> Tensor:
-    """planes [C, K, N, *S] -> [C, N, *S]: out[c, n, q] = sum_k planes[c, k, n, q + sign * shift_k], zero outside
-    (a convolution's last step once the channels are contracted by a matrix product; sign -1: its adjoint). The
-    taps are summed one kernel axis at a time (3 x 2 adds for a 3x3x3 kernel, not 26)."""
-    spatial = planes.shape[3:]
-    out = planes.reshape(planes.shape[0], *ks, *planes.shape[2:])  # [C, *ks, N, *S]
-    for axis in reversed(range(len(ks))):  # sum over the last kernel axis, shifting along its spatial axis
-        k, n = ks[axis], spatial[axis]
-        moved = out.movedim(axis + 1, 0)  # [k, C, *ks[:axis], N, *S]
-        total = moved[(k - 1) // 2].clone()
-        at = total.dim() - len(spatial) + axis  # the spatial axis in ``total``
-        for j in range(k):
-            if j != (k - 1) // 2:
-                dst, src = _window(sign * (j - (k - 1) // 2), n)
-                total[(slice(None),) * at + (dst,)] += moved[(j,) + (slice(None),) * at + (src,)]
-        out = total
-    return out
+    """planes [C, K, N, *S] -> [C, N, *S]: each tap's planes shifted by its offset (times ``sign``) and summed
+    (``reference.shift_sum``), in one pass of the C++ kernel (csrc/shift.cpp; its reference where rim_fast._C is
+    not built). Differentiable: its adjoint is ``_stack``."""
+    return _cpp.shift_sum(planes, ks, sign)
 
 
 def _stack(planes: Tensor, ks: tuple) -> Tensor:
-    """planes [C, N, *S] -> [C, K, N, *S]: tap k holds the planes shifted by -shift_k (zero outside): the
-    transpose of ``_shift_sum(., ks, 1)``, as a tensor that matrix products then contract. Built one kernel axis
-    at a time (9 shifted copies for a 3x3x3 kernel, not 27)."""
-    spatial = planes.shape[2:]
-    out = planes.unsqueeze(1)  # [C, taps so far, N, *S]
-    for axis in range(len(ks)):
-        k, n = ks[axis], spatial[axis]
-        grown = out.new_zeros((out.shape[0], out.shape[1], k, *out.shape[2:]))  # [C, taps, k, N, *S]
-        before = (slice(None),) * (axis + 1)  # N and the spatial axes before this one
-        for j in range(k):
-            dst, src = _window(-(j - (k - 1) // 2), n)
-            grown[(slice(None), slice(None), j) + before + (dst,)] = out[(slice(None), slice(None)) + before + (src,)]
-        out = grown.flatten(1, 2)
-    return out
+    """planes [C, N, *S] -> [C, K, N, *S]: tap k holds the planes shifted by -offset_k (zero outside): the adjoint
+    of ``_shift_sum(., ks, 1)`` (``reference.shift_stack``), as a tensor that matrix products then contract."""
+    return _cpp.shift_stack(planes, ks, 1)
 
 
 def _rows(xc: Tensor) -> Tensor:

@@ -122,6 +122,50 @@ def symmetric_padding(pads: list, n: int) -> tuple:
     return tuple(padding), weight_pads
 
 
+# ---- shifted sums (the thin convolutions' last step on the CPU: ``_cpu._ThinOutConv``) -------------------
+
+def _window(shift: int, size: int) -> tuple:
+    # out[q] += src[q + shift] for the q where q + shift lies inside: (destination slice, source slice)
+    return slice(max(0, -shift), size - max(0, shift)), slice(max(0, shift), size + min(0, shift))
+
+
+def shift_sum(planes: Tensor, kernel: tuple, sign: int) -> Tensor:
+    """planes [C, K, N, *S] -> [C, N, *S]: out[c, n, q] = sum_k planes[c, k, n, q + sign * off_k], zero outside
+    (K = prod(kernel) taps in row-major order, off_k a tap's index per axis minus (size - 1) / 2; odd sizes). A
+    "same" convolution's last step once a matrix product has contracted the channels (sign -1: its adjoint). The
+    taps are summed one kernel axis at a time (3 x 2 adds for a 3x3x3 kernel, not 26)."""
+    spatial = planes.shape[3:]
+    out = planes.reshape(planes.shape[0], *kernel, *planes.shape[2:])  # [C, *kernel, N, *S]
+    for axis in reversed(range(len(kernel))):  # sum over the last kernel axis, shifting along its spatial axis
+        k, n = kernel[axis], spatial[axis]
+        moved = out.movedim(axis + 1, 0)  # [k, C, *kernel[:axis], N, *S]
+        total = moved[(k - 1) // 2].clone()
+        at = total.dim() - len(spatial) + axis  # the spatial axis in ``total``
+        for j in range(k):
+            if j != (k - 1) // 2:
+                dst, src = _window(sign * (j - (k - 1) // 2), n)
+                total[(slice(None),) * at + (dst,)] += moved[(j,) + (slice(None),) * at + (src,)]
+        out = total
+    return out
+
+
+def shift_stack(x: Tensor, kernel: tuple, sign: int) -> Tensor:
+    """x [C, N, *S] -> [C, K, N, *S]: out[c, k, n, q] = x[c, n, q - sign * off_k], zero outside: the adjoint of
+    ``shift_sum(., kernel, sign)``, as a tensor that matrix products then contract. Built one kernel axis at a time
+    (9 shifted copies for a 3x3x3 kernel, not 27)."""
+    spatial = x.shape[2:]
+    out = x.unsqueeze(1)  # [C, taps so far, N, *S]
+    for axis in range(len(kernel)):
+        k, n = kernel[axis], spatial[axis]
+        grown = out.new_zeros((out.shape[0], out.shape[1], k, *out.shape[2:]))  # [C, taps, k, N, *S]
+        before = (slice(None),) * (axis + 1)  # N and the spatial axes before this one
+        for j in range(k):
+            dst, src = _window(-sign * (j - (k - 1) // 2), n)
+            grown[(slice(None), slice(None), j) + before + (dst,)] = out[(slice(None), slice(None)) + before + (src,)]
+        out = grown.flatten(1, 2)
+    return out
+
+
 def upfirdn(x: Tensor, kernel: Tensor, up: int, down: int, pad0: int, pad1: int) -> Tensor:
     """score_models' native upfirdn, per channel, same pads on every axis, x: [B, C, *S], kernel: [k]*N.
 
