@@ -13,10 +13,12 @@ S3 [4, 32, 16x16x16], L2 [32, 32, 256x256] (CUDA only). Ops:
              fwdbwd: forward, then the gradients of the input and the weight
   conv_in    the thin input conv 2 -> nf and its tanh (a network's first layer), fwdbwd: forward, then the
              gradients of the input and the weight
+  shift_sum  the thin output conv's last step, fwd: its 3^d taps' planes [1, 3^d, B, *size] summed shifted
+             (csrc/shift.cpp); shift_stack: its adjoint, fwd: [1, B, *size] -> [1, 3^d, B, *size]
 Providers: "reference" (the reference op, eager: torch.tanh, NCHW convolutions), "compiled" (torch.compile of the
 reference, fullgraph, static shapes), and the implementations ``auto`` can pick on this device: "cpp" (tanh, the
 C++ CPU kernel), "channels_last" (CPU convolutions in oneDNN's preferred layout), "onednn_fused" and "unfused"
-(conv_tanh and conv_transpose_tanh on the CPU), and for conv_tanh fwdbwd "function": ``_cpu._ConvTanh`` for
+(conv_tanh and conv_transpose_tanh on the CPU), "cpp" (the shifted sums' C++ kernels), and for conv_tanh fwdbwd "function": ``_cpu._ConvTanh`` for
 this convolution too (the fused forward and a Python backward, which only the thin input conv takes: with autograd
 ``onednn_fused`` runs the channels-last convolution and tanh in place); for conv_out and conv_in, "channels_last" is
 the channels-last path with its thin-convolution code (``_cpu.THIN_OUT``, ``_cpu.THIN_IN``) and "onednn" the same
@@ -25,7 +27,7 @@ where ``auto`` takes the depthwise convolution (``_cpu.THIN_DEPTHWISE_DIMS``: 3D
 Every case is checked against the reference before it is timed (no time for a wrong case).
 
 GB/s for tanh (e = 4 bytes, N elements): fwd 2 e N (read x, write y); fwdbwd 5 e N (and read grad, y; write
-grad_x). GFLOP/s for the convolutions: 2 N nf 3^d (multiply-adds of the 3x3(x3) kernel; N the input's elements).
+grad_x); for the shifted sums (K taps, N elements a plane) e (K + 1) N, what they read and write. GFLOP/s for the convolutions: 2 N nf 3^d (multiply-adds of the 3x3(x3) kernel; N the input's elements).
 
     pytest bench/bench_conv.py [--benchmark-json out.json]     # RIM_FAST_BENCH_SMOKE=1: tiny, 1 round
     python -m bench.bench_conv                                  # the same as a table
@@ -46,7 +48,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NF = MODEL["nf"]
 CPU = DEVICE == "cpu"
 OPS = (("tanh", "fwd"), ("tanh", "fwdbwd"), ("conv", "fwd"), ("conv_tanh", "fwd"), ("conv_tanh", "fwdbwd"),
-       ("conv_transpose_tanh", "fwd"), ("conv_out", "fwd"), ("conv_out", "fwdbwd"), ("conv_in", "fwdbwd"))
+       ("conv_transpose_tanh", "fwd"), ("conv_out", "fwd"), ("conv_out", "fwdbwd"), ("conv_in", "fwdbwd"),
+       ("shift_sum", "fwd"), ("shift_stack", "fwd"))
+#: the shifted sums of the thin convolutions (CPU only)
+SHIFT = ("shift_sum", "shift_stack")
 #: input and output channels of the thin convolutions
 THIN = {"conv_out": (NF, 1), "conv_in": (2, NF)}
 PROVIDERS = {
@@ -58,6 +63,7 @@ PROVIDERS = {
                                                         else ()) + (("unfused",) if CPU else ()),
     "conv_out": ("reference",) + (("channels_last", "matmul", "onednn") if CPU else ()),
     "conv_in": ("reference",) + (("channels_last", "onednn") if CPU else ()),
+    **{op: ("reference", "cpp") if CPU and _cpp.has_kernel("cpu") else () for op in SHIFT},
 }
 #: conv_transpose_tanh's arguments after (x, weight, bias): stride 2, padding 1, output_padding 1, groups, dilation,
 #: no crop (score_models' ConvTransposed*dSame of an Hourglass' decoder)
@@ -71,7 +77,13 @@ def shapes() -> dict:
 
 
 def _function(op: str, provider: str):
-    if op == "tanh":
+    if op in SHIFT:
+        kernel = getattr(_cpp if provider == "cpp" else reference, op)
+        sign = 1
+
+        def fn(planes):
+            return kernel(planes, (3,) * (planes.dim() - (3 if op == "shift_sum" else 2)), sign)
+    elif op == "tanh":
         fn = _cpp.tanh if provider == "cpp" else reference.tanh
     elif op == "conv":
         impl = _cpu.conv if provider == "channels_last" else reference.conv
@@ -113,7 +125,11 @@ def _conv_tanh_function(x, w, b, padding, dilation, groups):
 
 
 def _input_shape(op, shape) -> tuple:
-    # the upsampling layer reads the half-size map; the thin convolutions their own channels
+    # the upsampling layer reads the half-size map; the thin convolutions their own channels; the shifted sums the
+    # thin output conv's planes
+    if op in SHIFT:
+        taps = (3 ** (len(shape) - 2),) if op == "shift_sum" else ()
+        return (1, *taps, shape[0], *shape[2:])
     if op in THIN:
         return (shape[0], THIN[op][0], *shape[2:])
     return (*shape[:2], *[n // 2 for n in shape[2:]]) if op == "conv_transpose_tanh" else tuple(shape)
@@ -126,7 +142,7 @@ def _output_shape(op, shape) -> tuple:
 def _inputs(op, shape):
     g = torch.Generator().manual_seed(0)
     x = (2 * torch.randn(*_input_shape(op, shape), generator=g)).to(DEVICE)
-    if op == "tanh":
+    if op == "tanh" or op in SHIFT:
         return [x]
     dims = len(shape) - 2
     c_in, c_out = THIN.get(op, (NF, NF))
@@ -185,6 +201,10 @@ def correct(outs, expected) -> bool:
 
 def throughput(op, mode, shape, seconds) -> dict:
     n = math.prod(_input_shape(op, shape))
+    if op in SHIFT:
+        taps = 3 ** (len(shape) - 2)
+        plane = n // taps if op == "shift_sum" else n
+        return {"GBps": 4 * (taps + 1) * plane / seconds / 1e9}
     if op == "tanh":
         return {"GBps": BYTES_PER_ELEMENT[(op, mode)] * 4 * n / seconds / 1e9}
     c_out = THIN[op][1] if op in THIN else NF

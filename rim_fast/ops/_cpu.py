@@ -461,9 +461,9 @@ class _ThinOutConv(torch.autograd.Function):
     """A stride-1 "same" convolution with few output channels (the Hourglass' merged output conv, nf -> C):
     oneDNN runs those far below its speed elsewhere (S2's 32 -> 1 3x3 conv: 16 GFLOP/s, 2.2 ms forward, 2.9 ms
     backward). Here forward is one matrix product [C_out K, C_in] x [C_in, N S] (the K taps' planes), then the
-    planes summed shifted; backward stacks the output gradient's K shifted copies once and contracts it with the
-    weight (input gradient) and the input (weight gradient). Backward uses differentiable ops: double backward
-    works."""
+    planes summed shifted (``_shift_sum``, one C++ pass); backward stacks the output gradient's K shifted copies once
+    (``_stack``) and contracts it with the weight (input gradient) and the input (weight gradient). Backward uses
+    differentiable ops: double backward works."""
 
     @staticmethod
     def forward(ctx, xc, w, bias):
@@ -497,7 +497,8 @@ class _ThinOutConv(torch.autograd.Function):
 #: [4, 32, 16^3] 0.70 -> 0.57 ms (``bench.bench_conv``'s conv_out fwd); in the RIM, alternated in one process for 30
 #: rounds, S3 predict 235.4 -> 233.3 ms, S3B1 99.8 -> 98.9 ms. In 1D and 2D the two were equal (S1 0.09 ms, S2 0.67
 #: ms), so they keep the matrix products; with autograd the depthwise convolution's backward took 3x the thin
-#: path's (S3 5.8 against 1.8 ms forward + backward).
+#: path's (S3 5.8 against 1.8 ms forward + backward). Since the shifted sums run in C++ (csrc/shift.cpp) the matrix
+#: products come closer: S3 predict 228.4 against 227.1 ms depthwise, S3B1 96.8 either way (alternated, 20 rounds).
 THIN_DEPTHWISE_DIMS = (3,)
 
 
