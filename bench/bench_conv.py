@@ -16,18 +16,20 @@ S3 [4, 32, 16x16x16], L2 [32, 32, 256x256] (CUDA only). Ops:
   shift_sum  the thin output conv's last step, fwd: its 3^d taps' planes [1, 3^d, B, *size] summed shifted
              (csrc/shift.cpp); shift_stack: its adjoint, fwd: [1, B, *size] -> [1, 3^d, B, *size]
 Providers: "reference" (the reference op, eager: torch.tanh, NCHW convolutions), "compiled" (torch.compile of the
-reference, fullgraph, static shapes), and the implementations ``auto`` can pick on this device: "cpp" (tanh, the
-C++ CPU kernel), "channels_last" (CPU convolutions in oneDNN's preferred layout), "onednn_fused" and "unfused"
-(conv_tanh and conv_transpose_tanh on the CPU), "cpp" (the shifted sums' C++ kernels), and for conv_tanh fwdbwd "function": ``_cpu._ConvTanh`` for
-this convolution too (the fused forward and a Python backward, which only the thin input conv takes: with autograd
-``onednn_fused`` runs the channels-last convolution and tanh in place); for conv_out and conv_in, "channels_last" is
-the channels-last path with its thin-convolution code (``_cpu.THIN_OUT``, ``_cpu.THIN_IN``) and "onednn" the same
-with oneDNN for every convolution; for conv_out fwd, "matmul" is the channels-last path with the matrix products
-where ``auto`` takes the depthwise convolution (``_cpu.THIN_DEPTHWISE_DIMS``: 3D).
+reference, fullgraph, static shapes), and the implementations ``auto`` can pick on this device: "cpp" (tanh and the
+shifted sums: the C++ CPU kernels), "channels_last" (CPU convolutions in oneDNN's preferred layout), "onednn_fused"
+and "unfused" (conv_tanh and conv_transpose_tanh on the CPU), and for conv_tanh fwdbwd "function":
+``_cpu._ConvTanh`` for this convolution too (the fused forward and a Python backward, which only the thin input
+conv takes: with autograd ``onednn_fused`` runs the channels-last convolution and tanh in place); for conv_out and
+conv_in, "channels_last" is the channels-last path with its thin-convolution code (``_cpu.THIN_OUT``,
+``_cpu.THIN_IN``) and "onednn" the same with oneDNN for every convolution; for conv_out fwd, "matmul" is the
+channels-last path with the matrix products where ``auto`` takes the depthwise convolution
+(``_cpu.THIN_DEPTHWISE_DIMS``: 3D).
 Every case is checked against the reference before it is timed (no time for a wrong case).
 
 GB/s for tanh (e = 4 bytes, N elements): fwd 2 e N (read x, write y); fwdbwd 5 e N (and read grad, y; write
-grad_x); for the shifted sums (K taps, N elements a plane) e (K + 1) N, what they read and write. GFLOP/s for the convolutions: 2 N nf 3^d (multiply-adds of the 3x3(x3) kernel; N the input's elements).
+grad_x); for the shifted sums (K taps, N elements a plane) e (K + 1) N, what they read and write. GFLOP/s for
+the convolutions: 2 N nf 3^d (multiply-adds of the 3x3(x3) kernel; N the input's elements).
 
     pytest bench/bench_conv.py [--benchmark-json out.json]     # RIM_FAST_BENCH_SMOKE=1: tiny, 1 round
     python -m bench.bench_conv                                  # the same as a table

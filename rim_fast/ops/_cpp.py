@@ -1,6 +1,6 @@
 """The C++/CUDA backend (``rim_fast._C``, csrc/) of the update-step family (``update_step``), of tanh and of the
-thin convolutions' shifted sums (``conv``, ``_cpu``): schemas, fakes, autograd, fallbacks, and the ``cpp`` implementations with their ``usable``/``auto``
-rules.
+thin convolutions' shifted sums (``conv``, ``_cpu``): schemas, fakes, autograd, fallbacks, and the ``cpp``
+implementations with their ``usable``/``auto`` rules.
 
 Ops (namespace ``rim_fast``), all functional (new outputs; inputs are never written):
 
