@@ -492,6 +492,26 @@ def test_shift_kernels_read_any_layout(shift_ext):
                                reference.shift_sum(planes, (3, 3), -1), rtol=1e-5, atol=1e-5)
 
 
+def test_shift_kernels_non_finite_values_and_empty_tensors(shift_ext):
+    """shift_sum adds each tap's plane in one loop and restores the columns that loop wraps into the next row: an
+    inf or NaN there must not leak into a neighbour (a restore, not a subtraction). Empty tensors give empty
+    outputs."""
+    for value in (float("inf"), float("nan")):
+        for column in (0, 4):  # each row's first and last column: the ones a shift of +1 / -1 wraps
+            planes = torch.zeros(1, 9, 2, 4, 5)
+            planes[0, :, 1, 2, column] = value
+            for sign in (1, -1):
+                out = torch.ops.rim_fast.shift_sum(planes, [3, 3], sign)
+                ref = reference.shift_sum(planes, (3, 3), sign)
+                assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+                stacked = torch.ops.rim_fast.shift_stack(planes[:, 0], [3, 3], sign)
+                assert torch.equal(stacked.isnan(), reference.shift_stack(planes[:, 0], (3, 3), sign).isnan())
+    for shape in ((1, 9, 0, 4, 5), (0, 9, 2, 4, 5), (1, 9, 2, 0, 5)):
+        planes = torch.randn(shape)
+        assert torch.ops.rim_fast.shift_sum(planes, [3, 3], 1).shape == (shape[0], *shape[2:])
+        assert torch.ops.rim_fast.shift_stack(planes[:, 0], [3, 3], 1).shape == shape
+
+
 def test_shift_kernels_gradients(shift_ext):
     """Each op's gradient is the other op (registered autograd), twice differentiable."""
     planes = torch.randn(2, 9, 2, 4, 5, dtype=torch.float64, requires_grad=True)
