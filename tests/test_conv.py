@@ -523,6 +523,9 @@ def test_shift_kernels_gradients(shift_ext):
         assert torch.autograd.gradgradcheck(lambda p: torch.ops.rim_fast.shift_sum(p, [3, 3], sign), (planes,))
         assert torch.autograd.gradcheck(lambda t: torch.ops.rim_fast.shift_stack(t, [3, 3], sign), (x,))
         assert torch.autograd.gradgradcheck(lambda t: torch.ops.rim_fast.shift_stack(t, [3, 3], sign), (x,))
+        # and the references themselves
+        assert torch.autograd.gradcheck(lambda p: reference.shift_sum(p, (3, 3), sign), (planes,))
+        assert torch.autograd.gradcheck(lambda t: reference.shift_stack(t, (3, 3), sign), (x,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
