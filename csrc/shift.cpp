@@ -1,7 +1,7 @@
-// CPU kernels of rim_fast::shift_sum and rim_fast::shift_stack (shift.h). Both run over rows: one row is the
-// innermost spatial axis of one output (channel, tap, sample, outer spatial position), split across threads by
-// at::parallel_for. Within a row the shift is an offset into the source row, so the inner loops are contiguous
-// and vectorise (compiled for AVX-512, AVX2 and the baseline, chosen at load time, as tanh.cpp).
+// CPU kernels of rim_fast::shift_sum and rim_fast::shift_stack (shift.h). Both run over planes (the last two
+// spatial axes of one channel, sample and outer position), split across threads by at::parallel_for; each tap is
+// one contiguous loop over a plane (below), which vectorises (compiled for AVX-512, AVX2 and the baseline, chosen at
+// load time, as tanh.cpp).
 #include "shift.h"
 
 #include "checks.h"
@@ -28,7 +28,7 @@
 namespace rim_fast {
 namespace {
 
-// rows of at least this many elements in total per thread's chunk
+// at least this many elements read or written per thread's chunk of items
 constexpr int64_t kGrainElements = 16384;
 
 // The spatial dims as three (outer ones 1 where S has fewer), the kernel likewise.
@@ -110,7 +110,10 @@ C10_ALWAYS_INLINE void shift_sum_plane(const T* C10_RESTRICT planes, T* C10_REST
       for (int64_t e = 0; e < g.kernel[2]; ++e) {
         const int64_t tap = (a * g.kernel[1] + b) * g.kernel[2] + e;
         const int64_t shift = sign * (e - cw);
-        const T* src = planes + ((c * g.taps + tap) * g.n + n) * image + dd * plane + rs * width + shift;
+        // the source plane, read at offset rs W + shift from each output element (indices, not a pointer moved
+        // out of the tensor)
+        const T* src = planes + ((c * g.taps + tap) * g.n + n) * image + dd * plane;
+        const int64_t offset = rs * width + shift;
         // the columns this tap must leave alone: [0, -shift) or [width - shift, width), kept aside
         const int64_t e0 = shift < 0 ? 0 : std::max<int64_t>(0, width - shift);
         const int64_t e1 = shift < 0 ? std::min(width, -shift) : width;
@@ -124,7 +127,7 @@ C10_ALWAYS_INLINE void shift_sum_plane(const T* C10_RESTRICT planes, T* C10_REST
         // columns, and reading them would leave the source plane)
         const int64_t j0 = h0 * width + std::max<int64_t>(0, -shift), j1 = h1 * width - std::max<int64_t>(0, shift);
         for (int64_t j = j0; j < j1; ++j) {
-          acc[j] += src[j];
+          acc[j] += src[j + offset];
         }
         kept = 0;
         for (int64_t h = h0; h < h1; ++h) {
@@ -178,14 +181,15 @@ C10_ALWAYS_INLINE void shift_stack_image(const T* C10_RESTRICT x, T* C10_RESTRIC
       }
       continue;
     }
-    const T* src = x + (c * g.n + n) * image + dd * plane + rs * width + shift;
+    const T* src = x + (c * g.n + n) * image + dd * plane;
+    const int64_t source_offset = rs * width + shift;
     const int64_t j0 = h0 * width + std::max<int64_t>(0, -shift);
     const int64_t j1 = std::max(j0, h1 * width - std::max<int64_t>(0, shift));
     for (int64_t j = 0; j < std::min(j0, count); ++j) {
       o[j] = T(0);
     }
     for (int64_t j = j0; j < std::min(j1, count); ++j) {
-      o[j] = src[j];
+      o[j] = src[j + source_offset];
     }
     for (int64_t j = j1; j < count; ++j) {
       o[j] = T(0);
