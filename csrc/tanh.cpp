@@ -5,6 +5,7 @@
 #include "tanh.h"
 
 #include "outputs.h"
+#include "simd_clones.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,15 +15,6 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
-
-#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define RIM_FAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#endif
-#ifndef RIM_FAST_SIMD_CLONES
-#define RIM_FAST_SIMD_CLONES
-#endif
 
 namespace rim_fast {
 namespace {
