@@ -64,16 +64,27 @@ def test_channels_last_convs_match_reference(dims, size, k, stride, dtype):
             torch.testing.assert_close(a, c, **conv_tol(dtype))
 
 
-class _ConvBiases(TorchDispatchMode):
-    # the bias argument of every aten.convolution call: None where the bias is added after it
+class _ConvCalls(TorchDispatchMode):
+    """The arguments of every ``aten.convolution`` (forward) and ``aten.convolution_backward`` call."""
+
     def __init__(self):
         super().__init__()
-        self.biases = []
+        self.forward, self.backward = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.convolution.default:
-            self.biases.append(args[2])
+            self.forward.append(args)
+        elif func is torch.ops.aten.convolution_backward.default:
+            self.backward.append(args)
         return func(*args, **(kwargs or {}))
+
+    def batches(self) -> tuple:
+        # the batch size of each forward and each backward call (the input is argument 0, and 1 in backward)
+        return [a[0].shape[0] for a in self.forward], [a[1].shape[0] for a in self.backward]
+
+    def biases(self) -> list:
+        # the bias argument of each forward call: None where the bias is added after it
+        return [a[2] for a in self.forward]
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -84,16 +95,16 @@ def test_transposed_conv_adds_a_trained_bias_after_onednn(dims):
     w = torch.randn(6, 4, *([3] * dims), requires_grad=True)
     b = torch.randn(4, requires_grad=True)
     for grad, inside in ((True, False), (False, True)):
-        with torch.set_grad_enabled(grad), _ConvBiases() as mode:
+        with torch.set_grad_enabled(grad), _ConvCalls() as mode:
             out = _cpu.conv_transpose(x, w, b, 2, 1, 1, 1, 1)
-        assert len(mode.biases) == 1 and (mode.biases[0] is not None) == inside
+        assert len(mode.biases()) == 1 and (mode.biases()[0] is not None) == inside
         torch.testing.assert_close(out, reference.conv_transpose(x, w, b, 2, 1, 1, 1, 1), rtol=1e-5, atol=1e-5)
     out = _cpu.conv_transpose(x, w, b, 2, 1, 1, 1, 1)
     (gb,) = torch.autograd.grad(out, (b,), torch.ones_like(out))
     torch.testing.assert_close(gb, torch.full_like(b, out[:, 0].numel()))
-    with torch.autocast("cpu", dtype=torch.bfloat16), _ConvBiases() as mode:
+    with torch.autocast("cpu", dtype=torch.bfloat16), _ConvCalls() as mode:
         _cpu.conv_transpose(x, w, b, 2, 1, 1, 1, 1)
-    assert mode.biases[0] is not None  # under autocast the bias stays inside (no extra bfloat16 rounding)
+    assert mode.biases()[0] is not None  # under autocast the bias stays inside (no extra bfloat16 rounding)
     # CPU tensors only (cuDNN, which the opt-in CUDA channels-last layout runs through this path, is not oneDNN)
     assert _cpu._late_bias(x, b) and not _cpu._late_bias(x.to("meta"), b.to("meta"))
 
@@ -337,21 +348,6 @@ def test_onednn_only_where_it_pays(shape, pays):
                 assert impl.missing() is None and impl.usable(*args), (op, impl.name)
 
 
-class _ConvBatches(TorchDispatchMode):
-    """The batch size of every ``aten.convolution`` (forward) and ``aten.convolution_backward`` call."""
-
-    def __init__(self):
-        super().__init__()
-        self.forward, self.backward = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.convolution.default:
-            self.forward.append(args[0].shape[0])
-        elif func is torch.ops.aten.convolution_backward.default:
-            self.backward.append(args[1].shape[0])
-        return func(*args, **(kwargs or {}))
-
-
 DEPTH_SPLIT_CASES = [  # (depth, height/width, kernel, stride, padding); stride > 1 as conv_same runs it (valid)
     pytest.param(16, (16, 16), 3, 1, "same", id="16^3-k3"),
     pytest.param(7, (9, 10), 3, 1, "same", id="7x9x10-k3-odd-depth"),
@@ -388,12 +384,12 @@ def test_depth_split_within_the_error_budget(depth, size, k, stride, padding):
     halves (aten then takes oneDNN), forward and backward; output and every gradient within the error budget."""
     x, w, b = _split_inputs(depth, size, k, torch.float32)
     assert _cpu._depth_split_ok(_cpu._to_cl(x), w, stride, 1, 1)
-    batches = _ConvBatches()
+    batches = _ConvCalls()
     with batches:
         out = _cpu.conv(x, w, b, stride, padding)
         cot = torch.randn_like(out)
         fast = [out.detach(), *torch.autograd.grad(out, (x, w, b), cot)]
-    assert batches.forward == [2] and batches.backward == [2]
+    assert batches.batches() == ([2], [2])
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
 
     def run(dtype):
@@ -426,12 +422,12 @@ def test_conv_tanh_with_autograd_takes_the_depth_split():
     """The training path of conv + tanh (aten's convolution, then tanh in place) on one 3D sample: batches of two,
     the output and every gradient within the error budget."""
     x, w, b = _split_inputs(8, (8, 8), 3, torch.float32)
-    batches = _ConvBatches()
+    batches = _ConvCalls()
     with batches:
         out = ops.conv_tanh(x, w, b)
         cot = torch.randn_like(out)
         fast = [out.detach(), *torch.autograd.grad(out, (x, w, b), cot)]
-    assert batches.forward == [2] and batches.backward == [2]
+    assert batches.batches() == ([2], [2])
 
     def run(dtype):
         inputs = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
