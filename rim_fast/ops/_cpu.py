@@ -435,19 +435,6 @@ def _thin_ok(xc: Tensor, w: Tensor, pads, stride, dilation, groups) -> bool:
             and not _autocast_on())
 
 
-def _shift_sum(planes: Tensor, ks: tuple, sign: int) -> Tensor:
-    """planes [C, K, N, *S] -> [C, N, *S]: each tap's planes shifted by its offset (times ``sign``) and summed
-    (``reference.shift_sum``), in one pass of the C++ kernel (csrc/shift.cpp; its reference where rim_fast._C is
-    not built). Differentiable: its adjoint is ``_stack``."""
-    return _cpp.shift_sum(planes, ks, sign)
-
-
-def _stack(planes: Tensor, ks: tuple) -> Tensor:
-    """planes [C, N, *S] -> [C, K, N, *S]: tap k holds the planes shifted by -offset_k (zero outside): the adjoint
-    of ``_shift_sum(., ks, 1)`` (``reference.shift_stack``), as a tensor that matrix products then contract."""
-    return _cpp.shift_stack(planes, ks, 1)
-
-
 def _rows(xc: Tensor) -> Tensor:
     # a channels-last [N, C, *S] tensor as its [N * S, C] matrix (a view when it is channels-last)
     return xc.movedim(1, -1).reshape(-1, xc.shape[1])
@@ -462,15 +449,15 @@ class _ThinOutConv(torch.autograd.Function):
     """A stride-1 "same" convolution with few output channels (the Hourglass' merged output conv, nf -> C):
     oneDNN runs those far below its speed elsewhere (S2's 32 -> 1 3x3 conv: 16 GFLOP/s, 2.2 ms forward, 2.9 ms
     backward). Here forward is one matrix product [C_out K, C_in] x [C_in, N S] (the K taps' planes), then the
-    planes summed shifted (``_shift_sum``, one C++ pass); backward stacks the output gradient's K shifted copies once
-    (``_stack``) and contracts it with the weight (input gradient) and the input (weight gradient). Backward uses
-    differentiable ops: double backward works."""
+    planes summed shifted (``_cpp.shift_sum``, one pass of csrc/shift.cpp); backward stacks the output gradient's K
+    shifted copies once (``_cpp.shift_stack``, its adjoint) and contracts it with the weight (input gradient) and the
+    input (weight gradient). Backward uses differentiable ops: double backward works."""
 
     @staticmethod
     def forward(ctx, xc, w, bias):
         ks = tuple(w.shape[2:])
         planes = (_taps(w) @ _rows(xc).t()).reshape(w.shape[0], math.prod(ks), xc.shape[0], *xc.shape[2:])
-        out = _shift_sum(planes, ks, 1)
+        out = _cpp.shift_sum(planes, ks, 1)
         if bias is not None:
             out += bias.reshape(-1, *([1] * (out.dim() - 1)))
         ctx.save_for_backward(xc, w)
@@ -482,7 +469,7 @@ class _ThinOutConv(torch.autograd.Function):
         xc, w = ctx.saved_tensors
         ks = tuple(w.shape[2:])
         c_out, c_in = w.shape[:2]
-        stacked = _stack(grad.movedim(1, 0), ks).reshape(c_out * math.prod(ks), -1)  # [C_out K, N S]
+        stacked = _cpp.shift_stack(grad.movedim(1, 0), ks, 1).reshape(c_out * math.prod(ks), -1)  # [C_out K, N S]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = (stacked.t() @ _taps(w)).reshape(xc.shape[0], *xc.shape[2:], c_in).movedim(-1, 1)
@@ -531,4 +518,4 @@ def _thin_in_input_grad(grad: Tensor, w: Tensor) -> Tensor:
     ks = tuple(w.shape[2:])
     taps = _taps(w.transpose(0, 1))  # [C_in K, C_out]
     planes = (taps @ _rows(grad).t()).reshape(w.shape[1], math.prod(ks), grad.shape[0], *grad.shape[2:])
-    return _shift_sum(planes, ks, -1).movedim(0, 1)
+    return _cpp.shift_sum(planes, ks, -1).movedim(0, 1)
