@@ -183,7 +183,8 @@ def _extension():
     _choose_cuda_home()
     from torch.utils import cpp_extension
 
-    sources = ["csrc/update_step.cpp", "csrc/tanh.cpp", "csrc/shift.cpp", "csrc/cpu_pool.cpp", "csrc/register.cpp"]
+    sources = ["csrc/update_step.cpp", "csrc/tanh.cpp", "csrc/shift.cpp", "csrc/winograd.cpp", "csrc/cpu_pool.cpp",
+               "csrc/register.cpp"]
     if os.name == "nt":
         # MSVC: /fp:precise (the default) does not contract a*b+c into an FMA
         cxx_flags = ["/O2"]

@@ -13,6 +13,7 @@
 #include "shift.h"
 #include "tanh.h"
 #include "update_step.h"
+#include "winograd.h"
 
 #ifdef RIM_FAST_WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION: the toolkit this build compiled against
@@ -135,6 +136,7 @@ TORCH_LIBRARY_IMPL(rim_fast, CPU, m) {
   m.impl("tanh", &tanh_cpu);
   m.impl("shift_sum", &shift_sum_cpu);
   m.impl("shift_stack", &shift_stack_cpu);
+  m.impl("winograd_conv3d", &winograd_conv3d_cpu);
 }
 
 #ifdef RIM_FAST_WITH_CUDA

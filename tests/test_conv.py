@@ -779,3 +779,190 @@ def test_conv_tanh_under_torch_func_transforms():
     per_sample = vmap(lambda xi: functional_call(net, params, (xi[None], None, xi[None], h[:1]))[0][0])(x)
     with torch.no_grad():
         torch.testing.assert_close(per_sample, net(x, None, x, h)[0], rtol=1e-4, atol=1e-5)
+
+
+# ---- 3x3x3 convolutions by Winograd's F(2x2x2, 3x3x3): the C++ CPU kernel ------------------------------------
+
+# (N, C_in, C_out, D, H, W): odd and even sizes, sizes below a tile and below the kernel, every channel count
+WINOGRAD_CASES = [(2, 16, 32, 5, 7, 6), (1, 32, 32, 16, 16, 16), (3, 64, 16, 1, 2, 3), (4, 128, 16, 4, 4, 4),
+                  (2, 32, 64, 9, 8, 1), (1, 16, 128, 3, 1, 5), (5, 16, 16, 2, 3, 2)]
+
+
+def _winograd_inputs(n, c_in, c_out, d, h, w, dtype=torch.float64):
+    x = torch.randn(n, c_in, d, h, w, dtype=dtype)
+    weight = torch.randn(c_out, c_in, 3, 3, 3, dtype=dtype) / (27 * c_in) ** 0.5
+    return x, weight, torch.randn(c_out, dtype=dtype)
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_winograd_reference_is_the_convolution(case):
+    # the algorithm itself, in float64: exact up to rounding
+    x, w, b = _winograd_inputs(*case)
+    out = reference.winograd_conv3d(x, reference.winograd_weight(w), b)
+    torch.testing.assert_close(out, torch.nn.functional.conv3d(x, w, b, padding=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_winograd_kernel_matches_reference(shift_ext, case, layout, with_bias):
+    """Output NaN-poisoned before the kernel writes it (``ext``); channels-last; against the reference's float32
+    run (another summation order) and, for the error budget, the direct convolution in float64 and float32."""
+    x64, w64, b64 = _winograd_inputs(*case)
+    x, w, b = x64.float(), w64.float(), b64.float() if with_bias else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    u = reference.winograd_weight(w)
+    out = torch.ops.rim_fast.winograd_conv3d(x, u, b)
+    assert out.shape == (case[0], case[2], *case[3:]) and out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, reference.winograd_conv3d(x, u, b), rtol=1e-5, atol=1e-5)
+    exact = torch.nn.functional.conv3d(x64, w64, b64 if with_bias else None, padding=1)
+    direct = torch.nn.functional.conv3d(x, w, b, padding=1)
+    assert_error_budget([out], [direct], [exact], torch.float32, ["winograd_conv3d"], f"winograd {case}")
+
+
+def test_winograd_kernel_skipped_write_is_caught(shift_ext):
+    x, w, b = (t.float() for t in _winograd_inputs(2, 16, 32, 5, 7, 6))
+    shift_ext._set_test_hooks(True, True)
+    out = torch.ops.rim_fast.winograd_conv3d(x, reference.winograd_weight(w), b)
+    flat = out.permute(0, 2, 3, 4, 1).reshape(-1)  # memory order (channels-last)
+    assert flat[-1].isnan() and not flat[:-1].isnan().any()
+
+
+def test_winograd_kernel_special_values_and_empty(shift_ext):
+    x, w, b = (t.float() for t in _winograd_inputs(1, 16, 16, 4, 5, 6))
+    x[0, 3, 1, 2, 3] = float("inf")
+    x[0, 5, 3, 4, 5] = float("nan")
+    u = reference.winograd_weight(w)
+    out = torch.ops.rim_fast.winograd_conv3d(x, u, b)
+    # a non-finite input reaches the outputs of its tiles (Winograd mixes a tile's inputs), never those of other
+    # tiles: the outputs whose 3x3x3 window (and tile) holds no such input stay finite and correct
+    direct = torch.nn.functional.conv3d(x, w, b, padding=1)
+    far = direct.isfinite()
+    far[:, :, 0:4, 0:4, 0:6] = False  # the tiles around the two inputs
+    torch.testing.assert_close(out[far], direct[far], rtol=1e-5, atol=1e-5)
+    assert not out[:, :, 1:3, 2:4, 2:4].isfinite().all()
+    empty = torch.ops.rim_fast.winograd_conv3d(torch.randn(0, 16, 3, 3, 3), u, b)
+    assert empty.shape == (0, 16, 3, 3, 3)
+
+
+def test_winograd_opcheck(shift_ext):
+    x, w, b = (t.float() for t in _winograd_inputs(2, 16, 32, 3, 4, 5))
+    u = reference.winograd_weight(w)
+    torch.library.opcheck(torch.ops.rim_fast.winograd_conv3d.default, (x, u, b))
+    torch.library.opcheck(torch.ops.rim_fast.winograd_conv3d.default, (x, u, None))
+    # with autograd: the raw op differentiates through the reference (x, u and the bias)
+    torch.library.opcheck(torch.ops.rim_fast.winograd_conv3d.default,
+                          (x.requires_grad_(), u.requires_grad_(), b.requires_grad_()))
+
+
+def test_winograd_op_gradients(shift_ext):
+    x, w, b = _winograd_inputs(1, 16, 16, 2, 3, 2)
+    u = reference.winograd_weight(w.float()).double()
+    x.requires_grad_(), u.requires_grad_(), b.requires_grad_()
+    # float64 through the op's gradient (its CPU kernel is float32): the gradient against the reference's
+    grads = torch.autograd.grad(torch.ops.rim_fast.winograd_conv3d(x.float(), u.float(), b.float()).double().sum(),
+                                (x, u, b))
+    expected = torch.autograd.grad(reference.winograd_conv3d(x, u, b).sum(), (x, u, b))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: torch.ops.rim_fast.winograd_conv3d(torch.randn(1, 16, 4, 4, 4).double(), torch.randn(64, 16, 16),
+                                                None), "x and u must be float32"),
+    (lambda: torch.ops.rim_fast.winograd_conv3d(torch.randn(1, 16, 4, 4), torch.randn(64, 16, 16), None),
+     "x must be [N, C_in, D, H, W]"),
+    (lambda: torch.ops.rim_fast.winograd_conv3d(torch.randn(1, 16, 4, 4, 4), torch.randn(27, 16, 16), None),
+     "u must be [64, C_in, C_out]"),
+    (lambda: torch.ops.rim_fast.winograd_conv3d(torch.randn(1, 24, 4, 4, 4), torch.randn(64, 24, 16), None),
+     "C_in (x.shape[1]) must be 16, 32, 64 or 128, got 24"),
+    (lambda: torch.ops.rim_fast.winograd_conv3d(torch.randn(1, 16, 4, 4, 4), torch.randn(64, 16, 48), None),
+     "C_out (u.shape[2]) must be 16, 32, 64 or 128, got 48"),
+    (lambda: torch.ops.rim_fast.winograd_conv3d(torch.randn(1, 16, 4, 4, 4), torch.randn(64, 16, 16),
+                                                torch.randn(15)), "bias must be a float32 CPU tensor of shape [16]"),
+])
+def test_winograd_kernel_user_errors(shift_ext, call, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call()
+
+
+class _OpCalls(TorchDispatchMode):
+    """Counts the ops that run under it, by name (``rim_fast.winograd_conv3d.default``, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fn", ["conv", "conv_tanh"])
+@pytest.mark.parametrize("size", [(2, 5, 6, 7), (4, 4, 4, 4), (2, 16, 16, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_winograd_convolutions_match_reference(shift_ext, fn, size):
+    """``_cpu.conv`` / ``conv_tanh`` of a 3x3x3 "same" convolution run the Winograd kernel forward and oneDNN's
+    backward: output and every gradient against the reference (NCDHW, aten's direct convolution), within the
+    error budget against float64."""
+    n, *spatial = size
+    x64, w64, b64 = _winograd_inputs(n, 32, 16, *spatial)
+    grad64 = torch.randn(n, 16, *spatial, dtype=torch.float64)
+    ref_fn = {"conv": lambda x, w, b: reference.conv(x, w, b, 1, "same"),
+              "conv_tanh": lambda x, w, b: reference.conv_tanh(x, w, b, "same", 1, 1)}[fn]
+    fast_fn = {"conv": lambda x, w, b: _cpu.conv(x, w, b, 1, "same"),
+               "conv_tanh": lambda x, w, b: _cpu.conv_tanh(x, w, b, "same", 1, 1)}[fn]
+
+    def run(f, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x64, w64, b64)]
+        with _OpCalls() as calls:
+            out = f(*leaves)
+            grads = torch.autograd.grad(out, leaves, grad64.to(dtype))
+        return [out, *grads], calls.names
+
+    fast, names = run(fast_fn, torch.float32)
+    assert "rim_fast.winograd_conv3d.default" in names and "aten.convolution.default" not in names
+    ref, _ = run(ref_fn, torch.float32)
+    exact, _ = run(ref_fn, torch.float64)
+    assert_error_budget(fast, ref, exact, torch.float32, ["out", "grad_x", "grad_w", "grad_b"], f"{fn} {size}")
+    # without autograd the same kernel, the same output
+    with torch.no_grad(), _OpCalls() as calls:
+        out = fast_fn(x64.float(), w64.float(), b64.float())
+    assert calls.names.count("rim_fast.winograd_conv3d.default") == 1
+    torch.testing.assert_close(out, fast[0], rtol=0, atol=0)
+
+
+def test_winograd_double_backward(shift_ext):
+    # the backward is oneDNN's differentiable convolution_backward: second derivatives work
+    x = torch.randn(2, 16, 3, 4, 5, requires_grad=True)
+    w = (torch.randn(16, 16, 3, 3, 3) / 12).requires_grad_()
+    gx, = torch.autograd.grad(_cpu.conv(x, w, None, 1, "same").square().sum(), x, create_graph=True)
+    hx, = torch.autograd.grad(gx.sum(), w)
+    gx_ref, = torch.autograd.grad(reference.conv(x, w, None, 1, "same").square().sum(), x, create_graph=True)
+    hx_ref, = torch.autograd.grad(gx_ref.sum(), w)
+    torch.testing.assert_close(hx, hx_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_where_it_runs(shift_ext, monkeypatch):
+    x = torch.randn(2, 32, 6, 6, 6)
+    w = torch.randn(32, 32, 3, 3, 3)
+
+    def runs(x, w, **kwargs):
+        with _OpCalls() as calls:
+            _cpu.conv(x, w, None, **kwargs)
+        return "rim_fast.winograd_conv3d.default" in calls.names
+
+    assert runs(x, w)
+    assert not runs(x, w, stride=2, padding=0)                       # strided
+    assert not runs(x, w, padding=0)                                 # not "same"
+    assert not runs(x, w, dilation=2)                                # dilated
+    assert not runs(x, torch.randn(32, 32, 5, 5, 5))                 # another kernel size
+    assert not runs(x, torch.randn(48, 32, 3, 3, 3))                 # 48 output channels
+    assert not runs(x.double(), w.double())                          # float64
+    assert not runs(x[:, :, 0], w[:, :, 0])                          # 2D
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not runs(x, w)
+    # one small sample with autograd: the depth split (aten's native kernels otherwise run its backward)
+    assert runs(x[:1], w) and not runs(x[:1], w.requires_grad_())
+    monkeypatch.setattr(_cpu, "WINOGRAD", False)                    # RIM_FAST_WINOGRAD=0
+    assert not runs(x, w.detach())

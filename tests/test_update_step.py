@@ -127,7 +127,8 @@ def test_dispatcher_registration(ext, name):
     # the CPU kernel is the C++ one from csrc/register.cpp, not the Python fallback
     assert "register.cpp" in torch._C._dispatch_dump(qualname)
     # tanh is CPU only (GPUs have a fast, accurate tanh), and so are the shifted sums (of the CPU thin convolutions)
-    cpu_only = name in ("tanh", "shift_sum", "shift_stack")
+    # and the Winograd convolution (cuDNN has its own)
+    cpu_only = name in ("tanh", "shift_sum", "shift_stack", "winograd_conv3d")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA") == (bool(ext.WITH_CUDA) and not cpu_only)
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
 
@@ -386,8 +387,10 @@ def test_opcheck(ext, device, index):
 
 
 def test_every_op_has_an_opcheck_sample():
-    # tanh and the shifted sums, the extension's ops of the conv family, are checked in tests/test_conv.py
-    assert {n for n, _ in _op_samples("cpu")} == set(_cpp.OPS) - {"tanh", "shift_sum", "shift_stack"}
+    # tanh, the shifted sums and the Winograd convolution, the extension's ops of the conv family, are checked in
+    # tests/test_conv.py
+    conv_family = {"tanh", "shift_sum", "shift_stack", "winograd_conv3d"}
+    assert {n for n, _ in _op_samples("cpu")} == set(_cpp.OPS) - conv_family
 
 
 @pytest.mark.parametrize("index", range(len(_op_samples("cpu"))),
@@ -618,7 +621,12 @@ def test_without_extension_ops_still_work():
         planes, img = torch.randn(1, 9, 2, 4, 5), torch.randn(1, 2, 4, 5)
         assert torch.equal(torch.ops.rim_fast.shift_sum(planes, [3, 3], 1), reference.shift_sum(planes, (3, 3), 1))
         assert torch.equal(torch.ops.rim_fast.shift_stack(img, [3, 3], -1), reference.shift_stack(img, (3, 3), -1))
+        # the Winograd convolution: its reference (which the CPU convolutions then never choose)
+        xw, ww = torch.randn(1, 16, 3, 4, 5), torch.randn(16, 16, 3, 3, 3)
+        uw = reference.winograd_weight(ww)
+        assert torch.equal(torch.ops.rim_fast.winograd_conv3d(xw, uw, None), reference.winograd_conv3d(xw, uw, None))
         from rim_fast.ops import _cpu
+        assert not _cpu._winograd_ok(xw, ww, None, [1, 1, 1], 1, 1)
         xc = torch.randn(2, 5, 6, 7, requires_grad=True)
         w1, b1 = torch.randn(1, 5, 3, 3, requires_grad=True), torch.randn(1, requires_grad=True)
         fast, ref = _cpu.conv(xc, w1, b1), reference.conv(xc, w1, b1)

@@ -17,6 +17,10 @@ Ops (namespace ``rim_fast``), all functional (new outputs; inputs are never writ
 - ``shift_sum(planes, kernel, sign)``, ``shift_stack(x, kernel, sign)``: CPU only (float32, float64), the shifted
   sums of the CPU thin convolutions (``_cpu._ThinOutConv``) and their adjoint, one pass each (csrc/shift.h;
   references ``reference.shift_sum`` / ``reference.shift_stack``). Backward: each other.
+- ``winograd_conv3d(x, u, bias?)``: CPU only (float32), a 3x3x3 convolution of stride 1 and padding 1 by
+  Winograd's F(2x2x2, 3x3x3) from the transformed weight ``u = reference.winograd_weight(w)`` (csrc/winograd.h;
+  reference ``reference.winograd_conv3d``); channels-last output. No autograd of its own: ``_cpu._Winograd``
+  differentiates the convolution with oneDNN's backward.
 
 One op per mode, so no output is ever optional. score, m, v, x, g, x_true, w: same shape [B, C, *S] (no
 broadcasting), float32/float64/bfloat16/float16; the moments m, v have score's dtype, or float32 for a
@@ -71,6 +75,7 @@ SCHEMAS = {
     "tanh": "(Tensor x) -> Tensor",
     "shift_sum": "(Tensor planes, int[] kernel, int sign) -> Tensor",
     "shift_stack": "(Tensor x, int[] kernel, int sign) -> Tensor",
+    "winograd_conv3d": "(Tensor x, Tensor u, Tensor? bias) -> Tensor",
 }
 OPS = tuple(SCHEMAS)
 
@@ -233,6 +238,31 @@ torch.library.register_autograd(f"{NAMESPACE}::shift_sum", _shift_sum_bwd, setup
 torch.library.register_autograd(f"{NAMESPACE}::shift_stack", _shift_stack_bwd, setup_context=_shift_setup)
 
 
+@torch.library.register_fake(f"{NAMESPACE}::winograd_conv3d")
+def _winograd_conv3d_fake(x, u, bias):
+    return x.new_empty((x.shape[0], u.shape[2], *x.shape[2:])).contiguous(memory_format=torch.channels_last_3d)
+
+
+def _winograd_setup(ctx, inputs, output):
+    x, u, bias = inputs
+    ctx.save_for_backward(x, u, bias)
+
+
+def _winograd_bwd(ctx, grad):
+    # the raw op's gradient (x, u, bias), through the reference's torch ops (differentiable, so double backward
+    # works too); the convolutions differentiate the direct convolution instead (``_cpu._Winograd``)
+    x, u, bias = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, u, bias)]
+        out = reference.winograd_conv3d(*leaves)
+        wanted = [t for t, need in zip(leaves, ctx.needs_input_grad) if t is not None and need]
+        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled()))
+    return tuple(next(grads) if t is not None and need else None for t, need in zip(leaves, ctx.needs_input_grad))
+
+
+torch.library.register_autograd(f"{NAMESPACE}::winograd_conv3d", _winograd_bwd, setup_context=_winograd_setup)
+
+
 # ---- Python kernels used when rim_fast._C is not loaded -------------------------------------------------
 
 def _bias_corrected(step: Tensor):
@@ -262,6 +292,8 @@ _PY_KERNELS = {
     "tanh": lambda x: torch.tanh(x),
     "shift_sum": lambda planes, kernel, sign: reference.shift_sum(planes, tuple(kernel), sign),
     "shift_stack": lambda x, kernel, sign: reference.shift_stack(x, tuple(kernel), sign),
+    "winograd_conv3d": lambda x, u, bias: reference.winograd_conv3d(x, u, bias).contiguous(
+        memory_format=torch.channels_last_3d),
 }
 
 if _ext.module() is None:
@@ -511,3 +543,9 @@ def shift_sum(planes: Tensor, kernel: tuple, sign: int) -> Tensor:
 def shift_stack(x: Tensor, kernel: tuple, sign: int) -> Tensor:
     """``reference.shift_stack`` through the C++ CPU kernel (the reference itself where rim_fast._C is not built)."""
     return _ops.shift_stack(x, list(kernel), sign)
+
+
+def winograd_conv3d(x: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``reference.winograd_conv3d`` through the C++ CPU kernel (the reference itself where rim_fast._C is not
+    built)."""
+    return _ops.winograd_conv3d(x, u, bias)

@@ -166,6 +166,37 @@ def shift_stack(x: Tensor, kernel: tuple, sign: int) -> Tensor:
     return out
 
 
+# Winograd's F(2, 3) (csrc/winograd.h): y = A^T [(G w) * (B^T d)] per axis, over 4-sample input tiles at stride 2
+_WINOGRAD_B_T = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINOGRAD_A_T = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def winograd_weight(weight: Tensor) -> Tensor:
+    """A 3x3x3 convolution weight [C_out, C_in, 3, 3, 3] transformed for ``winograd_conv3d``: U = G w G^T along
+    each axis, as [64, C_in, C_out] (row 16 i + 4 j + k for the transformed position i, j, k along D, H, W)."""
+    g = weight.new_tensor(_WINOGRAD_G)
+    u = torch.einsum("ai,bj,ck,oxijk->abcxo", g, g, g, weight)
+    return u.reshape(64, weight.shape[1], weight.shape[0]).contiguous()
+
+
+def winograd_conv3d(x: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """conv3d(x, w, bias, padding=1) for a 3x3x3 weight w through Winograd's F(2x2x2, 3x3x3), with
+    u = ``winograd_weight(w)``: x [N, C_in, D, H, W] -> [N, C_out, D, H, W]. Every 2x2x2 output tile reads a 4x4x4
+    input tile of the zero-padded input (the volume padded up to whole tiles, the extra outputs cut)."""
+    n, _, *size = x.shape
+    tiles = [(s + 1) // 2 for s in size]
+    xp = F.pad(x, [p for s, t in zip(reversed(size), reversed(tiles)) for p in (1, 2 * t + 1 - s)])
+    d = xp.unfold(2, 4, 2).unfold(3, 4, 2).unfold(4, 4, 2)  # [N, C_in, tD, tH, tW, 4, 4, 4]
+    b_t = x.new_tensor(_WINOGRAD_B_T)
+    a_t = x.new_tensor(_WINOGRAD_A_T)
+    v = torch.einsum("ai,bj,ck,nxdhwijk->abcndhwx", b_t, b_t, b_t, d).reshape(64, -1, x.shape[1])
+    m = torch.bmm(v, u).reshape(4, 4, 4, n, *tiles, u.shape[2])
+    y = torch.einsum("ia,jb,kc,abcndhwo->nodihjwk", a_t, a_t, a_t, m)
+    y = y.reshape(n, u.shape[2], *(2 * t for t in tiles))[:, :, :size[0], :size[1], :size[2]]
+    return y if bias is None else y + _bias(bias, 5)
+
+
 def upfirdn(x: Tensor, kernel: Tensor, up: int, down: int, pad0: int, pad1: int) -> Tensor:
     """score_models' native upfirdn, per channel, same pads on every axis, x: [B, C, *S], kernel: [k]*N.
 

@@ -1,0 +1,286 @@
+// CPU kernel of rim_fast::winograd_conv3d (winograd.h).
+#include "winograd.h"
+
+#include "checks.h"
+#include "outputs.h"
+#include "simd_clones.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace rim_fast {
+namespace {
+
+constexpr int64_t kTransformed = 64;  // 4^3 positions of a transformed tile
+constexpr int64_t kChunk = 32;        // tiles per chunk at most: its transformed input and products stay in L2
+constexpr int64_t kMinChunk = 8;      // at least (fewer tiles make the matrix products inefficient)
+// Padding of a tile's row of 64 C-vectors in the chunk buffers: a power-of-two stride there maps the matrix
+// products' rows onto a few cache sets (measured, S3's 32 -> 32 conv: 1.7 ms -> 1.0 ms for the input transform).
+constexpr int64_t kRowPad = 16;
+
+struct Geometry {
+  int64_t n, d, h, w;     // input (= output) sizes
+  int64_t td, th, tw;     // tiles per axis
+  int64_t tiles;          // n * td * th * tw
+};
+
+// B^T along one axis: four C-vectors at stride s in, at stride os out (in place when the same).
+template <int C>
+C10_ALWAYS_INLINE void input_axis(const float* p, int64_t s, float* o, int64_t os) {
+  for (int c = 0; c < C; ++c) {
+    const float v0 = p[c], v1 = p[s + c], v2 = p[2 * s + c], v3 = p[3 * s + c];
+    o[c] = v0 - v2;
+    o[os + c] = v1 + v2;
+    o[2 * os + c] = v2 - v1;
+    o[3 * os + c] = v1 - v3;
+  }
+}
+
+// A^T along one axis: four C-vectors at stride s in, two at stride os out.
+template <int C>
+C10_ALWAYS_INLINE void output_axis(const float* p, int64_t s, float* o, int64_t os) {
+  for (int c = 0; c < C; ++c) {
+    const float v1 = p[s + c], v2 = p[2 * s + c];
+    o[c] = p[c] + v1 + v2;
+    o[os + c] = v1 - v2 - p[3 * s + c];
+  }
+}
+
+struct TileIndex {
+  int64_t n, td, th, tw;
+};
+
+inline TileIndex tile_index(const Geometry& g, int64_t t) {
+  TileIndex i{};
+  i.tw = t % g.tw;
+  t /= g.tw;
+  i.th = t % g.th;
+  t /= g.th;
+  i.td = t % g.td;
+  i.n = t / g.td;
+  return i;
+}
+
+// The transformed input of tile t into v[64][C] (row e = 16 i + 4 j + k for the tile's offsets i, j, k along D,
+// H, W). x: NDHWC. Positions outside the input are the zero padding.
+template <int C>
+C10_ALWAYS_INLINE void input_tile(const float* C10_RESTRICT x, float* C10_RESTRICT v, const Geometry& g, int64_t t) {
+  const TileIndex ti = tile_index(g, t);
+  const int64_t w0 = 2 * ti.tw - 1;
+  const bool inside_w = w0 >= 0 && w0 + 3 < g.w;
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      const int64_t d = 2 * ti.td - 1 + i, h = 2 * ti.th - 1 + j;
+      float* row = v + (i * 16 + j * 4) * C;
+      if (d < 0 || d >= g.d || h < 0 || h >= g.h) {
+        std::fill(row, row + 4 * C, 0.f);
+        continue;
+      }
+      const float* in = x + (((ti.n * g.d + d) * g.h + h) * g.w) * C;
+      if (inside_w) {
+        input_axis<C>(in + w0 * C, C, row, C);  // the W axis on the way in
+      } else {
+        float edge[4 * C];
+        for (int k = 0; k < 4; ++k) {
+          const int64_t w = w0 + k;
+          if (w < 0 || w >= g.w) {
+            std::fill(edge + k * C, edge + (k + 1) * C, 0.f);
+          } else {
+            std::copy(in + w * C, in + (w + 1) * C, edge + k * C);
+          }
+        }
+        input_axis<C>(edge, C, row, C);
+      }
+    }
+  }
+  for (int i = 0; i < 4; ++i) {  // H
+    for (int k = 0; k < 4; ++k) {
+      float* p = v + (i * 16 + k) * C;
+      input_axis<C>(p, 4 * C, p, 4 * C);
+    }
+  }
+  for (int jk = 0; jk < 16; ++jk) {  // D
+    float* p = v + jk * C;
+    input_axis<C>(p, 16 * C, p, 16 * C);
+  }
+}
+
+// Tile t of the output from its transformed products m[64][C], plus the bias; writes only outputs inside the
+// volume, and none at or past `limit` (elements in memory order: the test hook that skips the last write).
+template <int C>
+C10_ALWAYS_INLINE void output_tile(const float* C10_RESTRICT m, float* C10_RESTRICT y, const float* C10_RESTRICT bias,
+                                   float* C10_RESTRICT scratch, const Geometry& g, int64_t t, int64_t limit) {
+  const TileIndex ti = tile_index(g, t);
+  for (int jk = 0; jk < 16; ++jk) {  // D: [4][16] -> [2][16]
+    output_axis<C>(m + jk * C, 16 * C, scratch + jk * C, 16 * C);
+  }
+  float* hw = scratch + 32 * C;  // H: [2][4][4] -> [2][2][4]
+  for (int i = 0; i < 2; ++i) {
+    for (int k = 0; k < 4; ++k) {
+      output_axis<C>(scratch + (i * 16 + k) * C, 4 * C, hw + (i * 8 + k) * C, 4 * C);
+    }
+  }
+  const bool second_w = 2 * ti.tw + 1 < g.w;
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      const int64_t d = 2 * ti.td + i, h = 2 * ti.th + j;
+      if (d >= g.d || h >= g.h) {
+        continue;
+      }
+      float pair[2 * C];
+      output_axis<C>(hw + (i * 8 + j * 4) * C, C, pair, C);  // W
+      if (bias != nullptr) {
+        for (int c = 0; c < C; ++c) {
+          pair[c] += bias[c];
+          pair[C + c] += bias[c];
+        }
+      }
+      const int64_t offset = (((ti.n * g.d + d) * g.h + h) * g.w + 2 * ti.tw) * C;
+      const int64_t count = std::min<int64_t>((second_w ? 2 : 1) * C, limit - offset);
+      if (count == 2 * C) {
+        std::copy(pair, pair + 2 * C, y + offset);
+      } else if (count > 0) {
+        std::copy(pair, pair + count, y + offset);
+      }
+    }
+  }
+}
+
+// One chunk of tiles [t0, t0 + count): transform, multiply per transformed position, transform back.
+struct Chunk {
+  const float* x;
+  const float* u;
+  const float* bias;
+  float* y;
+  float* v;        // [kChunk][64 * C_in + kRowPad]
+  float* m;        // [kChunk][64 * C_out + kRowPad]
+  float* scratch;  // 48 * C_out
+  int64_t c_in, c_out, ld_v, ld_m, limit;
+};
+
+using InputFn = void (*)(const Chunk&, const Geometry&, int64_t, int64_t);
+using OutputFn = void (*)(const Chunk&, const Geometry&, int64_t, int64_t);
+
+template <int C>
+C10_ALWAYS_INLINE void input_chunk(const Chunk& k, const Geometry& g, int64_t t0, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    input_tile<C>(k.x, k.v + i * k.ld_v, g, t0 + i);
+  }
+}
+
+template <int C>
+C10_ALWAYS_INLINE void output_chunk(const Chunk& k, const Geometry& g, int64_t t0, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    output_tile<C>(k.m + i * k.ld_m, k.y, k.bias, k.scratch, g, t0 + i, k.limit);
+  }
+}
+
+// One plain function per channel count (target_clones takes no templates): AVX-512, AVX2 or the baseline.
+#define RIM_FAST_WINOGRAD_CHANNELS(C)                                                                   \
+  RIM_FAST_SIMD_CLONES void input_chunk_##C(const Chunk& k, const Geometry& g, int64_t t0, int64_t n) { \
+    input_chunk<C>(k, g, t0, n);                                                                        \
+  }                                                                                                     \
+  RIM_FAST_SIMD_CLONES void output_chunk_##C(const Chunk& k, const Geometry& g, int64_t t0, int64_t n) { \
+    output_chunk<C>(k, g, t0, n);                                                                       \
+  }
+RIM_FAST_WINOGRAD_CHANNELS(16)
+RIM_FAST_WINOGRAD_CHANNELS(32)
+RIM_FAST_WINOGRAD_CHANNELS(64)
+RIM_FAST_WINOGRAD_CHANNELS(128)
+#undef RIM_FAST_WINOGRAD_CHANNELS
+
+InputFn input_fn(int64_t c) {
+  switch (c) {
+    case 16: return &input_chunk_16;
+    case 32: return &input_chunk_32;
+    case 64: return &input_chunk_64;
+    case 128: return &input_chunk_128;
+    default: return nullptr;
+  }
+}
+
+OutputFn output_fn(int64_t c) {
+  switch (c) {
+    case 16: return &output_chunk_16;
+    case 32: return &output_chunk_32;
+    case 64: return &output_chunk_64;
+    case 128: return &output_chunk_128;
+    default: return nullptr;
+  }
+}
+
+constexpr const char* kOp = "winograd_conv3d";
+
+void check_channels(int64_t c, const char* name) {
+  TORCH_CHECK(c == 16 || c == 32 || c == 64 || c == 128, "rim_fast::", kOp, ": ", name,
+              " must be 16, 32, 64 or 128, got ", text(c));
+}
+
+}  // namespace
+
+at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && u.device().is_cpu(), "rim_fast::", kOp, ": x and u must be CPU tensors, got ",
+              text(x.device()), " and ", text(u.device()));
+  TORCH_CHECK(x.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat, "rim_fast::", kOp,
+              ": x and u must be float32, got ", x.scalar_type(), " and ", u.scalar_type());
+  TORCH_CHECK(x.dim() == 5, "rim_fast::", kOp, ": x must be [N, C_in, D, H, W], got shape ", text(x.sizes()));
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == kTransformed && u.size(1) == x.size(1), "rim_fast::", kOp,
+              ": u must be [64, C_in, C_out] with C_in = x.shape[1] = ", text(x.size(1)), ", got shape ",
+              text(u.sizes()));
+  const int64_t c_in = x.size(1), c_out = u.size(2);
+  check_channels(c_in, "C_in (x.shape[1])");
+  check_channels(c_out, "C_out (u.shape[2])");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == c_out,
+                "rim_fast::", kOp, ": bias must be a float32 CPU tensor of shape [", text(c_out), "], got ",
+                bias->scalar_type(), " ", text(bias->sizes()), " on ", text(bias->device()));
+  }
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast3d);
+  const at::Tensor uc = u.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = poisoned(at::empty({x.size(0), c_out, x.size(2), x.size(3), x.size(4)},
+                                    x.options().memory_format(at::MemoryFormat::ChannelsLast3d)));
+  if (y.numel() == 0) {
+    return y;
+  }
+  Geometry g{x.size(0), x.size(2), x.size(3), x.size(4), (x.size(2) + 1) / 2, (x.size(3) + 1) / 2,
+             (x.size(4) + 1) / 2, 0};
+  g.tiles = g.n * g.td * g.th * g.tw;
+  const InputFn input = input_fn(c_in);
+  const OutputFn output = output_fn(c_out);
+  const int64_t ld_v = kTransformed * c_in + kRowPad, ld_m = kTransformed * c_out + kRowPad;
+  // chunks of up to kChunk tiles, smaller where that keeps every thread busy (S3's GRU at 4^3: 32 tiles)
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk_tiles = std::clamp<int64_t>((g.tiles + 2 * threads - 1) / (2 * threads), kMinChunk, kChunk);
+  const int64_t chunks = (g.tiles + chunk_tiles - 1) / chunk_tiles;
+  Chunk base{xc.data_ptr<float>(), uc.data_ptr<float>(), bias.has_value() ? bc.data_ptr<float>() : nullptr,
+             y.data_ptr<float>(), nullptr, nullptr, nullptr, c_in, c_out, ld_v, ld_m,
+             elements_to_write(y.numel())};
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(chunk_tiles * ld_v), m(chunk_tiles * ld_m), scratch(48 * c_out);
+    Chunk k = base;
+    k.v = v.data();
+    k.m = m.data();
+    k.scratch = scratch.data();
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t t0 = chunk * chunk_tiles, count = std::min(chunk_tiles, g.tiles - t0);
+      input(k, g, t0, count);
+      for (int64_t e = 0; e < kTransformed; ++e) {
+        // m[:, e] = v[:, e] @ u[e]: rows are tiles (stride ld), C_in -> C_out
+        at::native::cpublas::brgemm(count, c_out, c_in, ld_v, c_out, ld_m, /*add_C=*/false, k.v + e * c_in,
+                                    k.u + e * c_in * c_out, k.m + e * c_out, /*is_vnni=*/false);
+      }
+      output(k, g, t0, count);
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+  return y;
+}
+
+}  // namespace rim_fast

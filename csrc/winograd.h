@@ -1,0 +1,30 @@
+// A 3x3x3 convolution of stride 1 and zero padding 1 ("same") by Winograd's minimal filtering F(2x2x2, 3x3x3)
+// (Lavin & Gray 2016, in 3D), for the CPU (rim_fast/ops/_cpu.py: ``_winograd``). Each 2x2x2 block of outputs
+// (a tile) reads a 4x4x4 block of the padded input; in the transformed domain the 27 multiply-adds per output and
+// channel pair become 64 per tile, 8 per output (3.4x fewer):
+//
+//   y[tile] = A^T ( sum_c  U[:, c, :] * (B^T x[tile, c] B) ) A        (per axis; 64 = 4^3 transformed positions)
+//
+// with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], and
+// the transformed weight U = G w G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] (computed in
+// Python: ``reference.winograd_weight``, once per RIM call). The sum over the input channels is, per transformed
+// position, a matrix product [tiles x C_in] x [C_in x C_out] (oneDNN's small-matrix kernel, at::native::cpublas::
+// brgemm, or the BLAS gemm where that kernel is missing).
+//
+//   winograd_conv3d(x [N, C_in, D, H, W], u [64, C_in, C_out], bias [C_out]?) -> [N, C_out, D, H, W]
+//
+// float32; x in any layout (channels-last is read as it is); the output is channels-last (NDHWC), as oneDNN's
+// convolutions give it. C_in and C_out each 16, 32, 64 or 128 (the loops are unrolled per channel count).
+// Tiles are processed in chunks of 32 that stay in the core's L2 cache: input transform, the 64 matrix products,
+// output transform. Reference: ``reference.winograd_conv3d`` (the same algorithm in torch ops).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace rim_fast {
+
+at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias);
+
+}  // namespace rim_fast
