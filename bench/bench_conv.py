@@ -24,7 +24,8 @@ conv takes: with autograd ``onednn_fused`` runs the channels-last convolution an
 conv_in, "channels_last" is the channels-last path with its thin-convolution code (``_cpu.THIN_OUT``,
 ``_cpu.THIN_IN``) and "onednn" the same with oneDNN for every convolution; for conv_out fwd, "matmul" is the
 channels-last path with the matrix products where ``auto`` takes the depthwise convolution
-(``_cpu.THIN_DEPTHWISE_DIMS``: 3D).
+(``_cpu.THIN_DEPTHWISE_DIMS``: 3D). In 3D, conv and conv_tanh on the CPU run their 3x3x3 convolutions forward by
+Winograd (``_cpu.WINOGRAD``, csrc/winograd.h); "direct" is the same path with oneDNN's direct convolutions instead.
 Every case is checked against the reference before it is timed (no time for a wrong case).
 
 GB/s for tanh (e = 4 bytes, N elements): fwd 2 e N (read x, write y); fwdbwd 5 e N (and read grad, y; write
@@ -58,9 +59,9 @@ SHIFT = ("shift_sum", "shift_stack")
 THIN = {"conv_out": (NF, 1), "conv_in": (2, NF)}
 PROVIDERS = {
     "tanh": ("reference", "compiled") + (("cpp",) if CPU and _cpp.has_kernel("cpu") else ()),
-    "conv": ("reference", "compiled") + (("channels_last",) if CPU else ()),
+    "conv": ("reference", "compiled") + (("channels_last", "direct") if CPU else ()),
     "conv_tanh": ("reference", "compiled") + (("onednn_fused", "function") if CPU and _cpu._fused_works() else ())
-                 + (("unfused",) if CPU else ()),
+                 + (("unfused", "direct") if CPU else ()),
     "conv_transpose_tanh": ("reference", "compiled") + (("onednn_fused",) if CPU and _cpu._transpose_fused_works()
                                                         else ()) + (("unfused",) if CPU else ()),
     "conv_out": ("reference",) + (("channels_last", "matmul", "onednn") if CPU else ()),
@@ -88,12 +89,12 @@ def _function(op: str, provider: str):
     elif op == "tanh":
         fn = _cpp.tanh if provider == "cpp" else reference.tanh
     elif op == "conv":
-        impl = _cpu.conv if provider == "channels_last" else reference.conv
+        impl = _cpu.conv if provider in ("channels_last", "direct") else reference.conv
 
         def fn(x, w, b):
             return impl(x, w, b, 1, "same", 1, 1)
     elif op == "conv_tanh":
-        impl = {"onednn_fused": _cpu.conv_tanh, "unfused": _conv_then_tanh,
+        impl = {"onednn_fused": _cpu.conv_tanh, "direct": _cpu.conv_tanh, "unfused": _conv_then_tanh,
                 "function": _conv_tanh_function}.get(provider, reference.conv_tanh)
 
         def fn(x, w, b):
@@ -167,15 +168,18 @@ def make_case(op: str, mode: str, provider: str, shape: tuple):
     thin = (0, 0) if provider == "onednn" else (_cpu.THIN_OUT, _cpu.THIN_IN)
     depthwise = () if provider == "matmul" else _cpu.THIN_DEPTHWISE_DIMS
 
+    winograd = _cpu.WINOGRAD and provider != "direct"
+
     def run():
-        saved = _cpu.THIN_OUT, _cpu.THIN_IN, _cpu.THIN_DEPTHWISE_DIMS
-        _cpu.THIN_OUT, _cpu.THIN_IN, _cpu.THIN_DEPTHWISE_DIMS = (*thin, depthwise)  # for forward and backward
+        saved = _cpu.THIN_OUT, _cpu.THIN_IN, _cpu.THIN_DEPTHWISE_DIMS, _cpu.WINOGRAD
+        # for forward and backward
+        _cpu.THIN_OUT, _cpu.THIN_IN, _cpu.THIN_DEPTHWISE_DIMS, _cpu.WINOGRAD = (*thin, depthwise, winograd)
         try:
             with torch.set_grad_enabled(mode == "fwdbwd"):
                 out = fn(*inputs)
                 outs = (out,) + (torch.autograd.grad(out, wrt, cot) if mode == "fwdbwd" else ())
         finally:
-            _cpu.THIN_OUT, _cpu.THIN_IN, _cpu.THIN_DEPTHWISE_DIMS = saved
+            _cpu.THIN_OUT, _cpu.THIN_IN, _cpu.THIN_DEPTHWISE_DIMS, _cpu.WINOGRAD = saved
         synchronize(DEVICE)
         return outs
     return run
@@ -218,7 +222,9 @@ CASES = [pytest.param(name, op, mode, provider, id=f"{name}-{op}-{mode}-{provide
          for i, name in enumerate(shapes()) for op, mode in OPS for provider in PROVIDERS[op]
          # smoke mode (CI): compiling costs seconds per case and tells nothing there; one workload suffices
          if not (SMOKE and provider == "compiled" and i > 0) and not (provider == "function" and mode == "fwd")
-         and not (provider == "matmul" and mode == "fwdbwd")]
+         and not (provider == "matmul" and mode == "fwdbwd")
+         # Winograd's convolutions are 3D: elsewhere "direct" is "channels_last"
+         and not (provider == "direct" and len(shapes()[name]) != 5)]
 
 
 @pytest.mark.parametrize("name,op,mode,provider", CASES)

@@ -196,7 +196,7 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
     torch.compile, torch.export, torch.func transforms or autocast), with rim_fast._C built. Forward only: oneDNN
     computes the gradients (``_Winograd``). Measured, forward, against oneDNN's channels-last convolution on
     our 2-core Xeon (AVX-512), 2026-12-05: S3's 32 -> 32 at [4, 32, 16^3] 2.8 -> 2.1 ms, 64 -> 64 at [4, 64, 8^3]
-    1.2 -> 0.75 ms; bench/bench_conv.py ``winograd``."""
+    1.2 -> 0.75 ms (bench/bench_conv.py: providers "channels_last" / "onednn_fused" against "direct")."""
     return (WINOGRAD and xc.dim() == 5 and tuple(w.shape[2:]) == (3, 3, 3) and list(pads) == [1, 1, 1]
             and dilation in (1, [1, 1, 1]) and groups == 1 and xc.device.type == "cpu"
             and xc.dtype == torch.float32 and w.dtype == torch.float32
