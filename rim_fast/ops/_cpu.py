@@ -193,8 +193,8 @@ _WINOGRAD_CHANNELS = (16, 32, 64, 128)
 def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dilation, groups: int) -> bool:
     """Whether a stride-1 convolution runs as ``rim_fast::winograd_conv3d``: 3D, a 3x3x3 kernel with padding 1
     ("same"), no dilation or groups, float32, 16/32/64/128 input and output channels, eagerly (not under
-    torch.compile, torch.export, torch.func transforms or autocast), with rim_fast._C built. Forward only: oneDNN
-    computes the gradients (``_Winograd``). Measured, forward, against oneDNN's channels-last convolution on
+    torch.compile, torch.export, torch.func transforms or autocast), with rim_fast._C built. With autograd the
+    input gradient runs by Winograd too, the weight's by oneDNN (``_Winograd``). Measured, forward, against oneDNN's channels-last convolution on
     our 2-core Xeon (AVX-512), 2026-12-05: S3's 32 -> 32 at [4, 32, 16^3] 2.8 -> 2.1 ms, 64 -> 64 at [4, 64, 8^3]
     1.2 -> 0.75 ms (bench/bench_conv.py: providers "channels_last" / "onednn_fused" against "direct")."""
     return (WINOGRAD and xc.dim() == 5 and tuple(w.shape[2:]) == (3, 3, 3) and list(pads) == [1, 1, 1]
@@ -209,34 +209,45 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
 
 
 def _winograd(xc: Tensor, w: Tensor, bias: Optional[Tensor], weight: Tensor) -> Tensor:
-    # the transformed weight once per RIM call (``derived``), from the parameter itself; no autograd through it
+    # the transformed weights once per RIM call (``derived``), from the parameter itself; no autograd through them
     from ..layers import derived
     from .reference import winograd_weight
     u = derived.derived(weight, "winograd", lambda: winograd_weight(weight.detach()))
-    if needs_grad(xc, w, bias):
-        return _Winograd.apply(xc, w, bias, u)
-    return _cpp.winograd_conv3d(xc, u, bias)
+    if not needs_grad(xc, w, bias):
+        return _cpp.winograd_conv3d(xc, u, bias)
+    # the input gradient is the "same" convolution of the output gradient with the flipped, transposed weight
+    u_t = derived.derived(weight, "winograd_input_grad", lambda: winograd_weight(
+        weight.detach().flip(2, 3, 4).transpose(0, 1))) if xc.requires_grad else None
+    return _Winograd.apply(xc, w, bias, u, u_t)
 
 
 class _Winograd(torch.autograd.Function):
-    """A 3x3x3 "same" convolution: forward by Winograd (``rim_fast::winograd_conv3d`` with the transformed weight
-    ``u``), backward by oneDNN (``aten.convolution_backward`` of the direct convolution with ``w``, in the
-    channels-last layout): the gradients are those of the same convolution, and differentiable."""
+    """A 3x3x3 "same" convolution by Winograd (``rim_fast::winograd_conv3d`` with the transformed weight ``u``).
+    Backward: the input gradient by Winograd too (the convolution of the output gradient with the flipped,
+    transposed weight, transformed: ``u_t``), the weight and bias gradients by oneDNN (``aten.convolution_backward``
+    of the direct convolution with ``w``, in the channels-last layout). Under create_graph (double backward) all
+    three come from oneDNN's differentiable convolution_backward."""
 
     @staticmethod
-    def forward(ctx, xc, w, bias, u):
-        ctx.save_for_backward(xc, w)
+    def forward(ctx, xc, w, bias, u, u_t):
+        ctx.save_for_backward(xc, w, u_t)
         ctx.has_bias = bias is not None
         return _cpp.winograd_conv3d(xc, u, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        xc, w = ctx.saved_tensors
+        xc, w, u_t = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last_3d)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad.contiguous(memory_format=torch.channels_last_3d), xc, w, [w.shape[0]] if ctx.has_bias else None,
-            [1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1, mask)
-        return gx, gw, gb if ctx.has_bias else None, None
+        winograd_gx = mask[0] and u_t is not None and not torch.is_grad_enabled()
+        gx = gw = gb = None
+        if mask[1] or mask[2] or (mask[0] and not winograd_gx):
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                grad, xc, w, [w.shape[0]] if ctx.has_bias else None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False,
+                [0, 0, 0], 1, [mask[0] and not winograd_gx, *mask[1:]])
+        if winograd_gx:
+            gx = _cpp.winograd_conv3d(grad, u_t, None)
+        return gx, gw, gb if ctx.has_bias else None, None, None
 
 
 # ---- conv + tanh in one oneDNN primitive (inference) --------------------------------------------------------
