@@ -15,6 +15,10 @@ S3 [4, 32, 16x16x16], L2 [32, 32, 256x256] (CUDA only). Ops:
              gradients of the input and the weight
   shift_sum  the thin output conv's last step, fwd: its 3^d taps' planes [1, 3^d, B, *size] summed shifted
              (csrc/shift.cpp); shift_stack: its adjoint, fwd: [1, B, *size] -> [1, 3^d, B, *size]
+  conv_weight  3D only: the weight and bias gradient of the 3x3x3 conv nf -> nf from its input and output gradient,
+             fwd; providers "channels_last" (oneDNN's convolution_backward) and "cpp" (Winograd:
+             rim_fast::winograd_conv3d_weight, then winograd_weight's adjoint, which a RIM call runs once for its T
+             steps, here at every call)
 Providers: "reference" (the reference op, eager: torch.tanh, NCHW convolutions), "compiled" (torch.compile of the
 reference, fullgraph, static shapes), and the implementations ``auto`` can pick on this device: "cpp" (tanh and the
 shifted sums: the C++ CPU kernels), "channels_last" (CPU convolutions in oneDNN's preferred layout), "onednn_fused"
@@ -52,7 +56,7 @@ NF = MODEL["nf"]
 CPU = DEVICE == "cpu"
 OPS = (("tanh", "fwd"), ("tanh", "fwdbwd"), ("conv", "fwd"), ("conv_tanh", "fwd"), ("conv_tanh", "fwdbwd"),
        ("conv_transpose_tanh", "fwd"), ("conv_out", "fwd"), ("conv_out", "fwdbwd"), ("conv_in", "fwdbwd"),
-       ("shift_sum", "fwd"), ("shift_stack", "fwd"))
+       ("shift_sum", "fwd"), ("shift_stack", "fwd"), ("conv_weight", "fwd"))
 #: the shifted sums of the thin convolutions (CPU only)
 SHIFT = ("shift_sum", "shift_stack")
 #: input and output channels of the thin convolutions
@@ -67,6 +71,8 @@ PROVIDERS = {
     "conv_out": ("reference",) + (("channels_last", "matmul", "onednn") if CPU else ()),
     "conv_in": ("reference",) + (("channels_last", "onednn") if CPU else ()),
     **{op: ("reference", "cpp") if CPU and _cpp.has_kernel("cpu") else () for op in SHIFT},
+    "conv_weight": ("reference",) + (("channels_last",) if CPU else ()) + (("cpp",) if CPU and _cpp.has_kernel("cpu")
+                                                                          else ()),
 }
 #: conv_transpose_tanh's arguments after (x, weight, bias): stride 2, padding 1, output_padding 1, groups, dilation,
 #: no crop (score_models' ConvTransposed*dSame of an Hourglass' decoder)
@@ -88,6 +94,8 @@ def _function(op: str, provider: str):
             return kernel(planes, (3,) * (planes.dim() - (3 if op == "shift_sum" else 2)), sign)
     elif op == "tanh":
         fn = _cpp.tanh if provider == "cpp" else reference.tanh
+    elif op == "conv_weight":
+        fn = {"channels_last": _weight_grad_onednn, "cpp": _weight_grad_winograd}.get(provider, _weight_grad_reference)
     elif op == "conv":
         impl = _cpu.conv if provider in ("channels_last", "direct") else reference.conv
 
@@ -127,6 +135,29 @@ def _conv_tanh_function(x, w, b, padding, dilation, groups):
     return out.squeeze(2) if one_d else out
 
 
+def _weight_grad_reference(x, g):
+    # the NCDHW convolution's weight and bias gradient, as one flat tensor
+    with torch.enable_grad():
+        w = x.new_zeros(g.shape[1], x.shape[1], 3, 3, 3, requires_grad=True)
+        b = x.new_zeros(g.shape[1], requires_grad=True)
+        gw, gb = torch.autograd.grad(reference.conv(x, w, b, 1, "same"), (w, b), g)
+    return torch.cat([gw.reshape(-1), gb])
+
+
+def _weight_grad_onednn(x, g):
+    xc, gc = _cpu._to_cl(x), _cpu._to_cl(g)
+    w = x.new_empty(g.shape[1], x.shape[1], 3, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+    _, gw, gb = torch.ops.aten.convolution_backward(gc, xc, w, [g.shape[1]], [1] * 3, [1] * 3, [1] * 3, False,
+                                                    [0] * 3, 1, [False, True, True])
+    return torch.cat([gw.reshape(-1), gb])
+
+
+def _weight_grad_winograd(x, g):
+    xc, gc = _cpu._to_cl(x), _cpu._to_cl(g)
+    gw = reference.winograd_weight_grad(_cpp.winograd_conv3d_weight(xc, gc))
+    return torch.cat([gw.reshape(-1), gc.sum((0, 2, 3, 4))])
+
+
 def _input_shape(op, shape) -> tuple:
     # the upsampling layer reads the half-size map; the thin convolutions their own channels; the shifted sums the
     # thin output conv's planes
@@ -147,6 +178,8 @@ def _inputs(op, shape):
     x = (2 * torch.randn(*_input_shape(op, shape), generator=g)).to(DEVICE)
     if op == "tanh" or op in SHIFT:
         return [x]
+    if op == "conv_weight":
+        return [x, torch.randn(*shape, generator=g).to(DEVICE)]
     dims = len(shape) - 2
     c_in, c_out = THIN.get(op, (NF, NF))
     w = (torch.randn(c_out, c_in, *[3] * dims, generator=g) / math.sqrt(c_in * 3 ** dims)).to(DEVICE)
@@ -213,6 +246,8 @@ def throughput(op, mode, shape, seconds) -> dict:
         return {"GBps": 4 * (taps + 1) * plane / seconds / 1e9}
     if op == "tanh":
         return {"GBps": BYTES_PER_ELEMENT[(op, mode)] * 4 * n / seconds / 1e9}
+    if op == "conv_weight":  # the direct convolution's multiply-adds, as for the others
+        return {"GFLOPs": 2 * n * NF * 27 / seconds / 1e9}
     c_out = THIN[op][1] if op in THIN else NF
     passes = 3 if mode == "fwdbwd" else 1  # forward, input gradient, weight gradient
     return {"GFLOPs": passes * 2 * n * c_out * 3 ** (len(shape) - 2) / seconds / 1e9}
@@ -224,7 +259,7 @@ CASES = [pytest.param(name, op, mode, provider, id=f"{name}-{op}-{mode}-{provide
          if not (SMOKE and provider == "compiled" and i > 0) and not (provider == "function" and mode == "fwd")
          and not (provider == "matmul" and mode == "fwdbwd")
          # Winograd's convolutions are 3D: elsewhere "direct" is "channels_last"
-         and not (provider == "direct" and len(shapes()[name]) != 5)]
+         and not ((provider == "direct" or op == "conv_weight") and len(shapes()[name]) != 5)]
 
 
 @pytest.mark.parametrize("name,op,mode,provider", CASES)

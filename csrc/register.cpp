@@ -137,6 +137,7 @@ TORCH_LIBRARY_IMPL(rim_fast, CPU, m) {
   m.impl("shift_sum", &shift_sum_cpu);
   m.impl("shift_stack", &shift_stack_cpu);
   m.impl("winograd_conv3d", &winograd_conv3d_cpu);
+  m.impl("winograd_conv3d_weight", &winograd_conv3d_weight_cpu);
 }
 
 #ifdef RIM_FAST_WITH_CUDA

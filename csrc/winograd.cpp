@@ -11,7 +11,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace rim_fast {
 namespace {
@@ -29,9 +34,10 @@ struct Geometry {
   int64_t tiles;          // n * td * th * tw
 };
 
-// B^T along one axis: four C-vectors at stride s in, at stride os out (in place when the same).
+// B^T along one axis: four C-vectors at stride s in, at stride os out (distinct memory: the loops vectorise, where
+// an in-place pass fails the compiler's overlap check and runs scalar).
 template <int C>
-C10_ALWAYS_INLINE void input_axis(const float* p, int64_t s, float* o, int64_t os) {
+C10_ALWAYS_INLINE void input_axis(const float* C10_RESTRICT p, int64_t s, float* C10_RESTRICT o, int64_t os) {
   for (int c = 0; c < C; ++c) {
     const float v0 = p[c], v1 = p[s + c], v2 = p[2 * s + c], v3 = p[3 * s + c];
     o[c] = v0 - v2;
@@ -43,7 +49,7 @@ C10_ALWAYS_INLINE void input_axis(const float* p, int64_t s, float* o, int64_t o
 
 // A^T along one axis: four C-vectors at stride s in, two at stride os out.
 template <int C>
-C10_ALWAYS_INLINE void output_axis(const float* p, int64_t s, float* o, int64_t os) {
+C10_ALWAYS_INLINE void output_axis(const float* C10_RESTRICT p, int64_t s, float* C10_RESTRICT o, int64_t os) {
   for (int c = 0; c < C; ++c) {
     const float v1 = p[s + c], v2 = p[2 * s + c];
     o[c] = p[c] + v1 + v2;
@@ -67,16 +73,19 @@ inline TileIndex tile_index(const Geometry& g, int64_t t) {
 }
 
 // The transformed input of tile t into v[64][C] (row e = 16 i + 4 j + k for the tile's offsets i, j, k along D,
-// H, W). x: NDHWC. Positions outside the input are the zero padding.
+// H, W). x: NDHWC. Positions outside the input are the zero padding. `work`: 128 * C, the passes' buffers.
 template <int C>
-C10_ALWAYS_INLINE void input_tile(const float* C10_RESTRICT x, float* C10_RESTRICT v, const Geometry& g, int64_t t) {
+C10_ALWAYS_INLINE void input_tile(const float* C10_RESTRICT x, float* C10_RESTRICT v, float* C10_RESTRICT work,
+                                  const Geometry& g, int64_t t) {
   const TileIndex ti = tile_index(g, t);
   const int64_t w0 = 2 * ti.tw - 1;
   const bool inside_w = w0 >= 0 && w0 + 3 < g.w;
+  float* const along_w = work;
+  float* const along_h = work + 64 * C;
   for (int i = 0; i < 4; ++i) {
     for (int j = 0; j < 4; ++j) {
       const int64_t d = 2 * ti.td - 1 + i, h = 2 * ti.th - 1 + j;
-      float* row = v + (i * 16 + j * 4) * C;
+      float* row = along_w + (i * 16 + j * 4) * C;
       if (d < 0 || d >= g.d || h < 0 || h >= g.h) {
         std::fill(row, row + 4 * C, 0.f);
         continue;
@@ -100,13 +109,11 @@ C10_ALWAYS_INLINE void input_tile(const float* C10_RESTRICT x, float* C10_RESTRI
   }
   for (int i = 0; i < 4; ++i) {  // H
     for (int k = 0; k < 4; ++k) {
-      float* p = v + (i * 16 + k) * C;
-      input_axis<C>(p, 4 * C, p, 4 * C);
+      input_axis<C>(along_w + (i * 16 + k) * C, 4 * C, along_h + (i * 16 + k) * C, 4 * C);
     }
   }
   for (int jk = 0; jk < 16; ++jk) {  // D
-    float* p = v + jk * C;
-    input_axis<C>(p, 16 * C, p, 16 * C);
+    input_axis<C>(along_h + jk * C, 16 * C, v + jk * C, 16 * C);
   }
 }
 
@@ -151,6 +158,138 @@ C10_ALWAYS_INLINE void output_tile(const float* C10_RESTRICT m, float* C10_RESTR
   }
 }
 
+// A along one axis (the adjoint of A^T): two C-vectors at stride s in, four at stride os out.
+template <int C>
+C10_ALWAYS_INLINE void output_adjoint_axis(const float* C10_RESTRICT p, int64_t s, float* C10_RESTRICT o,
+                                          int64_t os) {
+  for (int c = 0; c < C; ++c) {
+    const float v0 = p[c], v1 = p[s + c];
+    o[c] = v0;
+    o[os + c] = v0 + v1;
+    o[2 * os + c] = v0 - v1;
+    o[3 * os + c] = -v1;
+  }
+}
+
+// The adjoint of ``output_tile`` (without the bias): tile t's output gradient dy (NDHWC; zero outside the volume)
+// to its transformed products' gradient m[64][C]. `scratch`: 48 * C.
+template <int C>
+C10_ALWAYS_INLINE void output_adjoint_tile(const float* C10_RESTRICT dy, float* C10_RESTRICT m,
+                                           float* C10_RESTRICT scratch, const Geometry& g, int64_t t) {
+  const TileIndex ti = tile_index(g, t);
+  float* hw = scratch + 32 * C;  // [2][2][4]: W expanded
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      const int64_t d = 2 * ti.td + i, h = 2 * ti.th + j, w = 2 * ti.tw;
+      float pair[2 * C];
+      if (d >= g.d || h >= g.h) {
+        std::fill(pair, pair + 2 * C, 0.f);
+      } else {
+        const float* in = dy + (((ti.n * g.d + d) * g.h + h) * g.w + w) * C;
+        std::copy(in, in + C, pair);
+        if (w + 1 < g.w) {
+          std::copy(in + C, in + 2 * C, pair + C);
+        } else {
+          std::fill(pair + C, pair + 2 * C, 0.f);
+        }
+      }
+      output_adjoint_axis<C>(pair, C, hw + (i * 8 + j * 4) * C, C);
+    }
+  }
+  for (int i = 0; i < 2; ++i) {  // H: [2][2][4] -> [2][4][4] in scratch (row i * 16 + j * 4 + k)
+    for (int k = 0; k < 4; ++k) {
+      output_adjoint_axis<C>(hw + (i * 8 + k) * C, 4 * C, scratch + (i * 16 + k) * C, 4 * C);
+    }
+  }
+  for (int jk = 0; jk < 16; ++jk) {  // D: [2][16] -> [4][16] into m
+    output_adjoint_axis<C>(scratch + jk * C, 16 * C, m + jk * C, 16 * C);
+  }
+}
+
+// du[c][o] += sum_i v[i * ld_v + c] m[i * ld_m + o] over a chunk's `count` tiles, for one transformed position:
+// the weight gradient's outer products. AVX-512 where the CPU has it (16 accumulators of 16 floats in registers,
+// a block of 16 / (C_out / 16) rows of du at a time), else plain loops.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RIM_FAST_WINOGRAD_AVX512 1
+template <int C, int CO>
+__attribute__((target("avx512f"))) void outer_products_avx512(const float* v, int64_t ld_v, const float* m,
+                                                              int64_t ld_m, int64_t count, float* du) {
+  constexpr int kVectors = CO / 16;
+  constexpr int kRows = 16 / kVectors < C ? 16 / kVectors : C;
+  for (int c0 = 0; c0 < C; c0 += kRows) {
+    __m512 acc[kRows][kVectors];
+    for (int r = 0; r < kRows; ++r) {
+      for (int j = 0; j < kVectors; ++j) {
+        acc[r][j] = _mm512_loadu_ps(du + (c0 + r) * CO + 16 * j);
+      }
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      __m512 row[kVectors];
+      for (int j = 0; j < kVectors; ++j) {
+        row[j] = _mm512_loadu_ps(m + i * ld_m + 16 * j);
+      }
+      const float* vi = v + i * ld_v + c0;
+      for (int r = 0; r < kRows; ++r) {
+        const __m512 a = _mm512_set1_ps(vi[r]);
+        for (int j = 0; j < kVectors; ++j) {
+          acc[r][j] = _mm512_fmadd_ps(a, row[j], acc[r][j]);
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      for (int j = 0; j < kVectors; ++j) {
+        _mm512_storeu_ps(du + (c0 + r) * CO + 16 * j, acc[r][j]);
+      }
+    }
+  }
+}
+#endif
+
+template <int C, int CO>
+void outer_products_plain(const float* v, int64_t ld_v, const float* m, int64_t ld_m, int64_t count, float* du) {
+  for (int64_t i = 0; i < count; ++i) {
+    for (int c = 0; c < C; ++c) {
+      const float a = v[i * ld_v + c];
+      for (int o = 0; o < CO; ++o) {
+        du[c * CO + o] += a * m[i * ld_m + o];
+      }
+    }
+  }
+}
+
+using OuterFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
+
+template <int C, int CO>
+OuterFn outer_fn_for() {
+#ifdef RIM_FAST_WINOGRAD_AVX512
+  if (__builtin_cpu_supports("avx512f")) {
+    return &outer_products_avx512<C, CO>;
+  }
+#endif
+  return &outer_products_plain<C, CO>;
+}
+
+template <int C>
+OuterFn outer_fn_c(int64_t c_out) {
+  switch (c_out) {
+    case 16: return outer_fn_for<C, 16>();
+    case 32: return outer_fn_for<C, 32>();
+    case 64: return outer_fn_for<C, 64>();
+    case 128: return outer_fn_for<C, 128>();
+    default: return nullptr;
+  }
+}
+
+OuterFn outer_fn(int64_t c_in, int64_t c_out) {
+  switch (c_in) {
+    case 16: return outer_fn_c<16>(c_out);
+    case 32: return outer_fn_c<32>(c_out);
+    case 64: return outer_fn_c<64>(c_out);
+    case 128: return outer_fn_c<128>(c_out);
+    default: return nullptr;
+  }
+}
+
 // One chunk of tiles [t0, t0 + count): transform, multiply per transformed position, transform back.
 struct Chunk {
   const float* x;
@@ -160,6 +299,7 @@ struct Chunk {
   float* v;        // [kChunk][64 * C_in + kRowPad]
   float* m;        // [kChunk][64 * C_out + kRowPad]
   float* scratch;  // 48 * C_out
+  float* work;     // 128 * C_in
   int64_t c_in, c_out, ld_v, ld_m, limit;
 };
 
@@ -169,7 +309,7 @@ using OutputFn = void (*)(const Chunk&, const Geometry&, int64_t, int64_t);
 template <int C>
 C10_ALWAYS_INLINE void input_chunk(const Chunk& k, const Geometry& g, int64_t t0, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
-    input_tile<C>(k.x, k.v + i * k.ld_v, g, t0 + i);
+    input_tile<C>(k.x, k.v + i * k.ld_v, k.work, g, t0 + i);
   }
 }
 
@@ -180,6 +320,14 @@ C10_ALWAYS_INLINE void output_chunk(const Chunk& k, const Geometry& g, int64_t t
   }
 }
 
+// k.y holds the output gradient here (read only)
+template <int C>
+C10_ALWAYS_INLINE void output_adjoint_chunk(const Chunk& k, const Geometry& g, int64_t t0, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    output_adjoint_tile<C>(k.y, k.m + i * k.ld_m, k.scratch, g, t0 + i);
+  }
+}
+
 // One plain function per channel count (target_clones takes no templates): AVX-512, AVX2 or the baseline.
 #define RIM_FAST_WINOGRAD_CHANNELS(C)                                                                   \
   RIM_FAST_SIMD_CLONES void input_chunk_##C(const Chunk& k, const Geometry& g, int64_t t0, int64_t n) { \
@@ -187,6 +335,10 @@ C10_ALWAYS_INLINE void output_chunk(const Chunk& k, const Geometry& g, int64_t t
   }                                                                                                     \
   RIM_FAST_SIMD_CLONES void output_chunk_##C(const Chunk& k, const Geometry& g, int64_t t0, int64_t n) { \
     output_chunk<C>(k, g, t0, n);                                                                       \
+  }                                                                                                     \
+  RIM_FAST_SIMD_CLONES void output_adjoint_chunk_##C(const Chunk& k, const Geometry& g, int64_t t0,     \
+                                                     int64_t n) {                                       \
+    output_adjoint_chunk<C>(k, g, t0, n);                                                               \
   }
 RIM_FAST_WINOGRAD_CHANNELS(16)
 RIM_FAST_WINOGRAD_CHANNELS(32)
@@ -214,11 +366,35 @@ OutputFn output_fn(int64_t c) {
   }
 }
 
-constexpr const char* kOp = "winograd_conv3d";
+OutputFn output_adjoint_fn(int64_t c) {
+  switch (c) {
+    case 16: return &output_adjoint_chunk_16;
+    case 32: return &output_adjoint_chunk_32;
+    case 64: return &output_adjoint_chunk_64;
+    case 128: return &output_adjoint_chunk_128;
+    default: return nullptr;
+  }
+}
 
-void check_channels(int64_t c, const char* name) {
-  TORCH_CHECK(c == 16 || c == 32 || c == 64 || c == 128, "rim_fast::", kOp, ": ", name,
+constexpr const char* kOp = "winograd_conv3d";
+constexpr const char* kWeightOp = "winograd_conv3d_weight";
+
+void check_channels(int64_t c, const char* name, const char* op = kOp) {
+  TORCH_CHECK(c == 16 || c == 32 || c == 64 || c == 128, "rim_fast::", op, ": ", name,
               " must be 16, 32, 64 or 128, got ", text(c));
+}
+
+Geometry geometry_of(const at::Tensor& x) {
+  Geometry g{x.size(0), x.size(2), x.size(3), x.size(4), (x.size(2) + 1) / 2, (x.size(3) + 1) / 2,
+             (x.size(4) + 1) / 2, 0};
+  g.tiles = g.n * g.td * g.th * g.tw;
+  return g;
+}
+
+// Tiles per chunk: up to kChunk, fewer where that keeps every thread busy (S3's GRU at 4^3: 32 tiles)
+int64_t chunk_tiles_for(const Geometry& g) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return std::clamp<int64_t>((g.tiles + 2 * threads - 1) / (2 * threads), kMinChunk, kChunk);
 }
 
 }  // namespace
@@ -249,25 +425,22 @@ at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const s
   if (y.numel() == 0) {
     return y;
   }
-  Geometry g{x.size(0), x.size(2), x.size(3), x.size(4), (x.size(2) + 1) / 2, (x.size(3) + 1) / 2,
-             (x.size(4) + 1) / 2, 0};
-  g.tiles = g.n * g.td * g.th * g.tw;
+  const Geometry g = geometry_of(x);
   const InputFn input = input_fn(c_in);
   const OutputFn output = output_fn(c_out);
   const int64_t ld_v = kTransformed * c_in + kRowPad, ld_m = kTransformed * c_out + kRowPad;
-  // chunks of up to kChunk tiles, smaller where that keeps every thread busy (S3's GRU at 4^3: 32 tiles)
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk_tiles = std::clamp<int64_t>((g.tiles + 2 * threads - 1) / (2 * threads), kMinChunk, kChunk);
+  const int64_t chunk_tiles = chunk_tiles_for(g);
   const int64_t chunks = (g.tiles + chunk_tiles - 1) / chunk_tiles;
   Chunk base{xc.data_ptr<float>(), uc.data_ptr<float>(), bias.has_value() ? bc.data_ptr<float>() : nullptr,
-             y.data_ptr<float>(), nullptr, nullptr, nullptr, c_in, c_out, ld_v, ld_m,
+             y.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, c_in, c_out, ld_v, ld_m,
              elements_to_write(y.numel())};
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> v(chunk_tiles * ld_v), m(chunk_tiles * ld_m), scratch(48 * c_out);
+    std::vector<float> v(chunk_tiles * ld_v), m(chunk_tiles * ld_m), scratch(48 * c_out), work(128 * c_in);
     Chunk k = base;
     k.v = v.data();
     k.m = m.data();
     k.scratch = scratch.data();
+    k.work = work.data();
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t t0 = chunk * chunk_tiles, count = std::min(chunk_tiles, g.tiles - t0);
       input(k, g, t0, count);
@@ -281,6 +454,66 @@ at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const s
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
   return y;
+}
+
+at::Tensor winograd_conv3d_weight_cpu(const at::Tensor& x, const at::Tensor& grad) {
+  TORCH_CHECK(x.device().is_cpu() && grad.device().is_cpu(), "rim_fast::", kWeightOp,
+              ": x and grad must be CPU tensors, got ", text(x.device()), " and ", text(grad.device()));
+  TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat, "rim_fast::", kWeightOp,
+              ": x and grad must be float32, got ", x.scalar_type(), " and ", grad.scalar_type());
+  TORCH_CHECK(x.dim() == 5, "rim_fast::", kWeightOp, ": x must be [N, C_in, D, H, W], got shape ",
+              text(x.sizes()));
+  TORCH_CHECK(grad.dim() == 5 && grad.size(0) == x.size(0) && grad.size(2) == x.size(2) &&
+                  grad.size(3) == x.size(3) && grad.size(4) == x.size(4),
+              "rim_fast::", kWeightOp, ": grad must be [N, C_out, D, H, W] with x's N, D, H, W ",
+              text(x.sizes()), ", got shape ", text(grad.sizes()));
+  const int64_t c_in = x.size(1), c_out = grad.size(1);
+  check_channels(c_in, "C_in (x.shape[1])", kWeightOp);
+  check_channels(c_out, "C_out (grad.shape[1])", kWeightOp);
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast3d);
+  const at::Tensor gc = grad.contiguous(at::MemoryFormat::ChannelsLast3d);
+  at::Tensor du = new_output({kTransformed, c_in, c_out}, x.options());
+  const int64_t elements = du.numel(), limit = elements_to_write(elements);
+  const Geometry g = geometry_of(x);
+  const InputFn input = input_fn(c_in);
+  const OutputFn adjoint = output_adjoint_fn(c_out);
+  const OuterFn outer = outer_fn(c_in, c_out);
+  const int64_t ld_v = kTransformed * c_in + kRowPad, ld_m = kTransformed * c_out + kRowPad;
+  const int64_t chunk_tiles = chunk_tiles_for(g);
+  const int64_t chunks = (g.tiles + chunk_tiles - 1) / chunk_tiles;
+  Chunk base{xc.data_ptr<float>(), nullptr, nullptr, const_cast<float*>(gc.data_ptr<float>()), nullptr, nullptr,
+             nullptr, nullptr, c_in, c_out, ld_v, ld_m, 0};
+  // each thread sums its chunks' outer products; du is then the sum of those partial sums
+  std::mutex guard;
+  std::vector<std::vector<float>> partials;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(chunk_tiles * ld_v), m(chunk_tiles * ld_m), scratch(48 * c_out), work(128 * c_in),
+        partial(elements, 0.f);
+    Chunk k = base;
+    k.v = v.data();
+    k.m = m.data();
+    k.scratch = scratch.data();
+    k.work = work.data();
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t t0 = chunk * chunk_tiles, count = std::min(chunk_tiles, g.tiles - t0);
+      input(k, g, t0, count);
+      adjoint(k, g, t0, count);
+      for (int64_t e = 0; e < kTransformed; ++e) {
+        outer(k.v + e * c_in, ld_v, k.m + e * c_out, ld_m, count, partial.data() + e * c_in * c_out);
+      }
+    }
+    const std::lock_guard<std::mutex> lock(guard);
+    partials.push_back(std::move(partial));
+  });
+  float* out = du.data_ptr<float>();
+  for (int64_t i = 0; i < limit; ++i) {
+    float total = 0.f;
+    for (const auto& partial : partials) {
+      total += partial[i];
+    }
+    out[i] = total;
+  }
+  return du;
 }
 
 }  // namespace rim_fast

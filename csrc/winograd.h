@@ -27,4 +27,11 @@ namespace rim_fast {
 
 at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias);
 
+// The gradient of the transformed weight u: winograd_conv3d_weight(x [N, C_in, D, H, W], grad [N, C_out, D, H, W])
+// -> [64, C_in, C_out], du[e] = sum over tiles of (B^T x B)[e]^T (A grad A^T)[e] (the outer products of the
+// transformed input and the transformed output gradient; the weight's gradient is then G^T du G per axis,
+// ``reference.winograd_weight``'s adjoint). Chunked as the forward; the outer products in AVX-512 registers where
+// the CPU has AVX-512. float32; C_in and C_out as above.
+at::Tensor winograd_conv3d_weight_cpu(const at::Tensor& x, const at::Tensor& grad);
+
 }  // namespace rim_fast

@@ -868,6 +868,63 @@ def test_winograd_op_gradients(shift_ext):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
+def _weight_grad_exact(x64, g64, c_out):
+    w = torch.zeros(c_out, x64.shape[1], 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    return torch.autograd.grad(torch.nn.functional.conv3d(x64, w, padding=1), w, g64)[0]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_winograd_weight_reference_is_the_weight_gradient(case):
+    # float64: the transformed gradient, turned into the weight's by winograd_weight's adjoint, is conv3d's
+    n, c_in, c_out, *size = case
+    x, _, _ = _winograd_inputs(*case)
+    g = torch.randn(n, c_out, *size, dtype=torch.float64)
+    du = reference.winograd_conv3d_weight(x, g)
+    torch.testing.assert_close(reference.winograd_weight_grad(du), _weight_grad_exact(x, g, c_out), rtol=1e-12,
+                               atol=1e-12)
+    # and winograd_weight_grad is winograd_weight's adjoint: <G w G^T, du> = <w, G^T du G>
+    w = torch.randn(c_out, c_in, 3, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close((reference.winograd_weight(w) * du).sum(), (w * reference.winograd_weight_grad(du)).sum())
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_winograd_weight_kernel_matches_reference(shift_ext, case, layout):
+    """Output NaN-poisoned first (``ext``); against the reference's float32 run and, for the error budget, the
+    weight gradient through winograd_weight's adjoint against oneDNN's in float32 and conv3d's in float64."""
+    n, c_in, c_out, *size = case
+    x64, _, _ = _winograd_inputs(*case)
+    g64 = torch.randn(n, c_out, *size, dtype=torch.float64)
+    x, g = x64.float(), g64.float()
+    if layout == "channels_last":
+        x, g = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, g))
+    du = torch.ops.rim_fast.winograd_conv3d_weight(x, g)
+    assert du.shape == (64, c_in, c_out) and du.is_contiguous()
+    expected = reference.winograd_conv3d_weight(x, g)  # sums over every tile: absolute at their scale
+    torch.testing.assert_close(du, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    w32 = torch.zeros(c_out, c_in, 3, 3, 3, requires_grad=True)
+    direct = torch.autograd.grad(torch.nn.functional.conv3d(x, w32, padding=1), w32, g)[0]
+    assert_error_budget([reference.winograd_weight_grad(du.double()).float()], [direct],
+                        [_weight_grad_exact(x64, g64, c_out)], torch.float32, ["grad_w"], f"winograd weight {case}")
+
+
+def test_winograd_weight_kernel_skipped_write_and_empty(shift_ext):
+    x, g = torch.randn(2, 16, 3, 4, 5), torch.randn(2, 32, 3, 4, 5)
+    shift_ext._set_test_hooks(True, True)
+    flat = torch.ops.rim_fast.winograd_conv3d_weight(x, g).reshape(-1)
+    assert flat[-1].isnan() and not flat[:-1].isnan().any()
+    shift_ext._set_test_hooks(True, False)
+    # no tiles: a zero gradient, every element written
+    assert torch.equal(torch.ops.rim_fast.winograd_conv3d_weight(x[:0], g[:0]), torch.zeros(64, 16, 32))
+
+
+def test_winograd_weight_opcheck(shift_ext):
+    x, g = torch.randn(2, 16, 3, 4, 5), torch.randn(2, 32, 3, 4, 5)
+    torch.library.opcheck(torch.ops.rim_fast.winograd_conv3d_weight.default, (x, g))
+    # with autograd: through the reference (bilinear in x and the output gradient)
+    torch.library.opcheck(torch.ops.rim_fast.winograd_conv3d_weight.default, (x.requires_grad_(), g.requires_grad_()))
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: torch.ops.rim_fast.winograd_conv3d(torch.randn(1, 16, 4, 4, 4).double(), torch.randn(64, 16, 16),
                                                 None), "x and u must be float32"),
@@ -881,6 +938,12 @@ def test_winograd_op_gradients(shift_ext):
      "C_out (u.shape[2]) must be 16, 32, 64 or 128, got 48"),
     (lambda: torch.ops.rim_fast.winograd_conv3d(torch.randn(1, 16, 4, 4, 4), torch.randn(64, 16, 16),
                                                 torch.randn(15)), "bias must be a float32 CPU tensor of shape [16]"),
+    (lambda: torch.ops.rim_fast.winograd_conv3d_weight(torch.randn(1, 16, 4, 4, 4), torch.randn(1, 16, 4, 4, 3)),
+     "grad must be [N, C_out, D, H, W] with x's N, D, H, W"),
+    (lambda: torch.ops.rim_fast.winograd_conv3d_weight(torch.randn(1, 16, 4, 4, 4), torch.randn(1, 8, 4, 4, 4)),
+     "C_out (grad.shape[1]) must be 16, 32, 64 or 128, got 8"),
+    (lambda: torch.ops.rim_fast.winograd_conv3d_weight(torch.randn(1, 16, 4, 4, 4).double(),
+                                                       torch.randn(1, 16, 4, 4, 4)), "x and grad must be float32"),
 ])
 def test_winograd_kernel_user_errors(shift_ext, call, message):
     with pytest.raises(RuntimeError, match=re.escape(message)):
@@ -968,3 +1031,78 @@ def test_winograd_where_it_runs(shift_ext, monkeypatch):
     assert runs(x[:1], w) and not runs(x[:1], w.requires_grad_())
     monkeypatch.setattr(_cpu, "WINOGRAD", False)                    # RIM_FAST_WINOGRAD=0
     assert not runs(x, w.detach())
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_winograd_weight_gradient_in_a_rim_call(shift_ext, steps):
+    """Inside a RIM call (``derived.per_call_cache``) the weight gradient of a large enough convolution goes
+    through the transformed weight: ``winograd_conv3d_weight`` per call, its sum over the calls turned into the
+    weight's once (no oneDNN backward at all); the bias gradient is a sum. Gradients of T steps sharing the
+    weight, against the reference, within the error budget."""
+    from rim_fast.layers import derived
+    x64, w64, b64 = _winograd_inputs(4, 32, 32, 8, 8, 8)  # 256 tiles: WINOGRAD_WEIGHT_MIN_TILES
+    grad64 = torch.randn(4, 32, 8, 8, 8, dtype=torch.float64)
+
+    def run(fn, dtype, cache):
+        x, w, b = (t.to(dtype).requires_grad_() for t in (x64, w64, b64))
+        with _OpCalls() as calls:
+            with derived.per_call_cache() if cache else contextlib.nullcontext():
+                h = x
+                for _ in range(steps):
+                    h = fn(h, w, b)
+            grads = torch.autograd.grad(h, (x, w, b), grad64.to(dtype))
+        return [h, *grads], calls.names
+
+    fast_fn = lambda x, w, b: _cpu.conv_tanh(x, w, b, "same", 1, 1)  # noqa: E731
+    ref_fn = lambda x, w, b: reference.conv_tanh(x, w, b, "same", 1, 1)  # noqa: E731
+    fast, names = run(fast_fn, torch.float32, True)
+    assert names.count("rim_fast.winograd_conv3d_weight.default") == steps
+    assert "aten.convolution_backward.default" not in names
+    ref, _ = run(ref_fn, torch.float32, False)
+    exact, _ = run(ref_fn, torch.float64, False)
+    assert_error_budget(fast, ref, exact, torch.float32, ["out", "grad_x", "grad_w", "grad_b"], f"{steps} steps")
+
+
+def test_winograd_weight_gradient_ops(shift_ext, monkeypatch):
+    # which ops run: with the per-call cache, Winograd's three (forward, input and weight gradient) and no oneDNN
+    # convolution; outside it, or below WINOGRAD_WEIGHT_MIN_TILES, oneDNN's backward for the weight
+    from rim_fast.layers import derived
+    x = torch.randn(4, 32, 8, 8, 8, requires_grad=True)
+    w = torch.randn(32, 32, 3, 3, 3, requires_grad=True)
+
+    def names(cache):
+        with _OpCalls() as calls:
+            with derived.per_call_cache() if cache else contextlib.nullcontext():
+                out = _cpu.conv(x, w, None, 1, "same")
+            out.sum().backward()
+        return calls.names
+
+    inside = names(True)
+    assert inside.count("rim_fast.winograd_conv3d.default") == 2
+    assert inside.count("rim_fast.winograd_conv3d_weight.default") == 1
+    assert "aten.convolution_backward.default" not in inside
+    outside = names(False)
+    assert "rim_fast.winograd_conv3d_weight.default" not in outside
+    assert "aten.convolution_backward.default" in outside
+    monkeypatch.setattr(_cpu, "WINOGRAD_WEIGHT_MIN_TILES", 257)
+    assert "rim_fast.winograd_conv3d_weight.default" not in names(True)
+
+
+def test_winograd_weight_gradient_double_backward(shift_ext):
+    # under create_graph the weight's gradient comes from oneDNN through w: second derivatives within the error
+    # budget against float64
+    from rim_fast.layers import derived
+    x64 = torch.randn(4, 32, 8, 8, 8, dtype=torch.float64)
+    w64 = torch.randn(32, 32, 3, 3, 3, dtype=torch.float64) / 17
+
+    def second(fn, dtype, cache):
+        x, w = (t.to(dtype).requires_grad_() for t in (x64, w64))
+        with derived.per_call_cache() if cache else contextlib.nullcontext():
+            out = fn(x, w)
+        gw, = torch.autograd.grad(out.square().sum(), w, create_graph=True)
+        return list(torch.autograd.grad(gw.sum(), (x, w)))
+
+    fast = second(lambda x, w: _cpu.conv(x, w, None, 1, "same"), torch.float32, True)
+    ref = second(lambda x, w: reference.conv(x, w, None, 1, "same"), torch.float32, False)
+    exact = second(lambda x, w: reference.conv(x, w, None, 1, "same"), torch.float64, False)
+    assert_error_budget(fast, ref, exact, torch.float32, ["x", "w"], "second derivatives")

@@ -128,7 +128,7 @@ def test_dispatcher_registration(ext, name):
     assert "register.cpp" in torch._C._dispatch_dump(qualname)
     # tanh is CPU only (GPUs have a fast, accurate tanh), and so are the shifted sums (of the CPU thin convolutions)
     # and the Winograd convolution (cuDNN has its own)
-    cpu_only = name in ("tanh", "shift_sum", "shift_stack", "winograd_conv3d")
+    cpu_only = name in ("tanh", "shift_sum", "shift_stack", "winograd_conv3d", "winograd_conv3d_weight")
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA") == (bool(ext.WITH_CUDA) and not cpu_only)
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
 
@@ -389,7 +389,7 @@ def test_opcheck(ext, device, index):
 def test_every_op_has_an_opcheck_sample():
     # tanh, the shifted sums and the Winograd convolution, the extension's ops of the conv family, are checked in
     # tests/test_conv.py
-    conv_family = {"tanh", "shift_sum", "shift_stack", "winograd_conv3d"}
+    conv_family = {"tanh", "shift_sum", "shift_stack", "winograd_conv3d", "winograd_conv3d_weight"}
     assert {n for n, _ in _op_samples("cpu")} == set(_cpp.OPS) - conv_family
 
 
@@ -625,6 +625,8 @@ def test_without_extension_ops_still_work():
         xw, ww = torch.randn(1, 16, 3, 4, 5), torch.randn(16, 16, 3, 3, 3)
         uw = reference.winograd_weight(ww)
         assert torch.equal(torch.ops.rim_fast.winograd_conv3d(xw, uw, None), reference.winograd_conv3d(xw, uw, None))
+        gw = torch.randn(1, 16, 3, 4, 5)
+        assert torch.equal(torch.ops.rim_fast.winograd_conv3d_weight(xw, gw), reference.winograd_conv3d_weight(xw, gw))
         from rim_fast.ops import _cpu
         assert not _cpu._winograd_ok(xw, ww, None, [1, 1, 1], 1, 1)
         xc = torch.randn(2, 5, 6, 7, requires_grad=True)

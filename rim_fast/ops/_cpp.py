@@ -19,8 +19,11 @@ Ops (namespace ``rim_fast``), all functional (new outputs; inputs are never writ
   references ``reference.shift_sum`` / ``reference.shift_stack``). Backward: each other.
 - ``winograd_conv3d(x, u, bias?)``: CPU only (float32), a 3x3x3 convolution of stride 1 and padding 1 by
   Winograd's F(2x2x2, 3x3x3) from the transformed weight ``u = reference.winograd_weight(w)`` (csrc/winograd.h;
-  reference ``reference.winograd_conv3d``); channels-last output. No autograd of its own: ``_cpu._Winograd``
-  differentiates the convolution with oneDNN's backward.
+  reference ``reference.winograd_conv3d``); channels-last output. Its own autograd goes through the reference;
+  ``_cpu._Winograd`` differentiates the convolutions.
+- ``winograd_conv3d_weight(x, grad)``: the gradient of that convolution's transformed weight ``u`` [64, C_in,
+  C_out] from its input and output gradient (reference ``reference.winograd_conv3d_weight``). Its own autograd goes
+  through the reference (the convolutions take oneDNN's weight gradient under create_graph).
 
 One op per mode, so no output is ever optional. score, m, v, x, g, x_true, w: same shape [B, C, *S] (no
 broadcasting), float32/float64/bfloat16/float16; the moments m, v have score's dtype, or float32 for a
@@ -76,6 +79,7 @@ SCHEMAS = {
     "shift_sum": "(Tensor planes, int[] kernel, int sign) -> Tensor",
     "shift_stack": "(Tensor x, int[] kernel, int sign) -> Tensor",
     "winograd_conv3d": "(Tensor x, Tensor u, Tensor? bias) -> Tensor",
+    "winograd_conv3d_weight": "(Tensor x, Tensor grad) -> Tensor",
 }
 OPS = tuple(SCHEMAS)
 
@@ -243,6 +247,11 @@ def _winograd_conv3d_fake(x, u, bias):
     return x.new_empty((x.shape[0], u.shape[2], *x.shape[2:])).contiguous(memory_format=torch.channels_last_3d)
 
 
+@torch.library.register_fake(f"{NAMESPACE}::winograd_conv3d_weight")
+def _winograd_conv3d_weight_fake(x, grad):
+    return x.new_empty((64, x.shape[1], grad.shape[1]))
+
+
 def _winograd_setup(ctx, inputs, output):
     x, u, bias = inputs
     ctx.save_for_backward(x, u, bias)
@@ -261,6 +270,24 @@ def _winograd_bwd(ctx, grad):
 
 
 torch.library.register_autograd(f"{NAMESPACE}::winograd_conv3d", _winograd_bwd, setup_context=_winograd_setup)
+
+
+def _winograd_weight_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _winograd_weight_bwd(ctx, grad_u):
+    # bilinear in x and grad: through the reference, as the convolution's own gradient
+    x, grad = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (x, grad)]
+        out = reference.winograd_conv3d_weight(*leaves)
+        grads = torch.autograd.grad(out, leaves, grad_u, create_graph=torch.is_grad_enabled())
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+
+torch.library.register_autograd(f"{NAMESPACE}::winograd_conv3d_weight", _winograd_weight_bwd,
+                                setup_context=_winograd_weight_setup)
 
 
 # ---- Python kernels used when rim_fast._C is not loaded -------------------------------------------------
@@ -294,6 +321,7 @@ _PY_KERNELS = {
     "shift_stack": lambda x, kernel, sign: reference.shift_stack(x, tuple(kernel), sign),
     "winograd_conv3d": lambda x, u, bias: reference.winograd_conv3d(x, u, bias).contiguous(
         memory_format=torch.channels_last_3d),
+    "winograd_conv3d_weight": lambda x, grad: reference.winograd_conv3d_weight(x, grad),
 }
 
 if _ext.module() is None:
@@ -543,6 +571,12 @@ def shift_sum(planes: Tensor, kernel: tuple, sign: int) -> Tensor:
 def shift_stack(x: Tensor, kernel: tuple, sign: int) -> Tensor:
     """``reference.shift_stack`` through the C++ CPU kernel (the reference itself where rim_fast._C is not built)."""
     return _ops.shift_stack(x, list(kernel), sign)
+
+
+def winograd_conv3d_weight(x: Tensor, grad: Tensor) -> Tensor:
+    """``reference.winograd_conv3d_weight`` through the C++ CPU kernel (the reference itself where rim_fast._C is
+    not built)."""
+    return _ops.winograd_conv3d_weight(x, grad)
 
 
 def winograd_conv3d(x: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:

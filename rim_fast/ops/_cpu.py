@@ -194,7 +194,8 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
     """Whether a stride-1 convolution runs as ``rim_fast::winograd_conv3d``: 3D, a 3x3x3 kernel with padding 1
     ("same"), no dilation or groups, float32, 16/32/64/128 input and output channels, eagerly (not under
     torch.compile, torch.export, torch.func transforms or autocast), with rim_fast._C built. With autograd the
-    input gradient runs by Winograd too, the weight's by oneDNN (``_Winograd``). Measured, forward, against oneDNN's channels-last convolution on
+    input gradient runs by Winograd too, and inside a RIM call the weight's where it pays (``_Winograd``,
+    ``WINOGRAD_WEIGHT_MIN_TILES``). Measured, forward, against oneDNN's channels-last convolution on
     our 2-core Xeon (AVX-512), 2026-12-05: S3's 32 -> 32 at [4, 32, 16^3] 2.8 -> 2.1 ms, 64 -> 64 at [4, 64, 8^3]
     1.2 -> 0.75 ms (bench/bench_conv.py: providers "channels_last" / "onednn_fused" against "direct")."""
     return (WINOGRAD and xc.dim() == 5 and tuple(w.shape[2:]) == (3, 3, 3) and list(pads) == [1, 1, 1]
@@ -208,25 +209,47 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
             and not (needs_grad(xc, w, bias) and _depth_split_ok(xc, w, 1, 1, 1)))
 
 
+#: The weight gradient by Winograd (``rim_fast::winograd_conv3d_weight``) from this many tiles (2x2x2 outputs) up,
+#: with AVX-512 (its outer products are written for it; without, oneDNN's). Measured against oneDNN's weight and
+#: bias gradient, alternated in one process (2-core Xeon, AVX-512, 2026-12-05): [4, 32, 16^3] (2048 tiles) 2.36 ->
+#: 1.84 ms, [4, 64, 8^3] (256) 1.32 -> 1.16, the GRU's [4, 128 -> 16, 4^3] (32) 0.19 -> 0.22 (slower).
+WINOGRAD_WEIGHT_MIN_TILES = 256
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _winograd_weight_ok(xc: Tensor, weight: Tensor) -> bool:
+    # inside a RIM call (``derived``: the transformed weight is built once, its gradient summed over the T steps
+    # and turned into the weight's once) and where it pays
+    from ..layers import derived
+    tiles = xc.shape[0] * math.prod((s + 1) // 2 for s in xc.shape[2:])
+    return _AVX512 and derived.active() and weight.requires_grad and tiles >= WINOGRAD_WEIGHT_MIN_TILES
+
+
 def _winograd(xc: Tensor, w: Tensor, bias: Optional[Tensor], weight: Tensor) -> Tensor:
-    # the transformed weights once per RIM call (``derived``), from the parameter itself; no autograd through them
+    # the transformed weights once per RIM call (``derived``), from the parameter itself
     from ..layers import derived
     from .reference import winograd_weight
-    u = derived.derived(weight, "winograd", lambda: winograd_weight(weight.detach()))
     if not needs_grad(xc, w, bias):
+        u = derived.derived(weight, "winograd", lambda: winograd_weight(weight.detach()))
         return _cpp.winograd_conv3d(xc, u, bias)
     # the input gradient is the "same" convolution of the output gradient with the flipped, transposed weight
     u_t = derived.derived(weight, "winograd_input_grad", lambda: winograd_weight(
         weight.detach().flip(2, 3, 4).transpose(0, 1))) if xc.requires_grad else None
+    if _winograd_weight_ok(xc, weight):
+        # with autograd: the weight's gradient flows through u (G^T du G, once per call)
+        u = derived.derived(weight, "winograd_differentiable", lambda: winograd_weight(weight))
+    else:
+        u = derived.derived(weight, "winograd", lambda: winograd_weight(weight.detach()))
     return _Winograd.apply(xc, w, bias, u, u_t)
 
 
 class _Winograd(torch.autograd.Function):
     """A 3x3x3 "same" convolution by Winograd (``rim_fast::winograd_conv3d`` with the transformed weight ``u``).
     Backward: the input gradient by Winograd too (the convolution of the output gradient with the flipped,
-    transposed weight, transformed: ``u_t``), the weight and bias gradients by oneDNN (``aten.convolution_backward``
-    of the direct convolution with ``w``, in the channels-last layout). Under create_graph (double backward) all
-    three come from oneDNN's differentiable convolution_backward."""
+    transposed weight, transformed: ``u_t``); the weight's, where ``u`` requires grad, as u's gradient by Winograd
+    (``rim_fast::winograd_conv3d_weight``; the bias's a sum), else by oneDNN (``aten.convolution_backward`` of the
+    direct convolution with ``w``, in the channels-last layout). Under create_graph (double backward) every
+    gradient comes from oneDNN's differentiable convolution_backward, the weight's through ``w``."""
 
     @staticmethod
     def forward(ctx, xc, w, bias, u, u_t):
@@ -238,16 +261,23 @@ class _Winograd(torch.autograd.Function):
     def backward(ctx, grad):
         xc, w, u_t = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last_3d)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        winograd_gx = mask[0] and u_t is not None and not torch.is_grad_enabled()
-        gx = gw = gb = None
-        if mask[1] or mask[2] or (mask[0] and not winograd_gx):
+        need_x, need_w, need_b, need_u = ctx.needs_input_grad[:4]
+        need_b = need_b and ctx.has_bias
+        single = not torch.is_grad_enabled()  # not under create_graph
+        by_u = need_u and single  # the weight's gradient as u's (w's is then left out)
+        winograd_gx = need_x and u_t is not None and single
+        gx = gw = gb = gu = None
+        mask = [need_x and not winograd_gx, need_w and not by_u, need_b and not by_u]
+        if any(mask):
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 grad, xc, w, [w.shape[0]] if ctx.has_bias else None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False,
-                [0, 0, 0], 1, [mask[0] and not winograd_gx, *mask[1:]])
+                [0, 0, 0], 1, mask)
         if winograd_gx:
             gx = _cpp.winograd_conv3d(grad, u_t, None)
-        return gx, gw, gb if ctx.has_bias else None, None, None
+        if by_u:
+            gu = _cpp.winograd_conv3d_weight(xc, grad)
+            gb = grad.sum((0, 2, 3, 4)) if need_b else None
+        return gx, gw, gb if ctx.has_bias else None, gu, None
 
 
 # ---- conv + tanh in one oneDNN primitive (inference) --------------------------------------------------------

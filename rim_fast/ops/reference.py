@@ -180,21 +180,47 @@ def winograd_weight(weight: Tensor) -> Tensor:
     return u.reshape(64, weight.shape[1], weight.shape[0]).contiguous()
 
 
+def _winograd_tiles(x: Tensor) -> Tensor:
+    # the transformed input tiles of ``winograd_conv3d``: [64, N * tD * tH * tW, C_in]
+    size = x.shape[2:]
+    tiles = [(s + 1) // 2 for s in size]
+    xp = F.pad(x, [p for s, t in zip(reversed(size), reversed(tiles)) for p in (1, 2 * t + 1 - s)])
+    d = xp.unfold(2, 4, 2).unfold(3, 4, 2).unfold(4, 4, 2)  # [N, C_in, tD, tH, tW, 4, 4, 4]
+    b_t = x.new_tensor(_WINOGRAD_B_T)
+    return torch.einsum("ai,bj,ck,nxdhwijk->abcndhwx", b_t, b_t, b_t, d).reshape(64, -1, x.shape[1])
+
+
 def winograd_conv3d(x: Tensor, u: Tensor, bias: Optional[Tensor]) -> Tensor:
     """conv3d(x, w, bias, padding=1) for a 3x3x3 weight w through Winograd's F(2x2x2, 3x3x3), with
     u = ``winograd_weight(w)``: x [N, C_in, D, H, W] -> [N, C_out, D, H, W]. Every 2x2x2 output tile reads a 4x4x4
     input tile of the zero-padded input (the volume padded up to whole tiles, the extra outputs cut)."""
     n, _, *size = x.shape
     tiles = [(s + 1) // 2 for s in size]
-    xp = F.pad(x, [p for s, t in zip(reversed(size), reversed(tiles)) for p in (1, 2 * t + 1 - s)])
-    d = xp.unfold(2, 4, 2).unfold(3, 4, 2).unfold(4, 4, 2)  # [N, C_in, tD, tH, tW, 4, 4, 4]
-    b_t = x.new_tensor(_WINOGRAD_B_T)
     a_t = x.new_tensor(_WINOGRAD_A_T)
-    v = torch.einsum("ai,bj,ck,nxdhwijk->abcndhwx", b_t, b_t, b_t, d).reshape(64, -1, x.shape[1])
-    m = torch.bmm(v, u).reshape(4, 4, 4, n, *tiles, u.shape[2])
+    m = torch.bmm(_winograd_tiles(x), u).reshape(4, 4, 4, n, *tiles, u.shape[2])
     y = torch.einsum("ia,jb,kc,abcndhwo->nodihjwk", a_t, a_t, a_t, m)
     y = y.reshape(n, u.shape[2], *(2 * t for t in tiles))[:, :, :size[0], :size[1], :size[2]]
     return y if bias is None else y + _bias(bias, 5)
+
+
+def winograd_conv3d_weight(x: Tensor, grad: Tensor) -> Tensor:
+    """The gradient of ``winograd_conv3d``'s transformed weight u [64, C_in, C_out] for the output gradient
+    ``grad`` [N, C_out, D, H, W]: per transformed position, the transformed input tiles' outer products with the
+    output gradient's tiles transformed by A (the adjoint of the output transform A^T)."""
+    n, c_out, *size = grad.shape
+    tiles = [(s + 1) // 2 for s in size]
+    gp = F.pad(grad, [p for s, t in zip(reversed(size), reversed(tiles)) for p in (0, 2 * t - s)])
+    gp = gp.reshape(n, c_out, tiles[0], 2, tiles[1], 2, tiles[2], 2)
+    a_t = grad.new_tensor(_WINOGRAD_A_T)
+    dm = torch.einsum("ia,jb,kc,nodihjwk->abcndhwo", a_t, a_t, a_t, gp).reshape(64, -1, c_out)
+    return torch.bmm(_winograd_tiles(x).transpose(1, 2), dm)
+
+
+def winograd_weight_grad(du: Tensor) -> Tensor:
+    """``winograd_weight``'s adjoint: the gradient of a 3x3x3 weight [C_out, C_in, 3, 3, 3] from that of its
+    transform ``du`` [64, C_in, C_out] (G^T du G per axis)."""
+    g = du.new_tensor(_WINOGRAD_G)
+    return torch.einsum("ai,bj,ck,abcxo->oxijk", g, g, g, du.reshape(4, 4, 4, *du.shape[1:]))
 
 
 def upfirdn(x: Tensor, kernel: Tensor, up: int, down: int, pad0: int, pad1: int) -> Tensor:
