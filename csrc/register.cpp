@@ -64,6 +64,17 @@ static PyObject* cpu_pool_stats(PyObject* /*self*/, PyObject* /*args*/) {
                        static_cast<long long>(out[4]), static_cast<long long>(out[5]));
 }
 
+// _set_winograd_portable(on: bool): the Winograd kernels' matrix products in plain loops even with AVX-512
+// (winograd.h; tests only).
+static PyObject* set_winograd_portable(PyObject* /*self*/, PyObject* args) {
+  int on = 0;
+  if (!PyArg_ParseTuple(args, "p", &on)) {
+    return nullptr;
+  }
+  rim_fast::winograd_portable().store(on != 0);
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"_cpu_pool_open", cpu_pool_open, METH_NOARGS,
      "_cpu_pool_open() -> bool: open the CPU memory pool (nested opens count); False if it could not be installed."},
@@ -77,6 +88,9 @@ static PyMethodDef methods[] = {
     {"_set_test_hooks", set_test_hooks, METH_VARARGS,
      "_set_test_hooks(poison, skip_last_write): NaN-fill kernel outputs before the kernels write them; make the "
      "kernels skip their last element (tests only)."},
+    {"_set_winograd_portable", set_winograd_portable, METH_VARARGS,
+     "_set_winograd_portable(on): the Winograd kernels' matrix products in plain loops, AVX-512 or not (tests "
+     "only)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -8,8 +8,8 @@
 // with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], and
 // the transformed weight U = G w G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] (computed in
 // Python: ``reference.winograd_weight``, once per RIM call). The sum over the input channels is, per transformed
-// position, a matrix product [tiles x C_in] x [C_in x C_out] (oneDNN's small-matrix kernel, at::native::cpublas::
-// brgemm, or the BLAS gemm where that kernel is missing).
+// position, a matrix product [tiles x C_in] x [C_in x C_out] (AVX-512 kernels of ours in csrc/winograd.cpp; plain
+// loops on other CPUs).
 //
 //   winograd_conv3d(x [N, C_in, D, H, W], u [64, C_in, C_out], bias [C_out]?) -> [N, C_out, D, H, W]
 //
@@ -21,6 +21,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <optional>
 
 namespace rim_fast {
@@ -33,5 +34,9 @@ at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const s
 // ``reference.winograd_weight``'s adjoint). Chunked as the forward; the outer products in AVX-512 registers where
 // the CPU has AVX-512. float32; C_in and C_out as above.
 at::Tensor winograd_conv3d_weight_cpu(const at::Tensor& x, const at::Tensor& grad);
+
+// Test hook: when set, the matrix products run their plain loops even where the CPU has AVX-512 (so that tests
+// cover both; rim_fast._C._set_winograd_portable).
+std::atomic<bool>& winograd_portable();
 
 }  // namespace rim_fast

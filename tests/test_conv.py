@@ -788,6 +788,23 @@ WINOGRAD_CASES = [(2, 16, 32, 5, 7, 6), (1, 32, 32, 16, 16, 16), (3, 64, 16, 1, 
                   (2, 32, 64, 9, 8, 1), (1, 16, 128, 3, 1, 5), (5, 16, 16, 2, 3, 2)]
 
 
+@pytest.fixture(params=[False, True], ids=["simd", "portable"])
+def winograd_ext(shift_ext, request):
+    """The extension with the Winograd kernels' matrix products in AVX-512 registers (where the CPU has it) or in
+    their plain loops (the path of other CPUs), outputs NaN-poisoned."""
+    shift_ext._set_winograd_portable(request.param)
+    yield shift_ext
+    shift_ext._set_winograd_portable(False)
+
+
+@pytest.fixture
+def winograd_path(shift_ext):
+    """The extension, where the CPU convolutions take the Winograd kernels (AVX-512 CPUs)."""
+    if not _cpu._AVX512:
+        pytest.skip("this CPU has no AVX-512: the CPU convolutions keep oneDNN's direct kernels")
+    return shift_ext
+
+
 def _winograd_inputs(n, c_in, c_out, d, h, w, dtype=torch.float64):
     x = torch.randn(n, c_in, d, h, w, dtype=dtype)
     weight = torch.randn(c_out, c_in, 3, 3, 3, dtype=dtype) / (27 * c_in) ** 0.5
@@ -805,7 +822,7 @@ def test_winograd_reference_is_the_convolution(case):
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_winograd_kernel_matches_reference(shift_ext, case, layout, with_bias):
+def test_winograd_kernel_matches_reference(winograd_ext, case, layout, with_bias):
     """Output NaN-poisoned before the kernel writes it (``ext``); channels-last; against the reference's float32
     run (another summation order) and, for the error budget, the direct convolution in float64 and float32."""
     x64, w64, b64 = _winograd_inputs(*case)
@@ -821,9 +838,9 @@ def test_winograd_kernel_matches_reference(shift_ext, case, layout, with_bias):
     assert_error_budget([out], [direct], [exact], torch.float32, ["winograd_conv3d"], f"winograd {case}")
 
 
-def test_winograd_kernel_skipped_write_is_caught(shift_ext):
+def test_winograd_kernel_skipped_write_is_caught(winograd_ext):
     x, w, b = (t.float() for t in _winograd_inputs(2, 16, 32, 5, 7, 6))
-    shift_ext._set_test_hooks(True, True)
+    winograd_ext._set_test_hooks(True, True)
     out = torch.ops.rim_fast.winograd_conv3d(x, reference.winograd_weight(w), b)
     flat = out.permute(0, 2, 3, 4, 1).reshape(-1)  # memory order (channels-last)
     assert flat[-1].isnan() and not flat[:-1].isnan().any()
@@ -884,12 +901,13 @@ def test_winograd_weight_reference_is_the_weight_gradient(case):
                                atol=1e-12)
     # and winograd_weight_grad is winograd_weight's adjoint: <G w G^T, du> = <w, G^T du G>
     w = torch.randn(c_out, c_in, 3, 3, 3, dtype=torch.float64)
-    torch.testing.assert_close((reference.winograd_weight(w) * du).sum(), (w * reference.winograd_weight_grad(du)).sum())
+    torch.testing.assert_close((reference.winograd_weight(w) * du).sum(),
+                               (w * reference.winograd_weight_grad(du)).sum())
 
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_winograd_weight_kernel_matches_reference(shift_ext, case, layout):
+def test_winograd_weight_kernel_matches_reference(winograd_ext, case, layout):
     """Output NaN-poisoned first (``ext``); against the reference's float32 run and, for the error budget, the
     weight gradient through winograd_weight's adjoint against oneDNN's in float32 and conv3d's in float64."""
     n, c_in, c_out, *size = case
@@ -908,12 +926,12 @@ def test_winograd_weight_kernel_matches_reference(shift_ext, case, layout):
                         [_weight_grad_exact(x64, g64, c_out)], torch.float32, ["grad_w"], f"winograd weight {case}")
 
 
-def test_winograd_weight_kernel_skipped_write_and_empty(shift_ext):
+def test_winograd_weight_kernel_skipped_write_and_empty(winograd_ext):
     x, g = torch.randn(2, 16, 3, 4, 5), torch.randn(2, 32, 3, 4, 5)
-    shift_ext._set_test_hooks(True, True)
+    winograd_ext._set_test_hooks(True, True)
     flat = torch.ops.rim_fast.winograd_conv3d_weight(x, g).reshape(-1)
     assert flat[-1].isnan() and not flat[:-1].isnan().any()
-    shift_ext._set_test_hooks(True, False)
+    winograd_ext._set_test_hooks(True, False)
     # no tiles: a zero gradient, every element written
     assert torch.equal(torch.ops.rim_fast.winograd_conv3d_weight(x[:0], g[:0]), torch.zeros(64, 16, 32))
 
@@ -964,10 +982,11 @@ class _OpCalls(TorchDispatchMode):
 
 @pytest.mark.parametrize("fn", ["conv", "conv_tanh"])
 @pytest.mark.parametrize("size", [(2, 5, 6, 7), (4, 4, 4, 4), (2, 16, 16, 16)], ids=lambda s: "x".join(map(str, s)))
-def test_winograd_convolutions_match_reference(shift_ext, fn, size):
+def test_winograd_convolutions_match_reference(winograd_path, fn, size):
     """``_cpu.conv`` / ``conv_tanh`` of a 3x3x3 "same" convolution run the Winograd kernel forward and for the
-    input gradient, oneDNN's backward for the weight and bias: output and every gradient against the reference (NCDHW, aten's direct convolution), within the
-    error budget against float64."""
+    input gradient, oneDNN's backward for the weight and bias: output and every gradient against the reference
+    (NCDHW, aten's direct convolution), within the error budget against float64.
+    """
     n, *spatial = size
     x64, w64, b64 = _winograd_inputs(n, 32, 16, *spatial)
     grad64 = torch.randn(n, 16, *spatial, dtype=torch.float64)
@@ -997,7 +1016,7 @@ def test_winograd_convolutions_match_reference(shift_ext, fn, size):
     torch.testing.assert_close(out, fast[0], rtol=0, atol=0)
 
 
-def test_winograd_double_backward(shift_ext):
+def test_winograd_double_backward(winograd_path):
     # the backward is oneDNN's differentiable convolution_backward: second derivatives work
     x = torch.randn(2, 16, 3, 4, 5, requires_grad=True)
     w = (torch.randn(16, 16, 3, 3, 3) / 12).requires_grad_()
@@ -1008,7 +1027,7 @@ def test_winograd_double_backward(shift_ext):
     torch.testing.assert_close(hx, hx_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_winograd_where_it_runs(shift_ext, monkeypatch):
+def test_winograd_where_it_runs(winograd_path, monkeypatch):
     x = torch.randn(2, 32, 6, 6, 6)
     w = torch.randn(32, 32, 3, 3, 3)
 
@@ -1029,12 +1048,15 @@ def test_winograd_where_it_runs(shift_ext, monkeypatch):
         assert not runs(x, w)
     # one small sample with autograd: the depth split (aten's native kernels otherwise run its backward)
     assert runs(x[:1], w) and not runs(x[:1], w.requires_grad_())
+    monkeypatch.setattr(_cpu, "_AVX512", False)                     # a CPU without AVX-512
+    assert not runs(x, w.detach())
+    monkeypatch.setattr(_cpu, "_AVX512", True)
     monkeypatch.setattr(_cpu, "WINOGRAD", False)                    # RIM_FAST_WINOGRAD=0
     assert not runs(x, w.detach())
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_winograd_weight_gradient_in_a_rim_call(shift_ext, steps):
+def test_winograd_weight_gradient_in_a_rim_call(winograd_path, steps):
     """Inside a RIM call (``derived.per_call_cache``) the weight gradient of a large enough convolution goes
     through the transformed weight: ``winograd_conv3d_weight`` per call, its sum over the calls turned into the
     weight's once (no oneDNN backward at all); the bias gradient is a sum. Gradients of T steps sharing the
@@ -1063,7 +1085,7 @@ def test_winograd_weight_gradient_in_a_rim_call(shift_ext, steps):
     assert_error_budget(fast, ref, exact, torch.float32, ["out", "grad_x", "grad_w", "grad_b"], f"{steps} steps")
 
 
-def test_winograd_weight_gradient_ops(shift_ext, monkeypatch):
+def test_winograd_weight_gradient_ops(winograd_path, monkeypatch):
     # which ops run: with the per-call cache, Winograd's three (forward, input and weight gradient) and no oneDNN
     # convolution; outside it, or below WINOGRAD_WEIGHT_MIN_TILES, oneDNN's backward for the weight
     from rim_fast.layers import derived
@@ -1088,7 +1110,7 @@ def test_winograd_weight_gradient_ops(shift_ext, monkeypatch):
     assert "rim_fast.winograd_conv3d_weight.default" not in names(True)
 
 
-def test_winograd_weight_gradient_double_backward(shift_ext):
+def test_winograd_weight_gradient_double_backward(winograd_path):
     # under create_graph the weight's gradient comes from oneDNN through w: second derivatives within the error
     # budget against float64
     from rim_fast.layers import derived

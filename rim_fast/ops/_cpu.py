@@ -188,17 +188,20 @@ def _late_bias(xc: Tensor, bias: Optional[Tensor]) -> bool:
 #: ``RIM_FAST_WINOGRAD=0`` turns the Winograd convolutions off (oneDNN's direct ones run instead); read at import.
 WINOGRAD = os.environ.get("RIM_FAST_WINOGRAD", "1").strip() != "0"
 _WINOGRAD_CHANNELS = (16, 32, 64, 128)
+#: The Winograd kernels' matrix products are written for AVX-512 (elsewhere they run plain loops, slower than
+#: oneDNN's direct convolutions): only CPUs with it take them
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dilation, groups: int) -> bool:
     """Whether a stride-1 convolution runs as ``rim_fast::winograd_conv3d``: 3D, a 3x3x3 kernel with padding 1
-    ("same"), no dilation or groups, float32, 16/32/64/128 input and output channels, eagerly (not under
-    torch.compile, torch.export, torch.func transforms or autocast), with rim_fast._C built. With autograd the
-    input gradient runs by Winograd too, and inside a RIM call the weight's where it pays (``_Winograd``,
-    ``WINOGRAD_WEIGHT_MIN_TILES``). Measured, forward, against oneDNN's channels-last convolution on
+    ("same"), no dilation or groups, float32, 16/32/64/128 input and output channels, a CPU with AVX-512, eagerly
+    (not under torch.compile, torch.export, torch.func transforms or autocast), with rim_fast._C built. With
+    autograd the input gradient runs by Winograd too, and inside a RIM call the weight's where it pays
+    (``_Winograd``, ``WINOGRAD_WEIGHT_MIN_TILES``). Measured, forward, against oneDNN's channels-last convolution on
     our 2-core Xeon (AVX-512), 2026-12-05: S3's 32 -> 32 at [4, 32, 16^3] 2.8 -> 2.1 ms, 64 -> 64 at [4, 64, 8^3]
     1.2 -> 0.75 ms (bench/bench_conv.py: providers "channels_last" / "onednn_fused" against "direct")."""
-    return (WINOGRAD and xc.dim() == 5 and tuple(w.shape[2:]) == (3, 3, 3) and list(pads) == [1, 1, 1]
+    return (WINOGRAD and _AVX512 and xc.dim() == 5 and tuple(w.shape[2:]) == (3, 3, 3) and list(pads) == [1, 1, 1]
             and dilation in (1, [1, 1, 1]) and groups == 1 and xc.device.type == "cpu"
             and xc.dtype == torch.float32 and w.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32)
@@ -209,10 +212,10 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
             and not (needs_grad(xc, w, bias) and _depth_split_ok(xc, w, 1, 1, 1)))
 
 
-#: The weight gradient by Winograd (``rim_fast::winograd_conv3d_weight``) from this many tiles (2x2x2 outputs) up,
-#: with AVX-512 (its outer products are written for it; without, oneDNN's). Measured against oneDNN's weight and
-#: bias gradient, alternated in one process (2-core Xeon, AVX-512, 2026-12-05): [4, 32, 16^3] (2048 tiles) 2.36 ->
-#: 1.84 ms, [4, 64, 8^3] (256) 1.32 -> 1.16, the GRU's [4, 128 -> 16, 4^3] (32) 0.19 -> 0.22 (slower).
+#: The weight gradient by Winograd (``rim_fast::winograd_conv3d_weight``) from this many tiles (2x2x2 outputs) up.
+#: Measured against oneDNN's weight and bias gradient, alternated in one process (2-core Xeon, AVX-512,
+#: 2026-12-05): [4, 32, 16^3] (2048 tiles) 2.36 -> 1.84 ms, [4, 64, 8^3] (256) 1.32 -> 1.16, the GRU's
+#: [4, 128 -> 16, 4^3] (32) 0.19 -> 0.22 (slower).
 WINOGRAD_WEIGHT_MIN_TILES = 256
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
@@ -222,7 +225,7 @@ def _winograd_weight_ok(xc: Tensor, weight: Tensor) -> bool:
     # and turned into the weight's once) and where it pays
     from ..layers import derived
     tiles = xc.shape[0] * math.prod((s + 1) // 2 for s in xc.shape[2:])
-    return _AVX512 and derived.active() and weight.requires_grad and tiles >= WINOGRAD_WEIGHT_MIN_TILES
+    return derived.active() and weight.requires_grad and tiles >= WINOGRAD_WEIGHT_MIN_TILES
 
 
 def _winograd(xc: Tensor, w: Tensor, bias: Optional[Tensor], weight: Tensor) -> Tensor:
