@@ -1108,6 +1108,14 @@ def test_winograd_weight_gradient_ops(winograd_path, monkeypatch):
     assert "aten.convolution_backward.default" in outside
     monkeypatch.setattr(_cpu, "WINOGRAD_WEIGHT_MIN_TILES", 257)
     assert "rim_fast.winograd_conv3d_weight.default" not in names(True)
+    monkeypatch.setattr(_cpu, "WINOGRAD_WEIGHT_MIN_TILES", 256)
+    # one sample with autograd, which outside a call takes the depth split: inside one, with the weight's gradient
+    # by Winograd, no aten backward runs and the whole convolution is Winograd's
+    x = torch.randn(1, 32, 16, 16, 16, requires_grad=True)  # 512 tiles
+    inside, outside = names(True), names(False)
+    assert inside.count("rim_fast.winograd_conv3d_weight.default") == 1
+    assert "aten.convolution_backward.default" not in inside
+    assert "rim_fast.winograd_conv3d.default" not in outside
 
 
 def test_winograd_weight_gradient_double_backward(winograd_path):

@@ -208,8 +208,9 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
             and w.shape[0] in _WINOGRAD_CHANNELS and w.shape[1] in _WINOGRAD_CHANNELS
             and _cpp.has_kernel("cpu") and not torch.compiler.is_compiling() and not exporting()
             and not _autocast_on() and not _functorch_active()
-            # one small sample with autograd: its backward takes the depth split (aten's native kernels otherwise)
-            and not (needs_grad(xc, w, bias) and _depth_split_ok(xc, w, 1, 1, 1)))
+            # one small sample with autograd: its backward takes the depth split (aten's native kernels otherwise),
+            # unless Winograd computes the weight's gradient too (then no aten backward runs)
+            and not (needs_grad(xc, w, bias) and _depth_split_ok(xc, w, 1, 1, 1) and not _winograd_weight_ok(xc, w)))
 
 
 #: The weight gradient by Winograd (``rim_fast::winograd_conv3d_weight``) from this many tiles (2x2x2 outputs) up.
@@ -221,6 +222,7 @@ _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _winograd_weight_ok(xc: Tensor, weight: Tensor) -> bool:
+    # ``weight``: the parameter or its channels-last copy (the same requires_grad)
     # inside a RIM call (``derived``: the transformed weight is built once, its gradient summed over the T steps
     # and turned into the weight's once) and where it pays
     from ..layers import derived
