@@ -487,6 +487,23 @@ int64_t chunk_tiles_for(const Geometry& g) {
   return std::clamp<int64_t>((g.tiles + 2 * threads - 1) / (2 * threads), kMinChunk, kChunk);
 }
 
+// What both kernels derive from their shapes: the tiles, their chunks, the chunk rows' strides, the transforms of
+// the input and the matrix-product kernels.
+struct Plan {
+  Geometry g;
+  InputFn input;
+  ProductFns fns;
+  int64_t ld_v, ld_m, chunk_tiles, chunks;
+  Plan(const at::Tensor& x, int64_t c_in, int64_t c_out)
+      : g(geometry_of(x)),
+        input(input_fn(c_in)),
+        fns(product_fns(c_in, c_out)),
+        ld_v(kTransformed * c_in + kRowPad),
+        ld_m(kTransformed * c_out + kRowPad),
+        chunk_tiles(chunk_tiles_for(g)),
+        chunks((g.tiles + chunk_tiles - 1) / chunk_tiles) {}
+};
+
 }  // namespace
 
 at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const std::optional<at::Tensor>& bias) {
@@ -515,24 +532,20 @@ at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const s
   if (y.numel() == 0) {
     return y;
   }
-  const Geometry g = geometry_of(x);
-  const InputFn input = input_fn(c_in);
+  const Plan plan(x, c_in, c_out);
+  const Geometry& g = plan.g;
   const OutputFn output = output_fn(c_out);
-  const ProductFns fns = product_fns(c_in, c_out);
-  const int64_t ld_v = kTransformed * c_in + kRowPad, ld_m = kTransformed * c_out + kRowPad;
-  const int64_t chunk_tiles = chunk_tiles_for(g);
-  const int64_t chunks = (g.tiles + chunk_tiles - 1) / chunk_tiles;
   Chunk base{xc.data_ptr<float>(), uc.data_ptr<float>(), bias.has_value() ? bc.data_ptr<float>() : nullptr,
-             y.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, c_in, c_out, ld_v, ld_m,
+             y.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, c_in, c_out, plan.ld_v, plan.ld_m,
              elements_to_write(y.numel())};
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    ChunkBuffers buffers(base, chunk_tiles);
+  at::parallel_for(0, plan.chunks, 1, [&](int64_t begin, int64_t end) {
+    ChunkBuffers buffers(base, plan.chunk_tiles);
     const Chunk& k = buffers.k;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t t0 = chunk * chunk_tiles, count = std::min(chunk_tiles, g.tiles - t0);
-      input(k, g, t0, count);
+      const int64_t t0 = chunk * plan.chunk_tiles, count = std::min(plan.chunk_tiles, g.tiles - t0);
+      plan.input(k, g, t0, count);
       for (int64_t e = 0; e < kTransformed; ++e) {  // m[:, e] = v[:, e] @ u[e]: C_in -> C_out per tile
-        fns.products(k.v + e * c_in, ld_v, k.u + e * c_in * c_out, count, k.m + e * c_out, ld_m);
+        plan.fns.products(k.v + e * c_in, plan.ld_v, k.u + e * c_in * c_out, count, k.m + e * c_out, plan.ld_m);
       }
       output(k, g, t0, count);
     }
@@ -558,28 +571,25 @@ at::Tensor winograd_conv3d_weight_cpu(const at::Tensor& x, const at::Tensor& gra
   const at::Tensor gc = grad.contiguous(at::MemoryFormat::ChannelsLast3d);
   at::Tensor du = new_output({kTransformed, c_in, c_out}, x.options());
   const int64_t elements = du.numel(), limit = elements_to_write(elements);
-  const Geometry g = geometry_of(x);
-  const InputFn input = input_fn(c_in);
+  const Plan plan(x, c_in, c_out);
+  const Geometry& g = plan.g;
   const OutputFn adjoint = output_adjoint_fn(c_out);
-  const ProductFns fns = product_fns(c_in, c_out);
-  const int64_t ld_v = kTransformed * c_in + kRowPad, ld_m = kTransformed * c_out + kRowPad;
-  const int64_t chunk_tiles = chunk_tiles_for(g);
-  const int64_t chunks = (g.tiles + chunk_tiles - 1) / chunk_tiles;
   Chunk base{xc.data_ptr<float>(), nullptr, nullptr, const_cast<float*>(gc.data_ptr<float>()), nullptr, nullptr,
-             nullptr, nullptr, c_in, c_out, ld_v, ld_m, 0};
+             nullptr, nullptr, c_in, c_out, plan.ld_v, plan.ld_m, 0};
   // each thread sums its chunks' outer products; du is then the sum of those partial sums
   std::mutex guard;
   std::vector<std::vector<float>> partials;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    ChunkBuffers buffers(base, chunk_tiles);
+  at::parallel_for(0, plan.chunks, 1, [&](int64_t begin, int64_t end) {
+    ChunkBuffers buffers(base, plan.chunk_tiles);
     const Chunk& k = buffers.k;
     std::vector<float> partial(elements, 0.f);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t t0 = chunk * chunk_tiles, count = std::min(chunk_tiles, g.tiles - t0);
-      input(k, g, t0, count);
+      const int64_t t0 = chunk * plan.chunk_tiles, count = std::min(plan.chunk_tiles, g.tiles - t0);
+      plan.input(k, g, t0, count);
       adjoint(k, g, t0, count);
       for (int64_t e = 0; e < kTransformed; ++e) {
-        fns.outer(k.v + e * c_in, ld_v, k.m + e * c_out, ld_m, count, partial.data() + e * c_in * c_out);
+        plan.fns.outer(k.v + e * c_in, plan.ld_v, k.m + e * c_out, plan.ld_m, count,
+                       partial.data() + e * c_in * c_out);
       }
     }
     const std::lock_guard<std::mutex> lock(guard);
