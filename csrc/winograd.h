@@ -15,8 +15,9 @@
 //
 // float32; x in any layout (channels-last is read as it is); the output is channels-last (NDHWC), as oneDNN's
 // convolutions give it. C_in and C_out each 16, 32, 64 or 128 (the loops are unrolled per channel count).
-// Tiles are processed in chunks of 32 that stay in the core's L2 cache: input transform, the 64 matrix products,
-// output transform. Reference: ``reference.winograd_conv3d`` (the same algorithm in torch ops).
+// Tiles are processed in chunks of up to 32 (fewer where that keeps every thread busy) that stay in the core's L2
+// cache: input transform, the 64 matrix products, output transform. Reference: ``reference.winograd_conv3d`` (the
+// same algorithm in torch ops).
 #pragma once
 
 #include <ATen/core/Tensor.h>

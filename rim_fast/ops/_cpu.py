@@ -199,8 +199,9 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
     (not under torch.compile, torch.export, torch.func transforms or autocast), with rim_fast._C built. With
     autograd the input gradient runs by Winograd too, and inside a RIM call the weight's where it pays
     (``_Winograd``, ``WINOGRAD_WEIGHT_MIN_TILES``). Measured, forward, against oneDNN's channels-last convolution on
-    our 2-core Xeon (AVX-512), 2026-12-05: S3's 32 -> 32 at [4, 32, 16^3] 2.8 -> 2.1 ms, 64 -> 64 at [4, 64, 8^3]
-    1.2 -> 0.75 ms (bench/bench_conv.py: providers "channels_last" / "onednn_fused" against "direct")."""
+    our 2-core Xeon (AVX-512), 2026-12-05: S3's 32 -> 32 at [4, 32, 16^3] 2.83 -> 1.82 ms, 64 -> 64 at
+    [4, 64, 8^3] 1.30 -> 0.74 ms (bench/bench_conv.py: providers "channels_last" / "onednn_fused" against
+    "direct"; bench/results/cpu-41b7e96)."""
     return (WINOGRAD and _AVX512 and xc.dim() == 5 and tuple(w.shape[2:]) == (3, 3, 3) and list(pads) == [1, 1, 1]
             and dilation in (1, [1, 1, 1]) and groups == 1 and xc.device.type == "cpu"
             and xc.dtype == torch.float32 and w.dtype == torch.float32
@@ -218,7 +219,6 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
 #: 2026-12-05): [4, 32, 16^3] (2048 tiles) 2.36 -> 1.84 ms, [4, 64, 8^3] (256) 1.32 -> 1.16, the GRU's
 #: [4, 128 -> 16, 4^3] (32) 0.19 -> 0.22 (slower).
 WINOGRAD_WEIGHT_MIN_TILES = 256
-_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _winograd_weight_ok(xc: Tensor, weight: Tensor) -> bool:
