@@ -155,9 +155,7 @@ C10_ALWAYS_INLINE void output_tile(const float* C10_RESTRICT m, float* C10_RESTR
       }
       const int64_t offset = (((ti.n * g.d + d) * g.h + h) * g.w + 2 * ti.tw) * C;
       const int64_t count = std::min<int64_t>((second_w ? 2 : 1) * C, limit - offset);
-      if (count == 2 * C) {
-        std::copy(pair, pair + 2 * C, y + offset);
-      } else if (count > 0) {
+      if (count > 0) {
         std::copy(pair, pair + count, y + offset);
       }
     }
@@ -367,12 +365,14 @@ ProductFns product_fns(int64_t c_in, int64_t c_out) {
   }
 }
 
-// One chunk of tiles [t0, t0 + count): transform, multiply per transformed position, transform back.
+// One chunk of tiles [t0, t0 + count): transform, multiply per transformed position, transform back (the forward),
+// or transform the input and the output gradient (the weight gradient).
 struct Chunk {
   const float* x;
   const float* u;
   const float* bias;
   float* y;
+  const float* grad;  // the weight gradient's output gradient
   float* v;        // [kChunk][64 * C_in + kRowPad]
   float* m;        // [kChunk][64 * C_out + kRowPad]
   float* scratch;  // 48 * C_out
@@ -410,11 +410,10 @@ C10_ALWAYS_INLINE void output_chunk(const Chunk& k, const Geometry& g, int64_t t
   }
 }
 
-// k.y holds the output gradient here (read only)
 template <int C>
 C10_ALWAYS_INLINE void output_adjoint_chunk(const Chunk& k, const Geometry& g, int64_t t0, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
-    output_adjoint_tile<C>(k.y, k.m + i * k.ld_m, k.scratch, g, t0 + i);
+    output_adjoint_tile<C>(k.grad, k.m + i * k.ld_m, k.scratch, g, t0 + i);
   }
 }
 
@@ -536,7 +535,7 @@ at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const s
   const Geometry& g = plan.g;
   const OutputFn output = output_fn(c_out);
   Chunk base{xc.data_ptr<float>(), uc.data_ptr<float>(), bias.has_value() ? bc.data_ptr<float>() : nullptr,
-             y.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, c_in, c_out, plan.ld_v, plan.ld_m,
+             y.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, c_in, c_out, plan.ld_v, plan.ld_m,
              elements_to_write(y.numel())};
   at::parallel_for(0, plan.chunks, 1, [&](int64_t begin, int64_t end) {
     ChunkBuffers buffers(base, plan.chunk_tiles);
@@ -574,8 +573,8 @@ at::Tensor winograd_conv3d_weight_cpu(const at::Tensor& x, const at::Tensor& gra
   const Plan plan(x, c_in, c_out);
   const Geometry& g = plan.g;
   const OutputFn adjoint = output_adjoint_fn(c_out);
-  Chunk base{xc.data_ptr<float>(), nullptr, nullptr, const_cast<float*>(gc.data_ptr<float>()), nullptr, nullptr,
-             nullptr, nullptr, c_in, c_out, plan.ld_v, plan.ld_m, 0};
+  Chunk base{xc.data_ptr<float>(), nullptr, nullptr, nullptr, gc.data_ptr<float>(), nullptr, nullptr, nullptr,
+             nullptr, c_in, c_out, plan.ld_v, plan.ld_m, 0};
   // each thread sums its chunks' outer products; du is then the sum of those partial sums
   std::mutex guard;
   std::vector<std::vector<float>> partials;

@@ -252,42 +252,29 @@ def _winograd_conv3d_weight_fake(x, grad):
     return x.new_empty((64, x.shape[1], grad.shape[1]))
 
 
-def _winograd_setup(ctx, inputs, output):
-    x, u, bias = inputs
-    ctx.save_for_backward(x, u, bias)
-
-
-def _winograd_bwd(ctx, grad):
-    # the raw op's gradient (x, u, bias), through the reference's torch ops (differentiable, so double backward
-    # works too); the convolutions differentiate the direct convolution instead (``_cpu._Winograd``)
-    x, u, bias = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, u, bias)]
-        out = reference.winograd_conv3d(*leaves)
-        wanted = [t for t, need in zip(leaves, ctx.needs_input_grad) if t is not None and need]
-        grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled()))
-    return tuple(next(grads) if t is not None and need else None for t, need in zip(leaves, ctx.needs_input_grad))
-
-
-torch.library.register_autograd(f"{NAMESPACE}::winograd_conv3d", _winograd_bwd, setup_context=_winograd_setup)
-
-
-def _winograd_weight_setup(ctx, inputs, output):
+def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _winograd_weight_bwd(ctx, grad_u):
-    # bilinear in x and grad: through the reference, as the convolution's own gradient
-    x, grad = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (x, grad)]
-        out = reference.winograd_conv3d_weight(*leaves)
-        grads = torch.autograd.grad(out, leaves, grad_u, create_graph=torch.is_grad_enabled())
-    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+def _through_reference(reference_fn):
+    """An op's backward through its reference's torch ops (differentiable, so double backward works too): the
+    Winograd ops' own gradients. The convolutions differentiate them in ``_cpu._Winograd`` instead."""
+    def backward(ctx, grad):
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = reference_fn(*leaves)
+            wanted = [t for t, need in zip(leaves, ctx.needs_input_grad) if t is not None and need]
+            grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=torch.is_grad_enabled()))
+        return tuple(next(grads) if t is not None and need else None
+                     for t, need in zip(leaves, ctx.needs_input_grad))
+    return backward
 
 
-torch.library.register_autograd(f"{NAMESPACE}::winograd_conv3d_weight", _winograd_weight_bwd,
-                                setup_context=_winograd_weight_setup)
+torch.library.register_autograd(f"{NAMESPACE}::winograd_conv3d", _through_reference(reference.winograd_conv3d),
+                                setup_context=_save_inputs)
+# bilinear in x and the output gradient
+torch.library.register_autograd(f"{NAMESPACE}::winograd_conv3d_weight",
+                                _through_reference(reference.winograd_conv3d_weight), setup_context=_save_inputs)
 
 
 # ---- Python kernels used when rim_fast._C is not loaded -------------------------------------------------
