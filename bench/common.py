@@ -56,6 +56,16 @@ def git_revision() -> str:
         return fallback
 
 
+def cpu_isa() -> str:
+    """torch's CPU capability (the instruction set of its kernels and of rim_fast's Winograd convolutions), and the
+    caps that make this CPU stand in for an older one (bench/results/cpu-avx2-*), where set."""
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    isa = get() if get is not None else "capability unknown"
+    caps = [f"{name}={os.environ[name]}" for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if os.environ.get(name)]
+    return f"{isa} ({', '.join(caps)})" if caps else isa
+
+
 def machine_line() -> str:
     try:
         import triton
@@ -65,7 +75,7 @@ def machine_line() -> str:
     if torch.cuda.is_available():
         device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     else:
-        device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {cpu_isa()}"
     return (f"machine: {device} | torch {torch.__version__} | triton {triton_version} | "
             f"threads {torch.get_num_threads()} | python {platform.python_version()} | rev {git_revision()}")
 

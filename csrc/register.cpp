@@ -64,15 +64,29 @@ static PyObject* cpu_pool_stats(PyObject* /*self*/, PyObject* /*args*/) {
                        static_cast<long long>(out[4]), static_cast<long long>(out[5]));
 }
 
-// _set_winograd_portable(on: bool): the Winograd kernels' matrix products in plain loops even with AVX-512
-// (winograd.h; tests only).
-static PyObject* set_winograd_portable(PyObject* /*self*/, PyObject* args) {
-  int on = 0;
-  if (!PyArg_ParseTuple(args, "p", &on)) {
+// _set_winograd_isa(name: str): the best instruction set the Winograd kernels may use, "avx512" (the default: the
+// best the CPU has), "avx2" or "plain" (winograd.h). rim_fast.ops._cpu sets it to torch's CPU capability at import
+// (ATEN_CPU_CAPABILITY caps both); tests change it.
+static PyObject* set_winograd_isa(PyObject* /*self*/, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &name)) {
     return nullptr;
   }
-  rim_fast::winograd_portable().store(on != 0);
+  const std::string isa(name);
+  if (isa != "avx512" && isa != "avx2" && isa != "plain") {
+    PyErr_Format(PyExc_ValueError, "_set_winograd_isa: isa must be 'avx512', 'avx2' or 'plain', got '%s'", name);
+    return nullptr;
+  }
+  rim_fast::winograd_max_isa().store(isa == "avx512" ? rim_fast::kWinogradAvx512
+                                     : isa == "avx2" ? rim_fast::kWinogradAvx2 : rim_fast::kWinogradPlain);
   Py_RETURN_NONE;
+}
+
+// _winograd_isa() -> str: the instruction set the Winograd kernels run now ("avx512", "avx2" or "plain").
+static PyObject* winograd_isa(PyObject* /*self*/, PyObject* /*args*/) {
+  const int isa = rim_fast::winograd_isa();
+  return PyUnicode_FromString(isa == rim_fast::kWinogradAvx512 ? "avx512"
+                              : isa == rim_fast::kWinogradAvx2 ? "avx2" : "plain");
 }
 
 static PyMethodDef methods[] = {
@@ -88,9 +102,12 @@ static PyMethodDef methods[] = {
     {"_set_test_hooks", set_test_hooks, METH_VARARGS,
      "_set_test_hooks(poison, skip_last_write): NaN-fill kernel outputs before the kernels write them; make the "
      "kernels skip their last element (tests only)."},
-    {"_set_winograd_portable", set_winograd_portable, METH_VARARGS,
-     "_set_winograd_portable(on): the Winograd kernels' matrix products in plain loops, AVX-512 or not (tests "
-     "only)."},
+    {"_set_winograd_isa", set_winograd_isa, METH_VARARGS,
+     "_set_winograd_isa(isa): the best instruction set of the Winograd kernels' matrix products, 'avx512' (the "
+     "default: the best the CPU has), 'avx2' or 'plain'; rim_fast sets it to torch's CPU capability at import."},
+    {"_winograd_isa", winograd_isa, METH_NOARGS,
+     "_winograd_isa() -> str: the instruction set the Winograd kernels run now: the best the CPU has, up to "
+     "_set_winograd_isa's."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -3,7 +3,6 @@
 
 #include "checks.h"
 #include "outputs.h"
-#include "simd_clones.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -14,15 +13,30 @@
 #include <mutex>
 #include <vector>
 
+// The AVX-512 and AVX2 kernels: x86-64 with GCC or Clang (function target attributes)
 #if defined(__x86_64__) && defined(__GNUC__)
+#define RIM_FAST_WINOGRAD_SIMD 1
 #include <immintrin.h>
 #endif
 
 namespace rim_fast {
 
-std::atomic<bool>& winograd_portable() {
-  static std::atomic<bool> portable{false};
-  return portable;
+std::atomic<int>& winograd_max_isa() {
+  static std::atomic<int> isa{kWinogradAvx512};
+  return isa;
+}
+
+int winograd_isa() {
+#ifdef RIM_FAST_WINOGRAD_SIMD
+  const int cap = winograd_max_isa().load(std::memory_order_relaxed);
+  if (cap >= kWinogradAvx512 && __builtin_cpu_supports("avx512f")) {
+    return kWinogradAvx512;
+  }
+  if (cap >= kWinogradAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return kWinogradAvx2;
+  }
+#endif
+  return kWinogradPlain;
 }
 
 namespace {
@@ -213,11 +227,11 @@ C10_ALWAYS_INLINE void output_adjoint_tile(const float* C10_RESTRICT dy, float* 
 // The two matrix products per transformed position e, over a chunk's `count` tiles (rows i at strides ld_v, ld_m):
 //   products:       m[i][o] = sum_c v[i][c] u[c][o]           (forward; u: u[e], [C][CO] contiguous)
 //   outer products: du[c][o] += sum_i v[i][c] m[i][o]         (the weight gradient; du: [C][CO] contiguous)
-// With AVX-512 (and not the portable test hook) in registers: 16 accumulators of 16 floats, a block of rows of
-// the result at a time, each a broadcast element times a row of 16-float vectors; else plain loops (the compiler's
-// vectorisation). Measured alone, one core, 32 -> 32: 146 GFLOP/s (products) and 140 (outer products).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define RIM_FAST_WINOGRAD_AVX512 1
+// With AVX-512 in registers: 16 accumulators of 16 floats, a block of rows of the result at a time, each a
+// broadcast element times a row of 16-float vectors (measured alone, one core, 32 -> 32: 146 GFLOP/s (products)
+// and 140 (outer products)). With AVX2 and FMA the same in 8-float vectors, at most 12 accumulators (AVX2 has 16
+// vector registers), 32 columns of the result at a time. Else plain loops (the compiler's vectorisation).
+#ifdef RIM_FAST_WINOGRAD_SIMD
 template <int C, int CO>
 __attribute__((target("avx512f"))) void products_avx512(const float* v, int64_t ld_v, const float* u,
                                                        int64_t count, float* m, int64_t ld_m) {
@@ -298,6 +312,92 @@ __attribute__((target("avx512f"))) void outer_products_avx512(const float* v, in
     }
   }
 }
+// AVX2 + FMA: column blocks of up to 4 vectors (32 floats); 2 rows of 4 vectors or 4-6 rows of 2, so that the
+// accumulators, the block's row of u and a broadcast fit in 16 registers.
+template <int C, int CO>
+__attribute__((target("avx2,fma"))) void products_avx2(const float* v, int64_t ld_v, const float* u, int64_t count,
+                                                      float* m, int64_t ld_m) {
+  constexpr int kBlock = CO / 8 < 4 ? CO / 8 : 4;  // vectors per column block
+  constexpr int kRows = kBlock == 4 ? 2 : 6;
+  for (int o0 = 0; o0 < CO; o0 += 8 * kBlock) {
+    int64_t i0 = 0;
+    for (; i0 + kRows <= count; i0 += kRows) {
+      __m256 acc[kRows][kBlock];
+      for (int r = 0; r < kRows; ++r) {
+        for (int j = 0; j < kBlock; ++j) {
+          acc[r][j] = _mm256_setzero_ps();
+        }
+      }
+      for (int c = 0; c < C; ++c) {
+        __m256 row[kBlock];
+        for (int j = 0; j < kBlock; ++j) {
+          row[j] = _mm256_loadu_ps(u + c * CO + o0 + 8 * j);
+        }
+        for (int r = 0; r < kRows; ++r) {
+          const __m256 a = _mm256_broadcast_ss(v + (i0 + r) * ld_v + c);
+          for (int j = 0; j < kBlock; ++j) {
+            acc[r][j] = _mm256_fmadd_ps(a, row[j], acc[r][j]);
+          }
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        for (int j = 0; j < kBlock; ++j) {
+          _mm256_storeu_ps(m + (i0 + r) * ld_m + o0 + 8 * j, acc[r][j]);
+        }
+      }
+    }
+    for (; i0 < count; ++i0) {  // the last rows, one at a time
+      __m256 acc[kBlock];
+      for (int j = 0; j < kBlock; ++j) {
+        acc[j] = _mm256_setzero_ps();
+      }
+      for (int c = 0; c < C; ++c) {
+        const __m256 a = _mm256_broadcast_ss(v + i0 * ld_v + c);
+        for (int j = 0; j < kBlock; ++j) {
+          acc[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(u + c * CO + o0 + 8 * j), acc[j]);
+        }
+      }
+      for (int j = 0; j < kBlock; ++j) {
+        _mm256_storeu_ps(m + i0 * ld_m + o0 + 8 * j, acc[j]);
+      }
+    }
+  }
+}
+
+template <int C, int CO>
+__attribute__((target("avx2,fma"))) void outer_products_avx2(const float* v, int64_t ld_v, const float* m,
+                                                            int64_t ld_m, int64_t count, float* du) {
+  constexpr int kBlock = CO / 8 < 4 ? CO / 8 : 4;
+  constexpr int kRows = kBlock == 4 ? 2 : 4;  // divides C (16 to 128)
+  for (int o0 = 0; o0 < CO; o0 += 8 * kBlock) {
+    for (int c0 = 0; c0 < C; c0 += kRows) {
+      __m256 acc[kRows][kBlock];
+      for (int r = 0; r < kRows; ++r) {
+        for (int j = 0; j < kBlock; ++j) {
+          acc[r][j] = _mm256_loadu_ps(du + (c0 + r) * CO + o0 + 8 * j);
+        }
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        __m256 row[kBlock];
+        for (int j = 0; j < kBlock; ++j) {
+          row[j] = _mm256_loadu_ps(m + i * ld_m + o0 + 8 * j);
+        }
+        const float* vi = v + i * ld_v + c0;
+        for (int r = 0; r < kRows; ++r) {
+          const __m256 a = _mm256_broadcast_ss(vi + r);
+          for (int j = 0; j < kBlock; ++j) {
+            acc[r][j] = _mm256_fmadd_ps(a, row[j], acc[r][j]);
+          }
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        for (int j = 0; j < kBlock; ++j) {
+          _mm256_storeu_ps(du + (c0 + r) * CO + o0 + 8 * j, acc[r][j]);
+        }
+      }
+    }
+  }
+}
 #endif
 
 template <int C, int CO>
@@ -335,32 +435,35 @@ struct ProductFns {
 };
 
 template <int C, int CO>
-ProductFns product_fns_for() {
-#ifdef RIM_FAST_WINOGRAD_AVX512
-  if (!winograd_portable().load(std::memory_order_relaxed) && __builtin_cpu_supports("avx512f")) {
+ProductFns product_fns_for(int isa) {
+#ifdef RIM_FAST_WINOGRAD_SIMD
+  if (isa == kWinogradAvx512) {
     return {&products_avx512<C, CO>, &outer_products_avx512<C, CO>};
+  }
+  if (isa == kWinogradAvx2) {
+    return {&products_avx2<C, CO>, &outer_products_avx2<C, CO>};
   }
 #endif
   return {&products_plain<C, CO>, &outer_products_plain<C, CO>};
 }
 
 template <int C>
-ProductFns product_fns_c(int64_t c_out) {
+ProductFns product_fns_c(int64_t c_out, int isa) {
   switch (c_out) {
-    case 16: return product_fns_for<C, 16>();
-    case 32: return product_fns_for<C, 32>();
-    case 64: return product_fns_for<C, 64>();
-    case 128: return product_fns_for<C, 128>();
+    case 16: return product_fns_for<C, 16>(isa);
+    case 32: return product_fns_for<C, 32>(isa);
+    case 64: return product_fns_for<C, 64>(isa);
+    case 128: return product_fns_for<C, 128>(isa);
     default: return {};
   }
 }
 
-ProductFns product_fns(int64_t c_in, int64_t c_out) {
+ProductFns product_fns(int64_t c_in, int64_t c_out, int isa) {
   switch (c_in) {
-    case 16: return product_fns_c<16>(c_out);
-    case 32: return product_fns_c<32>(c_out);
-    case 64: return product_fns_c<64>(c_out);
-    case 128: return product_fns_c<128>(c_out);
+    case 16: return product_fns_c<16>(c_out, isa);
+    case 32: return product_fns_c<32>(c_out, isa);
+    case 64: return product_fns_c<64>(c_out, isa);
+    case 128: return product_fns_c<128>(c_out, isa);
     default: return {};
   }
 }
@@ -417,52 +520,66 @@ C10_ALWAYS_INLINE void output_adjoint_chunk(const Chunk& k, const Geometry& g, i
   }
 }
 
-// One plain function per channel count (target_clones takes no templates): AVX-512, AVX2 or the baseline.
-#define RIM_FAST_WINOGRAD_CHANNELS(C)                                                                   \
-  RIM_FAST_SIMD_CLONES void input_chunk_##C(const Chunk& k, const Geometry& g, int64_t t0, int64_t n) { \
-    input_chunk<C>(k, g, t0, n);                                                                        \
-  }                                                                                                     \
-  RIM_FAST_SIMD_CLONES void output_chunk_##C(const Chunk& k, const Geometry& g, int64_t t0, int64_t n) { \
-    output_chunk<C>(k, g, t0, n);                                                                       \
-  }                                                                                                     \
-  RIM_FAST_SIMD_CLONES void output_adjoint_chunk_##C(const Chunk& k, const Geometry& g, int64_t t0,     \
-                                                     int64_t n) {                                       \
-    output_adjoint_chunk<C>(k, g, t0, n);                                                               \
+// The transforms compiled once per channel count and instruction set (the compiler vectorises their loops for
+// it), chosen with the matrix products (winograd_isa).
+struct TransformFns {
+  InputFn input = nullptr;
+  OutputFn output = nullptr;
+  OutputFn adjoint = nullptr;
+};
+
+#define RIM_FAST_TARGET_plain
+#ifdef RIM_FAST_WINOGRAD_SIMD
+#define RIM_FAST_TARGET_avx512 __attribute__((target("avx512f")))
+#define RIM_FAST_TARGET_avx2 __attribute__((target("avx2,fma")))
+#endif
+#define RIM_FAST_WINOGRAD_TRANSFORMS(C, ISA)                                                                  \
+  RIM_FAST_TARGET_##ISA void input_chunk_##C##_##ISA(const Chunk& k, const Geometry& g, int64_t t0,         \
+                                                     int64_t n) {                                            \
+    input_chunk<C>(k, g, t0, n);                                                                              \
+  }                                                                                                           \
+  RIM_FAST_TARGET_##ISA void output_chunk_##C##_##ISA(const Chunk& k, const Geometry& g, int64_t t0,        \
+                                                      int64_t n) {                                           \
+    output_chunk<C>(k, g, t0, n);                                                                             \
+  }                                                                                                           \
+  RIM_FAST_TARGET_##ISA void output_adjoint_chunk_##C##_##ISA(const Chunk& k, const Geometry& g, int64_t t0, \
+                                                              int64_t n) {                                   \
+    output_adjoint_chunk<C>(k, g, t0, n);                                                                     \
+  }                                                                                                           \
+  constexpr TransformFns transforms_##C##_##ISA{&input_chunk_##C##_##ISA, &output_chunk_##C##_##ISA,         \
+                                                &output_adjoint_chunk_##C##_##ISA};
+#define RIM_FAST_WINOGRAD_CHANNELS(ISA)      \
+  RIM_FAST_WINOGRAD_TRANSFORMS(16, ISA)      \
+  RIM_FAST_WINOGRAD_TRANSFORMS(32, ISA)      \
+  RIM_FAST_WINOGRAD_TRANSFORMS(64, ISA)      \
+  RIM_FAST_WINOGRAD_TRANSFORMS(128, ISA)     \
+  TransformFns transforms_##ISA(int64_t c) { \
+    switch (c) {                             \
+      case 16: return transforms_16_##ISA;   \
+      case 32: return transforms_32_##ISA;   \
+      case 64: return transforms_64_##ISA;   \
+      case 128: return transforms_128_##ISA; \
+      default: return {};                    \
+    }                                        \
   }
-RIM_FAST_WINOGRAD_CHANNELS(16)
-RIM_FAST_WINOGRAD_CHANNELS(32)
-RIM_FAST_WINOGRAD_CHANNELS(64)
-RIM_FAST_WINOGRAD_CHANNELS(128)
+RIM_FAST_WINOGRAD_CHANNELS(plain)
+#ifdef RIM_FAST_WINOGRAD_SIMD
+RIM_FAST_WINOGRAD_CHANNELS(avx512)
+RIM_FAST_WINOGRAD_CHANNELS(avx2)
+#endif
 #undef RIM_FAST_WINOGRAD_CHANNELS
+#undef RIM_FAST_WINOGRAD_TRANSFORMS
 
-InputFn input_fn(int64_t c) {
-  switch (c) {
-    case 16: return &input_chunk_16;
-    case 32: return &input_chunk_32;
-    case 64: return &input_chunk_64;
-    case 128: return &input_chunk_128;
-    default: return nullptr;
+TransformFns transform_fns(int64_t c, int isa) {
+#ifdef RIM_FAST_WINOGRAD_SIMD
+  if (isa == kWinogradAvx512) {
+    return transforms_avx512(c);
   }
-}
-
-OutputFn output_fn(int64_t c) {
-  switch (c) {
-    case 16: return &output_chunk_16;
-    case 32: return &output_chunk_32;
-    case 64: return &output_chunk_64;
-    case 128: return &output_chunk_128;
-    default: return nullptr;
+  if (isa == kWinogradAvx2) {
+    return transforms_avx2(c);
   }
-}
-
-OutputFn output_adjoint_fn(int64_t c) {
-  switch (c) {
-    case 16: return &output_adjoint_chunk_16;
-    case 32: return &output_adjoint_chunk_32;
-    case 64: return &output_adjoint_chunk_64;
-    case 128: return &output_adjoint_chunk_128;
-    default: return nullptr;
-  }
+#endif
+  return transforms_plain(c);
 }
 
 constexpr const char* kOp = "winograd_conv3d";
@@ -486,17 +603,19 @@ int64_t chunk_tiles_for(const Geometry& g) {
   return std::clamp<int64_t>((g.tiles + 2 * threads - 1) / (2 * threads), kMinChunk, kChunk);
 }
 
-// What both kernels derive from their shapes: the tiles, their chunks, the chunk rows' strides, the transforms of
-// the input and the matrix-product kernels.
+// What both kernels derive from their shapes: the tiles, their chunks, the chunk rows' strides, the input's and
+// the output's transforms and the matrix-product kernels (for the instruction set of isa_here).
 struct Plan {
   Geometry g;
   InputFn input;
+  TransformFns out;  // output and output_adjoint: the transforms of C_out channels
   ProductFns fns;
   int64_t ld_v, ld_m, chunk_tiles, chunks;
-  Plan(const at::Tensor& x, int64_t c_in, int64_t c_out)
+  Plan(const at::Tensor& x, int64_t c_in, int64_t c_out, int isa = winograd_isa())
       : g(geometry_of(x)),
-        input(input_fn(c_in)),
-        fns(product_fns(c_in, c_out)),
+        input(transform_fns(c_in, isa).input),
+        out(transform_fns(c_out, isa)),
+        fns(product_fns(c_in, c_out, isa)),
         ld_v(kTransformed * c_in + kRowPad),
         ld_m(kTransformed * c_out + kRowPad),
         chunk_tiles(chunk_tiles_for(g)),
@@ -533,7 +652,6 @@ at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const s
   }
   const Plan plan(x, c_in, c_out);
   const Geometry& g = plan.g;
-  const OutputFn output = output_fn(c_out);
   Chunk base{xc.data_ptr<float>(), uc.data_ptr<float>(), bias.has_value() ? bc.data_ptr<float>() : nullptr,
              y.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, c_in, c_out, plan.ld_v, plan.ld_m,
              elements_to_write(y.numel())};
@@ -546,7 +664,7 @@ at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const s
       for (int64_t e = 0; e < kTransformed; ++e) {  // m[:, e] = v[:, e] @ u[e]: C_in -> C_out per tile
         plan.fns.products(k.v + e * c_in, plan.ld_v, k.u + e * c_in * c_out, count, k.m + e * c_out, plan.ld_m);
       }
-      output(k, g, t0, count);
+      plan.out.output(k, g, t0, count);
     }
   });
   return y;
@@ -572,7 +690,6 @@ at::Tensor winograd_conv3d_weight_cpu(const at::Tensor& x, const at::Tensor& gra
   const int64_t elements = du.numel(), limit = elements_to_write(elements);
   const Plan plan(x, c_in, c_out);
   const Geometry& g = plan.g;
-  const OutputFn adjoint = output_adjoint_fn(c_out);
   Chunk base{xc.data_ptr<float>(), nullptr, nullptr, nullptr, gc.data_ptr<float>(), nullptr, nullptr, nullptr,
              nullptr, c_in, c_out, plan.ld_v, plan.ld_m, 0};
   // each thread sums its chunks' outer products; du is then the sum of those partial sums
@@ -585,7 +702,7 @@ at::Tensor winograd_conv3d_weight_cpu(const at::Tensor& x, const at::Tensor& gra
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t t0 = chunk * plan.chunk_tiles, count = std::min(plan.chunk_tiles, g.tiles - t0);
       plan.input(k, g, t0, count);
-      adjoint(k, g, t0, count);
+      plan.out.adjoint(k, g, t0, count);
       for (int64_t e = 0; e < kTransformed; ++e) {
         plan.fns.outer(k.v + e * c_in, plan.ld_v, k.m + e * c_out, plan.ld_m, count,
                        partial.data() + e * c_in * c_out);

@@ -8,8 +8,8 @@
 // with B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], and
 // the transformed weight U = G w G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] (computed in
 // Python: ``reference.winograd_weight``, once per RIM call). The sum over the input channels is, per transformed
-// position, a matrix product [tiles x C_in] x [C_in x C_out] (AVX-512 kernels of ours in csrc/winograd.cpp; plain
-// loops on other CPUs).
+// position, a matrix product [tiles x C_in] x [C_in x C_out] (AVX-512 or AVX2 kernels of ours in
+// csrc/winograd.cpp; plain loops on other CPUs).
 //
 //   winograd_conv3d(x [N, C_in, D, H, W], u [64, C_in, C_out], bias [C_out]?) -> [N, C_out, D, H, W]
 //
@@ -32,12 +32,17 @@ at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const s
 // The gradient of the transformed weight u: winograd_conv3d_weight(x [N, C_in, D, H, W], grad [N, C_out, D, H, W])
 // -> [64, C_in, C_out], du[e] = sum over tiles of (B^T x B)[e]^T (A grad A^T)[e] (the outer products of the
 // transformed input and the transformed output gradient; the weight's gradient is then G^T du G per axis,
-// ``reference.winograd_weight``'s adjoint). Chunked as the forward; the outer products in AVX-512 registers where
-// the CPU has AVX-512. float32; C_in and C_out as above.
+// ``reference.winograd_weight``'s adjoint). Chunked as the forward; the outer products in AVX-512 or
+// AVX2 registers where the CPU has them. float32; C_in and C_out as above.
 at::Tensor winograd_conv3d_weight_cpu(const at::Tensor& x, const at::Tensor& grad);
 
-// Test hook: when set, the matrix products run their plain loops even where the CPU has AVX-512 (so that tests
-// cover both; rim_fast._C._set_winograd_portable).
-std::atomic<bool>& winograd_portable();
+// The instruction sets of the kernels (matrix products and transforms), best last. The kernels take the best one the CPU has, up to
+// winograd_max_isa() (rim_fast._C._set_winograd_isa): rim_fast.ops._cpu sets it to torch's own CPU capability at
+// import, so that ATEN_CPU_CAPABILITY=avx2 caps both (bench/results/cpu-avx2-*: a stand-in for a CPU without
+// AVX-512); tests set it to cover every path on one CPU.
+enum WinogradIsa : int { kWinogradPlain = 0, kWinogradAvx2 = 1, kWinogradAvx512 = 2 };
+std::atomic<int>& winograd_max_isa();
+// The instruction set the kernels run now: the best the CPU has, up to winograd_max_isa().
+int winograd_isa();
 
 }  // namespace rim_fast

@@ -3,7 +3,10 @@
 layouts, NaN-poisoned outputs, opcheck."""
 import contextlib
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -788,20 +791,24 @@ WINOGRAD_CASES = [(2, 16, 32, 5, 7, 6), (1, 32, 32, 16, 16, 16), (3, 64, 16, 1, 
                   (2, 32, 64, 9, 8, 1), (1, 16, 128, 3, 1, 5), (5, 16, 16, 2, 3, 2)]
 
 
-@pytest.fixture(params=[False, True], ids=["simd", "portable"])
+@pytest.fixture(params=["avx512", "avx2", "plain"])
 def winograd_ext(shift_ext, request):
-    """The extension with the Winograd kernels' matrix products in AVX-512 registers (where the CPU has it) or in
-    their plain loops (the path of other CPUs), outputs NaN-poisoned."""
-    shift_ext._set_winograd_portable(request.param)
-    yield shift_ext
-    shift_ext._set_winograd_portable(False)
+    """The extension with the Winograd kernels (matrix products and transforms) for AVX-512, for AVX2 or in plain
+    loops (the path of other CPUs), outputs NaN-poisoned; skipped where the CPU lacks the instruction set."""
+    shift_ext._set_winograd_isa(request.param)
+    try:
+        if shift_ext._winograd_isa() != request.param:
+            pytest.skip(f"this CPU cannot run the {request.param} kernels")
+        yield shift_ext
+    finally:
+        shift_ext._set_winograd_isa(_cpu.WINOGRAD_ISA or "plain")
 
 
 @pytest.fixture
 def winograd_path(shift_ext):
-    """The extension, where the CPU convolutions take the Winograd kernels (AVX-512 CPUs)."""
-    if not _cpu._AVX512:
-        pytest.skip("this CPU has no AVX-512: the CPU convolutions keep oneDNN's direct kernels")
+    """The extension, where the CPU convolutions take the Winograd kernels (CPUs with AVX-512 or AVX2)."""
+    if _cpu.WINOGRAD_ISA is None:
+        pytest.skip("this CPU has neither AVX-512 nor AVX2: the CPU convolutions keep oneDNN's direct kernels")
     return shift_ext
 
 
@@ -1048,11 +1055,37 @@ def test_winograd_where_it_runs(winograd_path, monkeypatch):
         assert not runs(x, w)
     # one small sample with autograd: the depth split (aten's native kernels otherwise run its backward)
     assert runs(x[:1], w) and not runs(x[:1], w.requires_grad_())
-    monkeypatch.setattr(_cpu, "_AVX512", False)                     # a CPU without AVX-512
+    monkeypatch.setattr(_cpu, "WINOGRAD_ISA", None)                 # a CPU without AVX-512 or AVX2
     assert not runs(x, w.detach())
-    monkeypatch.setattr(_cpu, "_AVX512", True)
+    monkeypatch.setattr(_cpu, "WINOGRAD_ISA", "avx2")
     monkeypatch.setattr(_cpu, "WINOGRAD", False)                    # RIM_FAST_WINOGRAD=0
     assert not runs(x, w.detach())
+
+
+def test_winograd_isa_for_torchs_capability():
+    assert [_cpu.winograd_isa_for(c) for c in ("AVX512", "AVX512_BF16", "AVX2", "DEFAULT", "ZVECTOR", "SVE256")] == [
+        "avx512", "avx512", "avx2", None, None, None]
+
+
+@pytest.mark.parametrize("capability, expected",
+                         [("avx2", ["avx2", "avx2", "32"]), ("default", ["None", "plain", "256"])])
+def test_winograd_follows_torchs_cpu_capability(shift_ext, capability, expected):
+    """ATEN_CPU_CAPABILITY caps torch's CPU kernels and rim_fast's Winograd kernels alike (in a fresh process): the
+    instruction set the convolutions take, the one the C++ kernels run and the weight gradient's threshold."""
+    if _cpu.WINOGRAD_ISA is None:
+        pytest.skip("this CPU has neither AVX-512 nor AVX2")
+    code = ("import rim_fast, rim_fast._C as C; from rim_fast.ops import _cpu; "
+            "print(_cpu.WINOGRAD_ISA, C._winograd_isa(), _cpu.WINOGRAD_WEIGHT_MIN_TILES)")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == expected
+
+
+def test_winograd_isa_hook_rejects_unknown_names(shift_ext):
+    with pytest.raises(ValueError, match="isa must be 'avx512', 'avx2' or 'plain', got 'sse4'"):
+        shift_ext._set_winograd_isa("sse4")
+    assert shift_ext._winograd_isa() == (_cpu.WINOGRAD_ISA or "plain")
 
 
 @pytest.mark.parametrize("steps", [1, 3])

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _ext
 from . import _cpp
 from ._dispatch import exporting, needs_grad
 
@@ -188,21 +189,36 @@ def _late_bias(xc: Tensor, bias: Optional[Tensor]) -> bool:
 #: ``RIM_FAST_WINOGRAD=0`` turns the Winograd convolutions off (oneDNN's direct ones run instead); read at import.
 WINOGRAD = os.environ.get("RIM_FAST_WINOGRAD", "1").strip() != "0"
 _WINOGRAD_CHANNELS = (16, 32, 64, 128)
-#: The Winograd kernels' matrix products are written for AVX-512 (elsewhere they run plain loops, slower than
-#: oneDNN's direct convolutions): only CPUs with it take them
-_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def winograd_isa_for(capability: str) -> Optional[str]:
+    """The instruction set of the Winograd kernels for torch's CPU capability
+    (``torch.backends.cpu.get_cpu_capability()``): "avx512" or "avx2" (each with its own kernels, csrc/winograd.cpp),
+    else None: in plain loops they are slower than oneDNN's direct convolutions, so the convolutions keep those."""
+    if capability.startswith("AVX512"):
+        return "avx512"
+    return "avx2" if capability == "AVX2" else None
+
+
+#: The Winograd kernels' instruction set here, torch's own: ``ATEN_CPU_CAPABILITY=avx2`` caps torch's kernels and
+#: ours alike (with ``ONEDNN_MAX_CPU_ISA=AVX2`` a stand-in for a CPU without AVX-512, as bench/results/cpu-avx2-*)
+WINOGRAD_ISA = winograd_isa_for(torch.backends.cpu.get_cpu_capability())
+if _ext.module() is not None:
+    _ext.module()._set_winograd_isa(WINOGRAD_ISA or "plain")
 
 
 def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dilation, groups: int) -> bool:
     """Whether a stride-1 convolution runs as ``rim_fast::winograd_conv3d``: 3D, a 3x3x3 kernel with padding 1
-    ("same"), no dilation or groups, float32, 16/32/64/128 input and output channels, a CPU with AVX-512, eagerly
-    (not under torch.compile, torch.export, torch.func transforms or autocast), with rim_fast._C built. With
-    autograd the input gradient runs by Winograd too, and inside a RIM call the weight's where it pays
-    (``_Winograd``, ``WINOGRAD_WEIGHT_MIN_TILES``). Measured, forward, against oneDNN's channels-last convolution on
-    our 2-core Xeon (AVX-512), 2026-12-05: S3's 32 -> 32 at [4, 32, 16^3] 2.83 -> 1.82 ms, 64 -> 64 at
-    [4, 64, 8^3] 1.30 -> 0.74 ms (bench/bench_conv.py: providers "channels_last" / "onednn_fused" against
-    "direct"; bench/results/cpu-41b7e96)."""
-    return (WINOGRAD and _AVX512 and xc.dim() == 5 and tuple(w.shape[2:]) == (3, 3, 3) and list(pads) == [1, 1, 1]
+    ("same"), no dilation or groups, float32, 16/32/64/128 input and output channels, a CPU with AVX-512 or AVX2
+    (``WINOGRAD_ISA``), eagerly (not under torch.compile, torch.export, torch.func transforms or autocast), with
+    rim_fast._C built. With autograd the input gradient runs by Winograd too, and inside a RIM call the weight's
+    where it pays (``_Winograd``, ``WINOGRAD_WEIGHT_MIN_TILES``). Measured, forward, against oneDNN's channels-last
+    convolution on our 2-core Xeon, 2026-12-05 (bench/bench_conv.py: providers "channels_last" / "onednn_fused"
+    against "direct"): with AVX-512, S3's 32 -> 32 at [4, 32, 16^3] 2.83 -> 1.82 ms, 64 -> 64 at [4, 64, 8^3]
+    1.30 -> 0.74 ms (bench/results/cpu-41b7e96); capped at AVX2 (torch, oneDNN, MKL and ours), 4.29 -> 2.87 ms and
+    2.06 -> 1.31 ms (bench/results/cpu-avx2-<rev>)."""
+    return (WINOGRAD and WINOGRAD_ISA is not None and xc.dim() == 5 and tuple(w.shape[2:]) == (3, 3, 3)
+            and list(pads) == [1, 1, 1]
             and dilation in (1, [1, 1, 1]) and groups == 1 and xc.device.type == "cpu"
             and xc.dtype == torch.float32 and w.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32)
@@ -214,11 +230,15 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
             and not (needs_grad(xc, w, bias) and _depth_split_ok(xc, w, 1, 1, 1) and not _winograd_weight_ok(xc, w)))
 
 
-#: The weight gradient by Winograd (``rim_fast::winograd_conv3d_weight``) from this many tiles (2x2x2 outputs) up.
-#: Measured against oneDNN's weight and bias gradient, alternated in one process (2-core Xeon, AVX-512,
-#: 2026-12-05): [4, 32, 16^3] (2048 tiles) 2.36 -> 1.84 ms, [4, 64, 8^3] (256) 1.32 -> 1.16, the GRU's
-#: [4, 128 -> 16, 4^3] (32) 0.19 -> 0.22 (slower).
-WINOGRAD_WEIGHT_MIN_TILES = 256
+#: The weight gradient by Winograd (``rim_fast::winograd_conv3d_weight``) from this many tiles (2x2x2 outputs) up,
+#: per instruction set. AVX-512: measured against oneDNN's weight and bias gradient, alternated in one process
+#: (2-core Xeon, 2026-12-05): [4, 32, 16^3] (2048 tiles) 2.36 -> 1.84 ms, [4, 64, 8^3] (256) 1.32 -> 1.16, the
+#: GRU's [4, 128 -> 16, 4^3] (32) 0.19 -> 0.22 (slower). AVX2 (the same Xeon capped at AVX2, oneDNN too), where
+#: oneDNN's weight gradient is slower: the GRU's 0.79 -> 0.32 ms (the kernel; G^T du G runs once a call); S3B1's
+#: training step with 32 against 256, alternated: 1.065x and 1.075x (S3 1.01x; on AVX-512 S3 0.99x)
+#: (bench/results/cpu-avx2-<rev>).
+WINOGRAD_WEIGHT_MIN_TILES_BY_ISA = {"avx512": 256, "avx2": 32}
+WINOGRAD_WEIGHT_MIN_TILES = WINOGRAD_WEIGHT_MIN_TILES_BY_ISA.get(WINOGRAD_ISA, 256)
 
 
 def _winograd_weight_ok(xc: Tensor, weight: Tensor) -> bool:
