@@ -656,3 +656,25 @@ def test_without_extension_ops_still_work():
         print("ok")
     """, RIM_FAST_NO_EXT="0")
     assert "ok" in result.stdout
+
+
+def test_update_step_under_vmap_takes_the_reference(ext, recwarn):
+    """Under torch.func transforms the update-step kernels, which have no batching rule (torch would loop over the
+    batch in its fallback, with a warning), leave the call to the references: per-sample results equal the batch's."""
+    from torch.func import vmap
+    s = torch.randn(3, 2, 1, 8)
+    m, v = torch.randn_like(s), torch.rand_like(s)
+    hyper = dict(method="adam", beta_1=0.9, beta_2=0.999, epsilon=1e-8)
+    x, g, x_true = torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8)
+    with ops.trace() as calls:
+        out = vmap(lambda a, b, c: ops.preprocess_score(a, b, c, 1, **hyper)[0])(s, m, v)
+        loss = vmap(lambda a, b, c: ops.update_state(a[None], b[None], c[None])[1])(x, g, x_true)
+    assert calls[("preprocess_score", "cpp")] == 0 and calls[("preprocess_score", "reference")] > 0
+    assert calls[("update_state", "cpp")] == 0 and calls[("update_state", "reference")] > 0
+    assert not [w for w in recwarn if "batching rule" in str(w.message)]
+    torch.testing.assert_close(out, reference.preprocess_score(s, m, v, 1, **hyper)[0])
+    torch.testing.assert_close(loss, ((x + g - x_true) ** 2).sum((1, 2, 3)))
+    with ops.trace() as calls:  # outside the transforms the kernels serve the same calls
+        ops.preprocess_score(s, m, v, 1, **hyper)
+        ops.update_state(x, g, x_true)
+    assert calls[("preprocess_score", "cpp")] == 1 and calls[("update_state", "cpp")] == 1

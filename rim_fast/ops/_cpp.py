@@ -58,7 +58,7 @@ from torch import Tensor
 
 from .. import _ext
 from . import reference
-from ._dispatch import needs_grad
+from ._dispatch import functorch_active, needs_grad
 
 NAMESPACE = "rim_fast"
 METHODS = ("identity", "arcsinh", "adam", "rmsprop", "rmsprop_fixed")
@@ -397,8 +397,8 @@ def preprocess_auto(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
     needed (the reference serves those, by design). Under torch.compile the reference is preferred: Inductor
     fuses its element-wise ops into one kernel of the same traffic, and into their neighbours, which an
     opaque custom op would prevent (``RIM_FAST_BACKEND=kernels`` still compiles the custom ops)."""
-    return (_ext.module() is not None and not torch.compiler.is_compiling() and method != "identity"
-            and preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon) and not needs_grad(score, m, v)
+    return (_ext.module() is not None and not torch.compiler.is_compiling() and not functorch_active()
+            and method != "identity" and preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon) and not needs_grad(score, m, v)
             and runs_on(score.device))
 
 
@@ -463,8 +463,8 @@ def update_auto(x, g, x_true=None, w=None) -> bool:
     pass saves. Measured, training step with and without it, alternated in one process (2-core Xeon, 2026-12-04):
     1D 256 B=1 27.4 ms without against 29.1 with, 2D 16x16 B=1 37.8 / 40.1, 3D 4^3 B=1 42.1 / 44.6, S1 240 / 245
     ms, S2 and S3 equal within 0.5%."""
-    return (_ext.module() is not None and not torch.compiler.is_compiling() and x_true is not None
-            and update_applies(x, g, x_true, w) and runs_on(x.device)
+    return (_ext.module() is not None and not torch.compiler.is_compiling() and not functorch_active()
+            and x_true is not None and update_applies(x, g, x_true, w) and runs_on(x.device)
             and not (x.device.type == "cpu" and needs_grad(x, g, x_true, w)))
 
 
@@ -534,7 +534,8 @@ def tanh_auto(x) -> bool:
     with its neighbours; CUDA's tanh is already one fast pass."""
     if MKL_TANH_FASTER and isinstance(x, Tensor) and x.dtype == torch.float32:
         return False
-    return _ext.module() is not None and not torch.compiler.is_compiling() and tanh_usable(x)
+    return (_ext.module() is not None and not torch.compiler.is_compiling() and not functorch_active()
+            and tanh_usable(x))
 
 
 def tanh_why_not(x) -> str:

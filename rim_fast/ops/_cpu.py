@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import _ext
 from . import _cpp
-from ._dispatch import exporting, needs_grad
+from ._dispatch import exporting, functorch_active, needs_grad
 
 Tensor = torch.Tensor
 _CL = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -32,7 +32,7 @@ def usable(x, *args) -> bool:
     """CPU tensors of 1 to 3 spatial dims, float32/float64/bfloat16 (``auto`` takes them all: oneDNN is faster in
     channels-last than in the reference's NCHW); not under torch.func transforms (vmap cannot ask a batched tensor
     for its channels-last layout)."""
-    return x.device.type == "cpu" and x.dtype in _FLOATS and x.dim() in (3, 4, 5) and not _functorch_active()
+    return x.device.type == "cpu" and x.dtype in _FLOATS and x.dim() in (3, 4, 5) and not functorch_active()
 
 
 def auto(x, *args) -> bool:
@@ -67,7 +67,7 @@ def onednn_pays(x: Tensor) -> bool:
 def why_not(x, *args) -> str:
     if x.device.type != "cpu":
         return "CPU tensors only (cuDNN serves GPU tensors in their own layout)"
-    if _functorch_active():
+    if functorch_active():
         return "not under torch.func transforms"
     return f"{x.dtype} / {x.dim() - 2} spatial dims not covered"
 
@@ -224,7 +224,7 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
             and (bias is None or bias.dtype == torch.float32)
             and w.shape[0] in _WINOGRAD_CHANNELS and w.shape[1] in _WINOGRAD_CHANNELS
             and _cpp.has_kernel("cpu") and not torch.compiler.is_compiling() and not exporting()
-            and not _autocast_on() and not _functorch_active()
+            and not _autocast_on() and not functorch_active()
             # one small sample with autograd: its backward takes the depth split (aten's native kernels otherwise),
             # unless Winograd computes the weight's gradient too (then no aten backward runs)
             and not (needs_grad(xc, w, bias) and _depth_split_ok(xc, w, 1, 1, 1) and not _winograd_weight_ok(xc, w)))
@@ -351,21 +351,12 @@ def _autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
-
-
-def _functorch_active() -> bool:
-    # torch.func transforms (grad, vmap, ...): the primitives have no batching rule, ``_ConvTanh`` no setup_context
-    # (eagerly: torch.compile traces torch.func transforms itself)
-    return _FUNCTORCH_ACTIVE is not None and not torch.compiler.is_compiling() and bool(_FUNCTORCH_ACTIVE())
-
-
 def _fusable(x, weight, bias, autograd: bool = False) -> bool:
     # CPU float32, 1-3 spatial dims, not under eager autocast or torch.func transforms; with autograd only where
     # ``autograd`` (the primitives have no derivative of their own: ``_ConvTanh`` gives conv + tanh one)
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() in (3, 4, 5)
             and weight.dtype == torch.float32 and (autograd or not needs_grad(x, weight, bias))
-            and not _autocast_on() and not _functorch_active())
+            and not _autocast_on() and not functorch_active())
 
 
 def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
@@ -377,7 +368,7 @@ def conv_tanh_why_not(x, weight, bias, padding, dilation, groups) -> str:
         return "not under torch.export (a saved program cannot hold the op's arguments)"
     if _autocast_on():
         return "not under autocast (the convolution runs in autocast's dtype)"
-    if _functorch_active():
+    if functorch_active():
         return "not under torch.func transforms (grad, vmap, ...)"
     return ("a symmetric padding only; under torch.compile neither with autograd nor for 1D inputs (torch 2.6's "
             "Inductor computed 1D ones wrong)")

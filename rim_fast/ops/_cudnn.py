@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _cpu
+from ._dispatch import functorch_active
 
 Tensor = torch.Tensor
 LAYOUTS = ("contiguous", "channels_last")
@@ -63,7 +64,7 @@ def usable(x, *args) -> bool:
     """CUDA tensors of 1 to 3 spatial dims and a float dtype, eagerly (or recorded into a CUDA graph), when the
     channels-last layout is selected."""
     return (_LAYOUT[0] == "channels_last" and x.is_cuda and x.dtype in _FLOATS and x.dim() in (3, 4, 5)
-            and not torch.compiler.is_compiling() and not _cpu._functorch_active())
+            and not torch.compiler.is_compiling() and not functorch_active())
 
 
 def why_not(x, *args) -> str:
@@ -73,7 +74,7 @@ def why_not(x, *args) -> str:
         return "CUDA tensors only"
     if torch.compiler.is_compiling():
         return "not under torch.compile (Inductor chooses the layout)"
-    if _cpu._functorch_active():
+    if functorch_active():
         return "not under torch.func transforms"
     return f"{x.dtype} / {x.dim() - 2} spatial dims not covered"
 

@@ -78,6 +78,16 @@ def exporting() -> bool:
     return bool(is_exporting is not None and is_exporting())
 
 
+_FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) runs the call eagerly. rim_fast's kernels and fused
+    primitives have no batching rules, and their registered derivatives no functorch support: the references serve
+    such calls. (Under torch.compile, which traces torch.func transforms itself, False.)"""
+    return _FUNCTORCH_ACTIVE is not None and not torch.compiler.is_compiling() and bool(_FUNCTORCH_ACTIVE())
+
+
 def needs_grad(*tensors) -> bool:
     """Whether autograd will record a call on these arguments (grad mode on, a tensor among them requiring grad);
     non-tensors and None are ignored."""
