@@ -250,21 +250,29 @@ def _winograd_weight_ok(xc: Tensor, weight: Tensor) -> bool:
     return derived.active() and weight.requires_grad and tiles >= WINOGRAD_WEIGHT_MIN_TILES
 
 
+def _transformed(weight: Tensor) -> Tensor:
+    # G w G^T computed in float64 and rounded once to the weight's dtype (differentiable: the casts are). In float32
+    # its roundings took a whole 3D RIM's early gradients to 0.99 of the error budget (1.14 on AVX2 CPUs); rounded
+    # once, 0.58 (0.60), where oneDNN's direct convolutions give 0.54-0.70 (bench/error_budget.py)
+    from .reference import winograd_weight
+    return winograd_weight(weight.double()).to(weight.dtype)
+
+
 def _winograd(xc: Tensor, w: Tensor, bias: Optional[Tensor], weight: Tensor) -> Tensor:
     # the transformed weights once per RIM call (``derived``), from the parameter itself
     from ..layers import derived
     from .reference import winograd_weight
     if not needs_grad(xc, w, bias):
-        u = derived.derived(weight, "winograd", lambda: winograd_weight(weight.detach()))
+        u = derived.derived(weight, "winograd", lambda: _transformed(weight.detach()))
         return _cpp.winograd_conv3d(xc, u, bias)
     # the input gradient is the "same" convolution of the output gradient with the flipped, transposed weight
-    u_t = derived.derived(weight, "winograd_input_grad", lambda: winograd_weight(
+    u_t = derived.derived(weight, "winograd_input_grad", lambda: _transformed(
         weight.detach().flip(2, 3, 4).transpose(0, 1))) if xc.requires_grad else None
     if _winograd_weight_ok(xc, weight):
         # with autograd: the weight's gradient flows through u (G^T du G, once per call)
-        u = derived.derived(weight, "winograd_differentiable", lambda: winograd_weight(weight))
+        u = derived.derived(weight, "winograd_differentiable", lambda: _transformed(weight))
     else:
-        u = derived.derived(weight, "winograd", lambda: winograd_weight(weight.detach()))
+        u = derived.derived(weight, "winograd", lambda: _transformed(weight.detach()))
     return _Winograd.apply(xc, w, bias, u, u_t)
 
 
