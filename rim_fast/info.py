@@ -125,10 +125,35 @@ def collect(with_ops: bool = True) -> dict:
         "backend": ops.backend(),
         "cuda_layout": ops.cuda_layout(),
         "cpu_pool": cpu_pool.available(),
+        "winograd": _winograd(module),
     }
     if with_ops:
         info["ops"] = [row for device in _devices() for row in _op_choices(device)]
     return info
+
+
+def _winograd(module) -> dict:
+    """The CPU's 3D 3x3x3 convolutions by Winograd (ops._cpu): the kernels' instruction set, or why they are off."""
+    from .ops import _cpu
+    isa = module._winograd_isa() if module is not None else None
+    if module is None:
+        why = "no rim_fast._C"
+    elif not _cpu.WINOGRAD:
+        why = "RIM_FAST_WINOGRAD=0"
+    elif _cpu.WINOGRAD_ISA is None:
+        why = (f"torch's CPU capability is {torch.backends.cpu.get_cpu_capability()}: the kernels need AVX-512 or "
+               f"AVX2 (oneDNN's direct convolutions run)")
+    else:
+        why = None
+    return {"on": why is None, "isa": isa if why is None else None, "off_because": why}
+
+
+def _winograd_line(w: dict) -> str:
+    head = "CPU Winograd convolutions (3D 3x3x3, stride 1, float32): "
+    if w["on"]:
+        isa = {"avx512": "AVX-512", "avx2": "AVX2"}.get(w["isa"], w["isa"])
+        return head + f"on, {isa} kernels (RIM_FAST_WINOGRAD=0 turns them off)"
+    return head + f"off ({w['off_because']})"
 
 
 def _extension_line(ext: dict) -> str:
@@ -169,6 +194,7 @@ def format_text(info: dict) -> str:
     lines.append("CPU memory pool (eager CPU calls and their backward): " + (
         "on (RIM_FAST_CPU_POOL=0 turns it off)" if info["cpu_pool"]
         else "off (RIM_FAST_CPU_POOL=0, or no rim_fast._C)"))
+    lines.append(_winograd_line(info["winograd"]))
     if "ops" in info:
         lines += ["", "What `auto` runs for S2-sized inputs (B=16, 64x64; eager, no autograd), per op and device:",
                   "", "| op | device | auto runs | the others, and why not |", "| --- | --- | --- | --- |"]

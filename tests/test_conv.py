@@ -827,6 +827,23 @@ def _winograd_inputs(n, c_in, c_out, d, h, w, dtype=torch.float64):
     return x, weight, torch.randn(c_out, dtype=dtype)
 
 
+@pytest.mark.parametrize("shape", [(32, 32), (16, 128), (64, 16)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_winograd_weight_transformed_in_float64(shape):
+    """The transformed weight the convolutions use (``_cpu._transformed``): the reference's G w G^T computed in
+    float64 and rounded once (a float32 transform rounds at every stage); differentiable, with the reference's
+    adjoint as its gradient."""
+    w = torch.randn(*shape, 3, 3, 3)
+    exact = reference.winograd_weight(w.double())
+    u = _cpu._transformed(w)
+    assert u.dtype == torch.float32 and u.shape == (64, shape[1], shape[0]) and u.is_contiguous()
+    torch.testing.assert_close(u, exact.float(), rtol=0, atol=0)
+    assert (reference.winograd_weight(w).double() - exact).abs().max() > (u.double() - exact).abs().max()
+    w64 = w.double().requires_grad_()
+    du = torch.randn(64, shape[1], shape[0], dtype=torch.float64)
+    grad, = torch.autograd.grad(_cpu._transformed(w64), w64, du)
+    torch.testing.assert_close(grad, reference.winograd_weight_grad(du), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_winograd_reference_is_the_convolution(case):
     # the algorithm itself, in float64: exact up to rounding

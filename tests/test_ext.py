@@ -228,6 +228,16 @@ def test_info_command_prints_versions_build_and_ops():
     off = subprocess.run([sys.executable, "-m", "rim_fast.info", "--json"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert off.returncode == 0 and '"cpu_pool": false' in off.stdout, off.stderr
+    from rim_fast.ops import _cpu
+    if _ext.module() is not None and _cpu.WINOGRAD_ISA is not None:
+        isa = {"avx512": "AVX-512", "avx2": "AVX2"}[_cpu.WINOGRAD_ISA]
+        assert f"CPU Winograd convolutions (3D 3x3x3, stride 1, float32): on, {isa} kernels" in text
+        env["ATEN_CPU_CAPABILITY"] = "default"  # torch's capability caps the kernels': off, and why
+        capped = subprocess.run([sys.executable, "-m", "rim_fast.info"], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert "CPU Winograd convolutions (3D 3x3x3, stride 1, float32): off (torch's CPU capability is DEFAULT" in (
+            capped.stdout), capped.stderr
+        del env["ATEN_CPU_CAPABILITY"]
     assert "| update_state | cpu |" in text
     if _ext.built_with_cuda():
         assert _ext.describe_archs(_ext.cuda_archs()) in text

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from . import _cpp
+from . import _cpp, reference
 from ._dispatch import exporting, functorch_active, needs_grad
 
 Tensor = torch.Tensor
@@ -250,18 +250,24 @@ def _winograd_weight_ok(xc: Tensor, weight: Tensor) -> bool:
     return derived.active() and weight.requires_grad and tiles >= WINOGRAD_WEIGHT_MIN_TILES
 
 
+#: kron(G, G, G) in float64, [64, 27]: ``reference.winograd_weight`` as one matrix product
+_WINOGRAD_KRON = torch.einsum("ai,bj,ck->abcijk", *[torch.tensor(reference._WINOGRAD_G, dtype=torch.float64)] * 3
+                              ).reshape(64, 27)
+
+
 def _transformed(weight: Tensor) -> Tensor:
-    # G w G^T computed in float64 and rounded once to the weight's dtype (differentiable: the casts are). In float32
-    # its roundings took a whole 3D RIM's early gradients to 0.99 of the error budget (1.14 on AVX2 CPUs); rounded
-    # once, 0.58 (0.60), where oneDNN's direct convolutions give 0.54-0.70 (bench/error_budget.py)
-    from .reference import winograd_weight
-    return winograd_weight(weight.double()).to(weight.dtype)
+    """``reference.winograd_weight(weight)`` computed in float64 and rounded once to the weight's dtype, as one matrix
+    product with kron(G, G, G) (differentiable: the casts and the product are). In float32 its roundings took a whole
+    3D RIM's early gradients to 0.99 of the error budget (1.14 on AVX2 CPUs); rounded once, 0.58 (0.60), where
+    oneDNN's direct convolutions give 0.54-0.70 (bench/error_budget.py)."""
+    c_out, c_in = weight.shape[:2]
+    w27 = weight.permute(2, 3, 4, 1, 0).reshape(27, c_in * c_out).double()  # [27 taps, C_in x C_out]
+    return (_WINOGRAD_KRON @ w27).to(weight.dtype).view(64, c_in, c_out)
 
 
 def _winograd(xc: Tensor, w: Tensor, bias: Optional[Tensor], weight: Tensor) -> Tensor:
     # the transformed weights once per RIM call (``derived``), from the parameter itself
     from ..layers import derived
-    from .reference import winograd_weight
     if not needs_grad(xc, w, bias):
         u = derived.derived(weight, "winograd", lambda: _transformed(weight.detach()))
         return _cpp.winograd_conv3d(xc, u, bias)
