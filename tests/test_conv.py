@@ -1089,8 +1089,8 @@ def test_winograd_where_it_runs(winograd_path, monkeypatch):
 
 
 def test_winograd_isa_for_torchs_capability():
-    assert [_cpu.winograd_isa_for(c) for c in ("AVX512", "AVX512_BF16", "AVX2", "DEFAULT", "ZVECTOR", "SVE256")] == [
-        "avx512", "avx512", "avx2", None, None, None]
+    capabilities = ("AVX512", "AVX512_BF16", "AVX2", "DEFAULT", "NO AVX", "ZVECTOR", "SVE256")
+    assert [_cpu.winograd_isa_for(c) for c in capabilities] == ["avx512", "avx512", "avx2"] + [None] * 4
 
 
 @pytest.mark.parametrize("capability, expected",
