@@ -312,6 +312,7 @@ __attribute__((target("avx512f"))) void outer_products_avx512(const float* v, in
     }
   }
 }
+
 // AVX2 + FMA: column blocks of up to 4 vectors (32 floats); 2 rows of 4 vectors or 4-6 rows of 2, so that the
 // accumulators, the block's row of u and a broadcast fit in 16 registers.
 template <int C, int CO>

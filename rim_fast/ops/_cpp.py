@@ -398,8 +398,8 @@ def preprocess_auto(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:
     fuses its element-wise ops into one kernel of the same traffic, and into their neighbours, which an
     opaque custom op would prevent (``RIM_FAST_BACKEND=kernels`` still compiles the custom ops)."""
     return (_ext.module() is not None and not torch.compiler.is_compiling() and not functorch_active()
-            and method != "identity" and preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon) and not needs_grad(score, m, v)
-            and runs_on(score.device))
+            and method != "identity" and preprocess_applies(score, m, v, t, method, beta_1, beta_2, epsilon)
+            and not needs_grad(score, m, v) and runs_on(score.device))
 
 
 def preprocess_usable(score, m, v, t, method, beta_1, beta_2, epsilon) -> bool:

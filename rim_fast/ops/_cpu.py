@@ -203,8 +203,10 @@ def winograd_isa_for(capability: str) -> Optional[str]:
 #: The Winograd kernels' instruction set here, torch's own: ``ATEN_CPU_CAPABILITY=avx2`` caps torch's kernels and
 #: ours alike (with ``ONEDNN_MAX_CPU_ISA=AVX2`` a stand-in for a CPU without AVX-512, as bench/results/cpu-avx2-*)
 WINOGRAD_ISA = winograd_isa_for(torch.backends.cpu.get_cpu_capability())
-if _ext.module() is not None:
-    _ext.module()._set_winograd_isa(WINOGRAD_ISA or "plain")
+# (an extension built before the hook existed picks its own: rebuild it)
+_set_winograd_isa = getattr(_ext.module(), "_set_winograd_isa", None)
+if _set_winograd_isa is not None:
+    _set_winograd_isa(WINOGRAD_ISA or "plain")
 
 
 def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dilation, groups: int) -> bool:
@@ -216,7 +218,7 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
     convolution on our 2-core Xeon, 2026-12-05 (bench/bench_conv.py: providers "channels_last" / "onednn_fused"
     against "direct"): with AVX-512, S3's 32 -> 32 at [4, 32, 16^3] 2.83 -> 1.82 ms, 64 -> 64 at [4, 64, 8^3]
     1.30 -> 0.74 ms (bench/results/cpu-41b7e96); capped at AVX2 (torch, oneDNN, MKL and ours), 4.29 -> 2.87 ms and
-    2.06 -> 1.31 ms (bench/results/cpu-avx2-<rev>)."""
+    2.06 -> 1.31 ms (bench/results/cpu-avx2-94064cc)."""
     return (WINOGRAD and WINOGRAD_ISA is not None and xc.dim() == 5 and tuple(w.shape[2:]) == (3, 3, 3)
             and list(pads) == [1, 1, 1]
             and dilation in (1, [1, 1, 1]) and groups == 1 and xc.device.type == "cpu"
@@ -236,7 +238,7 @@ def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dila
 #: GRU's [4, 128 -> 16, 4^3] (32) 0.19 -> 0.22 (slower). AVX2 (the same Xeon capped at AVX2, oneDNN too), where
 #: oneDNN's weight gradient is slower: the GRU's 0.79 -> 0.32 ms (the kernel; G^T du G runs once a call); S3B1's
 #: training step with 32 against 256, alternated: 1.065x and 1.075x (S3 1.01x; on AVX-512 S3 0.99x)
-#: (bench/results/cpu-avx2-<rev>).
+#: (bench/results/cpu-avx2-94064cc).
 WINOGRAD_WEIGHT_MIN_TILES_BY_ISA = {"avx512": 256, "avx2": 32}
 WINOGRAD_WEIGHT_MIN_TILES = WINOGRAD_WEIGHT_MIN_TILES_BY_ISA.get(WINOGRAD_ISA, 256)
 
@@ -258,8 +260,9 @@ _WINOGRAD_KRON = torch.einsum("ai,bj,ck->abcijk", *[torch.tensor(reference._WINO
 def _transformed(weight: Tensor) -> Tensor:
     """``reference.winograd_weight(weight)`` computed in float64 and rounded once to the weight's dtype, as one matrix
     product with kron(G, G, G) (differentiable: the casts and the product are). In float32 its roundings took a whole
-    3D RIM's early gradients to 0.99 of the error budget (1.14 on AVX2 CPUs); rounded once, 0.58 (0.60), where
-    oneDNN's direct convolutions give 0.54-0.70 (bench/error_budget.py)."""
+    3D RIM's early gradients to 0.99 of the error budget (1.14 on AVX2 CPUs); rounded once, at most 0.73 (AVX2:
+    0.55), where oneDNN's direct convolutions give 0.70 (0.90) (bench/error_budget.py, worst 3D case; S3's predict
+    pays 1.2% for the float64 product)."""
     c_out, c_in = weight.shape[:2]
     w27 = weight.permute(2, 3, 4, 1, 0).reshape(27, c_in * c_out).double()  # [27 taps, C_in x C_out]
     return (_WINOGRAD_KRON @ w27).to(weight.dtype).view(64, c_in, c_out)
