@@ -103,8 +103,8 @@ static PyMethodDef methods[] = {
      "_set_test_hooks(poison, skip_last_write): NaN-fill kernel outputs before the kernels write them; make the "
      "kernels skip their last element (tests only)."},
     {"_set_winograd_isa", set_winograd_isa, METH_VARARGS,
-     "_set_winograd_isa(isa): the best instruction set of the Winograd kernels' matrix products, 'avx512' (the "
-     "default: the best the CPU has), 'avx2' or 'plain'; rim_fast sets it to torch's CPU capability at import."},
+     "_set_winograd_isa(isa): the best instruction set of the Winograd kernels (products and transforms), 'avx512' "
+     "(the default: the best the CPU has), 'avx2' or 'plain'; rim_fast sets it to torch's CPU capability at import."},
     {"_winograd_isa", winograd_isa, METH_NOARGS,
      "_winograd_isa() -> str: the instruction set the Winograd kernels run now: the best the CPU has, up to "
      "_set_winograd_isa's."},
