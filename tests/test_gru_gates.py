@@ -204,6 +204,36 @@ def test_tanh_accuracy_small_and_saturated():
 
 # ---- the tests can fail --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("op", ["gru_gates_h", "gru_gates_zero_state"])
+def test_tanh_slope_relative_accuracy_where_tanh_saturates(op):
+    """The backward's tanh slope 1 - tanh(a)^2 comes from e = exp(-2|a|) as 4e / (1 + e)^2, accurate to a few ulp
+    relative where 1 - t*t (the reference's formula) cancels near |t| = 1 (1e-3 relative at |a| = 5, all of it
+    lost from |a| ~ 9 on). Checked on the gradient of the tanh's pre-activation with z = 1 and a unit cotangent,
+    against float64, for |a| from 0 to 12."""
+    H, N = 3, 96
+    a = torch.linspace(0, 12, N, dtype=torch.float64)
+    a = torch.stack([a, -a, a.flip(0)])  # both signs, and the series' range |a| < 1/8 at both ends of a row
+    zero = torch.zeros(H, dtype=torch.float64)
+    one = torch.ones(1, H, N, dtype=torch.float64)
+    if op == "gru_gates_h":
+        # wx = [., ., a], uh = 0, z = 1, h = 0: h' = tanh(a), d h'/d wx[:, 2H:] = 1 - tanh(a)^2
+        wx = torch.cat([torch.zeros(1, 2 * H, N, dtype=torch.float64), a[None]], 1)
+        args64 = (wx, torch.zeros(1, H, N, dtype=torch.float64), one, torch.zeros(1, H, N, dtype=torch.float64),
+                  zero)
+        fn, take = _triton.gru_gates_h, lambda g: g[0][:, 2 * H:]
+    else:
+        # wzh = [40, a]: z = sigmoid(40) = 1 in fp32, h' = tanh(a)
+        args64 = (torch.cat([torch.full((1, H, N), 40.0, dtype=torch.float64), a[None]], 1), zero, zero)
+        fn, take = _triton.gru_gates_zero_state, lambda g: g[0][:, H:]
+    args = [t.float().to(DEV).requires_grad_(i == 0) for i, t in enumerate(args64)]
+    slope = take(torch.autograd.grad(fn(*args), args[:1], torch.ones(1, H, N, device=DEV)))
+    expected = 1 - torch.tanh(a[None].float().double()) ** 2  # at the fp32 inputs the kernel sees
+    rel = ((slope.double().cpu() - expected) / expected).abs()
+    # 1e-5: a few ulp, plus on CUDA tl.exp's rounding of 2|a| log2(e) (~1e-6 relative at |a| = 12)
+    assert rel.max() < 1e-5, f"worst relative error {rel.max():.2e} at |a| = {a.flatten()[rel.argmax()]:.2f}"
+    assert torch.all(slope > 0), "the slope underflowed to 0 (or went negative) within |a| <= 12"
+
+
 def test_poison_detects_unwritten_elements(monkeypatch):
     """A launch that skips one program leaves NaN in the output (so the comparisons above would fail)."""
     wx, uzr, uh, h, z, bz, br, bh = make_inputs(2, 5, (7,), "contig")
