@@ -224,6 +224,30 @@ def test_hourglass_rewrites_match_the_layers(dims, num_layers, monkeypatch):
         assert net._merged_output() is not None or num_layers == 0  # training merges too (gradients compared above)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_merged_output_is_the_float64_product_rounded_once(grad):
+    """The merged output conv's weight W_out W_last and bias W_out b_last + b_out are computed in float64 and rounded
+    once to float32 (a float32 product's rounding errors are the same at every output position: sums over
+    positions add them up, 12x the reference's error on C = 1's output bias gradient, rms over 20 draws); with
+    autograd, the gradients reach both layers' parameters."""
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=2, nf=16, hidden_units=8)
+    last, out = net.all_modules[-1], net.output_layer
+    with torch.set_grad_enabled(grad), per_call_cache():
+        weight, bias = net._merged_output()
+    w_out = out.weight.detach().double().reshape(1, -1)
+    w64 = (w_out @ last.weight.detach().double().reshape(last.weight.shape[0], -1)).reshape(1, *last.weight.shape[1:])
+    b64 = out.bias.detach().double() + w_out @ last.bias.detach().double()
+    assert weight.dtype == bias.dtype == torch.float32
+    assert torch.equal(weight.detach(), w64.float()) and torch.equal(bias.detach(), b64.float())
+    w32 = (out.weight.reshape(1, -1) @ last.weight.reshape(last.weight.shape[0], -1)).detach()
+    assert not torch.equal(w32.reshape(weight.shape), weight.detach()), "a float32 product is as good: no test"
+    if grad:
+        (weight.sum() + bias.sum()).backward()
+        assert all(p.grad is not None for p in (last.weight, last.bias, out.weight, out.bias))
+        assert last.weight.grad.dtype == torch.float32
+
+
 def test_rewrites_take_effect(monkeypatch):
     """What the rewrites remove, counted: no bias add after any convolution once folded (one conv fewer with the
     merged output), and the merge skipped, and hooks called, where a hook watches a layer."""

@@ -12,6 +12,12 @@ from ..layers.conv_same import _SameConvMixin
 from .base import EncoderDecoder, fold_next_bias, unobserved
 
 
+def _exact(t: Tensor) -> Tensor:
+    """``t`` in float64, for a product of parameters rounded once to their dtype; where float64 is not available
+    (MPS), in ``t``'s own dtype."""
+    return t if t.device.type == "mps" else t.double()
+
+
 class Hourglass(EncoderDecoder):
     """forward(x, y, score, h) -> (g, h'), torch_rim's arguments (see ``EncoderDecoder``).
 
@@ -88,6 +94,12 @@ class Hourglass(EncoderDecoder):
         process (2-core Xeon with AVX-512, 2026-12-03): 1.19x -> 1.26x (S1), 1.17x -> 1.24x (S2), 1.07x -> 1.15x
         (S3). Within the whole-RIM error budget (tests/test_error_budget.py; worst use 0.79 of it with 1 or 2
         threads; the first try, commit 6694712, went over it in 3D, before the tanh and conv + tanh paths changed).
+        The merged weight and bias are computed in float64 and rounded once (``_exact``): rounded at every product
+        and sum in float32, their errors are the same at every position of the output, and sums over positions add
+        them up instead of averaging them out. That made the gradient of the output bias (C = 1: the sum of the
+        output's gradient over every position and step) 12x the reference's error, rms over 20 draws of weights and
+        data, and 3.4x in float64 against the 2.7x of the reference summed in another order
+        (``python -m bench.error_budget --seeds``; bench/results/error-budget-seeds-*).
         On the CPU, with C = 1, the merged conv runs as ``ops._cpu._ThinOutConv`` (in 3D without autograd,
         ``ops._cpu._thin_out_depthwise``).
         None where the layers are not plain convs, hooks could observe them, or with ``RIM_FAST_BACKEND=reference``
@@ -102,15 +114,16 @@ class Hourglass(EncoderDecoder):
 
         def weight():
             with torch.autocast(last.weight.device.type, enabled=False):
-                w_out = out.weight.reshape(out.weight.shape[0], -1)
-                return (w_out @ last.weight.reshape(last.weight.shape[0], -1)).reshape(
-                    w_out.shape[0], *last.weight.shape[1:])
+                w_out = _exact(out.weight).reshape(out.weight.shape[0], -1)
+                w = w_out @ _exact(last.weight).reshape(last.weight.shape[0], -1)
+                return w.reshape(w_out.shape[0], *last.weight.shape[1:]).to(last.weight.dtype)
 
         def bias():
             if last.bias is None:
                 return out.bias
             with torch.autocast(last.weight.device.type, enabled=False):
-                w_out = out.weight.reshape(out.weight.shape[0], -1)
-                return torch.mv(w_out, last.bias) if out.bias is None else torch.addmv(out.bias, w_out, last.bias)
+                w_out, b_last = _exact(out.weight).reshape(out.weight.shape[0], -1), _exact(last.bias)
+                b = torch.mv(w_out, b_last) if out.bias is None else torch.addmv(_exact(out.bias), w_out, b_last)
+                return b.to(last.bias.dtype)
 
         return conv_weight(self, "merged_output_weight", weight), derived(self, "merged_output_bias", bias)
