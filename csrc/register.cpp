@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "cpu_isa.h"
 #include "cpu_pool.h"
 #include "outputs.h"
 #include "shift.h"
@@ -64,29 +65,28 @@ static PyObject* cpu_pool_stats(PyObject* /*self*/, PyObject* /*args*/) {
                        static_cast<long long>(out[4]), static_cast<long long>(out[5]));
 }
 
-// _set_winograd_isa(name: str): the best instruction set the Winograd kernels may use, "avx512" (the default: the
-// best the CPU has), "avx2" or "plain" (winograd.h). rim_fast.ops._cpu sets it to torch's CPU capability at import
-// (ATEN_CPU_CAPABILITY caps both); tests change it.
-static PyObject* set_winograd_isa(PyObject* /*self*/, PyObject* args) {
+// _set_cpu_isa(name: str): the best instruction set rim_fast's CPU loops may use (cpu_isa.h: the Winograd kernels,
+// tanh, the shifted sums), "avx512" (the default: the best the CPU has), "avx2" or "plain". rim_fast.ops._cpu sets
+// it to torch's CPU capability at import (ATEN_CPU_CAPABILITY caps both); tests change it.
+static PyObject* set_cpu_isa(PyObject* /*self*/, PyObject* args) {
   const char* name = nullptr;
   if (!PyArg_ParseTuple(args, "s", &name)) {
     return nullptr;
   }
   const std::string isa(name);
   if (isa != "avx512" && isa != "avx2" && isa != "plain") {
-    PyErr_Format(PyExc_ValueError, "_set_winograd_isa: isa must be 'avx512', 'avx2' or 'plain', got '%s'", name);
+    PyErr_Format(PyExc_ValueError, "_set_cpu_isa: isa must be 'avx512', 'avx2' or 'plain', got '%s'", name);
     return nullptr;
   }
-  rim_fast::winograd_max_isa().store(isa == "avx512" ? rim_fast::kWinogradAvx512
-                                     : isa == "avx2" ? rim_fast::kWinogradAvx2 : rim_fast::kWinogradPlain);
+  rim_fast::cpu_max_isa().store(isa == "avx512" ? rim_fast::kIsaAvx512
+                                : isa == "avx2" ? rim_fast::kIsaAvx2 : rim_fast::kIsaPlain);
   Py_RETURN_NONE;
 }
 
-// _winograd_isa() -> str: the instruction set the Winograd kernels run now ("avx512", "avx2" or "plain").
-static PyObject* winograd_isa(PyObject* /*self*/, PyObject* /*args*/) {
-  const int isa = rim_fast::winograd_isa();
-  return PyUnicode_FromString(isa == rim_fast::kWinogradAvx512 ? "avx512"
-                              : isa == rim_fast::kWinogradAvx2 ? "avx2" : "plain");
+// _cpu_isa() -> str: the instruction set rim_fast's CPU loops run now ("avx512", "avx2" or "plain").
+static PyObject* cpu_isa(PyObject* /*self*/, PyObject* /*args*/) {
+  const int isa = rim_fast::cpu_isa();
+  return PyUnicode_FromString(isa == rim_fast::kIsaAvx512 ? "avx512" : isa == rim_fast::kIsaAvx2 ? "avx2" : "plain");
 }
 
 static PyMethodDef methods[] = {
@@ -102,12 +102,13 @@ static PyMethodDef methods[] = {
     {"_set_test_hooks", set_test_hooks, METH_VARARGS,
      "_set_test_hooks(poison, skip_last_write): NaN-fill kernel outputs before the kernels write them; make the "
      "kernels skip their last element (tests only)."},
-    {"_set_winograd_isa", set_winograd_isa, METH_VARARGS,
-     "_set_winograd_isa(isa): the best instruction set of the Winograd kernels (products and transforms), 'avx512' "
-     "(the default: the best the CPU has), 'avx2' or 'plain'; rim_fast sets it to torch's CPU capability at import."},
-    {"_winograd_isa", winograd_isa, METH_NOARGS,
-     "_winograd_isa() -> str: the instruction set the Winograd kernels run now: the best the CPU has, up to "
-     "_set_winograd_isa's."},
+    {"_set_cpu_isa", set_cpu_isa, METH_VARARGS,
+     "_set_cpu_isa(isa): the best instruction set of rim_fast's CPU loops (the Winograd kernels, tanh, the shifted "
+     "sums), 'avx512' (the default: the best the CPU has), 'avx2' or 'plain'; rim_fast sets it to torch's CPU "
+     "capability at import."},
+    {"_cpu_isa", cpu_isa, METH_NOARGS,
+     "_cpu_isa() -> str: the instruction set rim_fast's CPU loops run now: the best the CPU has, up to "
+     "_set_cpu_isa's."},
     {nullptr, nullptr, 0, nullptr},
 };
 

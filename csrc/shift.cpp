@@ -6,7 +6,7 @@
 
 #include "checks.h"
 #include "outputs.h"
-#include "simd_clones.h"
+#include "cpu_isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -66,7 +66,7 @@ Geometry geometry(const at::Tensor& t, at::IntArrayRef kernel, int64_t sign, boo
   return g;
 }
 
-// The loops, inlined into one function per dtype and instruction set (target_clones does not apply to templates).
+// The loops, inlined into one function per dtype and instruction set (cpu_isa.h: RIM_FAST_SIMD_FUNCTION).
 // Both run over whole planes (H x W elements): a tap shifts the rows by rs and the columns by s, and in memory
 // that is one offset, rs W + s, for every element, so each tap is one long loop that vectorises (a loop per row of
 // S3's 16 elements costs more than its work). The elements the offset wraps into a neighbouring row (the first or
@@ -194,35 +194,38 @@ C10_ALWAYS_INLINE void shift_stack_image(const T* C10_RESTRICT x, T* C10_RESTRIC
   }
 }
 
-RIM_FAST_SIMD_CLONES void shift_sum_range(const float* planes, float* out, float* acc, float* edge,
-                                          const Geometry& g, int64_t sign, int64_t to_write, int64_t begin,
-                                          int64_t end) {
+template <typename T>
+C10_ALWAYS_INLINE void shift_sum_items(const T* planes, T* out, T* acc, T* edge, const Geometry& g, int64_t sign,
+                                       int64_t to_write, int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) {
     shift_sum_plane(planes, out, acc, edge, g, sign, to_write, item);
   }
 }
 
-RIM_FAST_SIMD_CLONES void shift_sum_range(const double* planes, double* out, double* acc, double* edge,
-                                          const Geometry& g, int64_t sign, int64_t to_write, int64_t begin,
-                                          int64_t end) {
-  for (int64_t item = begin; item < end; ++item) {
-    shift_sum_plane(planes, out, acc, edge, g, sign, to_write, item);
-  }
-}
-
-RIM_FAST_SIMD_CLONES void shift_stack_range(const float* x, float* out, const Geometry& g, int64_t sign,
-                                            int64_t to_write, int64_t begin, int64_t end) {
+template <typename T>
+C10_ALWAYS_INLINE void shift_stack_items(const T* x, T* out, const Geometry& g, int64_t sign, int64_t to_write,
+                                         int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) {
     shift_stack_image(x, out, g, sign, to_write, item);
   }
 }
 
-RIM_FAST_SIMD_CLONES void shift_stack_range(const double* x, double* out, const Geometry& g, int64_t sign,
-                                            int64_t to_write, int64_t begin, int64_t end) {
-  for (int64_t item = begin; item < end; ++item) {
-    shift_stack_image(x, out, g, sign, to_write, item);
-  }
-}
+RIM_FAST_SIMD_FUNCTION(shift_sum_range, shift_sum_items,
+                       (const float* planes, float* out, float* acc, float* edge, const Geometry& g, int64_t sign,
+                        int64_t to_write, int64_t begin, int64_t end),
+                       (planes, out, acc, edge, g, sign, to_write, begin, end))
+RIM_FAST_SIMD_FUNCTION(shift_sum_range, shift_sum_items,
+                       (const double* planes, double* out, double* acc, double* edge, const Geometry& g,
+                        int64_t sign, int64_t to_write, int64_t begin, int64_t end),
+                       (planes, out, acc, edge, g, sign, to_write, begin, end))
+RIM_FAST_SIMD_FUNCTION(shift_stack_range, shift_stack_items,
+                       (const float* x, float* out, const Geometry& g, int64_t sign, int64_t to_write, int64_t begin,
+                        int64_t end),
+                       (x, out, g, sign, to_write, begin, end))
+RIM_FAST_SIMD_FUNCTION(shift_stack_range, shift_stack_items,
+                       (const double* x, double* out, const Geometry& g, int64_t sign, int64_t to_write,
+                        int64_t begin, int64_t end),
+                       (x, out, g, sign, to_write, begin, end))
 
 template <typename T>
 void shift_sum_kernel(const T* planes, T* out, const Geometry& g, int64_t sign, int64_t to_write) {

@@ -1,11 +1,11 @@
 // CPU kernel of rim_fast::tanh: tanh_rational (tanh.h) over the tensor's memory in one pass, split by
-// at::parallel_for. The loop has no branches (compares become selects) and vectorises; on x86-64 Linux it is
-// compiled for AVX-512, AVX2 and the baseline, chosen at load time (target_clones), since the extension is built
-// without -march flags. The output has x's layout (channels-last stays channels-last).
+// at::parallel_for. The loop has no branches (compares become selects) and vectorises; on x86-64 it is compiled
+// for AVX-512, AVX2 and the baseline, chosen per call (cpu_isa.h). The output has x's layout (channels-last stays
+// channels-last).
 #include "tanh.h"
 
 #include "outputs.h"
-#include "simd_clones.h"
+#include "cpu_isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,18 +21,15 @@ namespace {
 
 constexpr int64_t kGrain = 32768;
 
-RIM_FAST_SIMD_CLONES void tanh_loop(const float* C10_RESTRICT x, float* C10_RESTRICT y, int64_t n) {
+template <typename T>
+C10_ALWAYS_INLINE void tanh_loop_impl(const T* C10_RESTRICT x, T* C10_RESTRICT y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    y[i] = tanh_rational<float>(x[i]);
+    y[i] = static_cast<T>(tanh_rational<float>(static_cast<float>(x[i])));
   }
 }
 
-RIM_FAST_SIMD_CLONES void tanh_loop(const c10::BFloat16* C10_RESTRICT x, c10::BFloat16* C10_RESTRICT y,
-                                    int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    y[i] = static_cast<c10::BFloat16>(tanh_rational<float>(static_cast<float>(x[i])));
-  }
-}
+RIM_FAST_SIMD_FUNCTION(tanh_loop, tanh_loop_impl, (const float* x, float* y, int64_t n), (x, y, n))
+RIM_FAST_SIMD_FUNCTION(tanh_loop, tanh_loop_impl, (const c10::BFloat16* x, c10::BFloat16* y, int64_t n), (x, y, n))
 
 }  // namespace
 

@@ -22,7 +22,7 @@
 namespace rim_fast {
 
 template <typename T>
-inline T tanh_rational(T x) {
+C10_ALWAYS_INLINE T tanh_rational(T x) {  // inlined into each instruction set's loop (tanh.cpp)
   const T bound = T(9);
   // comparisons written so that a NaN falls through to itself
   const T xc = x < -bound ? -bound : (x > bound ? bound : x);

@@ -13,31 +13,12 @@
 #include <mutex>
 #include <vector>
 
-// The AVX-512 and AVX2 kernels: x86-64 with GCC or Clang (function target attributes)
-#if defined(__x86_64__) && defined(__GNUC__)
-#define RIM_FAST_WINOGRAD_SIMD 1
+// The AVX-512 and AVX2 kernels: x86-64 with GCC or Clang (cpu_isa.h)
+#ifdef RIM_FAST_CPU_SIMD
 #include <immintrin.h>
 #endif
 
 namespace rim_fast {
-
-std::atomic<int>& winograd_max_isa() {
-  static std::atomic<int> isa{kWinogradAvx512};
-  return isa;
-}
-
-int winograd_isa() {
-#ifdef RIM_FAST_WINOGRAD_SIMD
-  const int cap = winograd_max_isa().load(std::memory_order_relaxed);
-  if (cap >= kWinogradAvx512 && __builtin_cpu_supports("avx512f")) {
-    return kWinogradAvx512;
-  }
-  if (cap >= kWinogradAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return kWinogradAvx2;
-  }
-#endif
-  return kWinogradPlain;
-}
 
 namespace {
 
@@ -231,9 +212,9 @@ C10_ALWAYS_INLINE void output_adjoint_tile(const float* C10_RESTRICT dy, float* 
 // broadcast element times a row of 16-float vectors (measured alone, one core, 32 -> 32: 146 GFLOP/s (products)
 // and 140 (outer products)). With AVX2 and FMA the same in 8-float vectors, at most 12 accumulators (AVX2 has 16
 // vector registers), 32 columns of the result at a time. Else plain loops (the compiler's vectorisation).
-#ifdef RIM_FAST_WINOGRAD_SIMD
+#ifdef RIM_FAST_CPU_SIMD
 template <int C, int CO>
-__attribute__((target("avx512f"))) void products_avx512(const float* v, int64_t ld_v, const float* u,
+RIM_FAST_TARGET_avx512 void products_avx512(const float* v, int64_t ld_v, const float* u,
                                                        int64_t count, float* m, int64_t ld_m) {
   constexpr int kVectors = CO / 16;
   constexpr int kRows = kVectors >= 4 ? 4 : (16 / kVectors > 8 ? 8 : 16 / kVectors);
@@ -281,7 +262,7 @@ __attribute__((target("avx512f"))) void products_avx512(const float* v, int64_t 
 }
 
 template <int C, int CO>
-__attribute__((target("avx512f"))) void outer_products_avx512(const float* v, int64_t ld_v, const float* m,
+RIM_FAST_TARGET_avx512 void outer_products_avx512(const float* v, int64_t ld_v, const float* m,
                                                               int64_t ld_m, int64_t count, float* du) {
   constexpr int kVectors = CO / 16;
   constexpr int kRows = 16 / kVectors < C ? 16 / kVectors : C;
@@ -316,7 +297,7 @@ __attribute__((target("avx512f"))) void outer_products_avx512(const float* v, in
 // AVX2 + FMA: column blocks of up to 4 vectors (32 floats); 2 rows of 4 vectors or 4-6 rows of 2, so that the
 // accumulators, the block's row of u and a broadcast fit in 16 registers.
 template <int C, int CO>
-__attribute__((target("avx2,fma"))) void products_avx2(const float* v, int64_t ld_v, const float* u, int64_t count,
+RIM_FAST_TARGET_avx2 void products_avx2(const float* v, int64_t ld_v, const float* u, int64_t count,
                                                       float* m, int64_t ld_m) {
   constexpr int kBlock = CO / 8 < 4 ? CO / 8 : 4;  // vectors per column block
   constexpr int kRows = kBlock == 4 ? 2 : 6;
@@ -366,7 +347,7 @@ __attribute__((target("avx2,fma"))) void products_avx2(const float* v, int64_t l
 }
 
 template <int C, int CO>
-__attribute__((target("avx2,fma"))) void outer_products_avx2(const float* v, int64_t ld_v, const float* m,
+RIM_FAST_TARGET_avx2 void outer_products_avx2(const float* v, int64_t ld_v, const float* m,
                                                             int64_t ld_m, int64_t count, float* du) {
   constexpr int kBlock = CO / 8 < 4 ? CO / 8 : 4;
   constexpr int kRows = kBlock == 4 ? 2 : 4;  // divides C (16 to 128)
@@ -437,11 +418,11 @@ struct ProductFns {
 
 template <int C, int CO>
 ProductFns product_fns_for(int isa) {
-#ifdef RIM_FAST_WINOGRAD_SIMD
-  if (isa == kWinogradAvx512) {
+#ifdef RIM_FAST_CPU_SIMD
+  if (isa == kIsaAvx512) {
     return {&products_avx512<C, CO>, &outer_products_avx512<C, CO>};
   }
-  if (isa == kWinogradAvx2) {
+  if (isa == kIsaAvx2) {
     return {&products_avx2<C, CO>, &outer_products_avx2<C, CO>};
   }
 #endif
@@ -522,18 +503,13 @@ C10_ALWAYS_INLINE void output_adjoint_chunk(const Chunk& k, const Geometry& g, i
 }
 
 // The transforms compiled once per channel count and instruction set (the compiler vectorises their loops for
-// it), chosen with the matrix products (winograd_isa).
+// it), chosen with the matrix products (cpu_isa).
 struct TransformFns {
   InputFn input = nullptr;
   OutputFn output = nullptr;
   OutputFn adjoint = nullptr;
 };
 
-#define RIM_FAST_TARGET_plain
-#ifdef RIM_FAST_WINOGRAD_SIMD
-#define RIM_FAST_TARGET_avx512 __attribute__((target("avx512f")))
-#define RIM_FAST_TARGET_avx2 __attribute__((target("avx2,fma")))
-#endif
 #define RIM_FAST_WINOGRAD_TRANSFORMS(C, ISA)                                                                  \
   RIM_FAST_TARGET_##ISA void input_chunk_##C##_##ISA(const Chunk& k, const Geometry& g, int64_t t0,         \
                                                      int64_t n) {                                            \
@@ -564,7 +540,7 @@ struct TransformFns {
     }                                        \
   }
 RIM_FAST_WINOGRAD_CHANNELS(plain)
-#ifdef RIM_FAST_WINOGRAD_SIMD
+#ifdef RIM_FAST_CPU_SIMD
 RIM_FAST_WINOGRAD_CHANNELS(avx512)
 RIM_FAST_WINOGRAD_CHANNELS(avx2)
 #endif
@@ -572,11 +548,11 @@ RIM_FAST_WINOGRAD_CHANNELS(avx2)
 #undef RIM_FAST_WINOGRAD_TRANSFORMS
 
 TransformFns transform_fns(int64_t c, int isa) {
-#ifdef RIM_FAST_WINOGRAD_SIMD
-  if (isa == kWinogradAvx512) {
+#ifdef RIM_FAST_CPU_SIMD
+  if (isa == kIsaAvx512) {
     return transforms_avx512(c);
   }
-  if (isa == kWinogradAvx2) {
+  if (isa == kIsaAvx2) {
     return transforms_avx2(c);
   }
 #endif
@@ -612,7 +588,7 @@ struct Plan {
   TransformFns out;  // output and output_adjoint: the transforms of C_out channels
   ProductFns fns;
   int64_t ld_v, ld_m, chunk_tiles, chunks;
-  Plan(const at::Tensor& x, int64_t c_in, int64_t c_out, int isa = winograd_isa())
+  Plan(const at::Tensor& x, int64_t c_in, int64_t c_out, int isa = cpu_isa())
       : g(geometry_of(x)),
         input(transform_fns(c_in, isa).input),
         out(transform_fns(c_out, isa)),

@@ -20,9 +20,10 @@
 // same algorithm in torch ops).
 #pragma once
 
+#include "cpu_isa.h"
+
 #include <ATen/core/Tensor.h>
 
-#include <atomic>
 #include <optional>
 
 namespace rim_fast {
@@ -36,13 +37,6 @@ at::Tensor winograd_conv3d_cpu(const at::Tensor& x, const at::Tensor& u, const s
 // AVX2 registers where the CPU has them. float32; C_in and C_out as above.
 at::Tensor winograd_conv3d_weight_cpu(const at::Tensor& x, const at::Tensor& grad);
 
-// The instruction sets of the kernels (matrix products and transforms), best last. The kernels take the best one
-// the CPU has, up to winograd_max_isa() (rim_fast._C._set_winograd_isa): rim_fast.ops._cpu sets it to torch's own
-// CPU capability at import, so that ATEN_CPU_CAPABILITY=avx2 caps both (bench/results/cpu-avx2-*: a stand-in for a
-// CPU without AVX-512); tests set it to cover every path on one CPU.
-enum WinogradIsa : int { kWinogradPlain = 0, kWinogradAvx2 = 1, kWinogradAvx512 = 2 };
-std::atomic<int>& winograd_max_isa();
-// The instruction set the kernels run now: the best the CPU has, up to winograd_max_isa().
-int winograd_isa();
+// The kernels (matrix products and transforms) run one instruction set per call, cpu_isa() (cpu_isa.h).
 
 }  // namespace rim_fast

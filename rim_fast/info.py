@@ -135,7 +135,7 @@ def collect(with_ops: bool = True) -> dict:
 def _winograd(module) -> dict:
     """The CPU's 3D 3x3x3 convolutions by Winograd (ops._cpu): the kernels' instruction set, or why they are off."""
     from .ops import _cpu
-    isa = module._winograd_isa() if module is not None else None
+    isa = module._cpu_isa() if module is not None else None
     if module is None:
         why = "no rim_fast._C"
     elif not _cpu.WINOGRAD:

@@ -461,10 +461,24 @@ def shift_ext(ext):
     return ext
 
 
+@pytest.fixture(params=["avx512", "avx2", "plain"])
+def cpu_isa_ext(shift_ext, request):
+    """The extension with its CPU loops (csrc/cpu_isa.h: the Winograd kernels, tanh, the shifted sums) for AVX-512,
+    for AVX2 or in plain loops (the path of other CPUs), outputs NaN-poisoned; skipped where the CPU lacks the
+    instruction set."""
+    shift_ext._set_cpu_isa(request.param)
+    try:
+        if shift_ext._cpu_isa() != request.param:
+            pytest.skip(f"this CPU cannot run the {request.param} loops")
+        yield shift_ext
+    finally:
+        shift_ext._set_cpu_isa(_cpu.CPU_ISA or "plain")
+
+
 @pytest.mark.parametrize("kernel,size", SHIFT_CASES, ids=lambda v: "x".join(map(str, v)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("sign", [1, -1])
-def test_shift_kernels_match_reference(shift_ext, kernel, size, dtype, sign):
+def test_shift_kernels_match_reference(cpu_isa_ext, kernel, size, dtype, sign):
     """Outputs NaN-poisoned before the kernels write them; shift_stack moves values (exact), shift_sum adds the
     taps in another order than the reference (within the error budget against float64)."""
     taps = math.prod(kernel)
@@ -498,7 +512,7 @@ def test_shift_kernels_read_any_layout(shift_ext):
                                reference.shift_sum(planes, (3, 3), -1), rtol=1e-5, atol=1e-5)
 
 
-def test_shift_kernels_non_finite_values_and_empty_tensors(shift_ext):
+def test_shift_kernels_non_finite_values_and_empty_tensors(cpu_isa_ext):
     """shift_sum adds each tap's plane in one loop and restores the columns that loop wraps into the next row: an
     inf or NaN there must not leak into a neighbour (a restore, not a subtraction). Empty tensors give empty
     outputs."""
@@ -582,7 +596,7 @@ def _tanh_grid():
     return torch.cat([x, -x])
 
 
-def test_tanh_kernel_within_the_error_budget(ext):
+def test_tanh_kernel_within_the_error_budget(cpu_isa_ext):
     x = _tanh_grid()
     exact = torch.tanh(x.double())
     fast, ref = _cpp.tanh(x), torch.tanh(x)
@@ -596,7 +610,7 @@ def test_tanh_kernel_within_the_error_budget(ext):
     assert ((fast.double() - exact).abs()[small] / exact.abs()[small]).max() < 1e-7  # 1.5 ulp below |x| = 1
 
 
-def test_tanh_kernel_special_values(ext):
+def test_tanh_kernel_special_values(cpu_isa_ext):
     x = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-38, -1e-45, 9.0, -9.0, 30.0, -1e30])
     y = _cpp.tanh(x)
     assert y[:2].tolist() == [0.0, 0.0] and torch.signbit(y[1]) and not torch.signbit(y[0])
@@ -619,7 +633,7 @@ def test_tanh_kernel_layouts(ext, layout):
     torch.testing.assert_close(y, torch.tanh(base), rtol=4e-7, atol=1e-30)
 
 
-def test_tanh_kernel_bfloat16(ext):
+def test_tanh_kernel_bfloat16(cpu_isa_ext):
     x = torch.randn(3, 8, 33) * 3
     xb = x.bfloat16()
     exact = torch.tanh(xb.double())
@@ -800,19 +814,6 @@ WINOGRAD_CASES = [(2, 16, 32, 5, 7, 6), (1, 32, 32, 16, 16, 16), (3, 64, 16, 1, 
                   (2, 32, 64, 9, 8, 1), (1, 16, 128, 3, 1, 5), (5, 16, 16, 2, 3, 2)]
 
 
-@pytest.fixture(params=["avx512", "avx2", "plain"])
-def winograd_ext(shift_ext, request):
-    """The extension with the Winograd kernels (matrix products and transforms) for AVX-512, for AVX2 or in plain
-    loops (the path of other CPUs), outputs NaN-poisoned; skipped where the CPU lacks the instruction set."""
-    shift_ext._set_winograd_isa(request.param)
-    try:
-        if shift_ext._winograd_isa() != request.param:
-            pytest.skip(f"this CPU cannot run the {request.param} kernels")
-        yield shift_ext
-    finally:
-        shift_ext._set_winograd_isa(_cpu.WINOGRAD_ISA or "plain")
-
-
 @pytest.fixture
 def winograd_path(shift_ext):
     """The extension, where the CPU convolutions take the Winograd kernels (CPUs with AVX-512 or AVX2)."""
@@ -855,7 +856,7 @@ def test_winograd_reference_is_the_convolution(case):
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_winograd_kernel_matches_reference(winograd_ext, case, layout, with_bias):
+def test_winograd_kernel_matches_reference(cpu_isa_ext, case, layout, with_bias):
     """Output NaN-poisoned before the kernel writes it (``ext``); channels-last; against the reference's float32
     run (another summation order) and, for the error budget, the direct convolution in float64 and float32."""
     x64, w64, b64 = _winograd_inputs(*case)
@@ -871,9 +872,9 @@ def test_winograd_kernel_matches_reference(winograd_ext, case, layout, with_bias
     assert_error_budget([out], [direct], [exact], torch.float32, ["winograd_conv3d"], f"winograd {case}")
 
 
-def test_winograd_kernel_skipped_write_is_caught(winograd_ext):
+def test_winograd_kernel_skipped_write_is_caught(cpu_isa_ext):
     x, w, b = (t.float() for t in _winograd_inputs(2, 16, 32, 5, 7, 6))
-    winograd_ext._set_test_hooks(True, True)
+    cpu_isa_ext._set_test_hooks(True, True)
     out = torch.ops.rim_fast.winograd_conv3d(x, reference.winograd_weight(w), b)
     flat = out.permute(0, 2, 3, 4, 1).reshape(-1)  # memory order (channels-last)
     assert flat[-1].isnan() and not flat[:-1].isnan().any()
@@ -940,7 +941,7 @@ def test_winograd_weight_reference_is_the_weight_gradient(case):
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_winograd_weight_kernel_matches_reference(winograd_ext, case, layout):
+def test_winograd_weight_kernel_matches_reference(cpu_isa_ext, case, layout):
     """Output NaN-poisoned first (``ext``); against the reference's float32 run and, for the error budget, the
     weight gradient through winograd_weight's adjoint against oneDNN's in float32 and conv3d's in float64."""
     n, c_in, c_out, *size = case
@@ -959,12 +960,12 @@ def test_winograd_weight_kernel_matches_reference(winograd_ext, case, layout):
                         [_weight_grad_exact(x64, g64, c_out)], torch.float32, ["grad_w"], f"winograd weight {case}")
 
 
-def test_winograd_weight_kernel_skipped_write_and_empty(winograd_ext):
+def test_winograd_weight_kernel_skipped_write_and_empty(cpu_isa_ext):
     x, g = torch.randn(2, 16, 3, 4, 5), torch.randn(2, 32, 3, 4, 5)
-    winograd_ext._set_test_hooks(True, True)
+    cpu_isa_ext._set_test_hooks(True, True)
     flat = torch.ops.rim_fast.winograd_conv3d_weight(x, g).reshape(-1)
     assert flat[-1].isnan() and not flat[:-1].isnan().any()
-    winograd_ext._set_test_hooks(True, False)
+    cpu_isa_ext._set_test_hooks(True, False)
     # no tiles: a zero gradient, every element written
     assert torch.equal(torch.ops.rim_fast.winograd_conv3d_weight(x[:0], g[:0]), torch.zeros(64, 16, 32))
 
@@ -1088,30 +1089,30 @@ def test_winograd_where_it_runs(winograd_path, monkeypatch):
     assert not runs(x, w.detach())
 
 
-def test_winograd_isa_for_torchs_capability():
+def test_cpu_isa_for_torchs_capability():
     capabilities = ("AVX512", "AVX512_BF16", "AVX2", "DEFAULT", "NO AVX", "ZVECTOR", "SVE256")
-    assert [_cpu.winograd_isa_for(c) for c in capabilities] == ["avx512", "avx512", "avx2"] + [None] * 4
+    assert [_cpu.cpu_isa_for(c) for c in capabilities] == ["avx512", "avx512", "avx2"] + [None] * 4
 
 
 @pytest.mark.parametrize("capability, expected",
                          [("avx2", ["avx2", "avx2", "32"]), ("default", ["None", "plain", "256"])])
 def test_winograd_follows_torchs_cpu_capability(shift_ext, capability, expected):
-    """ATEN_CPU_CAPABILITY caps torch's CPU kernels and rim_fast's Winograd kernels alike (in a fresh process): the
-    instruction set the convolutions take, the one the C++ kernels run and the weight gradient's threshold."""
+    """ATEN_CPU_CAPABILITY caps torch's CPU kernels and rim_fast's CPU loops alike (in a fresh process): the
+    instruction set the Winograd convolutions take, the one the C++ loops run and the weight gradient's threshold."""
     if _cpu.WINOGRAD_ISA is None:
         pytest.skip("this CPU has neither AVX-512 nor AVX2")
     code = ("import rim_fast, rim_fast._C as C; from rim_fast.ops import _cpu; "
-            "print(_cpu.WINOGRAD_ISA, C._winograd_isa(), _cpu.WINOGRAD_WEIGHT_MIN_TILES)")
+            "print(_cpu.WINOGRAD_ISA, C._cpu_isa(), _cpu.WINOGRAD_WEIGHT_MIN_TILES)")
     run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == expected
 
 
-def test_winograd_isa_hook_rejects_unknown_names(shift_ext):
+def test_cpu_isa_hook_rejects_unknown_names(shift_ext):
     with pytest.raises(ValueError, match="isa must be 'avx512', 'avx2' or 'plain', got 'sse4'"):
-        shift_ext._set_winograd_isa("sse4")
-    assert shift_ext._winograd_isa() == (_cpu.WINOGRAD_ISA or "plain")
+        shift_ext._set_cpu_isa("sse4")
+    assert shift_ext._cpu_isa() == (_cpu.CPU_ISA or "plain")
 
 
 @pytest.mark.parametrize("steps", [1, 3])

@@ -245,3 +245,20 @@ def test_info_command_prints_versions_build_and_ops():
     short = subprocess.run([sys.executable, "-m", "rim_fast.info", "--short"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
     assert short.returncode == 0 and len(short.stdout.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_cpu_sources_compile_for_the_baseline_only():
+    """Where the CPU is not x86-64 (or the compiler has no target attributes), the CPU loops are compiled once, for
+    the baseline (csrc/cpu_isa.h): that build is checked here, on x86-64, with -DRIM_FAST_NO_SIMD (syntax and
+    warnings; -Werror)."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    for source in ("tanh.cpp", "shift.cpp", "winograd.cpp", "register.cpp"):
+        run = subprocess.run(["c++", "-fsyntax-only", "-std=c++20", "-Wall", "-Werror", "-fopenmp",
+                              "-DRIM_FAST_NO_SIMD", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
+                              *includes, os.path.join(ROOT, "csrc", source)],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"{source}:\n{run.stderr[-3000:]}"

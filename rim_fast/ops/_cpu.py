@@ -191,22 +191,25 @@ WINOGRAD = os.environ.get("RIM_FAST_WINOGRAD", "1").strip() != "0"
 _WINOGRAD_CHANNELS = (16, 32, 64, 128)
 
 
-def winograd_isa_for(capability: str) -> Optional[str]:
-    """The instruction set of the Winograd kernels for torch's CPU capability
-    (``torch.backends.cpu.get_cpu_capability()``): "avx512" or "avx2" (each with its own kernels, csrc/winograd.cpp),
-    else None: in plain loops they are slower than oneDNN's direct convolutions, so the convolutions keep those."""
+def cpu_isa_for(capability: str) -> Optional[str]:
+    """The instruction set of rim_fast's CPU loops (csrc/cpu_isa.h: the Winograd kernels, tanh, the shifted sums)
+    for torch's CPU capability (``torch.backends.cpu.get_cpu_capability()``): "avx512" or "avx2", else None (plain
+    loops; the Winograd convolutions are then slower than oneDNN's direct ones, which run instead)."""
     if capability.startswith("AVX512"):
         return "avx512"
     return "avx2" if capability == "AVX2" else None
 
 
-#: The Winograd kernels' instruction set here, torch's own: ``ATEN_CPU_CAPABILITY=avx2`` caps torch's kernels and
-#: ours alike (with ``ONEDNN_MAX_CPU_ISA=AVX2`` a stand-in for a CPU without AVX-512, as bench/results/cpu-avx2-*)
-WINOGRAD_ISA = winograd_isa_for(torch.backends.cpu.get_cpu_capability())
+#: The instruction set of rim_fast's CPU loops here, torch's own: ``ATEN_CPU_CAPABILITY=avx2`` caps torch's
+#: kernels and ours alike (with ``ONEDNN_MAX_CPU_ISA=AVX2`` a stand-in for a CPU without AVX-512, as
+#: bench/results/cpu-avx2-*)
+CPU_ISA = cpu_isa_for(torch.backends.cpu.get_cpu_capability())
+#: The Winograd kernels' instruction set, or None where they do not run (neither AVX-512 nor AVX2)
+WINOGRAD_ISA = CPU_ISA
 # (an extension built before the hook existed picks its own: rebuild it)
-_set_winograd_isa = getattr(_ext.module(), "_set_winograd_isa", None)
-if _set_winograd_isa is not None:
-    _set_winograd_isa(WINOGRAD_ISA or "plain")
+_set_cpu_isa = getattr(_ext.module(), "_set_cpu_isa", None)
+if _set_cpu_isa is not None:
+    _set_cpu_isa(CPU_ISA or "plain")
 
 
 def _winograd_ok(xc: Tensor, w: Tensor, bias: Optional[Tensor], pads: list, dilation, groups: int) -> bool:
