@@ -28,7 +28,8 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from conftest import BUDGET_FACTOR, BUDGET_SLACK, relative_error  # noqa: E402  (sets TRITON_INTERPRET first)
+# conftest sets TRITON_INTERPRET first
+from conftest import BUDGET_FACTOR, BUDGET_SLACK, errors_over_draws, relative_error  # noqa: E402
 from test_error_budget import CONFIGS, DRAWS, _draws, _run, score_fn  # noqa: E402
 
 import torch  # noqa: E402
@@ -42,17 +43,8 @@ CASES.append(("2D-16x16-B1-RMSPROP", 2, dict(score_fn=score_fn, score_preprocess
 
 def budget_use_over_draws(draws, names):
     """(use, tensor name, its rms error) of the tensor that uses most of the float32 budget over ``draws``
-    [(fast, reference, exact)] (conftest.budget_errors_over_draws' measure)."""
-    def rms(errors):
-        return (sum(x * x for x in errors) / len(errors)) ** 0.5
-
-    slack = BUDGET_SLACK[torch.float32]
-    uses = []
-    for j, name in enumerate(names):
-        e_fast = rms([relative_error(f[j], e[j]) for f, _, e in draws])
-        e_ref = rms([relative_error(r[j], e[j]) for _, r, e in draws])
-        uses.append((e_fast / (BUDGET_FACTOR * e_ref + slack), name, e_fast))
-    return max(uses)
+    [(fast, reference, exact)] (conftest.errors_over_draws, the test's measure)."""
+    return max((f / allowed, name, f) for name, f, _, allowed in errors_over_draws(draws, torch.float32, names))
 
 
 def budget_use(fast, reference, exact, names):
@@ -113,9 +105,7 @@ def main() -> None:
         for backend in ("auto", "kernels"):
             names, draws = _draws(dims, kw, backend, **extra)
             if reference_error is None:
-                reference_error = max(
-                    (sum(relative_error(r[j], e[j]) ** 2 for _, r, e in draws) / len(draws)) ** 0.5
-                    for j in range(len(names)))
+                reference_error = max(r for _, _, r, _ in errors_over_draws(draws, torch.float32, names))
                 row.append(f"reference {reference_error:.1e}")
             use = budget_use_over_draws(draws, names)
             worst[backend] = max(worst.get(backend, (0.0, "", 0.0)), use + (case_id,))

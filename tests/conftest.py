@@ -67,13 +67,13 @@ def budget_errors(fast, reference, exact, dtype, names=None) -> list:
     return over
 
 
-def budget_errors_over_draws(draws, dtype, names=None) -> list:
-    """``budget_errors`` for several draws of weights and data: ``draws`` is [(fast, reference, exact)], each as
-    ``budget_errors`` takes them, and each tensor's error is the root mean square over the draws of its errors. For
-    a whole RIM's gradients (tests/test_error_budget.py): there one draw's error is a sum of roundings through T
-    steps of backward, and where the largest element is a small sum of larger terms (a bias gradient) it swings by
-    several times from draw to draw, for the reference summed in another order too (bench/error_budget.py
-    --seeds); the mean over draws is the error a path makes, one draw's a sample of it."""
+def errors_over_draws(draws, dtype, names=None) -> list:
+    """For several draws of weights and data, ``draws`` = [(fast, reference, exact)] each as ``budget_errors``
+    takes them: [(name, fast error, reference error, allowed)] for every tensor, each error the root mean square
+    over the draws. For a whole RIM's gradients (tests/test_error_budget.py): there one draw's error is a sum of
+    roundings through T steps of backward, and where the largest element is a small sum of larger terms (a bias
+    gradient) it swings by several times from draw to draw, for the reference summed in another order too
+    (bench/error_budget.py --seeds); the mean over draws is the error a path makes, one draw's a sample of it."""
     draws = [tuple(map(list, d)) for d in draws]
     n = len(draws[0][2])
     assert all(len(f) == len(r) == len(e) == n for f, r, e in draws)
@@ -82,14 +82,17 @@ def budget_errors_over_draws(draws, dtype, names=None) -> list:
     def rms(errors):
         return (sum(x * x for x in errors) / len(errors)) ** 0.5
 
-    over = []
+    rows = []
     for j, name in enumerate(names):
         e_fast = rms([relative_error(f[j], e[j]) for f, _, e in draws])
         e_ref = rms([relative_error(r[j], e[j]) for _, r, e in draws])
-        allowed = BUDGET_FACTOR * e_ref + BUDGET_SLACK[dtype]
-        if not e_fast <= allowed:
-            over.append((name, e_fast, e_ref, allowed))
-    return over
+        rows.append((name, e_fast, e_ref, BUDGET_FACTOR * e_ref + BUDGET_SLACK[dtype]))
+    return rows
+
+
+def budget_errors_over_draws(draws, dtype, names=None) -> list:
+    """``errors_over_draws``' rows over budget."""
+    return [row for row in errors_over_draws(draws, dtype, names) if not row[1] <= row[3]]
 
 
 def _budget_message(over, dtype, what) -> str:
