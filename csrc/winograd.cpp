@@ -215,7 +215,7 @@ C10_ALWAYS_INLINE void output_adjoint_tile(const float* C10_RESTRICT dy, float* 
 #ifdef RIM_FAST_CPU_SIMD
 template <int C, int CO>
 RIM_FAST_TARGET_avx512 void products_avx512(const float* v, int64_t ld_v, const float* u,
-                                                       int64_t count, float* m, int64_t ld_m) {
+                                            int64_t count, float* m, int64_t ld_m) {
   constexpr int kVectors = CO / 16;
   constexpr int kRows = kVectors >= 4 ? 4 : (16 / kVectors > 8 ? 8 : 16 / kVectors);
   int64_t i0 = 0;
@@ -263,7 +263,7 @@ RIM_FAST_TARGET_avx512 void products_avx512(const float* v, int64_t ld_v, const 
 
 template <int C, int CO>
 RIM_FAST_TARGET_avx512 void outer_products_avx512(const float* v, int64_t ld_v, const float* m,
-                                                              int64_t ld_m, int64_t count, float* du) {
+                                                  int64_t ld_m, int64_t count, float* du) {
   constexpr int kVectors = CO / 16;
   constexpr int kRows = 16 / kVectors < C ? 16 / kVectors : C;
   for (int c0 = 0; c0 < C; c0 += kRows) {
@@ -298,7 +298,7 @@ RIM_FAST_TARGET_avx512 void outer_products_avx512(const float* v, int64_t ld_v, 
 // accumulators, the block's row of u and a broadcast fit in 16 registers.
 template <int C, int CO>
 RIM_FAST_TARGET_avx2 void products_avx2(const float* v, int64_t ld_v, const float* u, int64_t count,
-                                                      float* m, int64_t ld_m) {
+                                        float* m, int64_t ld_m) {
   constexpr int kBlock = CO / 8 < 4 ? CO / 8 : 4;  // vectors per column block
   constexpr int kRows = kBlock == 4 ? 2 : 6;
   for (int o0 = 0; o0 < CO; o0 += 8 * kBlock) {
@@ -348,7 +348,7 @@ RIM_FAST_TARGET_avx2 void products_avx2(const float* v, int64_t ld_v, const floa
 
 template <int C, int CO>
 RIM_FAST_TARGET_avx2 void outer_products_avx2(const float* v, int64_t ld_v, const float* m,
-                                                            int64_t ld_m, int64_t count, float* du) {
+                                              int64_t ld_m, int64_t count, float* du) {
   constexpr int kBlock = CO / 8 < 4 ? CO / 8 : 4;
   constexpr int kRows = kBlock == 4 ? 2 : 4;  // divides C (16 to 128)
   for (int o0 = 0; o0 < CO; o0 += 8 * kBlock) {
