@@ -29,8 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 # conftest sets TRITON_INTERPRET first
-from conftest import BUDGET_FACTOR, BUDGET_SLACK, errors_over_draws, relative_error  # noqa: E402
-from test_error_budget import CONFIGS, DRAWS, _draws, _run, score_fn  # noqa: E402
+from conftest import errors_over_draws  # noqa: E402
+from test_error_budget import CONFIGS, DRAWS, _draws, _reference_runs, _run, score_fn  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -45,13 +45,6 @@ def budget_use_over_draws(draws, names):
     """(use, tensor name, its rms error) of the tensor that uses most of the float32 budget over ``draws``
     [(fast, reference, exact)] (conftest.errors_over_draws, the test's measure)."""
     return max((f / allowed, name, f) for name, f, _, allowed in errors_over_draws(draws, torch.float32, names))
-
-
-def budget_use(fast, reference, exact, names):
-    """(use, tensor name, its error) of the tensor that uses most of the float32 budget."""
-    slack = BUDGET_SLACK[torch.float32]
-    return max((relative_error(a, e) / (BUDGET_FACTOR * relative_error(r, e) + slack), n, relative_error(a, e))
-               for n, a, r, e in zip(names, fast, reference, exact))
 
 
 def _seeds(text: str) -> list:
@@ -70,8 +63,7 @@ def sweep(seeds, patterns) -> None:
     for case_id, dims, kw, extra in cases:
         uses = {"auto": [], "kernels": [], "control": []}
         for seed in seeds:
-            names, exact = _run(dims, kw, torch.float64, "reference", seed=seed, **extra)
-            _, reference = _run(dims, kw, torch.float32, "reference", seed=seed, **extra)
+            names, exact, reference = _reference_runs(dims, kw, seed, **extra)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # flags() also sets oneDNN's TF32 flag, and torch warns on it
                 with torch.backends.mkldnn.flags(enabled=False):
@@ -80,7 +72,7 @@ def sweep(seeds, patterns) -> None:
             for backend in ("auto", "kernels", "control"):
                 fast = control if backend == "control" else _run(dims, kw, torch.float32, backend, seed=seed,
                                                                    **extra)[1]
-                use = budget_use(fast, reference, exact, names)
+                use = budget_use_over_draws([(fast, reference, exact)], names)  # one draw
                 uses[backend].append(use[0])
                 row.append(f"{backend} {use[0]:5.2f} ({use[1]})")
             print(" | ".join(row), flush=True)
