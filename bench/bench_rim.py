@@ -14,11 +14,12 @@ Providers
   torch_rim            torch_rim's RIM, eager (the baseline of every Hourglass workload)
   rim_fast_reference   rim_fast with ``ops.use_backend("reference")`` (pure PyTorch)
   rim_fast             rim_fast as imported (``RIM_FAST_BACKEND``, default auto; on CUDA, predict replays the whole
-                       loop from a CUDA graph recorded on the first call: rim_fast.cuda_graphs)
+                       loop from a CUDA graph recorded on the first call, in the faster of the two layouts of the
+                       convolutions as that call timed them: rim_fast.cuda_graphs; the report shows the choice)
   rim_fast_nographs    the same with ``RIM(cuda_graphs=False)``: the graphs' effect is its own number (CUDA only; on
                        the CPU it is rim_fast)
   rim_fast_cl          rim_fast with the CUDA convolutions in channels-last layout (``RIM_FAST_CUDA_LAYOUT``,
-                       rim_fast/ops/_cudnn.py; opt-in until this measures it), graphs and all (CUDA only)
+                       rim_fast/ops/_cudnn.py), graphs and all (CUDA only)
   rim_fast_graphed     train_step only: the whole step recorded once as one CUDA graph and replayed, as
                        ``fit(cuda_graphs=True)`` records it (``rim_fast.cuda_graphs.TrainStepGraph``, Adam with
                        ``capturable=True`` and its learning rate a device tensor). CUDA only by default; named on the
@@ -148,7 +149,7 @@ COMPILED = ("torch_rim_compiled", "rim_fast_compiled")
 #: the training step recorded as one graph (TrainStepGraph, as fit(cuda_graphs=True) records it)
 GRAPHED = "rim_fast_graphed"
 #: a provider named with this suffix is its base provider with the CUDA convolutions in channels-last layout
-#: (``rim_fast.ops.use_cuda_layout``; opt-in until measured, rim_fast/ops/_cudnn.py)
+#: (``rim_fast.ops.use_cuda_layout``, rim_fast/ops/_cudnn.py)
 CHANNELS_LAST = "_cl"
 #: providers on the CUDA device only, unless named (on the CPU: nographs is rim_fast, graphed a stand-in, and the
 #: channels-last layout is the CPU's own anyway)
@@ -1037,6 +1038,12 @@ def _setup_case(case: _Case, workload: str, mode: str) -> None:
     if not result["ok"]:
         warnings.warn(f"{workload} {mode} {provider}: check failed, errors {result['err']} > {result['tol']}")
     info["impls"] = sorted(f"{op}:{impl}" for op, impl in impls) if impls is not None else []
+    graphs = None if compiled else r.__dict__.get("_graph_cache")
+    if graphs is not None and graphs.tuning:
+        # RIM_FAST_CUDA_LAYOUT=auto: the layouts the first call's graph was recorded in, their replay times, the
+        # one kept (rim_fast.cuda_graphs.GraphCache.tuning)
+        info["graph_layouts"] = [dict(kept=t["kept"], seconds=t["seconds"], left_out=t["left_out"])
+                                 for t in graphs.tuning.values()]
     if case.train_graph is not None:
         info.update(_graph_info(case.train_graph, optimizer))
     if mode == "predict" and provider == "torch_rim":

@@ -33,7 +33,7 @@ ROW_INFO = ("baseline", "memory_bytes", "memory_kind", "steady_memory_bytes", "f
             "reference_s", "check_ok", "check_err", "check_tol", "check_against", "graphs", "graph_breaks",
             "graph_break_reasons", "recompiled_while_timed", "impls", "memory_error", "cudagraph_skips",
             "cudagraph_skip_reasons", "cuda_kernels", "cuda_memory_ops", "kernels_per_step", "kernels_error",
-            "kernel_time", "retried", "train_graph", "optimizer", "flop")
+            "kernel_time", "retried", "train_graph", "optimizer", "flop", "graph_layouts")
 
 
 def _order(value, order) -> tuple:
@@ -435,9 +435,23 @@ def goals(summary: dict) -> list:
 LAYOUT_TWINS = ("rim_fast", "rim_fast_graphed")
 
 
+def graph_layouts_cell(row: dict) -> str:
+    """What a graphed call's first recording chose under RIM_FAST_CUDA_LAYOUT=auto (``graph_layouts``): the layout
+    kept, and each layout's replay time as the recording timed it."""
+    choices = row.get("graph_layouts") or []
+    if not choices:
+        return "-"
+    cells = []
+    for choice in choices:
+        timed = ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in choice["seconds"].items())
+        left = "; ".join(f"{name} left out: {why}" for name, why in choice["left_out"].items())
+        cells.append(f"{choice['kept']}" + (f" ({timed} ms)" if timed else "") + (f"; {left}" if left else ""))
+    return " / ".join(cells)
+
+
 def layout_markdown(rows: list) -> list:
-    """The channels-last twins beside their providers (``RIM_FAST_CUDA_LAYOUT``, opt-in until these numbers say
-    otherwise): each pair measured in the same group; [] when no pair ran."""
+    """The channels-last twins beside their providers, each pair measured in the same group, and what the default
+    (``RIM_FAST_CUDA_LAYOUT=auto``: a graph recorded in both layouts, the faster kept) chose; [] when no pair ran."""
     by_key = {(r["workload"], r["mode"], r["provider"]): r for r in rows}
     lines = []
     for (w, m, p), row in by_key.items():
@@ -447,12 +461,14 @@ def layout_markdown(rows: list) -> list:
         why = _usable(row) or _usable(twin)
         cells = (f"{row['median_ms']:.2f} | {twin['median_ms']:.2f} | {twin['median_ms'] / row['median_ms']:.2f}x"
                  if why is None else f"- | - | not compared: {why}")
-        lines.append(f"| {w} | {m} | {p} | {cells} |")
+        lines.append(f"| {w} | {m} | {p} | {cells} | {graph_layouts_cell(row)} |")
     if not lines:
         return []
     return (["## The CUDA convolutions in channels-last (RIM_FAST_CUDA_LAYOUT=channels_last), beside the default",
-             "", "| workload | mode | provider | default ms | channels-last ms | channels-last's time |",
-             "| --- | --- | --- | ---: | ---: | ---: |"] + lines + [""])
+             "", "The default is `auto`: eager calls run NCHW, and a graph's first call records both layouts, times "
+             "their replays and keeps the faster (its last column).", "",
+             "| workload | mode | provider | default ms | channels-last ms | channels-last's time | the graph kept |",
+             "| --- | --- | --- | ---: | ---: | ---: | --- |"] + lines + [""])
 
 
 def goals_markdown(summary: dict) -> list:

@@ -19,7 +19,12 @@ Rules (each tested):
   never an error, and the cache stays usable;
 - at most ``max_entries`` signatures are kept (the least recently used is dropped); ``clear()`` frees them all;
 - at most ``max_values`` graphs are recorded for calls that differ only in the values of Python numbers; calls with
-  further values run eagerly, with one warning (a number that changes at every call would record at every call).
+  further values run eagerly, with one warning (a number that changes at every call would record at every call);
+- a call given several ``Variant``s (ways to run it: the RIM's are the two layouts of the CUDA convolutions) is
+  recorded once per variant and the graphs are timed against each other, alternated; the fastest is kept, the
+  others are freed. The first variant is the default: another one is kept only if it is at least ``margin`` faster
+  and its outputs agree with the default's (``agree``), and a variant that cannot be captured is left out without a
+  warning. What was timed, and what was kept, is in ``GraphCache.tuning``.
 
 ``TrainStepGraph`` records a whole training step (forward, backward, clipping, optimizer step, EMA update) on the
 same recorders; ``set_lr``, ``ema_decay`` and ``ema_update`` keep the learning rate and torch_ema's decay in
@@ -28,9 +33,11 @@ device tensors that a replay reads.
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Hashable, NamedTuple, Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -46,6 +53,37 @@ _EAGER = object()
 
 class CaptureError(RuntimeError):
     """A call that cannot be recorded into a graph (the stand-in raises it where CUDA would fail)."""
+
+
+class Variant(NamedTuple):
+    """One way to run a recorded call: its name, and a function returning the context manager that the warm-up and
+    the capture run under (what it selects is baked into the graph; replays need no context)."""
+    name: str
+    context: Callable[[], ContextManager]
+
+
+#: float outputs of two variants agree when ||b - a|| <= AGREE * ||a|| for each: far above the difference of two
+#: float32 (or TF32) summation orders over a T-step loop, far below that of a wrong result
+AGREE = 2.0 ** -6
+
+
+def agree(a: Sequence[Tensor], b: Sequence[Tensor], tol: float = AGREE) -> bool:
+    """Whether the float tensors ``b`` (a variant's outputs) agree with ``a`` (the default's): the same shapes, NaN
+    and inf at the same places, and the finite values within ``tol`` relative, in norm."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return False
+        wide = torch.complex128 if x.is_complex() or y.is_complex() else torch.float64
+        x, y = x.to(wide), y.to(wide)
+        finite = torch.isfinite(x)
+        if not torch.equal(finite, torch.isfinite(y)) or not torch.equal(x[~finite].nan_to_num(),
+                                                                           y[~finite].nan_to_num()):
+            return False
+        if float(torch.linalg.vector_norm(x[finite] - y[finite])) > tol * float(torch.linalg.vector_norm(x[finite])):
+            return False
+    return True
 
 
 def signature(tree: Any) -> Optional[Hashable]:
@@ -116,6 +154,13 @@ class EagerRecorder:
                 with torch.inference_mode(static.is_inference()):
                     static.copy_(fresh)
 
+    def time(self, graph, out, replays: int) -> float:
+        """Seconds per replay, by the host clock."""
+        start = time.perf_counter()
+        for _ in range(replays):
+            self.replay(graph, out)
+        return (time.perf_counter() - start) / replays
+
 
 class CudaRecorder:
     """``torch.cuda.CUDAGraph``: warm-up calls on a side stream (lazy initialisation, cuDNN and Triton choices
@@ -174,6 +219,18 @@ class CudaRecorder:
     def replay(self, graph, out) -> None:
         graph.replay()
 
+    def time(self, graph, out, replays: int) -> float:
+        """Seconds per replay, by CUDA events around ``replays`` replays on the current stream."""
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for _ in range(replays):
+                graph.replay()
+            end.record(stream)
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / replays
+
 
 @contextlib.contextmanager
 def _refuse_host_syncs(on: bool):
@@ -214,15 +271,32 @@ class _Entry:
         self.graph, self.inputs, self.out = graph, inputs, out
 
 
+def _float_outputs(out) -> list:
+    return [t.detach().clone() for t in tree_flatten(out)[0]
+            if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 class GraphCache:
     """Records ``fn(*inputs)`` once per signature and replays it; see the module docstring."""
 
-    def __init__(self, recorder, max_entries: int = 8, max_values: int = 4):
+    def __init__(self, recorder, max_entries: int = 8, max_values: int = 4, rounds: int = 3, replays: int = 2,
+                 margin: float = 0.03):
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         if max_values < 1:
             raise ValueError(f"max_values must be >= 1, got {max_values}")
+        if rounds < 1 or replays < 1:
+            raise ValueError(f"rounds and replays must be >= 1, got {rounds} and {replays}")
         self.recorder, self.max_entries, self.max_values = recorder, max_entries, max_values
+        self.rounds, self.replays, self.margin = rounds, replays, margin
+        #: per signature recorded with several variants: {"kept": name, "seconds": {name: median seconds per
+        #: replay}, "left_out": {name: why}} (the benchmarks report it)
+        self.tuning: dict = {}
         self._values: dict = {}  # the keys recorded per family (a key with its numbers' values left out)
         self._warned_families: set = set()  # families whose further values run eagerly (warned once)
         self._entries: OrderedDict = OrderedDict()
@@ -238,6 +312,7 @@ class GraphCache:
         self._entries.clear()
         self._values.clear()
         self._warned_families.clear()
+        self.tuning.clear()
 
     def watch(self, tensors: Sequence[Tensor]) -> None:
         """Invalidate every graph when these tensors (the parameters and buffers a call reads) are not the same
@@ -247,13 +322,16 @@ class GraphCache:
             if self._watched is not None:  # the graphs go; signatures that cannot be captured stay eager
                 for key in [k for k, entry in self._entries.items() if entry is not _EAGER]:
                     del self._entries[key]
+                    self.tuning.pop(key, None)
             self._watched = now
         self._watched_tensors = list(tensors)
 
-    def __call__(self, key: Optional[Hashable], fn: Callable[..., Any], inputs: Sequence[Any]) -> Any:
-        """``fn(*inputs)``: replayed from a graph recorded for ``key`` (recorded now on the first call);
-        eagerly when ``key`` is None or the signature could not be captured. Tensors in ``inputs`` are copied
-        into the graph's static buffers; the outputs are copies, never the graph's memory."""
+    def __call__(self, key: Optional[Hashable], fn: Callable[..., Any], inputs: Sequence[Any],
+                 variants: Sequence[Variant] = ()) -> Any:
+        """``fn(*inputs)``: replayed from a graph recorded for ``key`` (recorded now on the first call, under each
+        of ``variants`` if more than one, keeping the fastest); eagerly when ``key`` is None or the signature could
+        not be captured. Tensors in ``inputs`` are copied into the graph's static buffers; the outputs are copies,
+        never the graph's memory."""
         if key is None:
             return fn(*inputs)
         entry = self._entries.get(key)
@@ -274,7 +352,7 @@ class GraphCache:
                               f"run eagerly. Pass a number that changes as a 0-dim tensor: it is copied into the graph "
                               f"at each call", RuntimeWarning, stacklevel=3)
                 return fn(*inputs)
-            entry = self._record(key, fn, inputs)
+            entry = self._record(key, fn, inputs, tuple(variants))
             if entry is _EAGER:
                 return fn(*inputs)
             # a capture records without running: this call's outputs come from the first replay
@@ -286,23 +364,32 @@ class GraphCache:
         self.recorder.replay(entry.graph, entry.out)
         return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.out)
 
-    def _record(self, key, fn, inputs):
+    def _capture(self, fn, static, variant: Optional[Variant]):
+        def call():
+            # the variant's context is part of what is recorded (the stand-in's replays run it again)
+            with variant.context() if variant is not None else contextlib.nullcontext():
+                return fn(*static)
+
+        before = [t.data for t in self._watched_tensors]
+        graph, out = self.recorder.capture(call)
+        if self._watched is not None and _memory(self._watched_tensors) != self._watched:
+            # e.g. score_models' SpectralNorm, which sets ``u.data`` at every forward: the graph would keep
+            # reading memory the capture wrote nothing into; the tensors get their memory back, as before
+            # the call (the warm-up's and the capture's updates undone), and the call runs eagerly
+            for tensor, data in zip(self._watched_tensors, before):
+                if tensor.data_ptr() != data.data_ptr():
+                    tensor.data = data
+            raise CaptureError("the call replaces the memory of parameters or buffers (``.data = ...``, e.g. a "
+                               "spectral norm's power iteration)")
+        return graph, out
+
+    def _record(self, key, fn, inputs, variants: tuple = ()):
         leaves, spec = tree_flatten(list(inputs))
         # normal tensors even when the first call runs under inference_mode: later calls copy into them in any mode
         with torch.inference_mode(False):
             static = tree_unflatten([t.clone() if isinstance(t, Tensor) else t for t in leaves], spec)
-        before = [t.data for t in self._watched_tensors]
         try:
-            graph, out = self.recorder.capture(lambda: fn(*static))
-            if self._watched is not None and _memory(self._watched_tensors) != self._watched:
-                # e.g. score_models' SpectralNorm, which sets ``u.data`` at every forward: the graph would keep
-                # reading memory the capture wrote nothing into; the tensors get their memory back, as before
-                # the call (the warm-up's and the capture's updates undone), and the call runs eagerly
-                for tensor, data in zip(self._watched_tensors, before):
-                    if tensor.data_ptr() != data.data_ptr():
-                        tensor.data = data
-                raise CaptureError("the call replaces the memory of parameters or buffers (``.data = ...``, e.g. a "
-                                   "spectral norm's power iteration)")
+            graph, out = self._capture(fn, static, variants[0] if variants else None)
         except Exception as err:  # noqa: BLE001 - whatever breaks a capture, the call runs eagerly
             warnings.warn(f"rim_fast: this call cannot be recorded into a CUDA graph ({type(err).__name__}: {err}); "
                           f"calls with the same signature run eagerly (a score function that synchronises with "
@@ -313,14 +400,69 @@ class GraphCache:
         self.captures += 1
         self._values.setdefault(_family(key), set()).add(key)
         entry = _Entry(graph, static, out)
+        if len(variants) > 1:
+            entry = self._fastest(key, fn, entry, variants)
         self._store(key, entry)
         return entry
+
+    def _fastest(self, key, fn, default: _Entry, variants: tuple) -> _Entry:
+        """The default's graph, or another variant's where that one is recorded, agrees with the default and is
+        at least ``margin`` faster: each variant's graph timed in ``rounds`` alternated blocks of ``replays``
+        replays (median per variant). Whatever goes wrong with another variant leaves it out, never the call."""
+        left_out: dict = {}
+        candidates = [(variants[0].name, default)]
+        for variant in variants[1:]:
+            try:
+                graph, out = self._capture(fn, default.inputs, variant)
+            except Exception as err:  # noqa: BLE001 - the default stays
+                left_out[variant.name] = f"not recorded: {type(err).__name__}: {str(err)[:200]}"
+                continue
+            self.captures += 1
+            candidates.append((variant.name, _Entry(graph, default.inputs, out)))
+        seconds: dict = {}
+        if len(candidates) > 1:
+            # each graph's outputs are read right after its own replay: graphs of one pool may reuse each other's
+            # memory, and never run concurrently
+            self.recorder.replay(default.graph, default.out)
+            expected = _float_outputs(default.out)
+            agreeing = [candidates[0]]
+            for name, entry in candidates[1:]:
+                try:
+                    self.recorder.replay(entry.graph, entry.out)
+                    ok = agree(expected, _float_outputs(entry.out))
+                except Exception as err:  # noqa: BLE001
+                    left_out[name] = f"replay failed: {type(err).__name__}: {str(err)[:200]}"
+                    continue
+                if not ok:
+                    left_out[name] = "its outputs differ from the default's"
+                else:
+                    agreeing.append((name, entry))
+            candidates = agreeing
+        if len(candidates) > 1:
+            times: dict = {name: [] for name, _ in candidates}
+            try:
+                for _ in range(self.rounds):
+                    for name, entry in candidates:
+                        times[name].append(self.recorder.time(entry.graph, entry.out, self.replays))
+            except Exception as err:  # noqa: BLE001 - timing is a measurement: the default stays
+                left_out.update({name: f"timing failed: {type(err).__name__}: {str(err)[:200]}"
+                                 for name, _ in candidates[1:]})
+                candidates = candidates[:1]
+            else:
+                seconds = {name: _median(values) for name, values in times.items()}
+        kept_name, kept = candidates[0]
+        if seconds:
+            name, entry = min(candidates[1:], key=lambda c: seconds[c[0]])
+            if math.isfinite(seconds[name]) and seconds[name] <= (1.0 - self.margin) * seconds[kept_name]:
+                kept_name, kept = name, entry
+        self.tuning[key] = {"kept": kept_name, "seconds": seconds, "left_out": left_out}
+        return kept
 
     def _store(self, key, entry) -> None:
         self._entries[key] = entry
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self.tuning.pop(self._entries.popitem(last=False)[0], None)
 
 
 class TrainStepGraph:

@@ -16,7 +16,7 @@ from . import cpu_pool, ops
 from .architectures.base import EncoderDecoder
 from .checkpoints import load_architecture
 from .compat import Compat, CompatLike, resolve
-from .cuda_graphs import CudaRecorder, GraphCache, Identity, signature
+from .cuda_graphs import CudaRecorder, GraphCache, Identity, Variant, signature
 from .definitions import DEVICE
 from .layers import derived
 from .validation import as_device, choice, flag, function, integer, integers, same_device, tensor
@@ -25,6 +25,9 @@ _INITIALIZATIONS = ("zeros", "approximate_inverse", "model")
 _DEFAULTS = {"T": 10, "score_preprocessing_method": "Identity", "initialization_method": "zeros",
              "epsilon": 1e-7, "beta_1": 0.9, "beta_2": 0.999}
 _CHECK_FINITE = (False, True, "error", "warn")
+#: the graph variants of ``RIM._graph_variants``: the CUDA convolutions in NCHW (the default) and in channels-last
+CUDA_LAYOUT_VARIANTS = (Variant("contiguous", lambda: ops.use_cuda_layout("contiguous")),
+                        Variant("channels_last", lambda: ops.use_cuda_layout("channels_last")))
 #: score_preprocessing_method as torch_rim spells it (matched in any case) -> the method of ops.preprocess_score
 SCORE_PREPROCESSING = {"Identity": "identity", "arcsinh": "arcsinh", "ADAM": "adam", "RMSPROP": "rmsprop"}
 #: the ops.preprocess_score methods that carry moments (m, v) from step to step
@@ -455,7 +458,8 @@ class RIM(nn.Module):
                 if pooled and torch.is_grad_enabled():
                     cpu_pool.during_backward(*([loss] if loss is not None else out))  # loss_fn returns no x_t
                 return out, loss
-            return graphs(signature((inputs, keep_trajectory, amp, self._loop_settings(amp))), loop, inputs)
+            return graphs(signature((inputs, keep_trajectory, amp, self._loop_settings(amp))), loop, inputs,
+                          self._graph_variants())
         out, loss = compiled(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
         if self.__dict__.get("_uses_cuda_graphs"):
             # a later CUDA-graph replay reuses the output memory (pytorch #152887): hand out copies
@@ -466,6 +470,16 @@ class RIM(nn.Module):
     def _graph_recorder(self):
         """How this RIM records graphs: CUDA graphs on a GPU, none elsewhere (tests put the CPU stand-in here)."""
         return CudaRecorder(self.device) if self.device.type == "cuda" else None
+
+    def _graph_variants(self) -> tuple:
+        """The ways of running a call that its graph is recorded in and timed against each other (the first is
+        the default): on a GPU with ``RIM_FAST_CUDA_LAYOUT=auto`` (the default), the convolutions in NCHW and in
+        channels-last (``ops.use_cuda_layout``); none where results must not depend on a timing
+        (``torch.use_deterministic_algorithms``, ``torch.backends.cudnn.deterministic``)."""
+        if (self.device.type != "cuda" or ops.cuda_layout() != "auto" or torch.backends.cudnn.deterministic
+                or torch.are_deterministic_algorithms_enabled()):
+            return ()
+        return CUDA_LAYOUT_VARIANTS
 
     def _graphs_for(self, *inputs) -> Optional[GraphCache]:
         """The graph cache for an eager call: None when graphs are off (``cuda_graphs=False``,
@@ -492,14 +506,16 @@ class RIM(nn.Module):
     def _loop_settings(self, amp: bool) -> tuple:
         """What a recorded loop depends on besides its inputs: the RIM's settings and functions (by identity,
         holding the objects: a bare ``id`` is reused by a new function once the old one is freed), train or eval
-        mode, autocast, the backend, the CUDA convolutions' layout, the TF32 switches."""
+        mode, autocast, the backend, the CUDA convolutions' layout, the TF32 switches, the deterministic switches
+        (they decide whether both layouts are recorded: ``_graph_variants``)."""
         return (self.T, self._preprocessing, self.epsilon, self.beta_1, self.beta_2, self.initialization_method,
                 self.compat, *map(Identity, (self.model, self.score_fn, self.energy_fn, self.model_score_fn,
                                              self.link_function, self.inverse_link_function,
                                              getattr(self, "approximate_inverse_fn", None))),
                 self.training, self.model.training,
                 torch.get_autocast_dtype(self.device.type) if amp else None, ops.backend(), ops.cuda_layout(),
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
 
     def clear_cuda_graphs(self) -> None:
         """Drop the CUDA graphs recorded for eager inference (their memory goes back to the allocator); the next

@@ -427,15 +427,18 @@ def test_conv_ab_times_no_wrong_variant(monkeypatch, tmp_path):
 def test_report_sets_the_channels_last_twins_beside_their_providers(tmp_path):
     path = _status_file(tmp_path, [
         _ok("S2", "predict", "torch_rim", 0.020, True, device="cuda"),
-        _ok("S2", "predict", "rim_fast", 0.0066, True, device="cuda"),
+        _ok("S2", "predict", "rim_fast", 0.0066, True, device="cuda",
+            graph_layouts=[{"kept": "channels_last", "seconds": {"contiguous": 0.0067, "channels_last": 0.0051},
+                            "left_out": {}}]),
         _ok("S2", "predict", "rim_fast_cl", 0.0050, True, device="cuda"),
         _ok("S2", "train_step", "rim_fast_graphed", 0.025, True, device="cuda"),
         _ok("S2", "train_step", "rim_fast_graphed_cl", 0.020, False, device="cuda"),  # its check failed
     ], device="cuda")
     md = markdown(load(path))
     assert "## The CUDA convolutions in channels-last" in md
-    assert "| S2 | predict | rim_fast | 6.60 | 5.00 | 0.76x |" in md
-    assert "| S2 | train_step | rim_fast_graphed | - | - | not compared: check failed |" in md
+    assert ("| S2 | predict | rim_fast | 6.60 | 5.00 | 0.76x | channels_last (contiguous 6.70, channels_last 5.10 ms) "
+            "|") in md
+    assert "| S2 | train_step | rim_fast_graphed | - | - | not compared: check failed | - |" in md
     assert "channels-last" not in markdown(load(_status_file(tmp_path, [
         _ok("S2", "predict", "rim_fast", 0.0066, True, device="cuda")], device="cuda")))
 

@@ -108,7 +108,7 @@ def test_transposed_conv_adds_a_trained_bias_after_onednn(dims):
     with torch.autocast("cpu", dtype=torch.bfloat16), _ConvCalls() as mode:
         _cpu.conv_transpose(x, w, b, 2, 1, 1, 1, 1)
     assert mode.biases()[0] is not None  # under autocast the bias stays inside (no extra bfloat16 rounding)
-    # CPU tensors only (cuDNN, which the opt-in CUDA channels-last layout runs through this path, is not oneDNN)
+    # CPU tensors only (cuDNN, which the CUDA channels-last layout runs through this path, is not oneDNN)
     assert _cpu._late_bias(x, b) and not _cpu._late_bias(x.to("meta"), b.to("meta"))
 
 

@@ -8,8 +8,8 @@ import weakref
 import pytest
 import torch
 
-from rim_fast.cuda_graphs import (CaptureError, CudaRecorder, EagerRecorder, GraphCache, Identity,
-                                  _autocast_without_cache, signature)
+from rim_fast.cuda_graphs import (CaptureError, CudaRecorder, EagerRecorder, GraphCache, Identity, Variant,
+                                  _autocast_without_cache, agree, signature)
 
 from conftest import requires_cuda
 
@@ -235,6 +235,154 @@ def test_nested_inputs_and_outputs():
     assert cache.captures == 1
 
 
+# ---- variants: one call recorded in several ways, the fastest graph kept ------------------------------------
+
+#: the variant a call runs under (``_variants``' contexts set it), and the last one entered
+MODE, ENTERED = ["none"], ["none"]
+
+
+@contextlib.contextmanager
+def _mode(name):
+    old, MODE[0], ENTERED[0] = MODE[0], name, name
+    try:
+        yield
+    finally:
+        MODE[0] = old
+
+
+def _variants(*names):
+    return tuple(Variant(n, lambda n=n: _mode(n)) for n in names)
+
+
+class Timed(Counting):
+    """The stand-in with a scripted clock: each graph takes the seconds given for the variant it was recorded
+    under (the variant's context runs inside the recorded function, which tags the graph)."""
+
+    def __init__(self, seconds, fail_capture=(), fail_time=False):
+        super().__init__()
+        self.seconds, self.fail_capture, self.fail_time = seconds, fail_capture, fail_time
+        self.timed, self.replayed = [], []
+
+    def capture(self, fn):
+        seen = []
+
+        def tagged():
+            out = fn()
+            seen.append(ENTERED[0])
+            if ENTERED[0] in self.fail_capture:
+                raise CaptureError(f"{ENTERED[0]} cannot be captured")
+            return out
+
+        graph, out = super().capture(tagged)
+        return (seen[-1], graph), out
+
+    def replay(self, graph, out):
+        self.replayed.append(graph[0])
+        super().replay(graph[1], out)
+
+    def time(self, graph, out, replays):
+        if self.fail_time:
+            raise RuntimeError("no clock")
+        self.timed.append(graph[0])
+        for _ in range(replays):
+            self.replay(graph, out)
+        return self.seconds[graph[0]]
+
+
+def _scaled(x, w):
+    # the "wrong" variant computes something else: its graph must never be kept
+    return x * w * (2.0 if MODE[0] == "wrong" else 1.0)
+
+
+@pytest.mark.parametrize("seconds,kept", [({"a": 1.0, "b": 0.5}, "b"), ({"a": 1.0, "b": 0.99}, "a"),
+                                          ({"a": 1.0, "b": 2.0}, "a")], ids=["faster", "within-margin", "slower"])
+def test_variants_are_timed_alternately_and_the_fastest_kept(seconds, kept):
+    """Each variant recorded once, timed in alternated rounds (median); another variant replaces the default only
+    when at least ``margin`` (3%) faster. The call's and later calls' outputs come from the kept graph, which
+    replays under its own variant; the other graph is freed."""
+    cache = GraphCache(Timed(seconds), rounds=3, replays=2)
+    w = torch.randn(4)
+    x1, x2 = torch.randn(4), torch.randn(4)
+    key = signature((x1,))
+    ran = []
+
+    def fn(x):
+        ran.append(MODE[0])
+        return x * w
+
+    out1 = cache(key, fn, [x1], _variants("a", "b"))
+    assert cache.captures == 2 and cache.recorder.timed == ["a", "b"] * 3
+    assert cache.tuning[key] == {"kept": kept, "seconds": seconds, "left_out": {}}
+    # after the agreement check (one replay each) and the timing, the call's outputs come from the kept graph
+    assert cache.recorder.replayed[:2] == ["a", "b"] and cache.recorder.replayed[-1] == kept
+    torch.testing.assert_close(out1, x1 * w)
+    ran.clear()
+    out2 = cache(signature((x2,)), fn, [x2], _variants("a", "b"))  # the same key: replayed, not tuned again
+    assert cache.captures == 2 and cache.recorder.replayed[-1] == kept and ran == [kept]
+    torch.testing.assert_close(out2, x2 * w)
+
+
+def test_a_variant_that_disagrees_fails_or_cannot_be_captured_is_left_out_silently():
+    w = torch.randn(4)
+    x = torch.randn(4)
+    key = signature((x,))
+    fast = {"a": 1.0, "wrong": 0.1, "broken": 0.1, "b": 0.5}
+    cache = GraphCache(Timed(fast, fail_capture=("broken",)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = cache(key, lambda x: _scaled(x, w), [x], _variants("a", "wrong", "broken", "b"))
+    torch.testing.assert_close(out, x * w)
+    tuning = cache.tuning[key]
+    assert tuning["kept"] == "b" and set(tuning["seconds"]) == {"a", "b"}
+    assert tuning["left_out"]["wrong"] == "its outputs differ from the default's"
+    assert tuning["left_out"]["broken"].startswith("not recorded: CaptureError: broken cannot be captured")
+    # the clock fails: the default stays, and says why
+    cache = GraphCache(Timed(fast, fail_time=True))
+    out = cache(key, lambda x: _scaled(x, w), [x], _variants("a", "b"))
+    torch.testing.assert_close(out, x * w)
+    assert cache.tuning[key]["kept"] == "a" and cache.tuning[key]["left_out"]["b"].startswith("timing failed")
+    # the default cannot be captured: the call runs eagerly (one warning), the others are not tried
+    cache = GraphCache(Timed(fast, fail_capture=("a",)))
+    with pytest.warns(RuntimeWarning, match="cannot be recorded"):
+        out = cache(key, lambda x: _scaled(x, w), [x], _variants("a", "b"))
+    torch.testing.assert_close(out, x * w)
+    assert cache.captures == 0 and key not in cache.tuning and cache.recorder.timed == []
+
+
+def test_tuning_records_go_with_their_graphs():
+    """What ``tuning`` holds (keys hold the RIM's functions) goes when the graph goes: dropped as the oldest,
+    invalidated by replaced parameters, cleared."""
+    cache = GraphCache(Timed({"a": 1.0, "b": 0.5}), max_entries=1)
+    xs = [torch.randn(n) for n in (2, 3)]
+    for x in xs:
+        cache(signature((x,)), torch.neg, [x], _variants("a", "b"))
+    assert list(cache.tuning) == [signature((xs[1],))]
+    cache.watch([torch.randn(2)])
+    cache.watch([torch.randn(2)])
+    assert cache.tuning == {}
+    cache(signature((xs[0],)), torch.neg, [xs[0]], _variants("a", "b"))
+    cache.clear()
+    assert cache.tuning == {}
+    with pytest.raises(ValueError, match="rounds and replays"):
+        GraphCache(Counting(), replays=0)
+
+
+def test_agree_tells_a_summation_order_from_a_wrong_result():
+    a = torch.randn(1000)
+    assert agree([a], [a + 1e-4 * a.abs().mean() * torch.randn(1000)])
+    assert not agree([a], [a * 1.1]) and not agree([a], [a[:999]]) and not agree([a], [a, a])
+    with_nan = a.clone()
+    with_nan[3] = float("nan")
+    assert agree([with_nan], [with_nan.clone()])
+    assert not agree([with_nan], [a])  # NaN where the default has a number, or the reverse
+    assert not agree([a], [with_nan])
+    inf = a.clone()
+    inf[0] = float("inf")
+    assert not agree([inf], [-inf])
+    z = torch.randn(3, dtype=torch.complex64)
+    assert agree([z], [z.clone()]) and not agree([z], [z * 1j])  # the imaginary part counts
+
+
 @requires_cuda
 def test_cuda_recorder_replays_and_outputs_survive():
     cache = GraphCache(CudaRecorder(torch.device("cuda")))
@@ -401,6 +549,11 @@ def test_rim_settings_are_part_of_the_signature(stand_in):
         assert _captures(graphed) == 3
         graphed.predict(y)
         assert _captures(graphed) == 3
+        # the deterministic switches decide whether both layouts are recorded (RIM._graph_variants)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.backends.cudnn, "deterministic", True)
+            graphed.predict(y)
+        assert _captures(graphed) == 4
 
 
 def test_rim_a_new_score_function_records_anew_even_at_a_reused_id(stand_in):
@@ -521,16 +674,41 @@ def test_rim_predict_on_cuda_through_graphs_runs_the_kernels():
     eager = rim_fast.RIM((16, 16), net, T=4, score_fn=_score, score_preprocessing_method="ADAM", device="cuda",
                          cuda_graphs=False)
     y1, y2 = torch.randn(4, 1, 16, 16, device="cuda"), torch.randn(4, 1, 16, 16, device="cuda")
-    with torch.no_grad():
+    with torch.no_grad(), rim_fast.ops.use_cuda_layout("auto"):
         with rim_fast.ops.trace() as calls:
             out1 = graphed.predict(y1)
         out2 = graphed.predict(y2)
         torch.testing.assert_close(out1, eager.predict(y1), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out2, eager.predict(y2), rtol=1e-4, atol=1e-5)
-    assert graphed._graph_cache.captures == 1
+    assert graphed._graph_cache.captures == 2  # both layouts, one kept (test_cudnn_layout)
     # the warm-up and the capture run the Triton gates and the CUDA update step (their launches are free in a graph)
     assert calls[("gru_gates_zr", "triton")] > 0 and calls[("update_state", "reference")] >= 0
     assert calls[("preprocess_score", "cpp")] > 0 or rim_fast.ops._cpp.missing() is not None
+
+
+def test_rim_graph_variants_are_the_cuda_layouts_where_timing_may_choose(monkeypatch):
+    """A GPU RIM under RIM_FAST_CUDA_LAYOUT=auto (the default) records both layouts; a layout asked for, the CPU,
+    and deterministic algorithms (the choice would depend on a clock) record one."""
+    from types import SimpleNamespace
+    from rim_fast.rim import CUDA_LAYOUT_VARIANTS
+    gpu, cpu = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cpu"))
+    assert [v.name for v in CUDA_LAYOUT_VARIANTS] == ["contiguous", "channels_last"]
+    with ops.use_cuda_layout("auto"):
+        assert rim_fast.RIM._graph_variants(gpu) == CUDA_LAYOUT_VARIANTS
+        assert rim_fast.RIM._graph_variants(cpu) == ()
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        assert rim_fast.RIM._graph_variants(gpu) == ()
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        assert rim_fast.RIM._graph_variants(gpu) == ()
+        monkeypatch.undo()
+        assert rim_fast.RIM._graph_variants(gpu) == CUDA_LAYOUT_VARIANTS
+    for layout in ("contiguous", "channels_last"):
+        with ops.use_cuda_layout(layout):
+            assert rim_fast.RIM._graph_variants(gpu) == ()
+    for variant in CUDA_LAYOUT_VARIANTS:
+        with variant.context():
+            assert ops.cuda_layout() == variant.name
 
 
 def test_rim_graphs_under_inference_mode_and_no_grad_alike(stand_in):

@@ -9,6 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rim_fast
 from rim_fast import ops
+from rim_fast.cuda_graphs import EagerRecorder
+from rim_fast.rim import CUDA_LAYOUT_VARIANTS
 from rim_fast.ops import _cpu, _cudnn, _triton, reference
 from rim_fast.ops._dispatch import OPS
 
@@ -86,7 +88,7 @@ def test_convs_match_reference_and_stay_channels_last(device, dims, size, k, str
 
 
 def test_layout_switch_and_its_errors(monkeypatch):
-    assert ops.CUDA_LAYOUTS == ("contiguous", "channels_last")
+    assert ops.CUDA_LAYOUTS == ("auto", "contiguous", "channels_last")
     before = ops.cuda_layout()
     with ops.use_cuda_layout("channels_last"):
         assert ops.cuda_layout() == "channels_last"
@@ -98,28 +100,31 @@ def test_layout_switch_and_its_errors(monkeypatch):
         with ops.use_cuda_layout("nhwc"):
             pass
     monkeypatch.setenv("RIM_FAST_CUDA_LAYOUT", "NHWC")
-    expected = r"RIM_FAST_CUDA_LAYOUT='nhwc' is not one of \('contiguous', 'channels_last'\)"
+    expected = r"RIM_FAST_CUDA_LAYOUT='nhwc' is not one of \('auto', 'contiguous', 'channels_last'\)"
     with pytest.raises(ValueError, match=expected):
         _cudnn._read_layout()
     monkeypatch.setenv("RIM_FAST_CUDA_LAYOUT", " Channels_Last ")
     assert _cudnn._read_layout() == "channels_last"
     monkeypatch.delenv("RIM_FAST_CUDA_LAYOUT")
-    assert _cudnn._read_layout() == "contiguous"
+    assert _cudnn._read_layout() == "auto"
 
 
 @pytest.mark.parametrize("backend", ["auto", "kernels"])
 def test_the_layout_serves_cuda_tensors_only_and_only_when_asked(backend):
     """Never on CPU tensors (the CPU has its own channels-last convolutions), never unasked, under any backend."""
     x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
-    for layout in ("contiguous", "channels_last"):
+    for layout in ops.CUDA_LAYOUTS:
         with ops.use_backend(backend), ops.use_cuda_layout(layout), ops.trace() as calls:
             ops.conv_same(x, w, None, kernel_size=3, stride=2)
             ops.conv(x, w)
         assert all(impl != "cudnn_channels_last" for _, impl in calls), calls
     impl = OPS["conv"].impl("cudnn_channels_last")
     assert impl.kernel is False  # a layout, not a kernel: RIM_FAST_BACKEND=kernels never raises for it
-    assert impl.why_not(x, w) == "RIM_FAST_CUDA_LAYOUT is 'contiguous' (the default)" or ops.cuda_layout() != \
-        "contiguous"
+    with ops.use_cuda_layout("auto"):
+        assert not impl.usable(x, w) and impl.why_not(x, w) == (
+            "RIM_FAST_CUDA_LAYOUT is 'auto': eager calls run contiguous, a CUDA graph the faster layout")
+    with ops.use_cuda_layout("contiguous"):
+        assert not impl.usable(x, w) and impl.why_not(x, w) == "RIM_FAST_CUDA_LAYOUT is 'contiguous'"
     with ops.use_cuda_layout("channels_last"):
         assert not impl.usable(x, w) and impl.why_not(x, w) == "CUDA tensors only"
     # registered before symmetric_padding: on CUDA, when asked, it serves the strided "same" convolutions
@@ -218,7 +223,71 @@ def test_rim_in_channels_last_within_the_error_budget(cpu_stand_in, dims, size):
     _within_budget(dims, size, "kernels")
 
 
+class _LayoutClock(EagerRecorder):
+    """The stand-in recorder with a scripted clock per layout: the RIM records its variants in the order of
+    ``CUDA_LAYOUT_VARIANTS``, so the n-th capture of a call is that variant's graph."""
+
+    def __init__(self, seconds):
+        self.seconds, self.captured = seconds, 0
+
+    def capture(self, fn):
+        graph, out = super().capture(fn)
+        name = CUDA_LAYOUT_VARIANTS[self.captured % len(CUDA_LAYOUT_VARIANTS)].name
+        self.captured += 1
+        return (name, graph), out
+
+    def replay(self, graph, out):
+        super().replay(graph[1], out)
+
+    def time(self, graph, out, replays):
+        self.replay(graph, out)
+        return self.seconds[graph[0]]
+
+
+@pytest.mark.parametrize("faster", ["contiguous", "channels_last"])
+def test_rim_graph_keeps_the_faster_layout(cpu_stand_in, monkeypatch, faster):
+    """RIM_FAST_CUDA_LAYOUT=auto: a RIM's first graphed call records its loop in both layouts and keeps the faster
+    graph (scripted clock); its replays then run in that layout, and equal the eager contiguous predict."""
+    seconds = {"contiguous": 1.0, "channels_last": 1.0}
+    seconds[faster] = 0.5
+    monkeypatch.setattr(rim_fast.RIM, "_graph_recorder", lambda self: _LayoutClock(seconds))
+    monkeypatch.setattr(rim_fast.RIM, "_graph_variants", lambda self: CUDA_LAYOUT_VARIANTS)
+    r = _rim(2, (12, 8))
+    y1, y2 = torch.randn(2, 1, 12, 8), torch.randn(2, 1, 12, 8)
+    with ops.use_backend("kernels"), ops.use_cuda_layout("auto"), torch.no_grad():
+        first = r.predict(y1)
+        (tuning,) = r._graph_cache.tuning.values()
+        assert tuning["kept"] == faster and set(tuning["seconds"]) == {"contiguous", "channels_last"}, tuning
+        assert r._graph_cache.captures == 2 and tuning["left_out"] == {}
+        with ops.trace() as calls:
+            second = r.predict(y2)
+        assert r._graph_cache.captures == 2
+        assert {impl for (op, impl) in calls if op in CONV_OPS} == (
+            {"cudnn_channels_last"} if faster == "channels_last" else {"reference", "symmetric_padding"}), calls
+        r.cuda_graphs = False
+        expected = [r.predict(y) for y in (y1, y2)]
+    torch.testing.assert_close(first, expected[0], **tol(torch.float32))
+    torch.testing.assert_close(second, expected[1], **tol(torch.float32))
+
+
 # ---- CUDA: the real layout, eagerly and in CUDA graphs -----------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("dims,size", [(1, (64,)), (2, (24, 20))], ids=["1D", "2D"])
+def test_cuda_rim_graph_times_both_layouts_and_keeps_one(dims, size, no_tf32):
+    """On the GPU, the default (RIM_FAST_CUDA_LAYOUT=auto): the first predict records the loop in both layouts,
+    times them on this GPU and keeps one; its outputs and the replays' equal the eager contiguous path's."""
+    r = _rim(dims, size, device="cuda")
+    y1, y2 = torch.randn(2, 1, *size, device="cuda"), torch.randn(2, 1, *size, device="cuda")
+    with ops.use_cuda_layout("auto"), torch.no_grad():
+        first, second = r.predict(y1), r.predict(y2)
+        (tuning,) = r._graph_cache.tuning.values()
+        r.cuda_graphs = False
+        expected = [r.predict(y) for y in (y1, y2)]
+    assert r._graph_cache.captures == 2 and tuning["left_out"] == {}, tuning
+    assert tuning["kept"] in ("contiguous", "channels_last") and all(s > 0 for s in tuning["seconds"].values())
+    torch.testing.assert_close(first, expected[0], **tol(torch.float32))
+    torch.testing.assert_close(second, expected[1], **tol(torch.float32))
 
 @requires_cuda
 @pytest.mark.parametrize("dims,size", [(1, (64,)), (2, (24, 20)), (3, (8, 8, 12))], ids=["1D", "2D", "3D"])

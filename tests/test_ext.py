@@ -220,7 +220,7 @@ def test_info_command_prints_versions_build_and_ops():
     text = out.stdout
     assert text.startswith(f"rim_fast {rim_fast.__version__}")
     assert f"torch {torch.__version__}" in text and "RIM_FAST_BACKEND=" in text
-    layout = os.environ.get("RIM_FAST_CUDA_LAYOUT", "contiguous").strip().lower() or "contiguous"
+    layout = os.environ.get("RIM_FAST_CUDA_LAYOUT", "auto").strip().lower() or "auto"
     assert f"RIM_FAST_CUDA_LAYOUT={layout}" in text
     pool = "on" if _ext.module() is not None else "off"
     assert f"CPU memory pool (eager CPU calls and their backward): {pool}" in text

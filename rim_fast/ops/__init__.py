@@ -27,9 +27,10 @@ conv_transpose                            reference's NCHW (1D as [B, C, 1, L]);
                                           except ``conv_same`` on CUDA outside torch.compile:
                                           ``symmetric_padding`` (no pad kernel: the larger pad on both sides and
                                           zero taps in the kernel, built once per RIM call);
-                                          ``cudnn_channels_last`` on CUDA, eagerly, only where
-                                          ``RIM_FAST_CUDA_LAYOUT=channels_last`` asks for it (``_cudnn``:
-                                          opt-in until a GPU run measures it)
+                                          ``cudnn_channels_last`` on CUDA where
+                                          ``RIM_FAST_CUDA_LAYOUT=channels_last`` asks for it, and in a RIM's
+                                          CUDA graph recorded in both layouts whose timing chose it (``auto``,
+                                          the default; ``_cudnn``)
 tanh                   ``cpp``            CPU float32/bfloat16, eager: one vectorised pass, accurate near 0;
                                           reference (torch.tanh) under torch.compile (Inductor fuses it), on
                                           GPUs, and for float32 on Intel CPUs with AVX-512, where torch.tanh is

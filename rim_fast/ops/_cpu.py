@@ -178,7 +178,7 @@ def _late_bias(xc: Tensor, bias: Optional[Tensor]) -> bool:
     takes 0.05); an added bias gets that sum from autograd. Measured, transposed conv + tanh forward and backward,
     in one process (2-core Xeon with AVX-512, 2026-12-04): S2 18.0 -> 14.6 ms (64 -> 32) and 10.6 -> 8.9 ms
     (128 -> 64), S1 1.39 -> 1.31 and 1.99 -> 1.88 ms, S3 about 0.3 ms of 3.8. The in-place add costs a pass over
-    the output, which inference (no bias gradient) does not pay. CPU tensors only: the opt-in CUDA channels-last
+    the output, which inference (no bias gradient) does not pay. CPU tensors only: the CUDA channels-last
     layout (``_cudnn``) runs this function too, where aten adds cuDNN's bias in a pass of its own anyway."""
     return (bias is not None and bias.requires_grad and torch.is_grad_enabled() and xc.device.type == "cpu"
             and bias.dtype == xc.dtype and not torch.compiler.is_compiling() and not _autocast_on())

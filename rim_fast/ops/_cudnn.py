@@ -1,4 +1,4 @@
-"""cuDNN convolutions in channels-last layout (``cudnn_channels_last``): opt-in, until a GPU run measures it.
+"""cuDNN convolutions in channels-last layout (``cudnn_channels_last``): chosen by timing, per CUDA graph.
 
 ``RIM_FAST_CUDA_LAYOUT=channels_last`` (or ``use_cuda_layout("channels_last")``) runs the eager CUDA convolutions
 (``conv``, ``conv_same``, ``conv_transpose``, and through them conv + tanh) on channels-last inputs and weights, as
@@ -10,9 +10,12 @@ conversions are the suspects). A "same" convolution keeps ``symmetric_padding`` 
 laid out once per RIM call (``layers.derived``). 1D inputs run as [B, C, 1, L] 2D convolutions. No bias is folded
 into an extra channel (``ops.folds_bias``): 33 channels would misalign cuDNN's NHWC tensor-core kernels.
 
-The default, ``contiguous``, is today's path (the reference's NCHW convolutions). Not under torch.compile (Inductor
-chooses its layouts) nor torch.func transforms. Which layout is faster is for ``bench/bench_rim.py``'s
-``rim_fast_cl`` provider to say on a GPU; then ``auto`` takes the winner.
+``contiguous`` is the reference's path (NCHW convolutions). The default, ``auto``, runs eager calls as
+``contiguous`` and lets a RIM's CUDA graph choose: its first call records the loop in both layouts and keeps the
+faster graph, timed on the GPU at hand (``RIM._graph_variants``, ``cuda_graphs.GraphCache``), since which one
+wins depends on the GPU, the shapes and cuDNN's version (PyTorch's Inductor found channels-last faster for most
+convolutions on its benchmarks, and slower for some). Not under torch.compile (Inductor chooses its layouts) nor
+torch.func transforms.
 """
 from __future__ import annotations
 
@@ -27,12 +30,12 @@ from . import _cpu
 from ._dispatch import functorch_active
 
 Tensor = torch.Tensor
-LAYOUTS = ("contiguous", "channels_last")
+LAYOUTS = ("auto", "contiguous", "channels_last")
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _read_layout() -> str:
-    value = os.environ.get("RIM_FAST_CUDA_LAYOUT", "contiguous").strip().lower() or "contiguous"
+    value = os.environ.get("RIM_FAST_CUDA_LAYOUT", "auto").strip().lower() or "auto"
     if value not in LAYOUTS:
         raise ValueError(f"RIM_FAST_CUDA_LAYOUT={value!r} is not one of {LAYOUTS}")
     return value
@@ -42,15 +45,15 @@ _LAYOUT = [_read_layout()]
 
 
 def cuda_layout() -> str:
-    """The memory layout of eager CUDA convolutions: ``RIM_FAST_CUDA_LAYOUT`` (read at import) or
-    ``use_cuda_layout``'s."""
+    """The memory layout of CUDA convolutions: ``RIM_FAST_CUDA_LAYOUT`` (read at import; default ``auto``) or
+    ``use_cuda_layout``'s. ``auto``: eager calls in ``contiguous``, each CUDA graph in the faster of the two."""
     return _LAYOUT[0]
 
 
 @contextlib.contextmanager
 def use_cuda_layout(name: str) -> Iterator[None]:
-    """Temporarily select the layout of eager CUDA convolutions (tests and benchmarks; not thread-safe). A RIM's
-    CUDA graphs are recorded per layout."""
+    """Temporarily select the layout of CUDA convolutions (tests, benchmarks, a RIM's graph variants; not
+    thread-safe). A RIM's CUDA graphs are recorded per setting."""
     if name not in LAYOUTS:
         raise ValueError(f"layout {name!r} is not one of {LAYOUTS}")
     old, _LAYOUT[0] = _LAYOUT[0], name
@@ -69,7 +72,8 @@ def usable(x, *args) -> bool:
 
 def why_not(x, *args) -> str:
     if _LAYOUT[0] != "channels_last":
-        return "RIM_FAST_CUDA_LAYOUT is 'contiguous' (the default)"
+        return (f"RIM_FAST_CUDA_LAYOUT is {_LAYOUT[0]!r}" + (": eager calls run contiguous, a CUDA graph the faster "
+                                                            "layout" if _LAYOUT[0] == "auto" else ""))
     if not x.is_cuda:
         return "CUDA tensors only"
     if torch.compiler.is_compiling():

@@ -182,7 +182,8 @@ for _op, _fn in ((_conv, _cpu.conv), (_conv_same, _cpu.conv_same), (_conv_transp
     _op.register(Impl("channels_last", _fn, usable=_cpu.usable, auto=_cpu.auto, why_not=_cpu.why_not,
                       kernel=False, auto_implies_usable=True))
 for _op, _fn in ((_conv, _cudnn.conv), (_conv_same, _cudnn.conv_same), (_conv_transpose, _cudnn.conv_transpose)):
-    # opt-in (RIM_FAST_CUDA_LAYOUT=channels_last): usable only then, so that no backend takes it unasked
+    # usable only where the layout is channels_last (RIM_FAST_CUDA_LAYOUT, or a RIM's graph variant), so that no
+    # backend takes it unasked
     _op.register(Impl("cudnn_channels_last", _fn, usable=_cudnn.usable, auto=_cudnn.usable, why_not=_cudnn.why_not,
                       kernel=False))
 _tanh.register(Impl("cpp", _cpp.tanh, usable=_cpp.tanh_usable, auto=_cpp.tanh_auto, missing=_cpp.missing,
