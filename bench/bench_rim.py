@@ -839,7 +839,9 @@ def _graphed_step(r, provider, loss_fn, optimizer, y, x_true):
         return loss.detach()
 
     recorder = CudaRecorder(torch.device(DEVICE)) if CUDA else EagerRecorder()
-    train = TrainStepGraph(one_step, lambda: training_state(r, optimizer), recorder)
+    # as fit records it: both layouts of the CUDA convolutions timed under RIM_FAST_CUDA_LAYOUT=auto (the _cl
+    # twin's layout is fixed: one recording)
+    train = TrainStepGraph(one_step, lambda: training_state(r, optimizer), recorder, variants=r.cuda_graph_variants)
 
     def step():
         with _backend_ctx(provider):  # the recording too (the first call)
@@ -851,6 +853,7 @@ def _graph_info(train, optimizer) -> dict:
     """What the report says about rim_fast_graphed's recorded step."""
     return {"train_graph": {"recorder": type(train.recorder).__name__, "eager": train.eager, "reason": train.reason,
                             "replays": train.replays},
+            "graph_layouts": [train.tuning] if train.tuning else None,
             "optimizer": (f"{type(optimizer).__name__}("
                           + ", ".join(f"{k}={optimizer.defaults[k]}" for k in ("capturable", "momentum")
                                       if optimizer.defaults.get(k)) + ")")}

@@ -281,6 +281,56 @@ def _median(values: Sequence[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
+def keep_fastest(recorder, default: _Entry, variants: tuple, capture: Callable[[Variant], _Entry],
+                 replay_once: Callable[[_Entry], list], rounds: int, replays: int, margin: float):
+    """(kept entry, {"kept", "seconds", "left_out"}): ``default`` (recorded under ``variants[0]``) or the graph of
+    another variant (``capture(variant)``) that agrees with it (``replay_once(entry)``: the float tensors a replay
+    leaves, compared by ``agree``) and is at least ``margin`` faster, each graph timed in ``rounds`` alternated
+    blocks of ``replays`` replays (median per variant). Whatever goes wrong with another variant leaves it out,
+    never the call. Graphs of one pool may reuse each other's memory: each replay's results are read right after
+    it, and graphs never run concurrently."""
+    left_out: dict = {}
+    candidates = [(variants[0].name, default)]
+    for variant in variants[1:]:
+        try:
+            candidates.append((variant.name, capture(variant)))
+        except Exception as err:  # noqa: BLE001 - the default stays
+            left_out[variant.name] = f"not recorded: {type(err).__name__}: {str(err)[:200]}"
+    seconds: dict = {}
+    if len(candidates) > 1:
+        expected = replay_once(default)
+        agreeing = candidates[:1]
+        for name, entry in candidates[1:]:
+            try:
+                ok = agree(expected, replay_once(entry))
+            except Exception as err:  # noqa: BLE001
+                left_out[name] = f"replay failed: {type(err).__name__}: {str(err)[:200]}"
+                continue
+            if ok:
+                agreeing.append((name, entry))
+            else:
+                left_out[name] = "its outputs differ from the default's"
+        candidates = agreeing
+    if len(candidates) > 1:
+        times: dict = {name: [] for name, _ in candidates}
+        try:
+            for _ in range(rounds):
+                for name, entry in candidates:
+                    times[name].append(recorder.time(entry.graph, entry.out, replays))
+        except Exception as err:  # noqa: BLE001 - timing is a measurement: the default stays
+            left_out.update({name: f"timing failed: {type(err).__name__}: {str(err)[:200]}"
+                             for name, _ in candidates[1:]})
+            candidates = candidates[:1]
+        else:
+            seconds = {name: _median(values) for name, values in times.items()}
+    kept_name, kept = candidates[0]
+    if seconds:
+        name, entry = min(candidates[1:], key=lambda c: seconds[c[0]])
+        if math.isfinite(seconds[name]) and seconds[name] <= (1.0 - margin) * seconds[kept_name]:
+            kept_name, kept = name, entry
+    return kept, {"kept": kept_name, "seconds": seconds, "left_out": left_out}
+
+
 class GraphCache:
     """Records ``fn(*inputs)`` once per signature and replays it; see the module docstring."""
 
@@ -406,56 +456,18 @@ class GraphCache:
         return entry
 
     def _fastest(self, key, fn, default: _Entry, variants: tuple) -> _Entry:
-        """The default's graph, or another variant's where that one is recorded, agrees with the default and is
-        at least ``margin`` faster: each variant's graph timed in ``rounds`` alternated blocks of ``replays``
-        replays (median per variant). Whatever goes wrong with another variant leaves it out, never the call."""
-        left_out: dict = {}
-        candidates = [(variants[0].name, default)]
-        for variant in variants[1:]:
-            try:
-                graph, out = self._capture(fn, default.inputs, variant)
-            except Exception as err:  # noqa: BLE001 - the default stays
-                left_out[variant.name] = f"not recorded: {type(err).__name__}: {str(err)[:200]}"
-                continue
+        """The default's graph, or another variant's (``keep_fastest``)."""
+        def capture(variant):
+            graph, out = self._capture(fn, default.inputs, variant)
             self.captures += 1
-            candidates.append((variant.name, _Entry(graph, default.inputs, out)))
-        seconds: dict = {}
-        if len(candidates) > 1:
-            # each graph's outputs are read right after its own replay: graphs of one pool may reuse each other's
-            # memory, and never run concurrently
-            self.recorder.replay(default.graph, default.out)
-            expected = _float_outputs(default.out)
-            agreeing = [candidates[0]]
-            for name, entry in candidates[1:]:
-                try:
-                    self.recorder.replay(entry.graph, entry.out)
-                    ok = agree(expected, _float_outputs(entry.out))
-                except Exception as err:  # noqa: BLE001
-                    left_out[name] = f"replay failed: {type(err).__name__}: {str(err)[:200]}"
-                    continue
-                if not ok:
-                    left_out[name] = "its outputs differ from the default's"
-                else:
-                    agreeing.append((name, entry))
-            candidates = agreeing
-        if len(candidates) > 1:
-            times: dict = {name: [] for name, _ in candidates}
-            try:
-                for _ in range(self.rounds):
-                    for name, entry in candidates:
-                        times[name].append(self.recorder.time(entry.graph, entry.out, self.replays))
-            except Exception as err:  # noqa: BLE001 - timing is a measurement: the default stays
-                left_out.update({name: f"timing failed: {type(err).__name__}: {str(err)[:200]}"
-                                 for name, _ in candidates[1:]})
-                candidates = candidates[:1]
-            else:
-                seconds = {name: _median(values) for name, values in times.items()}
-        kept_name, kept = candidates[0]
-        if seconds:
-            name, entry = min(candidates[1:], key=lambda c: seconds[c[0]])
-            if math.isfinite(seconds[name]) and seconds[name] <= (1.0 - self.margin) * seconds[kept_name]:
-                kept_name, kept = name, entry
-        self.tuning[key] = {"kept": kept_name, "seconds": seconds, "left_out": left_out}
+            return _Entry(graph, default.inputs, out)
+
+        def replay_once(entry):
+            self.recorder.replay(entry.graph, entry.out)
+            return _float_outputs(entry.out)
+
+        kept, self.tuning[key] = keep_fastest(self.recorder, default, variants, capture, replay_once, self.rounds,
+                                              self.replays, self.margin)
         return kept
 
     def _store(self, key, entry) -> None:
@@ -477,15 +489,23 @@ class TrainStepGraph:
     afterwards and each batch is stepped exactly once. Batches of another shape (the last, partial one) run
     eagerly; a step that cannot be recorded runs eagerly from then on, with one warning (``eager`` is then True
     and ``reason`` says why). On a GPU the optimizer must be capturable (``torch.optim.Adam(..., capturable=True)``,
-    the learning rate a tensor). ``replays`` counts the steps replayed from the graph."""
+    the learning rate a tensor). ``replays`` counts the steps replayed from the graph.
 
-    def __init__(self, step: Callable[..., Tensor], state: Callable[[], Sequence[Tensor]], recorder):
-        self.step, self.state, self.recorder = step, state, recorder
+    ``variants()`` (called when the step is recorded; the RIM's ``cuda_graph_variants``): ways to run the step, each
+    recorded and timed as ``GraphCache`` does (``keep_fastest``; agreement on the loss and on ``state()`` after one
+    step from the same state), the fastest kept; ``tuning`` then says what was timed and kept."""
+
+    def __init__(self, step: Callable[..., Tensor], state: Callable[[], Sequence[Tensor]], recorder,
+                 variants: Callable[[], Sequence[Variant]] = tuple, rounds: int = 3, replays: int = 2,
+                 margin: float = 0.03):
+        self.step, self.state, self.recorder, self.variants = step, state, recorder, variants
+        self.rounds, self.replays_per_time, self.margin = rounds, replays, margin
         self._key = None
         self._entry = None
         self.eager = False
         self.reason: Optional[str] = None
         self.replays = 0
+        self.tuning: Optional[dict] = None
 
     def __call__(self, *batch) -> Tensor:
         key = signature(batch)
@@ -507,20 +527,41 @@ class TrainStepGraph:
         with torch.inference_mode(False):
             static = [t.clone() if isinstance(t, Tensor) else t for t in batch]
         saved = [t.detach().clone() for t in self.state()]
+
+        def restore():
+            with torch.no_grad():
+                for tensor, value in zip(self.state(), saved):
+                    tensor.copy_(value)
+
+        def capture(variant: Optional[Variant]) -> _Entry:
+            def call():
+                with variant.context() if variant is not None else contextlib.nullcontext():
+                    return self.step(*static)
+            graph, out = self.recorder.capture(call)
+            return _Entry(graph, static, out)
+
+        def replay_once(entry: _Entry) -> list:
+            # one step from the saved state: its loss and what it leaves (parameters, optimizer state, EMA)
+            restore()
+            self.recorder.replay(entry.graph, entry.out)
+            return _float_outputs(entry.out) + _float_outputs(list(self.state()))
+
+        entry = None
         try:
-            graph, out = self.recorder.capture(lambda: self.step(*static))
+            variants = tuple(self.variants())
+            entry = capture(variants[0] if variants else None)
+            if len(variants) > 1:
+                entry, self.tuning = keep_fastest(self.recorder, entry, variants, capture, replay_once, self.rounds,
+                                                  self.replays_per_time, self.margin)
         except Exception as err:  # noqa: BLE001 - whatever breaks a capture, the steps run eagerly
             self.reason = f"{type(err).__name__}: {err}"
             warnings.warn(f"rim_fast: the training step cannot be recorded into a CUDA graph ({self.reason}); it runs "
                           f"eagerly", RuntimeWarning, stacklevel=3)
             self.eager = True
-            graph = out = None
+            entry = None
         finally:
-            with torch.no_grad():
-                for tensor, value in zip(self.state(), saved):
-                    tensor.copy_(value)
-        if not self.eager:
-            self._entry = _Entry(graph, static, out)
+            restore()
+        self._entry = entry
 
 
 #: the least learning rate ``set_lr`` writes into a tensor: capturable Adam divides by it, and 0 (a warm-up's first

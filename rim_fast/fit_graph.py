@@ -105,7 +105,8 @@ def build(run, recorder) -> TrainStepGraph:
             ema_update(ema, params, run.one_minus_decay)
         return loss.detach()
 
-    return TrainStepGraph(step, lambda: training_state(rim, optimizer, ema), recorder)
+    # the recording times the convolutions' layouts against each other where RIM_FAST_CUDA_LAYOUT=auto
+    return TrainStepGraph(step, lambda: training_state(rim, optimizer, ema), recorder, variants=rim.cuda_graph_variants)
 
 
 def before_step(run) -> None:

@@ -25,7 +25,7 @@ _INITIALIZATIONS = ("zeros", "approximate_inverse", "model")
 _DEFAULTS = {"T": 10, "score_preprocessing_method": "Identity", "initialization_method": "zeros",
              "epsilon": 1e-7, "beta_1": 0.9, "beta_2": 0.999}
 _CHECK_FINITE = (False, True, "error", "warn")
-#: the graph variants of ``RIM._graph_variants``: the CUDA convolutions in NCHW (the default) and in channels-last
+#: the graph variants of ``RIM.cuda_graph_variants``: the CUDA convolutions in NCHW (the default) and in channels-last
 CUDA_LAYOUT_VARIANTS = (Variant("contiguous", lambda: ops.use_cuda_layout("contiguous")),
                         Variant("channels_last", lambda: ops.use_cuda_layout("channels_last")))
 #: score_preprocessing_method as torch_rim spells it (matched in any case) -> the method of ops.preprocess_score
@@ -459,7 +459,7 @@ class RIM(nn.Module):
                     cpu_pool.during_backward(*([loss] if loss is not None else out))  # loss_fn returns no x_t
                 return out, loss
             return graphs(signature((inputs, keep_trajectory, amp, self._loop_settings(amp))), loop, inputs,
-                          self._graph_variants())
+                          self.cuda_graph_variants())
         out, loss = compiled(y, args, kwargs, x_true, keep_trajectory, w, time_weights, amp)
         if self.__dict__.get("_uses_cuda_graphs"):
             # a later CUDA-graph replay reuses the output memory (pytorch #152887): hand out copies
@@ -471,7 +471,7 @@ class RIM(nn.Module):
         """How this RIM records graphs: CUDA graphs on a GPU, none elsewhere (tests put the CPU stand-in here)."""
         return CudaRecorder(self.device) if self.device.type == "cuda" else None
 
-    def _graph_variants(self) -> tuple:
+    def cuda_graph_variants(self) -> tuple:
         """The ways of running a call that its graph is recorded in and timed against each other (the first is
         the default): on a GPU with ``RIM_FAST_CUDA_LAYOUT=auto`` (the default), the convolutions in NCHW and in
         channels-last (``ops.use_cuda_layout``); none where results must not depend on a timing
@@ -507,7 +507,7 @@ class RIM(nn.Module):
         """What a recorded loop depends on besides its inputs: the RIM's settings and functions (by identity,
         holding the objects: a bare ``id`` is reused by a new function once the old one is freed), train or eval
         mode, autocast, the backend, the CUDA convolutions' layout, the TF32 switches, the deterministic switches
-        (they decide whether both layouts are recorded: ``_graph_variants``)."""
+        (they decide whether both layouts are recorded: ``cuda_graph_variants``)."""
         return (self.T, self._preprocessing, self.epsilon, self.beta_1, self.beta_2, self.initialization_method,
                 self.compat, *map(Identity, (self.model, self.score_fn, self.energy_fn, self.model_score_fn,
                                              self.link_function, self.inverse_link_function,

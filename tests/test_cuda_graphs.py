@@ -549,7 +549,7 @@ def test_rim_settings_are_part_of_the_signature(stand_in):
         assert _captures(graphed) == 3
         graphed.predict(y)
         assert _captures(graphed) == 3
-        # the deterministic switches decide whether both layouts are recorded (RIM._graph_variants)
+        # the deterministic switches decide whether both layouts are recorded (RIM.cuda_graph_variants)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(torch.backends.cudnn, "deterministic", True)
             graphed.predict(y)
@@ -694,18 +694,18 @@ def test_rim_graph_variants_are_the_cuda_layouts_where_timing_may_choose(monkeyp
     gpu, cpu = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cpu"))
     assert [v.name for v in CUDA_LAYOUT_VARIANTS] == ["contiguous", "channels_last"]
     with ops.use_cuda_layout("auto"):
-        assert rim_fast.RIM._graph_variants(gpu) == CUDA_LAYOUT_VARIANTS
-        assert rim_fast.RIM._graph_variants(cpu) == ()
+        assert rim_fast.RIM.cuda_graph_variants(gpu) == CUDA_LAYOUT_VARIANTS
+        assert rim_fast.RIM.cuda_graph_variants(cpu) == ()
         monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-        assert rim_fast.RIM._graph_variants(gpu) == ()
+        assert rim_fast.RIM.cuda_graph_variants(gpu) == ()
         monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
         monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-        assert rim_fast.RIM._graph_variants(gpu) == ()
+        assert rim_fast.RIM.cuda_graph_variants(gpu) == ()
         monkeypatch.undo()
-        assert rim_fast.RIM._graph_variants(gpu) == CUDA_LAYOUT_VARIANTS
+        assert rim_fast.RIM.cuda_graph_variants(gpu) == CUDA_LAYOUT_VARIANTS
     for layout in ("contiguous", "channels_last"):
         with ops.use_cuda_layout(layout):
-            assert rim_fast.RIM._graph_variants(gpu) == ()
+            assert rim_fast.RIM.cuda_graph_variants(gpu) == ()
     for variant in CUDA_LAYOUT_VARIANTS:
         with variant.context():
             assert ops.cuda_layout() == variant.name
@@ -734,7 +734,7 @@ from torch_ema import ExponentialMovingAverage  # noqa: E402
 from rim_fast.cuda_graphs import TrainStepGraph, ema_decay, ema_update, set_lr  # noqa: E402
 
 
-def _trainer(graphed: bool, recorder=None, sync: bool = False):
+def _trainer(graphed: bool, recorder=None, sync: bool = False, variants=tuple):
     """A RIM, its Adam and EMA, and a step function: eager torch_rim-style, or the graph-friendly form of it."""
     torch.manual_seed(0)
     net = rim_fast.Hourglass(1, dimensions=2, nf=4, hidden_units=6)
@@ -747,7 +747,7 @@ def _trainer(graphed: bool, recorder=None, sync: bool = False):
 
     def step(y, x):
         optimizer.zero_grad(set_to_none=True)
-        loss = rim.loss_fn(y, x)
+        loss = rim.loss_fn(y, x) * (2.0 if MODE[0] == "wrong" else 1.0)  # the "wrong" variant's gradients differ
         if sync:
             loss = loss * (1 + 0 * loss.item())  # a host sync: not capturable
         loss.backward()
@@ -772,7 +772,7 @@ def _trainer(graphed: bool, recorder=None, sync: bool = False):
             group["lr"] = lr
         return step(y, x)
 
-    train = TrainStepGraph(step, state, recorder) if graphed else None
+    train = TrainStepGraph(step, state, recorder, variants=variants) if graphed else None
     return rim, ema, run, train
 
 
@@ -798,6 +798,28 @@ def test_train_step_graph_steps_exactly_like_eager():
     assert ema.num_updates == eager_ema.num_updates == 5
 
 
+@pytest.mark.parametrize("seconds,kept", [({"a": 1.0, "b": 0.5, "wrong": 0.1}, "b"),
+                                          ({"a": 1.0, "b": 2.0, "wrong": 0.1}, "a")], ids=["b-faster", "a-faster"])
+def test_train_step_graph_keeps_the_fastest_variant_and_steps_exactly_like_eager(seconds, kept):
+    """A step recorded under each variant from the same state, checked (loss and state after one step), timed,
+    the fastest kept: the recording's steps are all undone, so the training equals the eager loop's bit for bit,
+    and the replays run the kept variant. A variant whose step differs ("wrong": another loss) is left out."""
+    eager_rim, eager_ema, eager_run, _ = _trainer(False)
+    recorder = Timed(seconds)
+    rim, ema, run, train = _trainer(True, recorder, variants=lambda: _variants("a", "wrong", "b"))
+    for i, (y, x) in enumerate(_batches()):
+        lr = 1e-2 * (i + 1) / 5
+        torch.testing.assert_close(run(y, x, lr), eager_run(y, x, lr), rtol=0, atol=0)
+    assert not train.eager and train.replays == 3
+    assert train.tuning["kept"] == kept and set(train.tuning["seconds"]) == {"a", "b"}
+    assert train.tuning["left_out"] == {"wrong": "its outputs differ from the default's"}
+    assert recorder.timed == ["a", "b"] * 3 and recorder.replayed[-3:] == [kept] * 3
+    for p, q in zip(rim.model.parameters(), eager_rim.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for s, t in zip(ema.shadow_params, eager_ema.shadow_params):
+        torch.testing.assert_close(s, t, rtol=0, atol=0)
+
+
 def test_train_step_graph_falls_back_on_a_host_sync():
     eager_rim, _, eager_run, _ = _trainer(False)
     rim, _, run, train = _trainer(True, Counting(), sync=True)
@@ -813,7 +835,10 @@ def test_train_step_graph_falls_back_on_a_host_sync():
 
 
 @requires_cuda
-def test_train_step_graph_on_cuda_with_capturable_adam():
+@pytest.mark.parametrize("layouts", ["one", "timed"])
+def test_train_step_graph_on_cuda_with_capturable_adam(layouts):
+    """On the GPU: the recorded step trains (recorded in NCHW, or in both layouts and timed, as fit records it),
+    and in the same steps as the eager loop from the same weights (TF32 off)."""
     torch.manual_seed(0)
     net = rim_fast.Hourglass(1, dimensions=2, nf=8, hidden_units=12)
     rim = rim_fast.RIM((16, 16), net, T=3, score_fn=_score, device="cuda")
@@ -831,9 +856,24 @@ def test_train_step_graph_on_cuda_with_capturable_adam():
     def state():
         return [*params, *[t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]]
 
-    train = TrainStepGraph(step, state, CudaRecorder(torch.device("cuda")))
+    start = [t.detach().clone() for t in params]
+    variants = rim.cuda_graph_variants if layouts == "timed" else tuple
+    train = TrainStepGraph(step, state, CudaRecorder(torch.device("cuda")), variants=variants)
     y, x = torch.randn(4, 1, 16, 16, device="cuda"), torch.randn(4, 1, 16, 16, device="cuda")
-    losses = [float(train(y, x)) for _ in range(6)]
+    with rim_fast.ops.use_cuda_layout("auto"):
+        losses = [float(train(y, x)) for _ in range(6)]
     assert train.replays == 5 and not train.eager
     assert losses[-1] < losses[0]
+    if layouts == "timed":
+        assert train.tuning["kept"] in ("contiguous", "channels_last") and train.tuning["left_out"] == {}, \
+            train.tuning
+    graphed = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    optimizer.state.clear()
+    eager = [float(step(y, x)) for _ in range(6)]
+    assert eager == pytest.approx(losses, rel=1e-4)
+    for p, g in zip(params, graphed):  # Adam's steps (1e-3 each) from gradients equal to rounding
+        torch.testing.assert_close(p, g, rtol=1e-3, atol=1e-4)
 

@@ -251,7 +251,7 @@ def test_rim_graph_keeps_the_faster_layout(cpu_stand_in, monkeypatch, faster):
     seconds = {"contiguous": 1.0, "channels_last": 1.0}
     seconds[faster] = 0.5
     monkeypatch.setattr(rim_fast.RIM, "_graph_recorder", lambda self: _LayoutClock(seconds))
-    monkeypatch.setattr(rim_fast.RIM, "_graph_variants", lambda self: CUDA_LAYOUT_VARIANTS)
+    monkeypatch.setattr(rim_fast.RIM, "cuda_graph_variants", lambda self: CUDA_LAYOUT_VARIANTS)
     r = _rim(2, (12, 8))
     y1, y2 = torch.randn(2, 1, 12, 8), torch.randn(2, 1, 12, 8)
     with ops.use_backend("kernels"), ops.use_cuda_layout("auto"), torch.no_grad():

@@ -1,6 +1,7 @@
 """fit(cuda_graphs=True): the training step recorded once and replayed (rim_fast/fit_graph.py). On the CPU through
 the stand-in recorder (it replays by running the step again on the static inputs, and refuses host syncs as a CUDA
 capture does), against fit(cuda_graphs=False) bit for bit; the real capture on CUDA."""
+import contextlib
 import functools
 import importlib
 import warnings
@@ -11,7 +12,7 @@ import torch
 import rim_fast
 from rim_fast import checkpoints as ckpt
 from rim_fast import fit_graph
-from rim_fast.cuda_graphs import CudaRecorder, EagerRecorder
+from rim_fast.cuda_graphs import CudaRecorder, EagerRecorder, Variant
 from rim_fast.fit_config import FitConfig
 
 from conftest import requires_cuda
@@ -113,6 +114,22 @@ def test_fit_with_graphs_steps_exactly_like_eager(stand_in, drop_last):
     assert len(losses) == 3
     # 9 full batches: the first eagerly (it creates Adam's state), then one recording and 8 replays
     assert stand_in.captures == 1 and stand_in.replays == 8
+
+
+def test_fit_times_the_graph_variants_and_still_steps_exactly_like_eager(stand_in, monkeypatch):
+    """fit records its step in each of the RIM's graph variants (on a GPU, the two layouts of the convolutions;
+    here two that compute alike) and keeps one: the recordings' checks and timed replays are all undone, so the
+    training is still eager fit's to the bit."""
+    variants = tuple(Variant(name, contextlib.nullcontext) for name in ("a", "b"))
+    monkeypatch.setattr(rim_fast.RIM, "cuda_graph_variants", lambda self: variants)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed, losses = _fit(True)
+    assert not _graph_warnings(caught)
+    eager, losses_eager = _fit(False, optimizer=_capturable_adam)
+    _assert_same(graphed, eager, losses, losses_eager)
+    # two recordings; one replay each to compare them, 3 rounds of 2 timed replays each, then the 8 steps
+    assert stand_in.captures == 2 and stand_in.replays == 2 + 12 + 8
 
 
 def test_fit_with_graphs_trains_like_the_default_eager_fit(stand_in):

@@ -12,7 +12,7 @@ into an extra channel (``ops.folds_bias``): 33 channels would misalign cuDNN's N
 
 ``contiguous`` is the reference's path (NCHW convolutions). The default, ``auto``, runs eager calls as
 ``contiguous`` and lets a RIM's CUDA graph choose: its first call records the loop in both layouts and keeps the
-faster graph, timed on the GPU at hand (``RIM._graph_variants``, ``cuda_graphs.GraphCache``), since which one
+faster graph, timed on the GPU at hand (``RIM.cuda_graph_variants``, ``cuda_graphs.GraphCache``), since which one
 wins depends on the GPU, the shapes and cuDNN's version (PyTorch's Inductor found channels-last faster for most
 convolutions on its benchmarks, and slower for some). Not under torch.compile (Inductor chooses its layouts) nor
 torch.func transforms.
