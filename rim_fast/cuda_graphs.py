@@ -538,7 +538,10 @@ class TrainStepGraph:
                 with variant.context() if variant is not None else contextlib.nullcontext():
                     return self.step(*static)
             graph, out = self.recorder.capture(call)
-            return _Entry(graph, static, out)
+            entry = _Entry(graph, static, out)
+            # the gradients a recording leaves are its graph's memory, which its replays write: kept with it
+            entry.grads = [t.grad for t in self.state()]
+            return entry
 
         def replay_once(entry: _Entry) -> list:
             # one step from the saved state: its loss and what it leaves (parameters, optimizer state, EMA)
@@ -553,6 +556,8 @@ class TrainStepGraph:
             if len(variants) > 1:
                 entry, self.tuning = keep_fastest(self.recorder, entry, variants, capture, replay_once, self.rounds,
                                                   self.replays_per_time, self.margin)
+                for tensor, grad in zip(self.state(), entry.grads):  # .grad as the kept graph's recording left it
+                    tensor.grad = grad
         except Exception as err:  # noqa: BLE001 - whatever breaks a capture, the steps run eagerly
             self.reason = f"{type(err).__name__}: {err}"
             warnings.warn(f"rim_fast: the training step cannot be recorded into a CUDA graph ({self.reason}); it runs "

@@ -868,6 +868,13 @@ def test_train_step_graph_on_cuda_with_capturable_adam(layouts):
         assert train.tuning["kept"] in ("contiguous", "channels_last") and train.tuning["left_out"] == {}, \
             train.tuning
     graphed = [p.detach().clone() for p in params]
+    # the parameters' .grad is the kept graph's memory, which each replay writes: a step that moves nothing (a
+    # learning rate of 1e-30) leaves there the gradient at the current weights
+    lr.fill_(1e-30)
+    train(y, x)
+    lr.fill_(1e-3)
+    for p, g in zip(params, torch.autograd.grad(rim.loss_fn(y, x), params)):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         for p, s in zip(params, start):
             p.copy_(s)
