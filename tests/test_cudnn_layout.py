@@ -3,6 +3,8 @@ convolutions against the references (forward, every gradient, channels-last outp
 rules, and a whole RIM kept channels-last from its input to its output. On the CPU the convolutions run through
 the same functions (oneDNN serves them there), and the RIM through a stand-in that lets the layout serve CPU
 tensors with the Triton gates and bias + tanh under the interpreter, as a GPU runs them; on CUDA the real thing."""
+import threading
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -107,6 +109,13 @@ def test_layout_switch_and_its_errors(monkeypatch):
     assert _cudnn._read_layout() == "channels_last"
     monkeypatch.delenv("RIM_FAST_CUDA_LAYOUT")
     assert _cudnn._read_layout() == "auto"
+    # per thread, as autocast: a layout set in one thread (a graph recording) is not another's
+    seen = []
+    with ops.use_cuda_layout("channels_last"):
+        worker = threading.Thread(target=lambda: seen.append(ops.cuda_layout()))
+        worker.start()
+        worker.join()
+    assert seen == [_cudnn._DEFAULT]
 
 
 @pytest.mark.parametrize("backend", ["auto", "kernels"])
@@ -154,7 +163,7 @@ def cpu_stand_in(monkeypatch):
     convolutions, the Triton gates and bias + tanh (interpreter), not the CPU's channels-last and oneDNN paths."""
     if K is None or not K.INTERPRETED:
         pytest.skip("the stand-in runs the Triton kernels through the interpreter (TRITON_INTERPRET=1)")
-    usable = lambda x, *a: _cudnn._LAYOUT[0] == "channels_last" and x.dim() in (3, 4, 5)  # noqa: E731
+    usable = lambda x, *a: _cudnn.cuda_layout() == "channels_last" and x.dim() in (3, 4, 5)  # noqa: E731
     never = lambda *a: False  # noqa: E731
     for op in CONV_OPS:
         for name, fn in (("cudnn_channels_last", usable), ("channels_last", never)):

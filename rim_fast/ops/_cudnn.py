@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Iterator, Optional
 
 import torch
@@ -41,39 +42,45 @@ def _read_layout() -> str:
     return value
 
 
-_LAYOUT = [_read_layout()]
+#: RIM_FAST_CUDA_LAYOUT, read at import: every thread's layout until ``use_cuda_layout`` sets its own
+_DEFAULT = _read_layout()
+_THREAD = threading.local()
 
 
 def cuda_layout() -> str:
-    """The memory layout of CUDA convolutions: ``RIM_FAST_CUDA_LAYOUT`` (read at import; default ``auto``) or
-    ``use_cuda_layout``'s. ``auto``: eager calls in ``contiguous``, each CUDA graph in the faster of the two."""
-    return _LAYOUT[0]
+    """The memory layout of CUDA convolutions in this thread: ``use_cuda_layout``'s, else ``RIM_FAST_CUDA_LAYOUT``
+    (read at import; default ``auto``). ``auto``: eager calls in ``contiguous``, each CUDA graph in the faster of
+    the two."""
+    return getattr(_THREAD, "layout", _DEFAULT)
 
 
 @contextlib.contextmanager
 def use_cuda_layout(name: str) -> Iterator[None]:
-    """Temporarily select the layout of CUDA convolutions (tests, benchmarks, a RIM's graph variants; not
-    thread-safe). A RIM's CUDA graphs are recorded per setting."""
+    """Temporarily select the layout of CUDA convolutions in this thread, as ``torch.autocast`` and grad mode are
+    per thread (tests, benchmarks, a RIM's graph variants: a recording in another thread does not change this
+    one's). A RIM's CUDA graphs are recorded per setting."""
     if name not in LAYOUTS:
         raise ValueError(f"layout {name!r} is not one of {LAYOUTS}")
-    old, _LAYOUT[0] = _LAYOUT[0], name
+    old = cuda_layout()
+    _THREAD.layout = name
     try:
         yield
     finally:
-        _LAYOUT[0] = old
+        _THREAD.layout = old
 
 
 def usable(x, *args) -> bool:
     """CUDA tensors of 1 to 3 spatial dims and a float dtype, eagerly (or recorded into a CUDA graph), when the
     channels-last layout is selected."""
-    return (_LAYOUT[0] == "channels_last" and x.is_cuda and x.dtype in _FLOATS and x.dim() in (3, 4, 5)
+    return (cuda_layout() == "channels_last" and x.is_cuda and x.dtype in _FLOATS and x.dim() in (3, 4, 5)
             and not torch.compiler.is_compiling() and not functorch_active())
 
 
 def why_not(x, *args) -> str:
-    if _LAYOUT[0] != "channels_last":
-        return (f"RIM_FAST_CUDA_LAYOUT is {_LAYOUT[0]!r}" + (": eager calls run contiguous, a CUDA graph the faster "
-                                                            "layout" if _LAYOUT[0] == "auto" else ""))
+    layout = cuda_layout()
+    if layout != "channels_last":
+        return (f"RIM_FAST_CUDA_LAYOUT is {layout!r}" + (": eager calls run contiguous, a CUDA graph the faster "
+                                                        "layout" if layout == "auto" else ""))
     if not x.is_cuda:
         return "CUDA tensors only"
     if torch.compiler.is_compiling():
