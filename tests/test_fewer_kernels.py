@@ -327,3 +327,27 @@ def test_cuda_rule_on_fake_tensors(fake_cuda):
     assert eager[("conv_transpose_tanh", "unfused")] == 2 and eager[("conv_tanh", "unfused")] == 8
     # with autograd the upsampling layers keep cuDNN's conv with its bias (the whole-RIM error budget)
     assert training[("conv_transpose_tanh", "unfused")] == 2 and training[("conv_tanh", "triton_bias_tanh")] == 7
+
+
+def test_the_bias_fold_only_where_a_kernel_saved_counts(fake_cuda, monkeypatch):
+    """fold_next_bias on CUDA (fake tensors): in a CUDA graph, where conv + tanh is the Triton bias + tanh and the
+    next convolution's bias add a kernel saved; not eagerly, even where the eager conv + tanh takes the Triton
+    kernel (L2's [32, 32, 256x256]: there the extra channel costs multiply-adds and alignment, a launch nothing);
+    not in channels-last."""
+    if _triton.K is None:
+        pytest.skip(_triton.missing())
+    monkeypatch.setattr(_triton.K, "INTERPRETED", False)
+    from rim_fast.ops.conv import _conv_tanh
+    choose = _conv_tanh._choose
+    with FakeTensorMode(), ops.use_backend("auto"), ops.use_cuda_layout("auto"):
+        w, b = torch.empty(32, 32, 3, 3, device="cuda"), torch.empty(32, device="cuda")
+        for x in (torch.empty(32, 32, 256, 256, device="cuda"), torch.empty(16, 32, 64, 64, device="cuda")):
+            large = x.numel() >= _triton.AUTO_EAGER_MIN_ELEMENTS
+            assert choose((x, w, b, "same", 1, 1))[0] == ("triton_bias_tanh" if large else "unfused")
+            assert not ops.folds_bias(x, w, b, "same", 1, 1)
+            with ops.graph_region():
+                assert choose((x, w, b, "same", 1, 1))[0] == "triton_bias_tanh"
+                assert ops.folds_bias(x, w, b, "same", 1, 1)
+                with ops.use_cuda_layout("channels_last"):
+                    assert not ops.folds_bias(x, w, b, "same", 1, 1)
+        assert not ops.folds_bias(torch.empty(32, 32, 256, 256), w.cpu(), b.cpu(), "same", 1, 1)

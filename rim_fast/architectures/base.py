@@ -233,7 +233,7 @@ def _tap(left_pad: int, kernel_size: int, dilation: int) -> Optional[int]:
 def fold_next_bias(first: Module, second: Module, x: Tensor, weight2: Optional[Tensor] = None,
                    bias2: Optional[Tensor] = None) -> Optional[Tensor]:
     """second(tanh(first(x))) with second's bias carried by the convolution itself, or None where it does not
-    apply (``ops.folds_bias``: on CUDA, where the bias add would be a kernel of its own, eagerly and under
+    apply (``ops.folds_bias``: on CUDA, where the bias add would be a kernel of its own, in CUDA graphs and under
     torch.compile).
 
     first (a "same" conv with a bias) gets one more output channel with zero weights and bias 30, so that its conv

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from . import _cpp, _cpu, _cudnn, _triton, reference
-from ._dispatch import Impl, Op, backend
+from ._dispatch import Impl, Op, backend, in_graph_region
 
 Tensor = torch.Tensor
 
@@ -105,16 +105,20 @@ def rewrites() -> bool:
 
 def folds_bias(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation: int, groups: int) -> bool:
     """Whether a conv + tanh whose output feeds a convolution with a bias should carry that bias as an extra
-    channel of constant 1 (``architectures.base.fold_next_bias``): where ``conv_tanh`` runs the convolution and
-    then the Triton ``bias_tanh`` (CUDA: the next convolution then needs no bias add of its own) and under
-    torch.compile on GPUs (Inductor's stand-alone bias kernel between two convolutions goes). Not on the CPU,
-    eager or compiled, where oneDNN adds biases inside the convolution, nor in the channels-last CUDA layout
-    (``_cudnn``)."""
+    channel of constant 1 (``architectures.base.fold_next_bias``), which saves the next convolution's bias add, a
+    kernel of its own on GPUs: where a kernel saved counts, in a CUDA graph where ``conv_tanh`` runs the
+    convolution and then the Triton ``bias_tanh``, and under torch.compile on GPUs (Inductor's stand-alone bias
+    kernel between two convolutions goes). Not on the CPU, eager or compiled, where oneDNN adds biases inside the
+    convolution, nor in the channels-last CUDA layout (``_cudnn``), nor in eager CUDA calls: there ``conv_tanh``
+    takes the Triton kernel only for outputs of 2^23 elements and more, where a launch is nothing beside the
+    convolutions, the bias add is one pass over the output, and the extra channel costs 1/32 more multiply-adds in
+    two convolutions and may cost cuDNN its aligned kernels (L2's eager training step, which folded, ran 0.91x
+    torch_rim's speed in the first GPU run)."""
     if bias is None or not rewrites() or x.device.type == "cpu":
         return False
     if torch.compiler.is_compiling():
         return True
-    if _cudnn.usable(x):
+    if _cudnn.usable(x) or not in_graph_region():
         # channels-last: the extra channel (33 of 32) would misalign cuDNN's NHWC tensor-core kernels, which want
         # channels in multiples of 4 (TF32) or 8 (half precision); the next convolution keeps its bias add
         return False
