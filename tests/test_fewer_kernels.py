@@ -351,3 +351,19 @@ def test_the_bias_fold_only_where_a_kernel_saved_counts(fake_cuda, monkeypatch):
                 with ops.use_cuda_layout("channels_last"):
                     assert not ops.folds_bias(x, w, b, "same", 1, 1)
         assert not ops.folds_bias(torch.empty(32, 32, 256, 256), w.cpu(), b.cpu(), "same", 1, 1)
+
+
+def test_the_symmetric_stride_2_conv_only_where_a_kernel_saved_counts(fake_cuda):
+    """The strided "same" conv as a symmetric 4x4 (no pad kernel) on CUDA (fake tensors): in a CUDA graph, and
+    eagerly below 2^23 input elements (S2); eagerly at L2's [32, 32, 256x256] the pad and the 3x3 (16/9 fewer
+    multiply-adds), as torch_rim."""
+    with FakeTensorMode(), ops.use_backend("auto"), ops.use_cuda_layout("auto"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = torch.empty(64, 32, 3, 3, device="cuda")
+        for x, eager in ((torch.empty(32, 32, 256, 256, device="cuda"), "reference"),
+                         (torch.empty(16, 32, 64, 64, device="cuda"), "symmetric_padding")):
+            for region in (False, True):
+                with ops.trace() as calls, (ops.graph_region() if region else warnings.catch_warnings()):
+                    y = ops.conv_same(x, w, None, kernel_size=3, stride=2)
+                assert y.shape == (x.shape[0], 64, x.shape[2] // 2, x.shape[3] // 2)
+                assert list(calls) == [("conv_same", "symmetric_padding" if region else eager)], calls

@@ -24,9 +24,10 @@ conv_transpose                            reference's NCHW (1D as [B, C, 1, L]);
                                           sample that aten would give them runs as two depth halves, a batch
                                           of two that aten gives oneDNN: ``_cpu._depth_split``); elsewhere the
                                           reference (cuDNN),
-                                          except ``conv_same`` on CUDA outside torch.compile:
-                                          ``symmetric_padding`` (no pad kernel: the larger pad on both sides and
-                                          zero taps in the kernel, built once per RIM call);
+                                          except ``conv_same`` on CUDA in CUDA graphs and in eager calls
+                                          below 2^23 input elements: ``symmetric_padding`` (no pad kernel: the
+                                          larger pad on both sides and zero taps in the kernel, built once per
+                                          RIM call);
                                           ``cudnn_channels_last`` on CUDA where
                                           ``RIM_FAST_CUDA_LAYOUT=channels_last`` asks for it, and in a RIM's
                                           CUDA graph recorded in both layouts whose timing chose it (``auto``,

@@ -167,9 +167,13 @@ def _symmetric_usable(x, weight, bias, kernel_size, stride, dilation, groups, ax
 
 
 def _symmetric_auto(x, weight, bias, kernel_size, stride, dilation, groups, axis_swap) -> bool:
-    # CUDA, eagerly or in a CUDA graph (one launch fewer, for launch-bound steps); under torch.compile Inductor
-    # fuses the pad into the kernel that writes the convolution's input
-    return x.is_cuda and dilation == 1 and not torch.compiler.is_compiling()
+    # CUDA, in a CUDA graph or eagerly below 2^23 input elements (one kernel fewer, for launch-bound steps); not for
+    # larger eager inputs, where a launch is nothing and the 4x4 kernel's 16/9 multiply-adds (forward and both
+    # gradients) cost about what the pad's pass saves in TF32 and more without it (L2: [32, 32, 256x256]); under
+    # torch.compile Inductor fuses the pad into the kernel that writes the convolution's input
+    if not x.is_cuda or dilation != 1 or torch.compiler.is_compiling():
+        return False
+    return in_graph_region() or x.numel() < _triton.AUTO_EAGER_MIN_ELEMENTS
 
 
 def _unfused_auto(x, *args) -> bool:
