@@ -8,8 +8,8 @@ import weakref
 import pytest
 import torch
 
-from rim_fast.cuda_graphs import (CaptureError, CudaRecorder, EagerRecorder, GraphCache, Identity, Variant,
-                                  _autocast_without_cache, agree, signature)
+from rim_fast.cuda_graphs import (AGREE, AGREE_16, CaptureError, CudaRecorder, EagerRecorder, GraphCache, Identity,
+                                  Variant, _autocast_without_cache, agree, agree_tolerance, signature)
 
 from conftest import requires_cuda
 
@@ -381,6 +381,23 @@ def test_agree_tells_a_summation_order_from_a_wrong_result():
     assert not agree([inf], [-inf])
     z = torch.randn(3, dtype=torch.complex64)
     assert agree([z], [z.clone()]) and not agree([z], [z * 1j])  # the imaginary part counts
+
+
+def test_variants_of_a_16_bit_call_agree_within_its_rounding():
+    """Under autocast to a 16-bit float, or with 16-bit outputs, two layouts' results differ by more than float32's
+    rounding: the check loosens to 2^-3 (still far from a wrong result's O(1))."""
+    assert agree_tolerance([torch.ones(2)]) == AGREE
+    assert agree_tolerance([torch.ones(2, dtype=torch.bfloat16)]) == agree_tolerance([torch.ones(2).half()]) == AGREE_16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert agree_tolerance([torch.ones(2)]) == AGREE_16
+    a = torch.randn(1000)
+    for outputs_dtype, kept in ((torch.float32, "a"), (torch.bfloat16, "b")):
+        w = torch.ones(1000, dtype=outputs_dtype)
+        cache = GraphCache(Timed({"a": 1.0, "b": 0.5}))
+        # the "b" variant's outputs differ by 3%: float32 rounding cannot, bfloat16's over a loop can
+        fn = lambda x: (x * (1.03 if ENTERED[0] == "b" else 1.0)).to(outputs_dtype) * w  # noqa: E731
+        cache(signature((a,)), fn, [a], _variants("a", "b"))
+        assert cache.tuning[signature((a,))]["kept"] == kept
 
 
 @requires_cuda
