@@ -297,7 +297,7 @@ def keep_fastest(recorder, default: _Entry, variants: tuple, capture: Callable[[
     """(kept entry, {"kept", "seconds", "left_out"}): ``default`` (recorded under ``variants[0]``) or the graph of
     another variant (``capture(variant)``) that agrees with it (``replay_once(entry)``: the float tensors a replay
     leaves, compared by ``agree``) and is at least ``margin`` faster, each graph timed in ``rounds`` alternated
-    blocks of ``replays`` replays (median per variant). Whatever goes wrong with another variant leaves it out,
+    blocks of ``replays`` replays, the order reversed every other round (median per variant). Whatever goes wrong with another variant leaves it out,
     never the call. Graphs of one pool may reuse each other's memory: each replay's results are read right after
     it, and graphs never run concurrently."""
     left_out: dict = {}
@@ -326,8 +326,9 @@ def keep_fastest(recorder, default: _Entry, variants: tuple, capture: Callable[[
     if len(candidates) > 1:
         times: dict = {name: [] for name, _ in candidates}
         try:
-            for _ in range(rounds):
-                for name, entry in candidates:
+            for r in range(rounds):
+                # A B, B A, A B, ...: a drift of the GPU's clocks or temperature does not favour the one timed last
+                for name, entry in (candidates if r % 2 == 0 else candidates[::-1]):
                     times[name].append(recorder.time(entry.graph, entry.out, replays))
         except Exception as err:  # noqa: BLE001 - timing is a measurement: the default stays
             left_out.update({name: f"timing failed: {type(err).__name__}: {str(err)[:200]}"
