@@ -119,8 +119,9 @@ def folds_bias(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilat
     if torch.compiler.is_compiling():
         return True
     if _cudnn.usable(x) or not in_graph_region():
-        # channels-last: the extra channel (33 of 32) would misalign cuDNN's NHWC tensor-core kernels, which want
-        # channels in multiples of 4 (TF32) or 8 (half precision); the next convolution keeps its bias add
+        # eager calls (above); channels-last: the extra channel (33 of 32) would misalign cuDNN's NHWC tensor-core
+        # kernels, which want channels in multiples of 4 (TF32) or 8 (half precision); the next convolution keeps
+        # its bias add
         return False
     return _conv_tanh._choose((x, weight, bias, padding, dilation, groups))[0] == "triton_bias_tanh"
 
