@@ -55,9 +55,9 @@ class Counting(EagerRecorder):
 
 
 @pytest.fixture
-def stand_in(monkeypatch):
+def stand_in(monkeypatch, one_thread):
     """fit records its training step with the CPU stand-in, and capturable Adam runs on the CPU (torch allows it on
-    GPUs only; its arithmetic is the same)."""
+    GPUs only; its arithmetic is the same); one thread (``conftest.one_thread``, which gives the count back)."""
     recorder = Counting()
     monkeypatch.setattr(rim_fast.RIM, "_graph_recorder", lambda self: recorder)
     for name in ("torch.optim.adam", "torch.optim.adamw"):
@@ -67,7 +67,6 @@ def stand_in(monkeypatch):
         supported = module._get_capturable_supported_devices
         monkeypatch.setattr(module, "_get_capturable_supported_devices",
                             lambda *a, supported=supported, **k: [*supported(*a, **k), "cpu"])
-    torch.set_num_threads(1)
     return recorder
 
 
