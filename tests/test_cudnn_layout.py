@@ -12,9 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rim_fast
 from rim_fast import ops
 from rim_fast.cuda_graphs import EagerRecorder
-from rim_fast.rim import CUDA_LAYOUT_VARIANTS
 from rim_fast.ops import _cpu, _cudnn, _triton, reference
 from rim_fast.ops._dispatch import OPS
+from rim_fast.rim import CUDA_LAYOUT_VARIANTS
 
 import test_error_budget as budget
 from conftest import CUDA, assert_error_budget, requires_cuda, tol
