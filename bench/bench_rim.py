@@ -1045,8 +1045,7 @@ def _setup_case(case: _Case, workload: str, mode: str) -> None:
     if graphs is not None and graphs.tuning:
         # RIM_FAST_CUDA_LAYOUT=auto: the layouts the first call's graph was recorded in, their replay times, the
         # one kept (rim_fast.cuda_graphs.GraphCache.tuning)
-        info["graph_layouts"] = [dict(kept=t["kept"], seconds=t["seconds"], left_out=t["left_out"])
-                                 for t in graphs.tuning.values()]
+        info["graph_layouts"] = [dict(t) for t in graphs.tuning.values()]
     if case.train_graph is not None:
         info.update(_graph_info(case.train_graph, optimizer))
     if mode == "predict" and provider == "torch_rim":

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 import warnings
 from collections import OrderedDict
@@ -287,9 +288,13 @@ def _float_outputs(out) -> list:
             if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
 
 
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
+def _under(variant: Optional[Variant], fn: Callable[..., Any], args: Sequence[Any]) -> Callable[[], Any]:
+    """``fn(*args)`` under the variant's context, as a recorder captures it: the context is part of what is recorded
+    (the stand-in's replays run it again)."""
+    def call():
+        with variant.context() if variant is not None else contextlib.nullcontext():
+            return fn(*args)
+    return call
 
 
 def keep_fastest(recorder, default: _Entry, variants: tuple, capture: Callable[[Variant], _Entry],
@@ -297,9 +302,9 @@ def keep_fastest(recorder, default: _Entry, variants: tuple, capture: Callable[[
     """(kept entry, {"kept", "seconds", "left_out"}): ``default`` (recorded under ``variants[0]``) or the graph of
     another variant (``capture(variant)``) that agrees with it (``replay_once(entry)``: the float tensors a replay
     leaves, compared by ``agree``) and is at least ``margin`` faster, each graph timed in ``rounds`` alternated
-    blocks of ``replays`` replays, the order reversed every other round (median per variant). Whatever goes wrong with another variant leaves it out,
-    never the call. Graphs of one pool may reuse each other's memory: each replay's results are read right after
-    it, and graphs never run concurrently."""
+    blocks of ``replays`` replays, the order reversed every other round (the upper median per variant). Whatever
+    goes wrong with another variant leaves it out, never the call. Graphs of one pool may reuse each other's
+    memory: each replay's results are read right after it, and graphs never run concurrently."""
     left_out: dict = {}
     candidates = [(variants[0].name, default)]
     for variant in variants[1:]:
@@ -335,7 +340,7 @@ def keep_fastest(recorder, default: _Entry, variants: tuple, capture: Callable[[
                              for name, _ in candidates[1:]})
             candidates = candidates[:1]
         else:
-            seconds = {name: _median(values) for name, values in times.items()}
+            seconds = {name: statistics.median_high(values) for name, values in times.items()}
     kept_name, kept = candidates[0]
     if seconds:
         name, entry = min(candidates[1:], key=lambda c: seconds[c[0]])
@@ -428,13 +433,8 @@ class GraphCache:
         return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.out)
 
     def _capture(self, fn, static, variant: Optional[Variant]):
-        def call():
-            # the variant's context is part of what is recorded (the stand-in's replays run it again)
-            with variant.context() if variant is not None else contextlib.nullcontext():
-                return fn(*static)
-
         before = [t.data for t in self._watched_tensors]
-        graph, out = self.recorder.capture(call)
+        graph, out = self.recorder.capture(_under(variant, fn, static))
         if self._watched is not None and _memory(self._watched_tensors) != self._watched:
             # e.g. score_models' SpectralNorm, which sets ``u.data`` at every forward: the graph would keep
             # reading memory the capture wrote nothing into; the tensors get their memory back, as before
@@ -547,10 +547,7 @@ class TrainStepGraph:
                     tensor.copy_(value)
 
         def capture(variant: Optional[Variant]) -> _Entry:
-            def call():
-                with variant.context() if variant is not None else contextlib.nullcontext():
-                    return self.step(*static)
-            graph, out = self.recorder.capture(call)
+            graph, out = self.recorder.capture(_under(variant, self.step, static))
             entry = _Entry(graph, static, out)
             # the gradients a recording leaves are its graph's memory, which its replays write: kept with it
             entry.grads = [t.grad for t in self.state()]
