@@ -35,8 +35,26 @@ import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import setup
 from setuptools.command.build_py import build_py
+
+#: pyproject.toml's ``license = "MIT"`` (PEP 639) needs it; an older setuptools fails with a page-long
+#: schema error that never names the version (``--no-build-isolation`` builds with the environment's own)
+MIN_SETUPTOOLS = 77
+
+
+def _check_setuptools(version: str) -> None:
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        return  # an unusual version string: let setuptools itself decide
+    if major < MIN_SETUPTOOLS:
+        sys.exit(f"rim_fast: building needs setuptools >= {MIN_SETUPTOOLS} (pyproject.toml's PEP 639 license), "
+                 f"this environment has {version}: pip install -U 'setuptools>={MIN_SETUPTOOLS}'")
+
+
+_check_setuptools(setuptools.__version__)
 
 #: written beside rim_fast/__init__.py when the package installs without its extension; rim_fast._ext reads it
 BUILD_NOTE = "_C_BUILD_ERROR.txt"

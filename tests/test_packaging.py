@@ -90,6 +90,28 @@ def test_a_failed_extension_build_installs_the_package_and_says_why(tmp_path):
     assert strict.returncode != 0
 
 
+@pytest.mark.parametrize("version", ["65.5.0", "76.1.0"])
+def test_an_old_setuptools_gets_one_line_naming_the_version(tmp_path, version):
+    """``--no-build-isolation`` builds with the environment's setuptools: Python 3.11's venv brings 65.5, whose
+    pyproject validation fails on the PEP 639 license with a page-long schema dump. setup.py stops first with
+    one line. (The setuptools here is new; its version string is what the check reads.)"""
+    _copy_sources(tmp_path)
+    probe = (f"import runpy, sys, setuptools; setuptools.__version__ = {version!r}; "
+             f"sys.argv = ['setup.py', '--version']; runpy.run_path('setup.py', run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RIM_FAST_")}
+    env["RIM_FAST_NO_EXT"] = "1"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "needs setuptools >= 77" in proc.stderr and f"has {version}" in proc.stderr, proc.stderr[-2000:]
+    assert "OFFENDING RULE" not in proc.stderr and "Traceback" not in proc.stderr
+    # the same call with the real version prints the package's version
+    real = probe.replace(f"setuptools.__version__ = {version!r}; ", "")
+    ok = subprocess.run([sys.executable, "-c", real], cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0 and ok.stdout.strip().splitlines()[-1] == rim_fast.__version__, ok.stderr[-2000:]
+
+
 def test_ema_without_torch_ema_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_ema", None)  # import torch_ema raises ImportError
     net = rim_fast.Hourglass(1, dimensions=1, nf=4, ch_mult=(1,), hidden_units=4)
