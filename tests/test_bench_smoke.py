@@ -454,6 +454,31 @@ def test_conv_threshold_tables():
     assert set(verdicts) == {"yes", "no"} and len(forward) == 2 + 3 * 2 * 5 * 3
 
 
+def test_agree_spread_measures_what_agree_checks():
+    """bench/agree_spread.py, the measurement behind cuda_graphs.AGREE and AGREE_16: its distance is the one
+    ``agree`` compares with its tolerance, and its autocast runs do round to 16 bits (they differ from float32 by
+    more than float32's own jitter)."""
+    import torch
+
+    import rim_fast
+    from bench import agree_spread
+    from rim_fast import cuda_graphs
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 1, 17, generator=g)
+    b = a + 1e-3 * torch.randn(a.shape, generator=g)
+    d = agree_spread.distance(a, b)
+    assert cuda_graphs.agree([a], [b], d * 1.001) and not cuda_graphs.agree([a], [b], d * 0.999)
+
+    torch.manual_seed(0)
+    net = rim_fast.Hourglass(1, dimensions=1, nf=8, ch_mult=(1,), hidden_units=8)
+    r = rim_fast.RIM((16,), net, score_fn=lambda x, y: y - x, T=3, device="cpu")
+    out = agree_spread.spread(r.predict, torch.randn(2, 1, 16, generator=g), seed=1)
+    assert set(out) == {"f32 vs f32~(2^-11)", "bfloat16 vs f32", "bfloat16 vs bfloat16~", "float16 vs f32",
+                        "float16 vs float16~"}
+    assert all(0.0 <= v < cuda_graphs.AGREE_16 for v in out.values()), out
+    assert out["bfloat16 vs f32"] > 10 * out["f32 vs f32~(2^-11)"] and out["bfloat16 vs f32"] > out["float16 vs f32"]
+
+
 def test_one_sample_workloads_run_only_when_named():
     """S1B1, S2B1, S3B1: the standard workloads on one sample, in the end-to-end table but not in a default run."""
     from bench.common import end_to_end_workloads
