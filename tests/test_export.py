@@ -147,3 +147,29 @@ def test_export_leaves_the_rim_as_it_was():
     assert hourglass.cuda_graphs is True and rim_fast.ops.backend() == backend
     with pytest.raises(ValueError, match="ops must be one of"):
         hourglass.export(torch.rand(2, 1, 16, 16), torch.full((2,), 0.5), ops="fast")
+
+
+class _Branch(nn.Module):
+    """x + 1 where rim_fast's ops see torch.export tracing, x - 1 elsewhere."""
+    def forward(self, x):
+        from rim_fast.ops._dispatch import exporting
+        return x + 1 if exporting() else x - 1
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["this-torch", "is_exporting-folded-to-True"])
+def test_ops_see_export_only_under_torch_export(monkeypatch, folded):
+    """``exporting()`` is False eagerly and under torch.compile, True under torch.export (strict or not).
+    Dynamo in torch 2.7 to 2.11 replaced ``torch.compiler.is_exporting()`` by a constant True under torch.compile
+    too (pytorch#176347): ``folded`` stands in for such a torch, whose compiled RIM took export's choices (the CPU's
+    fused conv + tanh and the compiled weights' layout copy left out)."""
+    if folded:  # True wherever Dynamo traces it (is_compiling folds to True there), as such a torch has it
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
+    x = torch.zeros(3)
+    model = _Branch()
+    assert torch.equal(model(x), x - 1)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(model, fullgraph=True)(x), x - 1)
+    torch._dynamo.reset()
+    for strict in (False, True):
+        program = torch.export.export(model, (x,), strict=strict)
+        assert torch.equal(program.module()(x), x + 1), strict

@@ -70,10 +70,17 @@ def export_region():
 
 
 def exporting() -> bool:
-    """Whether torch.export traces the call: ``RIM.export``, or torch.export itself where torch says so
-    (``torch.compiler.is_exporting``)."""
+    """Whether torch.export traces the call: ``RIM.export``, or torch.export itself where torch says so.
+
+    torch's flag is read directly, not through ``torch.compiler.is_exporting()``: Dynamo replaces a call of that
+    function by a constant True while it traces for torch.compile too (torch 2.7 to 2.12; pytorch#176347, fixed
+    in 2.13), which would take under ``torch.compile`` what a saved program needs instead of what is fast. The flag
+    is a module global that torch.export sets around its tracing, strict or not, and that Dynamo reads as a
+    value."""
     if _EXPORT_REGION[0]:
         return True
+    if hasattr(torch.compiler, "_is_exporting_flag"):
+        return bool(torch.compiler._is_exporting_flag)
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting is not None and is_exporting())
 
