@@ -17,7 +17,13 @@ FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(abspath $(FLOOR_VENV))/bin/python
 FLOOR_DIR ?= build/floor
 
-.PHONY: setup build demo demo-train examples test test-floor fresh-install bench bench-short bench-smoke gpu-check gpu-wheels clean
+# the torch and Triton of our GPU machines (bench/gpu_check.sh), tested on the CPU the same way in build/gpustack
+STACK_SPEC ?= torch==2.11.0 triton==3.6.0
+STACK_VENV ?= .venv-gpustack
+STACK_PY := $(abspath $(STACK_VENV))/bin/python
+STACK_DIR ?= build/gpustack
+
+.PHONY: setup build demo demo-train examples test test-floor test-gpu-stack fresh-install bench bench-short bench-smoke gpu-check gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -75,22 +81,41 @@ test: setup
 fresh-install:
 	bash .ci/fresh_install.sh
 
-$(FLOOR_VENV)/.torch:
-	$(PYTHON) -m venv $(FLOOR_VENV)
-	$(FLOOR_PY) -m pip install -q --upgrade pip setuptools wheel
-	$(FLOOR_PY) -m pip install -q "$(FLOOR_TORCH)" numpy tqdm ninja pybind11 torch-ema "torch-rim==0.2.9" \
+# a virtual environment for another torch: $(1) its folder, $(2) its python, $(3) the torch (and Triton) specs
+define other_torch_venv
+	$(PYTHON) -m venv $(1)
+	$(2) -m pip install -q --upgrade pip setuptools wheel
+	$(2) -m pip install -q $(3) numpy tqdm ninja pybind11 torch-ema "torch-rim==0.2.9" \
 		pytest pytest-benchmark pytest-xdist hypothesis expecttest matplotlib
-	touch $@
+	touch $(1)/.torch
+endef
 
-# the whole suite on the floor torch (with its own Triton), from a copy so that the extension built for it does
-# not replace the one of .venv; its CUDA build is skipped when nvcc's major version is not torch's (setup.py)
+# the whole suite on another torch, from a copy of the tracked files so that the extension built for it does not
+# replace the one of .venv: $(1) the copy's folder, $(2) its python, $(3) a label; the CUDA build is skipped when
+# nvcc's major version is not torch's (setup.py)
+define suite_on_copy
+	rm -rf $(1) && mkdir -p $(1)
+	git ls-files -z | xargs -0 cp --parents -t $(1)
+	cd $(1) && $(2) setup.py build_ext --inplace > build.log 2>&1 || (tail -40 build.log; exit 1)
+	@grep -m2 "^rim_fast:" $(1)/build.log
+	cd $(1) && $(2) -c "import torch, triton; print('$(3): torch', torch.__version__, '| triton', triton.__version__)"
+	cd $(1) && $(2) -m pytest tests -q -rsfE -n 2 -p no:cacheprovider
+endef
+
+$(FLOOR_VENV)/.torch:
+	$(call other_torch_venv,$(FLOOR_VENV),$(FLOOR_PY),"$(FLOOR_TORCH)")
+
+# the whole suite on the floor torch (with its own Triton)
 test-floor: $(FLOOR_VENV)/.torch
-	rm -rf $(FLOOR_DIR) && mkdir -p $(FLOOR_DIR)
-	git ls-files -z | xargs -0 cp --parents -t $(FLOOR_DIR)
-	cd $(FLOOR_DIR) && $(FLOOR_PY) setup.py build_ext --inplace > build.log 2>&1 || (tail -40 build.log; exit 1)
-	@grep -m2 "^rim_fast:" $(FLOOR_DIR)/build.log
-	cd $(FLOOR_DIR) && $(FLOOR_PY) -c "import torch, triton; print('floor: torch', torch.__version__, '| triton', triton.__version__)"
-	cd $(FLOOR_DIR) && $(FLOOR_PY) -m pytest tests -q -rsfE -n 2 -p no:cacheprovider
+	$(call suite_on_copy,$(FLOOR_DIR),$(FLOOR_PY),floor)
+
+$(STACK_VENV)/.torch:
+	$(call other_torch_venv,$(STACK_VENV),$(STACK_PY),$(STACK_SPEC))
+
+# the whole suite on the GPU machines' torch and Triton (on the CPU: the Triton interpreter, the extension's CPU
+# kernels, Triton's compiler for the cubin test), a few days before a GPU run meets them
+test-gpu-stack: $(STACK_VENV)/.torch
+	$(call suite_on_copy,$(STACK_DIR),$(STACK_PY),gpu stack)
 
 clean:
-	rm -rf build *.egg-info rim_fast/_C*.so $(VENV) $(FLOOR_VENV)
+	rm -rf build *.egg-info rim_fast/_C*.so $(VENV) $(FLOOR_VENV) $(STACK_VENV)

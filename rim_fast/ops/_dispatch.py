@@ -73,8 +73,8 @@ def exporting() -> bool:
     """Whether torch.export traces the call: ``RIM.export``, or torch.export itself where torch says so.
 
     torch's flag is read directly, not through ``torch.compiler.is_exporting()``: Dynamo replaces a call of that
-    function by a constant True while it traces for torch.compile too (torch 2.7 to 2.12; pytorch#176347, fixed
-    in 2.13), which would take under ``torch.compile`` what a saved program needs instead of what is fast. The flag
+    function by a constant True while it traces for torch.compile too (torch 2.7 to 2.11; pytorch#176347, fixed
+    in 2.12), which would take under ``torch.compile`` what a saved program needs instead of what is fast. The flag
     is a module global that torch.export sets around its tracing, strict or not, and that Dynamo reads as a
     value."""
     if _EXPORT_REGION[0]:
