@@ -273,7 +273,8 @@ def main(argv=None) -> int:
         import setuptools
         major = int(setuptools.__version__.split(".")[0])
         checks.add("setuptools", major >= 77, f"setuptools {setuptools.__version__}" + (
-            "" if major >= 77 else ": pyproject.toml's PEP 639 license needs >= 77, the build may refuse it"),
+            "" if major >= 77 else ": pyproject.toml's PEP 639 license needs >= 77, setup.py stops the build "
+                                   "(pip install -U 'setuptools>=77')"),
             fatal=False)
     except Exception as err:  # noqa: BLE001
         checks.add("setuptools", False, f"setuptools does not import: {err}", fatal=False)
