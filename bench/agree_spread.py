@@ -6,11 +6,11 @@ Two correct runs differ there only by rounding: each op rounds to the format's p
 prints, per RIM, the same distance between
 - ``16 vs f32``: a bfloat16 (float16) autocast run and the float32 run: two 16-bit runs that both stay this close
   to float32 lie within twice it of each other;
-- ``16 vs 16~``: two autocast runs whose observation differs by noise of one rounding (2^-9 relative, bfloat16's
-  half-ulp): how much the loop amplifies one rounding-sized difference;
-- ``f32 vs f32~(2^-11)``: the same in float32 with TF32's half-ulp (2^-11): two TF32 algorithms' difference;
+- ``16 vs 16~``: two autocast runs whose observation differs by noise of one rounding (the format's unit roundoff,
+  relative: 2^-8 for bfloat16, 2^-11 for float16): how much the loop amplifies one rounding-sized difference;
+- ``f32 vs f32~(2^-11)``: the same in float32 with TF32's unit roundoff (2^-11): two TF32 algorithms' difference;
 the worst of them against the tolerance. TF32 rounds every convolution, not only the input: its pair bound also
-counts twice the bfloat16-vs-float32 distance scaled by 2^-2 (TF32 keeps two more mantissa bits).
+counts twice the bfloat16-vs-float32 distance scaled by 2^-3 (TF32 keeps 11 significant bits, bfloat16 8).
 
 RIMs: the standard workloads' network (Hourglass nf=32, ch_mult=(2,2), T=10; S1 B=32, S2 B=4, S3 B=2) at its
 benchmark weights and two more random initialisations, and the pretrained demo RIM (a Unet, T=6, Adam-preprocessed
@@ -29,9 +29,9 @@ from bench import bench_rim
 from bench.common import WORKLOADS, machine_line
 from rim_fast import cuda_graphs, demo
 
-HALVES = (torch.bfloat16, torch.float16)
-#: half an ulp: bfloat16 (8 bits of mantissa with the implicit one), TF32 (11)
-BF16_HALF_ULP, TF32_HALF_ULP = 2.0 ** -9, 2.0 ** -11
+#: the 16-bit formats and their unit roundoff (half an ulp, relative: 2^-p for p significant bits)
+HALVES = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+BF16_UNIT, TF32_UNIT = HALVES[torch.bfloat16], 2.0 ** -11
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,12 +49,12 @@ def spread(predict, y: torch.Tensor, seed: int) -> dict:
     out = {}
     with torch.no_grad():
         f32 = predict(y)
-        out["f32 vs f32~(2^-11)"] = distance(f32, predict(_jitter(y, TF32_HALF_ULP, seed)))
-        for dtype in HALVES:
+        out["f32 vs f32~(2^-11)"] = distance(f32, predict(_jitter(y, TF32_UNIT, seed)))
+        for dtype, unit in HALVES.items():
             name = str(dtype).split(".")[-1]
             with torch.autocast("cpu", dtype=dtype):
                 a = predict(y)
-                b = predict(_jitter(y, BF16_HALF_ULP, seed))
+                b = predict(_jitter(y, unit, seed))
             out[f"{name} vs f32"] = distance(f32, a)
             out[f"{name} vs {name}~"] = distance(a, b)
     return out
@@ -93,7 +93,7 @@ def main(argv=None) -> list:
     worst = {"32": 0.0, "16": 0.0}
     for i, (label, predict, y) in enumerate(rims(args.seeds)):
         d = spread(predict, y, seed=100 + i)
-        tf32 = 2 * d["bfloat16 vs f32"] * TF32_HALF_ULP / BF16_HALF_ULP
+        tf32 = 2 * d["bfloat16 vs f32"] * TF32_UNIT / BF16_UNIT
         worst["32"] = max(worst["32"], d["f32 vs f32~(2^-11)"], tf32)
         # two 16-bit runs: within twice the distance to float32 by the triangle inequality, or one rounding apart
         worst["16"] = max(worst["16"], *(max(2 * d[f"{n} vs f32"], d[f"{n} vs {n}~"])
