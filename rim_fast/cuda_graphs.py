@@ -66,7 +66,7 @@ class Variant(NamedTuple):
 #: float outputs of two variants agree when ||b - a|| <= AGREE * ||a|| for each: far above the difference of two
 #: float32 (or TF32) summation orders over a T-step loop, far below that of a wrong result; AGREE_16 where the call
 #: computes in a 16-bit float (autocast, or half-precision outputs). Measured (bench/agree_spread.py,
-#: bench/results/cpu-agree-7e3ba35): two correct runs lie within 2.4e-3 in TF32 (6x under AGREE) and 9.7e-3 under
+#: bench/results/cpu-agree-2d9ec19): two correct runs lie within 1.2e-3 in TF32 (13x under AGREE) and 9.7e-3 under
 #: a bfloat16 autocast (13x under AGREE_16), the trained demo RIM being the widest
 AGREE, AGREE_16 = 2.0 ** -6, 2.0 ** -3
 _HALF = (torch.float16, torch.bfloat16)
