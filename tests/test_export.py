@@ -162,6 +162,9 @@ def test_ops_see_export_only_under_torch_export(monkeypatch, folded):
     Dynamo in torch 2.7 to 2.11 replaced ``torch.compiler.is_exporting()`` by a constant True under torch.compile
     too (pytorch#176347): ``folded`` stands in for such a torch, whose compiled RIM took export's choices (the CPU's
     fused conv + tanh and the compiled weights' layout copy left out)."""
+    from rim_fast.ops import _dispatch
+    if folded and not _dispatch._EXPORT_SETS_FLAG:
+        pytest.skip("torch 2.7: its strict export does not set the flag, so exporting() keeps calling is_exporting()")
     if folded:  # True wherever Dynamo traces it (is_compiling folds to True there), as such a torch has it
         monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
     x = torch.zeros(3)

@@ -69,17 +69,23 @@ def export_region():
     return _region(_EXPORT_REGION)
 
 
+#: whether torch.export sets ``torch.compiler._is_exporting_flag`` around all its tracing: from torch 2.8 on (2.7's
+#: strict export traces through Dynamo without it); read in the released wheels
+_EXPORT_SETS_FLAG = hasattr(torch.compiler, "_is_exporting_flag") and torch.__version__ >= "2.8"
+
+
 def exporting() -> bool:
     """Whether torch.export traces the call: ``RIM.export``, or torch.export itself where torch says so.
 
-    torch's flag is read directly, not through ``torch.compiler.is_exporting()``: Dynamo replaces a call of that
-    function by a constant True while it traces for torch.compile too (torch 2.7 to 2.11; pytorch#176347, fixed
-    in 2.12), which would take under ``torch.compile`` what a saved program needs instead of what is fast. The flag
-    is a module global that torch.export sets around its tracing, strict or not, and that Dynamo reads as a
-    value."""
+    From torch 2.8 on torch's flag is read directly, not through ``torch.compiler.is_exporting()``: Dynamo replaces a
+    call of that function by a constant True while it traces for torch.compile too (torch 2.7 to 2.11;
+    pytorch#176347, fixed in 2.12), which would take under ``torch.compile`` what a saved program needs instead of
+    what is fast. The flag is a module global that torch.export sets around its tracing, strict or not, and that
+    Dynamo reads as a value. On torch 2.7 the call stays (its strict export does not set the flag): a compiled RIM
+    there takes export's choices."""
     if _EXPORT_REGION[0]:
         return True
-    if hasattr(torch.compiler, "_is_exporting_flag"):
+    if _EXPORT_SETS_FLAG:
         return bool(torch.compiler._is_exporting_flag)
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting is not None and is_exporting())
