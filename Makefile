@@ -34,7 +34,7 @@ $(VENV)/.torch:
 $(VENV)/.installed: $(VENV)/.torch setup.py pyproject.toml $(wildcard csrc/*)
 	$(PY) -m pip install -q "torch-rim==0.2.9" pytest pytest-benchmark hypothesis expecttest matplotlib scikit-image tensorboard
 	$(PY) -m pip install -v --no-build-isolation --no-deps -e . > build.log 2>&1 || (tail -60 build.log; exit 1)
-	@grep -m1 "^rim_fast: building" build.log || echo "(no extension step in build.log)"
+	@grep -m1 -E "^ *rim_fast: building" build.log | sed "s/^ *//" | grep . || echo "(no extension step in build.log)"
 	$(PY) -m rim_fast.info --short
 	touch $@
 
