@@ -21,12 +21,14 @@ The first line printed names the machine (device, CUDA, torch, triton, git revis
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
-from bench.common import MODEL, SMOKE, machine_line, measure, timed_call, workloads
+from bench.common import (MODEL, SMOKE, benchmark_case, machine_line, print_case, reference_result, timed_call,
+                          workloads)
 from rim_fast.ops import _triton, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,16 +77,10 @@ def make_case(mode: str, provider: str, shape: tuple, layout: str):
     return timed_call(compute, DEVICE, graph=provider.endswith("_graph"))
 
 
-_REFERENCE = {}
-
-
+@functools.cache
 def check_and_baseline(mode, shape, layout):
     """The reference result and its median time for a case (measured once per run)."""
-    key = (mode, shape, layout)
-    if key not in _REFERENCE:
-        run = make_case(mode, "reference", shape, layout)
-        _REFERENCE[key] = ([o.detach() for o in run()], measure(run, DEVICE)["median"])
-    return _REFERENCE[key]
+    return reference_result(make_case(mode, "reference", shape, layout), DEVICE)
 
 
 def correct(outs, expected) -> bool:
@@ -109,13 +105,9 @@ def test_bias_tanh(benchmark, name, mode, layout, provider):
     shape = shapes()[name]
     expected, baseline = check_and_baseline(mode, shape, layout)
     run = make_case(mode, provider, shape, layout)
-    ok = correct(run(), expected)
-    benchmark.extra_info.update(machine=machine_line(), shape="x".join(map(str, shape)), layout=layout, correct=ok)
-    # no timing (and no speedup) for a case whose result is wrong
-    assert ok, f"{provider} disagrees with the reference"
-    benchmark.pedantic(run, warmup_rounds=1 if SMOKE else 3, rounds=1 if SMOKE else 20, iterations=1)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(GBps=gbps(mode, shape, median), speedup_vs_reference=baseline / median)
+    median = benchmark_case(benchmark, run, correct(run(), expected), baseline, what=provider,
+                            shape="x".join(map(str, shape)), layout=layout)
+    benchmark.extra_info["GBps"] = gbps(mode, shape, median)
 
 
 def main():
@@ -126,12 +118,8 @@ def main():
         shape = shapes()[name]
         expected, baseline = check_and_baseline(mode, shape, layout)
         run = make_case(mode, provider, shape, layout)
-        if not correct(run(), expected):
-            print(f"{param.id:44s} WRONG RESULT (not timed)")
-            continue
-        t = measure(run, DEVICE, warmup=3, rounds=20)
-        print(f"{param.id:44s} {t['median'] * 1e3:10.4f} {(t['q3'] - t['q1']) * 1e3:8.4f} "
-              f"{gbps(mode, shape, t['median']):8.1f} {baseline / t['median']:7.2f}x")
+        print_case(param.id, 44, run, correct(run(), expected), baseline, DEVICE,
+                   lambda median: gbps(mode, shape, median))
 
 
 if __name__ == "__main__":

@@ -42,12 +42,14 @@ The first line printed names the machine (device, CUDA, torch, triton, threads, 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
-from bench.common import MODEL, SMOKE, machine_line, measure, synchronize, workloads
+from bench.common import (MODEL, SMOKE, benchmark_case, machine_line, print_case, reference_result, synchronize,
+                          workloads)
 from rim_fast.ops import _cpp, _cpu, reference
 from rim_fast.ops.conv import _conv_then_tanh, _conv_transpose_then_tanh
 
@@ -218,16 +220,10 @@ def make_case(op: str, mode: str, provider: str, shape: tuple):
     return run
 
 
-_REFERENCE = {}
-
-
+@functools.cache
 def check_and_baseline(op, mode, shape):
     """The reference result and its median time for a case (measured once per run)."""
-    key = (op, mode, shape)
-    if key not in _REFERENCE:
-        run = make_case(op, mode, "reference", shape)
-        _REFERENCE[key] = ([o.detach() for o in run()], measure(run, DEVICE)["median"])
-    return _REFERENCE[key]
+    return reference_result(make_case(op, mode, "reference", shape), DEVICE)
 
 
 def correct(outs, expected) -> bool:
@@ -267,13 +263,9 @@ def test_conv_family(benchmark, name, op, mode, provider):
     shape = shapes()[name]
     expected, baseline = check_and_baseline(op, mode, shape)
     run = make_case(op, mode, provider, shape)
-    ok = correct(run(), expected)
-    benchmark.extra_info.update(machine=machine_line(), shape="x".join(map(str, shape)), correct=ok)
-    # no timing (and no speedup) for a case whose result is wrong
-    assert ok, f"{provider} disagrees with the reference"
-    benchmark.pedantic(run, warmup_rounds=1 if SMOKE else 3, rounds=1 if SMOKE else 20, iterations=1)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(speedup_vs_reference=baseline / median, **throughput(op, mode, shape, median))
+    median = benchmark_case(benchmark, run, correct(run(), expected), baseline, what=provider,
+                            shape="x".join(map(str, shape)))
+    benchmark.extra_info.update(throughput(op, mode, shape, median))
 
 
 def main():
@@ -284,13 +276,8 @@ def main():
         shape = shapes()[name]
         expected, baseline = check_and_baseline(op, mode, shape)
         run = make_case(op, mode, provider, shape)
-        if not correct(run(), expected):
-            print(f"{param.id:40s} WRONG RESULT (not timed)")
-            continue
-        t = measure(run, DEVICE, warmup=3, rounds=20)
-        rate = next(iter(throughput(op, mode, shape, t["median"]).values()))
-        print(f"{param.id:40s} {t['median'] * 1e3:10.4f} {(t['q3'] - t['q1']) * 1e3:8.4f} {rate:13.1f} "
-              f"{baseline / t['median']:7.2f}x")
+        print_case(param.id, 40, run, correct(run(), expected), baseline, DEVICE,
+                   lambda median: next(iter(throughput(op, mode, shape, median).values())), rate_width=13)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,15 @@ The first line printed names the machine (device, CUDA, torch, triton, git revis
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import pytest
 import torch
 
-from bench.common import SMOKE, machine_line, measure, timed_call, to_channels_last, workloads
+from bench.common import (SMOKE, benchmark_case, machine_line, print_case, reference_result, timed_call,
+                          to_channels_last, workloads)
 from rim_fast.ops import reference, _triton
 
 # every case compiles the same `cell` code object again (other closures, shapes, grad mode)
@@ -118,16 +120,10 @@ def make_case(op: str, mode: str, provider: str, B: int, S: tuple):
     return timed_call(compute, DEVICE, graph=provider.endswith("_graph"))
 
 
-_REFERENCE = {}
-
-
+@functools.cache
 def check_and_baseline(op, mode, B, S):
     """The reference result and its median time for a case (measured once per run)."""
-    key = (op, mode, B, S)
-    if key not in _REFERENCE:
-        run = make_case(op, mode, "reference", B, S)
-        _REFERENCE[key] = ([o.detach() for o in run()], measure(run, DEVICE)["median"])
-    return _REFERENCE[key]
+    return reference_result(make_case(op, mode, "reference", B, S), DEVICE)
 
 
 def correct(outs, expected, op) -> bool:
@@ -157,13 +153,9 @@ def test_gru_gates(benchmark, name, op, mode, provider):
     B, S = cell_shapes()[name]
     expected, baseline = check_and_baseline(op, mode, B, S)
     run = make_case(op, mode, provider, B, S)
-    ok = correct(run(), expected, op)
-    benchmark.extra_info.update(machine=machine_line(), B=B, H=H, spatial="x".join(map(str, S)), correct=ok)
-    # no timing (and no speedup) for a case whose result is wrong
-    assert ok, f"{provider} disagrees with the reference"
-    benchmark.pedantic(run, warmup_rounds=1 if SMOKE else 3, rounds=1 if SMOKE else 20, iterations=1)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(GBps=gbps(op, mode, B, S, median), speedup_vs_reference=baseline / median)
+    median = benchmark_case(benchmark, run, correct(run(), expected, op), baseline, what=provider,
+                            B=B, H=H, spatial="x".join(map(str, S)))
+    benchmark.extra_info["GBps"] = gbps(op, mode, B, S, median)
 
 
 def main():
@@ -174,12 +166,8 @@ def main():
         B, S = cell_shapes()[name]
         expected, baseline = check_and_baseline(op, mode, B, S)
         run = make_case(op, mode, provider, B, S)
-        if not correct(run(), expected, op):
-            print(f"{param.id:40s} WRONG RESULT (not timed)")
-            continue
-        t = measure(run, DEVICE, warmup=3, rounds=20)
-        print(f"{param.id:40s} {t['median'] * 1e3:10.4f} {(t['q3'] - t['q1']) * 1e3:8.4f} "
-              f"{gbps(op, mode, B, S, t['median']):8.1f} {baseline / t['median']:7.2f}x")
+        print_case(param.id, 40, run, correct(run(), expected, op), baseline, DEVICE,
+                   lambda median: gbps(op, mode, B, S, median))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ The first line printed names the machine (device, CUDA, torch, triton, threads, 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
-from bench.common import SMOKE, machine_line, measure, synchronize, workloads
+from bench.common import (SMOKE, benchmark_case, machine_line, print_case, reference_result, synchronize,
+                          workloads)
 from rim_fast.ops import _cpp, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,16 +93,10 @@ def make_case(op: str, mode: str, provider: str, shape: tuple):
     return run
 
 
-_REFERENCE = {}
-
-
+@functools.cache
 def check_and_baseline(op, mode, shape):
     """The reference result and its median time for a case (measured once per run)."""
-    key = (op, mode, shape)
-    if key not in _REFERENCE:
-        run = make_case(op, mode, "reference", shape)
-        _REFERENCE[key] = ([o.detach() for o in run()], measure(run, DEVICE)["median"])
-    return _REFERENCE[key]
+    return reference_result(make_case(op, mode, "reference", shape), DEVICE)
 
 
 def correct(outs, expected) -> bool:
@@ -123,13 +119,9 @@ def test_update_step(benchmark, name, op, mode, provider):
     shape = shapes()[name]
     expected, baseline = check_and_baseline(op, mode, shape)
     run = make_case(op, mode, provider, shape)
-    ok = correct(run(), expected)
-    benchmark.extra_info.update(machine=machine_line(), shape="x".join(map(str, shape)), correct=ok)
-    # no timing (and no speedup) for a case whose result is wrong
-    assert ok, f"{provider} disagrees with the reference"
-    benchmark.pedantic(run, warmup_rounds=1 if SMOKE else 3, rounds=1 if SMOKE else 30, iterations=1)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(GBps=gbps(op, mode, shape, median), speedup_vs_reference=baseline / median)
+    median = benchmark_case(benchmark, run, correct(run(), expected), baseline, rounds=30, what=provider,
+                            shape="x".join(map(str, shape)))
+    benchmark.extra_info["GBps"] = gbps(op, mode, shape, median)
 
 
 def main():
@@ -140,12 +132,8 @@ def main():
         shape = shapes()[name]
         expected, baseline = check_and_baseline(op, mode, shape)
         run = make_case(op, mode, provider, shape)
-        if not correct(run(), expected):
-            print(f"{param.id:36s} WRONG RESULT (not timed)")
-            continue
-        t = measure(run, DEVICE, warmup=3, rounds=30)
-        print(f"{param.id:36s} {t['median'] * 1e3:10.4f} {(t['q3'] - t['q1']) * 1e3:8.4f} "
-              f"{gbps(op, mode, shape, t['median']):8.1f} {baseline / t['median']:7.2f}x")
+        print_case(param.id, 36, run, correct(run(), expected), baseline, DEVICE,
+                   lambda median: gbps(op, mode, shape, median), rounds=30)
 
 
 if __name__ == "__main__":

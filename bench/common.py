@@ -146,6 +146,37 @@ def measure(fn: Callable[[], object], device="cpu", warmup: int = 2, rounds: int
     return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "rounds": len(times), "times": times}
 
 
+def reference_result(run: Callable[[], tuple], device) -> tuple:
+    """A per-op benchmark's reference for one case: its outputs (detached) and its median time. The benchmarks
+    cache it per case (``functools.cache``), so that it is measured once per run."""
+    return [o.detach() for o in run()], measure(run, device)["median"]
+
+
+def benchmark_case(benchmark, run: Callable[[], object], ok: bool, baseline: float, rounds: int = 20,
+                   what: str = "the case", **info) -> float:
+    """The pytest-benchmark part of a per-op case: ``info`` and whether the result agreed (``ok``) into
+    ``extra_info``; no timing (and no speedup) for a wrong result; ``rounds`` timed calls after 3 warm-ups (one of
+    each in smoke mode); the median (s), whose speedup over the reference's ``baseline`` goes into ``extra_info``."""
+    benchmark.extra_info.update(machine=machine_line(), correct=ok, **info)
+    assert ok, f"{what} disagrees with the reference"
+    benchmark.pedantic(run, warmup_rounds=1 if SMOKE else 3, rounds=1 if SMOKE else rounds, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["speedup_vs_reference"] = baseline / median
+    return median
+
+
+def print_case(case_id: str, width: int, run: Callable[[], object], ok: bool, baseline: float, device,
+               rate: Callable[[float], float], rate_width: int = 8, rounds: int = 20) -> None:
+    """A per-op benchmark's table row, as its ``main()`` prints it: median and IQR (ms), ``rate(median)`` (GB/s or
+    GFLOP/s) and the speedup over the reference's ``baseline``; a wrong result is said, not timed."""
+    if not ok:
+        print(f"{case_id:{width}s} WRONG RESULT (not timed)")
+        return
+    t = measure(run, device, warmup=3, rounds=rounds)
+    print(f"{case_id:{width}s} {t['median'] * 1e3:10.4f} {(t['q3'] - t['q1']) * 1e3:8.4f} "
+          f"{rate(t['median']):{rate_width}.1f} {baseline / t['median']:7.2f}x")
+
+
 def end_to_end_workloads() -> dict:
     """The workload table for end-to-end RIM benchmarks: ``workloads()`` with the backbone named (``arch``:
     Hourglass), plus U2, a Unet on S2's shape, and S1B1, S2B1, S3B1: S1-S3 on one sample (B = 1), as inference and
