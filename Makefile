@@ -17,8 +17,11 @@ FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(abspath $(FLOOR_VENV))/bin/python
 FLOOR_DIR ?= build/floor
 
-# the torch and Triton of our GPU machines (bench/gpu_check.sh), tested on the CPU the same way in build/gpustack
+# the torch and Triton of our GPU machines (bench/gpu_check.sh), tested on the CPU the same way in build/gpustack,
+# under their Python (3.12) where this machine has one (on PATH, or pyenv's), else under $(PYTHON)
 STACK_SPEC ?= torch==2.11.0 triton==3.6.0
+STACK_PYTHON ?= $(or $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3; do \
+	"$$p" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null && echo "$$p" && break; done),$(PYTHON))
 STACK_VENV ?= .venv-gpustack
 STACK_PY := $(abspath $(STACK_VENV))/bin/python
 STACK_DIR ?= build/gpustack
@@ -81,9 +84,10 @@ test: setup
 fresh-install:
 	bash .ci/fresh_install.sh
 
-# a virtual environment for another torch: $(1) its folder, $(2) its python, $(3) the torch (and Triton) specs
+# a virtual environment for another torch: $(1) its folder, $(2) its python, $(3) the torch (and Triton) specs,
+# $(4) the Python that makes it
 define other_torch_venv
-	$(PYTHON) -m venv $(1)
+	$(4) -m venv $(1)
 	$(2) -m pip install -q --upgrade pip setuptools wheel
 	$(2) -m pip install -q $(3) numpy tqdm ninja pybind11 torch-ema "torch-rim==0.2.9" \
 		pytest pytest-benchmark pytest-xdist hypothesis expecttest matplotlib
@@ -98,19 +102,20 @@ define suite_on_copy
 	git ls-files -z | xargs -0 cp --parents -t $(1)
 	cd $(1) && $(2) setup.py build_ext --inplace > build.log 2>&1 || (tail -40 build.log; exit 1)
 	@grep -m2 "^rim_fast:" $(1)/build.log
-	cd $(1) && $(2) -c "import torch, triton; print('$(3): torch', torch.__version__, '| triton', triton.__version__)"
+	cd $(1) && $(2) -c "import sys, torch, triton; print('$(3): torch', torch.__version__, '| triton', \
+		triton.__version__, '| python', sys.version.split()[0])"
 	cd $(1) && $(2) -m pytest tests -q -rsfE -n 2 -p no:cacheprovider
 endef
 
 $(FLOOR_VENV)/.torch:
-	$(call other_torch_venv,$(FLOOR_VENV),$(FLOOR_PY),"$(FLOOR_TORCH)")
+	$(call other_torch_venv,$(FLOOR_VENV),$(FLOOR_PY),"$(FLOOR_TORCH)",$(PYTHON))
 
 # the whole suite on the floor torch (with its own Triton)
 test-floor: $(FLOOR_VENV)/.torch
 	$(call suite_on_copy,$(FLOOR_DIR),$(FLOOR_PY),floor)
 
 $(STACK_VENV)/.torch:
-	$(call other_torch_venv,$(STACK_VENV),$(STACK_PY),$(STACK_SPEC))
+	$(call other_torch_venv,$(STACK_VENV),$(STACK_PY),$(STACK_SPEC),$(STACK_PYTHON))
 
 # the whole suite on the GPU machines' torch and Triton (on the CPU: the Triton interpreter, the extension's CPU
 # kernels, Triton's compiler for the cubin test), a few days before a GPU run meets them
