@@ -37,6 +37,7 @@ import math
 import statistics
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, ContextManager, Hashable, NamedTuple, Optional, Sequence
 
@@ -175,23 +176,64 @@ class EagerRecorder:
         return (time.perf_counter() - start) / replays
 
 
+class SharedPool:
+    """The memory pool a recorder's graphs share, renewed once they are all gone. torch's allocator keeps a pool
+    whose graphs were all freed as long as one of its blocks is in use (cuBLAS's workspace for a stream, allocated
+    by the first matrix product captured on it, lives for the process), and refuses a later capture into it (an
+    internal assert, ``use_count > 0``): so the first capture after the last graph went takes a new handle.
+    ``new_handle``: ``torch.cuda.graph_pool_handle`` (the CPU tests give a counter)."""
+
+    def __init__(self, new_handle: Callable[[], Any]):
+        self._new_handle = new_handle
+        self._handle = None
+        self._users: weakref.WeakSet = weakref.WeakSet()
+
+    def handle(self):
+        """The handle for the next capture."""
+        if self._handle is None or len(self._users) == 0:
+            self._handle = self._new_handle()
+        return self._handle
+
+    def used_by(self, graph) -> None:
+        """``graph`` (weakly referenced) holds the current pool until it is freed."""
+        self._users.add(graph)
+
+    def drop(self) -> None:
+        """The next capture takes a new pool (after a capture that failed)."""
+        self._handle = None
+
+
+class CudaGraph:
+    """A recorded ``torch.cuda.CUDAGraph``, the only reference to it: the pool it was recorded into knows it is
+    gone (``SharedPool``) when this is."""
+
+    __slots__ = ("graph", "__weakref__")
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
 class CudaRecorder:
     """``torch.cuda.CUDAGraph``: warm-up calls on a side stream (lazy initialisation, cuDNN and Triton choices
     happen outside the capture; the last one refuses host syncs, so that a call that would break the capture is
     turned down before it starts), then the capture on the recorder's own stream of its device, into a memory pool
-    shared by the RIM's graphs. Sharing is safe here whatever the order of the replays: graphs never run
-    concurrently, their static inputs live outside the pool, and a graph's outputs are copied right after its
-    replay, before another graph can write over them.
+    shared by the RIM's graphs (``SharedPool``: a new one once they are all freed). Sharing is safe here whatever
+    the order of the replays: graphs never run concurrently, their static inputs live outside the pool, and a
+    graph's outputs are copied right after its replay, before another graph can write over them.
 
     The capture is ``thread_local`` (another thread's CUDA calls, e.g. a DataLoader's pin-memory thread, cannot
     break it), runs with autocast's weight cache off (a cached cast would be a copy the graph keeps reading after
     autocast frees it, blind to later weight updates) and with the RIM's device current (Triton launches on the
     current device). A capture that fails, or records no GPU work, raises ``CaptureError`` and leaves the
-    thread's current stream as it was."""
+    thread's current stream as it was, and the current stream after the warm-up's work whether or not it failed
+    (the fallback that follows runs on it)."""
 
     def __init__(self, device: torch.device, warmup: int = 2):
         self.device, self.warmup = torch.device(device), warmup
-        self.pool = None
+        self.pool = SharedPool(torch.cuda.graph_pool_handle)
         self.stream = None
 
     def capture(self, fn: Callable[[], Any]):
@@ -206,9 +248,9 @@ class CudaRecorder:
                             fn()
             except RuntimeError as err:
                 raise CaptureError(str(err)) from err
-            current.wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
+            finally:
+                # also after a failed warm-up: the eager fallback must not overtake its queued work
+                current.wait_stream(side)
             if self.stream is None:
                 self.stream = torch.cuda.Stream(self.device)
             graph = torch.cuda.CUDAGraph()
@@ -216,23 +258,26 @@ class CudaRecorder:
                 # the outer stream context puts the current stream back even when the capture's own exit raises
                 with torch.cuda.stream(self.stream), warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    with torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
+                    with torch.cuda.graph(graph, pool=self.pool.handle(), stream=self.stream,
                                           capture_error_mode="thread_local"):
                         out = fn()
             except RuntimeError as err:
                 # a capture that failed may leave the allocator routing this stream's allocations to its pool
                 # (torch versions differ): the next capture gets a stream and a pool of its own
-                self.stream = self.pool = None
+                self.stream = None
+                self.pool.drop()
                 raise CaptureError(str(err)) from err
             if any("graph is empty" in str(w.message).lower() for w in caught):
                 raise CaptureError(f"the graph recorded no GPU work on {self.device} (are the tensors on another "
                                    f"device?)")
-        return graph, out
+        recorded = CudaGraph(graph)
+        self.pool.used_by(recorded)
+        return recorded, out
 
-    def replay(self, graph, out) -> None:
+    def replay(self, graph: CudaGraph, out) -> None:
         graph.replay()
 
-    def time(self, graph, out, replays: int) -> float:
+    def time(self, graph: CudaGraph, out, replays: int) -> float:
         """Seconds per replay, by CUDA events around ``replays`` replays on the current stream."""
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device)

@@ -2,6 +2,7 @@
 recorder (replays by running the function again), the real capture on CUDA."""
 import contextlib
 import gc
+import itertools
 import warnings
 import weakref
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from rim_fast.cuda_graphs import (AGREE, AGREE_16, CaptureError, CudaRecorder, EagerRecorder, GraphCache, Identity,
-                                  Variant, _autocast_without_cache, agree, agree_tolerance, signature)
+                                  SharedPool, Variant, _autocast_without_cache, agree, agree_tolerance, signature)
 
 from conftest import requires_cuda
 
@@ -183,6 +184,68 @@ def test_oldest_signature_dropped_and_clear_frees_all():
     assert cache.captures == 4
     cache.clear()
     assert len(cache) == 0
+
+
+class _PoolGraph:
+    __slots__ = ("fn", "__weakref__")
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self):
+        return self.fn()
+
+
+class Pooled(EagerRecorder):
+    """The stand-in, recording into a ``SharedPool`` as ``CudaRecorder`` does: ``handles`` has each capture's pool."""
+
+    def __init__(self):
+        self.pool = SharedPool(itertools.count().__next__)
+        self.handles = []
+
+    def capture(self, fn):
+        self.handles.append(self.pool.handle())
+        graph, out = super().capture(fn)
+        graph = _PoolGraph(graph)
+        self.pool.used_by(graph)
+        return graph, out
+
+
+def test_shared_pool_renews_only_once_its_graphs_are_gone():
+    pool = SharedPool(itertools.count().__next__)
+    a, b = _PoolGraph(None), _PoolGraph(None)
+    first = pool.handle()
+    pool.used_by(a)
+    assert pool.handle() == first
+    pool.used_by(b)
+    del a
+    assert pool.handle() == first  # b still holds it
+    del b
+    second = pool.handle()
+    assert second != first
+    c = _PoolGraph(None)
+    pool.used_by(c)
+    pool.drop()  # a capture failed: a new pool even while graphs live
+    assert pool.handle() not in (first, second)
+
+
+def test_graphs_share_a_pool_until_clear_or_invalidation_frees_them_all():
+    """Torch's allocator refuses a capture into a pool whose graphs are all freed while a block of it lives on
+    (cuBLAS's workspace): the cache's graphs share one pool through evictions, and the first capture after
+    ``clear()`` or an invalidation takes a new one."""
+    cache = GraphCache(Pooled(), max_entries=2)
+    xs = [torch.randn(n) for n in (2, 3, 4)]
+    for x in xs:
+        cache(signature((x,)), torch.neg, [x])
+    assert cache.recorder.handles == [0, 0, 0]  # the oldest dropped while the others live
+    cache.clear()
+    torch.testing.assert_close(cache(signature((xs[0],)), torch.neg, [xs[0]]), -xs[0])
+    cache(signature((xs[1],)), torch.neg, [xs[1]])
+    assert cache.recorder.handles == [0, 0, 0, 1, 1]
+    cache.watch([torch.ones(1)])
+    cache.watch([torch.ones(1)])  # another tensor: every graph goes
+    torch.testing.assert_close(cache(signature((xs[2],)), torch.neg, [xs[2]]), -xs[2])
+    assert cache.recorder.handles == [0, 0, 0, 1, 1, 2] and cache.captures == 6
 
 
 def test_a_number_that_changes_at_every_call_runs_eagerly_after_a_few_graphs():
@@ -452,6 +515,35 @@ def test_cuda_failed_capture_leaves_the_current_stream_as_it_was():
     torch.testing.assert_close(cache(signature((z1,)), torch.neg, [z1]), -z1)
     torch.testing.assert_close(cache(signature((z2,)), torch.neg, [z2]), -z2)
     assert cache.captures == 1
+
+
+@requires_cuda
+def test_cuda_graphs_record_again_after_clear_and_after_replaced_tensors():
+    """A matrix product in the capture (cuBLAS's workspace for the capture stream is then allocated in the graphs'
+    pool and outlives them): after ``clear()`` and after the watched tensors are replaced, the next call records
+    again (a new pool), with no warning, and replays the right values."""
+    w = torch.randn(32, 32, device="cuda")
+    cache = GraphCache(CudaRecorder(torch.device("cuda")))
+    x, x2 = torch.randn(4, 32, device="cuda"), torch.randn(8, 32, device="cuda")
+
+    def fn(x):
+        return torch.tanh(x @ w)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache.watch([w])
+        for _ in range(2):
+            torch.testing.assert_close(cache(signature((x,)), fn, [x]), fn(x))
+            torch.testing.assert_close(cache(signature((x2,)), fn, [x2]), fn(x2))
+            torch.testing.assert_close(cache(signature((x,)), fn, [x]), fn(x))
+            cache.clear()
+        w = w.clone()
+        cache.watch([w])
+        torch.testing.assert_close(cache(signature((x,)), fn, [x]), fn(x))
+        cache.watch([w.clone()])  # replaced: the graph goes
+        torch.testing.assert_close(cache(signature((x,)), fn, [x]), fn(x))
+    assert [str(c.message) for c in caught if "CUDA graph" in str(c.message)] == []
+    assert cache.captures == 6 and len(cache) == 1
 
 
 @requires_cuda
