@@ -33,6 +33,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # the interpreter pays per program (Python), the GPU per byte: bigger tiles there
 _MAX_TILE = 8192 if INTERPRETED else 2048
 _MIN_TILE = 256
+#: the longest run along N of a tile over NC* tensors (the rest of the tile spans channels)
+_MAX_BLOCK_N = _MAX_TILE if INTERPRETED else 512
 
 
 def _traceable(kernel):
@@ -379,7 +381,7 @@ class _Launch:
                 tile //= 2
                 block_n = min(pow2_n, max(1, tile // block_c))
         else:
-            block_n = min(pow2_n, _MAX_TILE if INTERPRETED else 512)
+            block_n = min(pow2_n, _MAX_BLOCK_N)
             while tile > _MIN_TILE and (self.Bk * triton.cdiv(self.N, block_n)
                                         * triton.cdiv(H, max(1, min(pow2_h, tile // block_n)))) < target:
                 tile //= 2

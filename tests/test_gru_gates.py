@@ -607,7 +607,7 @@ def test_launch_tiles_run_along_memory():
     cpu = torch.device("cpu")  # one program is enough on the CPU: the largest tile
     nchw = K._Launch(2, 16, 4096, cpu)
     cl = K._Launch(2, 16, 4096, cpu, channels_inner=True)
-    assert nchw.block_n > nchw.block_c and nchw.block_n == min(4096, K._MAX_TILE)
+    assert nchw.block_n > nchw.block_c and nchw.block_n == min(4096, K._MAX_BLOCK_N)
     assert cl.block_c == 16 and cl.block_n * cl.block_c == K._MAX_TILE
     assert cl.grid == (2 * cl.n_blocks, 1) and cl.rows == 2 * cl.n_blocks
     assert K._Launch(2, 100, 4096, cpu, channels_inner=True).block_c == 64
