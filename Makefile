@@ -11,8 +11,15 @@ export MAX_JOBS ?= 2
 # a developer's build must not fall back to the references silently (pip install . does, with a note)
 export RIM_FAST_REQUIRE_EXT ?= 1
 
-# the oldest torch we support (setup.py: torch>=2.6), tested on a copy of the tracked files in build/floor
+# the first Python $(1) (a version: 3.12) on PATH or among pyenv's, else $(PYTHON)
+find_python = $(or $(shell for p in python$(1) $$(pyenv root 2>/dev/null)/versions/$(1).*/bin/python3; do \
+	"$$p" -c "import sys; assert '%d.%d' % sys.version_info[:2] == '$(1)'" 2>/dev/null && echo "$$p" && break; \
+	done),$(PYTHON))
+
+# the oldest torch we support (setup.py: torch>=2.6), tested on a copy of the tracked files in build/floor, under
+# the oldest Python we support (pyproject.toml: >=3.10) where this machine has one
 FLOOR_TORCH ?= torch==2.6.0
+FLOOR_PYTHON ?= $(call find_python,3.10)
 FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(abspath $(FLOOR_VENV))/bin/python
 FLOOR_DIR ?= build/floor
@@ -20,8 +27,7 @@ FLOOR_DIR ?= build/floor
 # the torch and Triton of our GPU machines (bench/gpu_check.sh), tested on the CPU the same way in build/gpustack,
 # under their Python (3.12) where this machine has one (on PATH, or pyenv's), else under $(PYTHON)
 STACK_SPEC ?= torch==2.11.0 triton==3.6.0
-STACK_PYTHON ?= $(or $(shell for p in python3.12 $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3; do \
-	"$$p" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null && echo "$$p" && break; done),$(PYTHON))
+STACK_PYTHON ?= $(call find_python,3.12)
 STACK_VENV ?= .venv-gpustack
 STACK_PY := $(abspath $(STACK_VENV))/bin/python
 STACK_DIR ?= build/gpustack
@@ -108,7 +114,7 @@ define suite_on_copy
 endef
 
 $(FLOOR_VENV)/.torch:
-	$(call other_torch_venv,$(FLOOR_VENV),$(FLOOR_PY),"$(FLOOR_TORCH)",$(PYTHON))
+	$(call other_torch_venv,$(FLOOR_VENV),$(FLOOR_PY),"$(FLOOR_TORCH)",$(FLOOR_PYTHON))
 
 # the whole suite on the floor torch (with its own Triton)
 test-floor: $(FLOOR_VENV)/.torch
