@@ -957,25 +957,33 @@ def _flop_count(step):
     return int(counter.get_total_flops())
 
 
+def cuda_kernels(events) -> tuple:
+    """(memcpy/memset count, [(name, microseconds)] of the kernels) among torch.profiler's events."""
+    from torch.autograd import DeviceType
+    memory_ops, timed = 0, []
+    for event in events:
+        # record_function ranges (an optimizer's step, torch.compile's regions) come back as CUDA events too,
+        # "gpu_user_annotation": not kernels (torch's own device-time totals leave them out alike)
+        if event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+            continue
+        if event.name.startswith(("Memcpy", "Memset")):
+            memory_ops += 1
+        else:
+            timed.append((event.name, event.time_range.elapsed_us()))
+    return memory_ops, timed
+
+
 def _kernel_counts(step) -> dict:
     """One call under torch.profiler: the CUDA kernels it launched (CUDA graph replays included), memcpy/memset
     apart; kernels_per_step = kernels / T; kernel_time: their time per step by class and by name
     (bench.kernel_time)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     try:
         synchronize(DEVICE)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             synchronize(DEVICE)
-        memory_ops, timed = 0, []
-        for event in prof.events():
-            if event.device_type != DeviceType.CUDA:
-                continue
-            if event.name.startswith(("Memcpy", "Memset")):
-                memory_ops += 1
-            else:
-                timed.append((event.name, event.time_range.elapsed_us()))
+        memory_ops, timed = cuda_kernels(prof.events())
     except Exception as err:  # noqa: BLE001 - the profiler is a measurement, not the case
         return {"kernels_error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
     kernels = len(timed)

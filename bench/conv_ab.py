@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,13 +122,22 @@ def _timer(compute, device: str):
     return replay
 
 
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+
+
 def _check(cases: dict) -> dict:
-    """{key: relative error of its forward against its question's first variant} (max |a - b| / max |b|): the
-    variants compute the same thing (TF32 aside), so that no wrong one is timed."""
+    """{key: relative error of its forward against its question's first variant that runs} (max |a - b| /
+    max |b|): the variants compute the same thing (TF32 aside), so that no wrong one is timed; a variant that
+    fails has its error's text instead (a row of the report, not the run's end)."""
     errors, first = {}, {}
     with torch.no_grad():
         for (question, variant), (fn, inputs) in cases.items():
-            out = fn(*inputs).float()
+            try:
+                out = fn(*inputs).float()
+            except Exception as err:  # noqa: BLE001
+                errors[(question, variant)] = _why(err)
+                continue
             ref = first.setdefault(question, out)
             errors[(question, variant)] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     return errors
@@ -137,7 +147,9 @@ def _check(cases: dict) -> dict:
 CHECK_TOL = 1e-2
 
 
-def run(workloads, device: str, rounds: int) -> dict:
+def run(workloads, device: str, rounds: int, done: Optional[Callable[[dict], None]] = None) -> dict:
+    """The rows of every workload's variants; ``done(results)`` after each workload (the GPU check writes its JSON
+    there, so that a time box's cut keeps the workloads that finished)."""
     shapes = SHAPES if device == "cuda" else TINY
     results = {"machine": machine_line(), "device": device, "repeat": REPEAT, "rounds": rounds, "rows": []}
     for name in workloads:
@@ -147,6 +159,9 @@ def run(workloads, device: str, rounds: int) -> dict:
         for mode in ("fwd", "fwdbwd"):
             timers, errors = {}, {}
             for key, (fn, inputs) in cases.items():
+                if isinstance(checked[key], str):
+                    errors[key] = f"failed: {checked[key]}"
+                    continue
                 if checked[key] > CHECK_TOL:
                     first = next(v for q, v in cases if q == key[0])
                     errors[key] = f"wrong: {checked[key]:.1e} from {first}'s output, not timed"
@@ -154,17 +169,21 @@ def run(workloads, device: str, rounds: int) -> dict:
                 try:
                     timers[key] = _timer(_compute(fn, inputs, mode), device)
                 except Exception as err:  # noqa: BLE001 - one variant's failure is a row, not the run's
-                    errors[key] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+                    errors[key] = _why(err)
             times = {key: [] for key in timers}
             for _ in range(rounds):
-                for key, timer in timers.items():
-                    times[key].append(timer())
+                for key, timer in list(timers.items()):
+                    try:
+                        times[key].append(timer())
+                    except Exception as err:  # noqa: BLE001
+                        errors[key] = _why(err)
+                        del timers[key]
             synchronize(device)
             first = {}
             for (question, variant) in cases:
                 key = (question, variant)
                 row = {"workload": name, "mode": mode, "question": question, "variant": variant,
-                       "check": checked[key]}
+                       "check": checked[key] if isinstance(checked[key], float) else None}
                 if key in errors:
                     row["error"] = errors[key]
                 else:
@@ -175,7 +194,16 @@ def run(workloads, device: str, rounds: int) -> dict:
             del timers
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if done is not None:
+            done(results)
     return results
+
+
+def write_json(path: str, results: dict) -> None:
+    """``results`` into ``path``, atomically."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def markdown(results: dict) -> list:
@@ -207,11 +235,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--workloads: {unknown} not in {list(SHAPES)}")
     rounds = args.rounds or (ROUNDS if args.device == "cuda" else 1)
-    results = run(workloads, args.device, rounds)
-    if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+    results = run(workloads, args.device, rounds,
+                  done=(lambda partial: write_json(args.json, partial)) if args.json else None)
     print(results["machine"])
     print("\n".join(markdown(results)))
     return 1 if any("error" in r for r in results["rows"]) else 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU acceptance run: one command, at most 7 minutes (420 s of stage time boxes), on a GPU machine without
 # network. Run it in the repository root:
-#   bench/gpu_check.sh OUTDIR [--groups W:MODE,...] [--no-tests]
+#   bench/gpu_check.sh OUTDIR [--groups W:MODE,...] [--providers P,...] [--no-tests]
 #       preflight, build, the CUDA tests, the end-to-end GPU benchmarks (largest first), the report
 #   bench/gpu_check.sh OUTDIR --dry    the same on the CPU (CI runs it): no GPU or .whl needed, the CUDA-marked
 #                                      tests (on the CPU: the gate kernels under the Triton interpreter), the
@@ -9,8 +9,10 @@
 #   bench/gpu_check.sh --plan [--dry]  print the stages' time boxes and what they are expected to do, and exit
 # OUTDIR receives report.md, report.json, logs.tgz (every log and raw result) and, with matplotlib, speedups.png:
 # at most 8 files, no folders. The work files live in a temporary folder (printed) that logs.tgz packs.
-# --groups: the benchmark groups to run, in order (default: bench.common.PRIORITY); --no-tests: skip the test stage
-# (a second run, after a first one whose tests passed: its box goes to the benchmarks).
+# --groups: the benchmark groups to run, in order (default: bench.common.PRIORITY); --providers (full mode): the eager
+# pass's providers (default torch_rim,rim_fast,rim_fast_nographs,rim_fast_graphed; add rim_fast_cl,rim_fast_graphed_cl for
+# the channels-last twins); --no-tests: skip the test stage (a second run, after a first one whose tests passed: its
+# box goes to the benchmarks).
 #
 # Stages and their time boxes (full mode), from these estimates for the GPU machine (one H200, 16 cores, torch 2.11,
 # Triton 3.6, nvcc 13.0, Python 3.12). A stage that reaches its box gets SIGINT (exit code 124 in the report) and
@@ -28,20 +30,23 @@
 #                  variants on S2, L2 and S1 shapes in CUDA graphs (layout, bias fold, stride-2 padding), ~20 s
 #   bench     100  + whatever the stages above leave unused (expected 80-190 s more: 180-290 s in all); ends
 #                  REPORT+SLACK before 420 s. Two passes: first the eager providers (torch_rim, rim_fast,
-#                  rim_fast_nographs, rim_fast_graphed: the step as fit(cuda_graphs=True) records it, and
-#                  rim_fast_cl, rim_fast_graphed_cl: the same in channels-last; the first GPU run's bench pass took
-#                  223 s without these two, so expect the last group, L2 train_step, to be cut) on S2, S1 and
-#                  L2 predict, then S2, S1 and L2 train_step, leaving at least 60 s; then ("bench_compiled") torch_rim,
-#                  rim_fast, rim_fast_compiled and torch_rim_compiled on S2, S1, L2 predict and S2 train_step. In a
+#                  rim_fast_nographs, rim_fast_graphed: the step as fit(cuda_graphs=True) records it; the graphed
+#                  ones record each graph in both layouts and keep the faster, the report's layout table gives
+#                  both replay times, so the channels-last twins rim_fast_cl and rim_fast_graphed_cl are left to
+#                  a second run's --providers) on S2, S1 and L2 predict, then S2, S1 and L2 train_step, leaving at
+#                  least 90 s (the first GPU run's pass took 105 s of benchmarks, and 118 s more of CPU op counts,
+#                  which CPU runs give now); then ("bench_compiled") torch_rim, rim_fast, rim_fast_graphed (train
+#                  steps), rim_fast_compiled and torch_rim_compiled on S2, S1, L2 predict and S2 train_step. In a
 #                  group each provider is built, warmed up and checked, then their timed calls
 #                  interleaved round by round (at least 20 calls and 0.5 s each, at most 100 rounds), and one
 #                  profiled call each; a group's cases end together, so a cut loses the group in flight. A compile
 #                  of the unrolled T=10 loop costs 30-90 s cold; from Inductor's caches (the prewarm's) a compiled
 #                  case costs ~15-30 s (Dynamo's trace, cache loads, CUDA-graph capture, its timed calls), an eager
-#                  one ~5-15 s (Triton's first launches), so a group ~40-80 s warm, ~100-250 s cold. Expected: L2
-#                  predict, S2 predict, S2 train_step, perhaps S1 predict; with cold caches only L2 predict and S2
-#                  predict. The cut groups: a second run with --no-tests --groups (what the first did not reach), on
-#                  the same machine: ninja and Inductor's caches are warm then.
+#                  one ~5-15 s (Triton's first launches), so a group ~40-80 s warm, ~100-250 s cold (the first run's
+#                  64 s did S2 and S1 predict). Expected in the compiled pass: S2 and S1 predict, perhaps L2
+#                  predict; with cold caches S2 predict alone. The cut groups: a second run with --no-tests
+#                  --groups (what the first did not reach; --providers adds the channels-last twins), on the same
+#                  machine: ninja and Inductor's caches are warm then.
 #   report     10  the report and the tarball (~1 s; rim_fast.info already ran beside the tests)
 #   slack      10  the bench stage's exit after its SIGINT (the group in flight logs its cases as interrupted and
 #                  exits at once; SIGKILL at 10 s)
@@ -53,7 +58,7 @@
 # Stopped (SIGINT) when the tests end, so the benchmarks have the GPU alone.
 set -uo pipefail
 
-OUT="" MODE=full PLAN=0 GROUPS_ARG="" TESTS=1
+OUT="" MODE=full PLAN=0 GROUPS_ARG="" PROVIDERS_ARG="" TESTS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry) MODE=dry ;;
@@ -61,6 +66,8 @@ while [ $# -gt 0 ]; do
     --no-tests) TESTS=0 ;;
     --groups) GROUPS_ARG=${2:?--groups needs W:MODE,...}; shift ;;
     --groups=*) GROUPS_ARG=${1#--groups=} ;;
+    --providers) PROVIDERS_ARG=${2:?--providers needs P,...}; shift ;;
+    --providers=*) PROVIDERS_ARG=${1#--providers=} ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) OUT=$1 ;;
   esac
@@ -101,7 +108,11 @@ if [ "$PLAN" = 1 ]; then plan; exit 0; fi
 for g in ${GROUPS_ARG//,/ }; do
   [[ "$g" =~ ^(S1|S2|S3|L2|U2):(predict|train_step)$ ]] || { echo "--groups: $g is not WORKLOAD:MODE" >&2; exit 2; }
 done
-[ -n "$OUT" ] || { echo "usage: bench/gpu_check.sh OUTDIR [--dry] [--groups W:MODE,...] [--no-tests] | --plan [--dry]" >&2; exit 2; }
+for p in ${PROVIDERS_ARG//,/ }; do
+  [[ "$p" =~ ^(torch_rim|rim_fast_reference|rim_fast|rim_fast_nographs|rim_fast_cl|rim_fast_graphed|rim_fast_graphed_cl)$ ]] ||
+    { echo "--providers: $p is not an eager provider of bench/bench_rim.py" >&2; exit 2; }
+done
+[ -n "$OUT" ] || { echo "usage: bench/gpu_check.sh OUTDIR [--dry] [--groups W:MODE,...] [--providers P,...] [--no-tests] | --plan [--dry]" >&2; exit 2; }
 
 PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -201,16 +212,14 @@ fi
 # together: in one pass, a slow compile would cost the eager timings of its group)
 if [ "$MODE" = full ]; then
   GROUPS_ALL=${GROUPS_ARG:-S2:predict,S1:predict,L2:predict,S2:train_step,S1:train_step,L2:train_step}
-  BENCH_ARGS=(--device cuda
-              --providers torch_rim,rim_fast,rim_fast_nographs,rim_fast_cl,rim_fast_graphed,rim_fast_graphed_cl
-              --groups "$GROUPS_ALL")
-  COMPILED_ARGS=(--device cuda --providers torch_rim,rim_fast,rim_fast_compiled,torch_rim_compiled
+  EAGER_PROVIDERS=${PROVIDERS_ARG:-torch_rim,rim_fast,rim_fast_nographs,rim_fast_graphed}
+  BENCH_ARGS=(--device cuda --providers "$EAGER_PROVIDERS" --groups "$GROUPS_ALL")
+  # rim_fast_graphed (train steps only) beside torch_rim_compiled: a goal compares the two
+  COMPILED_ARGS=(--device cuda --providers torch_rim,rim_fast,rim_fast_graphed,rim_fast_compiled,torch_rim_compiled
                  --groups "${GROUPS_ARG:-S2:predict,S1:predict,L2:predict,S2:train_step}")
-  PREWARM_ARGS=(--device cuda
-                --providers torch_rim,rim_fast,rim_fast_nographs,rim_fast_cl,rim_fast_graphed,rim_fast_graphed_cl,\
-rim_fast_compiled,torch_rim_compiled
+  PREWARM_ARGS=(--device cuda --providers "$EAGER_PROVIDERS,rim_fast_compiled,torch_rim_compiled"
                 --groups "$GROUPS_ALL")
-  COMPILED_MIN=60
+  COMPILED_MIN=90
 else
   # smoke sizes on the CPU, L2 included; one compiled case (a CPU compile costs 20-60 s on 2 cores)
   # rim_fast_graphed through the CPU stand-in recorder (its plumbing; train_step groups only)

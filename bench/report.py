@@ -450,17 +450,22 @@ def graph_layouts_cell(row: dict) -> str:
 
 
 def layout_markdown(rows: list) -> list:
-    """The channels-last twins beside their providers, each pair measured in the same group, and what the default
-    (``RIM_FAST_CUDA_LAYOUT=auto``: a graph recorded in both layouts, the faster kept) chose; [] when no pair ran."""
+    """What the default (``RIM_FAST_CUDA_LAYOUT=auto``: a graph recorded in both layouts, the faster kept) chose,
+    with the channels-last twins beside their providers where the run had them (each pair measured in the same
+    group); [] when neither is in the run."""
     by_key = {(r["workload"], r["mode"], r["provider"]): r for r in rows}
     lines = []
     for (w, m, p), row in by_key.items():
         twin = by_key.get((w, m, p + "_cl"))
-        if p not in LAYOUT_TWINS or twin is None:
+        if p not in LAYOUT_TWINS or (twin is None and not row.get("graph_layouts")):
             continue
-        why = _usable(row) or _usable(twin)
-        cells = (f"{row['median_ms']:.2f} | {twin['median_ms']:.2f} | {twin['median_ms'] / row['median_ms']:.2f}x"
-                 if why is None else f"- | - | not compared: {why}")
+        if twin is None:
+            ms = f"{row['median_ms']:.2f}" if _usable(row) is None else "-"
+            cells = f"{ms} | - | no channels-last provider in this run"
+        else:
+            why = _usable(row) or _usable(twin)
+            cells = (f"{row['median_ms']:.2f} | {twin['median_ms']:.2f} | "
+                     f"{twin['median_ms'] / row['median_ms']:.2f}x" if why is None else f"- | - | not compared: {why}")
         lines.append(f"| {w} | {m} | {p} | {cells} | {graph_layouts_cell(row)} |")
     if not lines:
         return []

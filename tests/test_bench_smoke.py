@@ -336,6 +336,30 @@ def test_report_has_the_op_counts(smoke_run):
     assert "| S2 | predict |" in report
 
 
+def test_cuda_kernel_events_leave_out_annotations_and_memory_ops():
+    """The profiler's events that count as kernels: CUDA ones, less record_function ranges (gpu_user_annotation:
+    an optimizer's step, torch.compile's regions) and memcpy/memset (counted apart)."""
+    from types import SimpleNamespace
+    from torch.autograd import DeviceType
+    from bench.bench_rim import cuda_kernels
+
+    def event(name, device, us, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+    events = [event("aten::conv2d", DeviceType.CPU, 50), event("sm90_xmma_fprop", DeviceType.CUDA, 7),
+              event("Optimizer.step#Adam.step", DeviceType.CUDA, 300, annotation=True),
+              event("Memcpy HtoD (Pageable -> Device)", DeviceType.CUDA, 2),
+              event("_gru_zr_fwd_kernel", DeviceType.CUDA, 3)]
+    assert cuda_kernels(events) == (1, [("sm90_xmma_fprop", 7), ("_gru_zr_fwd_kernel", 3)])
+
+
+def test_the_run_device_decides_the_op_counts(tmp_path):
+    """bench.run counts ops per step (on the CPU, minutes) after CPU runs only: a GPU run's time box is for timings."""
+    from bench import run
+    assert run._run_device(_status_file(tmp_path, [], device="cuda")) == "cuda"
+    assert run._run_device(_status_file(tmp_path, [], device="cpu")) == "cpu"
+
+
 def test_kernel_time_classes_and_report_section(tmp_path):
     """The GPU report's time per kernel class and the costliest kernels, from (name, microseconds) pairs as the
     profiler gives them (names of cuDNN, aten, Inductor and rim_fast kernels)."""
@@ -424,6 +448,32 @@ def test_conv_ab_times_no_wrong_variant(monkeypatch, tmp_path):
     assert wrong[0]["error"].startswith("wrong: 1.0e-01") and "pad + 3x3, nchw's output" in wrong[0]["error"]
 
 
+def test_conv_ab_keeps_going_past_a_failing_variant_and_writes_each_workload(monkeypatch, tmp_path):
+    """A variant that raises (a layout path the CPU rehearsal never takes) is a row with its error in both modes,
+    the others are timed; the JSON is written after each workload, so a time box's cut keeps the finished ones."""
+    from bench import conv_ab
+    real, calls = conv_ab._cases, []
+
+    def cases(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the time box's SIGINT in the second workload
+        out = real(*args)
+        inputs = out[("fold", "32 ch + bias, nchw")][1]
+        out[("fold", "32 ch + bias, nchw")] = (lambda *a: (_ for _ in ()).throw(RuntimeError("boom")), inputs)
+        return out
+    monkeypatch.setattr(conv_ab, "_cases", cases)
+    out = tmp_path / "ab.json"
+    with pytest.raises(KeyboardInterrupt):
+        conv_ab.main(["--device", "cpu", "--workloads", "S2,S1", "--rounds", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["workload"] for r in rows} == {"S2"} and len(rows) == 2 * 8
+    failed = [r for r in rows if "error" in r]
+    assert [(r["mode"], r["variant"], r["error"]) for r in failed] == [
+        (mode, "32 ch + bias, nchw", "failed: RuntimeError: boom") for mode in ("fwd", "fwdbwd")]
+    assert all(r["us"] > 0 for r in rows if "error" not in r)
+
+
 def test_report_sets_the_channels_last_twins_beside_their_providers(tmp_path):
     path = _status_file(tmp_path, [
         _ok("S2", "predict", "torch_rim", 0.020, True, device="cuda"),
@@ -441,6 +491,14 @@ def test_report_sets_the_channels_last_twins_beside_their_providers(tmp_path):
     assert "| S2 | train_step | rim_fast_graphed | - | - | not compared: check failed | - |" in md
     assert "channels-last" not in markdown(load(_status_file(tmp_path, [
         _ok("S2", "predict", "rim_fast", 0.0066, True, device="cuda")], device="cuda")))
+    # without the twins (the GPU check's default providers): what each graph kept, and both layouts' replay times
+    alone = markdown(load(_status_file(tmp_path, [
+        _ok("S2", "predict", "torch_rim", 0.020, True, device="cuda"),
+        _ok("S2", "predict", "rim_fast", 0.0066, True, device="cuda",
+            graph_layouts=[{"kept": "contiguous", "seconds": {"contiguous": 0.0067, "channels_last": 0.0070},
+                            "left_out": {}}])], device="cuda")))
+    assert ("| S2 | predict | rim_fast | 6.60 | - | no channels-last provider in this run | contiguous (contiguous "
+            "6.70, channels_last 7.00 ms) |") in alone
 
 
 def test_conv_threshold_tables():
