@@ -90,17 +90,29 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _contiguous_strides(shape) -> tuple:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+def _dense_strides(x: torch.Tensor) -> tuple:
+    """Gap-free strides in x's own dim order (its largest stride outermost; ties, as size-1 dims give, in dim
+    order): a crop of a channels-last tensor (a transposed convolution's output cut to a multiple of its stride)
+    stays channels-last, a slice of an NC* tensor contiguous."""
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    strides, step = [0] * x.dim(), 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= max(x.shape[d], 1)
+    return tuple(strides)
 
 
 def out_strides(x: torch.Tensor) -> tuple:
-    """The strides of ``bias_tanh_fwd``'s output: x's where x is dense, else contiguous (also the fake's)."""
-    return tuple(x.stride()) if _is_dense(x) else _contiguous_strides(x.shape)
+    """The strides of ``bias_tanh_fwd``'s output: x's where x is dense, else dense in x's dim order (also the
+    fake's)."""
+    return tuple(x.stride()) if _is_dense(x) else _dense_strides(x)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself where dense, else a copy with ``out_strides``."""
+    if _is_dense(x):
+        return x
+    return torch.empty_strided(x.shape, _dense_strides(x), dtype=x.dtype, device=x.device).copy_(x)
 
 
 def check_args(x: torch.Tensor, bias: torch.Tensor) -> None:
@@ -149,14 +161,13 @@ def _launch(M, K, device):
 def bias_tanh_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """y = tanh(x + bias[c]). x: [B, C, *S] fp32/fp16/bf16 in any layout, bias: [C]; fp32 math.
 
-    Returns y in the promoted dtype, with x's strides where x is dense (else contiguous).
+    Returns y in the promoted dtype, with x's strides where x is dense (else dense in x's dim order).
     Bytes moved: 2 e numel (read x, write y) + C bias reads per row."""
     check_args(x, bias)
     y = _empty(x.shape, out_strides(x), torch.promote_types(x.dtype, bias.dtype), x.device)
     if y.numel() == 0:
         return y
-    if not _is_dense(x):
-        x = x.contiguous()
+    x = _dense(x)
     M, K, on_rows = _matrix(x)
     block_m, block_k, n_k_blocks, grid, num_warps = _launch(M, K, x.device)
     with _on(x.device):
@@ -174,8 +185,7 @@ def bias_tanh_bwd(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     gx = _empty(y.shape, out_strides(y), y.dtype, y.device)
     if y.numel() == 0:
         return gx
-    if not _is_dense(y):
-        y = y.contiguous()
+    y = _dense(y)
     if tuple(grad.stride()) != tuple(y.stride()):
         grad = torch.empty_strided(y.shape, y.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
     block_m, block, n_k_blocks, grid, num_warps = _launch(1, y.numel(), y.device)

@@ -166,6 +166,17 @@ def _score_functions(rim: "RIM", score_fn, energy_fn) -> tuple:
     return score_fn, model_score_fn
 
 
+def _recompute_in_this_layout() -> dict:
+    """``checkpoint``'s arguments that make its recompute run in the forward's CUDA layout: the autograd engine runs
+    a CUDA backward on its own thread per device, where the layout a thread selected (``ops.use_cuda_layout``, per
+    thread) is not (torch carries grad mode and autocast over, not Python's thread-local state). Eagerly only:
+    torch.compile traces a checkpoint whose ``context_fn`` is torch's own, and its backward is compiled code."""
+    if torch.compiler.is_compiling():
+        return {}
+    layout = ops.cuda_layout()
+    return {"context_fn": lambda: (contextlib.nullcontext(), ops.use_cuda_layout(layout))}
+
+
 class RIM(nn.Module):
     """Recurrent Inference Machine (Putzky & Welling 2017) over a backbone ``model``.
 
@@ -351,7 +362,8 @@ class RIM(nn.Module):
                                                    beta_2=self.beta_2, epsilon=self.epsilon)
             if recompute:
                 # the step's activations are recomputed in backward; x, score and h flow in as inputs
-                g, h = checkpoint(self._call_model, x, y, score, h, zero_state, use_reentrant=False)
+                g, h = checkpoint(self._call_model, x, y, score, h, zero_state, use_reentrant=False,
+                                  **_recompute_in_this_layout())
             else:
                 g, h = self._call_model(x, y, score, h, zero_state)
             if amp:
@@ -475,9 +487,13 @@ class RIM(nn.Module):
         """The ways of running a call that its graph is recorded in and timed against each other (the first is
         the default): on a GPU with ``RIM_FAST_CUDA_LAYOUT=auto`` (the default), the convolutions in NCHW and in
         channels-last (``ops.use_cuda_layout``); none where results must not depend on a timing
-        (``torch.use_deterministic_algorithms``, ``torch.backends.cudnn.deterministic``)."""
+        (``torch.use_deterministic_algorithms``, ``torch.backends.cudnn.deterministic``), nor for a float64 network
+        (aten runs cuDNN's float64 convolutions in NCHW whatever the layout: nothing to choose)."""
         if (self.device.type != "cuda" or ops.cuda_layout() != "auto" or torch.backends.cudnn.deterministic
                 or torch.are_deterministic_algorithms_enabled()):
+            return ()
+        weight = next(self.model.parameters(), None)
+        if weight is not None and weight.dtype == torch.float64:
             return ()
         return CUDA_LAYOUT_VARIANTS
 

@@ -100,6 +100,22 @@ def test_matches_reference(B, C, S, layout):
         assert new[0].is_contiguous()
 
 
+@pytest.mark.parametrize("S", [(9,), (7, 9)], ids=["1D", "2D"])
+def test_a_cropped_channels_last_input_keeps_its_layout(S):
+    """A transposed convolution's channels-last output cut to a multiple of its stride (even kernels: one sample
+    more) is not dense: the output and the gradient stay channels-last (dense), so that the next convolution needs
+    no conversion."""
+    x, bias, cot = make_inputs(2, 5, S, "channels_last")
+    cut = (slice(None), slice(None), *[slice(0, s - 1) for s in S])
+    crop, cot = x[cut], cot[cut]
+    assert crop.stride() == x.stride() and not crop.is_contiguous()
+    new, ref = run(_triton.bias_tanh, crop, bias, cot), run(reference.bias_tanh, crop, bias, cot)
+    for name, a, b in zip(("y", "grad x", "grad bias"), new, ref):
+        torch.testing.assert_close(a, b, **tol(torch.float32), msg=lambda m: f"{name}: {m}")
+    for t in new[:2]:
+        assert t.stride(1) == 1 and t.movedim(1, -1).is_contiguous(), t.stride()
+
+
 @pytest.mark.parametrize("layout", ["contig", "channels_last"])
 def test_gradient_in_another_layout(layout):
     """The backward copies a grad_y of another layout (expanded, transposed) into y's before its pass."""

@@ -800,7 +800,9 @@ def test_rim_graph_variants_are_the_cuda_layouts_where_timing_may_choose(monkeyp
     and deterministic algorithms (the choice would depend on a clock) record one."""
     from types import SimpleNamespace
     from rim_fast.rim import CUDA_LAYOUT_VARIANTS
-    gpu, cpu = SimpleNamespace(device=torch.device("cuda", 0)), SimpleNamespace(device=torch.device("cpu"))
+    net = torch.nn.Conv2d(1, 1, 3)
+    gpu, cpu = SimpleNamespace(device=torch.device("cuda", 0), model=net), SimpleNamespace(device=torch.device("cpu"),
+                                                                                          model=net)
     assert [v.name for v in CUDA_LAYOUT_VARIANTS] == ["contiguous", "channels_last"]
     with ops.use_cuda_layout("auto"):
         assert rim_fast.RIM.cuda_graph_variants(gpu) == CUDA_LAYOUT_VARIANTS
@@ -812,6 +814,8 @@ def test_rim_graph_variants_are_the_cuda_layouts_where_timing_may_choose(monkeyp
         assert rim_fast.RIM.cuda_graph_variants(gpu) == ()
         monkeypatch.undo()
         assert rim_fast.RIM.cuda_graph_variants(gpu) == CUDA_LAYOUT_VARIANTS
+        # a float64 network: cuDNN's float64 convolutions run NCHW in either layout
+        assert rim_fast.RIM.cuda_graph_variants(SimpleNamespace(device=gpu.device, model=net.double())) == ()
     for layout in ("contiguous", "channels_last"):
         with ops.use_cuda_layout(layout):
             assert rim_fast.RIM.cuda_graph_variants(gpu) == ()

@@ -142,6 +142,19 @@ def test_the_layout_serves_cuda_tensors_only_and_only_when_asked(backend):
     assert names.index("cudnn_channels_last") < names.index("symmetric_padding")
 
 
+def test_the_layout_leaves_float64_to_nchw(fake_cuda):
+    """aten runs cuDNN's float64 convolutions in NCHW whatever the input's layout: the layout would only add
+    conversions there (float32, float16 and bfloat16 take it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    impl = OPS["conv"].impl("cudnn_channels_last")
+    with FakeTensorMode(), ops.use_cuda_layout("channels_last"):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            x = torch.empty(2, 3, 8, 8, device="cuda", dtype=dtype)
+            w = torch.empty(4, 3, 3, 3, device="cuda", dtype=dtype)
+            assert impl.usable(x, w) == (dtype != torch.float64), dtype
+        assert impl.why_not(x, w) == "float64: aten runs cuDNN's float64 convolutions in NCHW whatever the layout"
+
+
 class Conversions(TorchDispatchMode):
     """Counts the copies that change a tensor's layout (``clone`` with a memory format, as ``.contiguous(fmt)``
     runs), by the copied tensor's shape."""
@@ -354,3 +367,38 @@ def test_cuda_channels_last_does_not_fold_biases_into_an_odd_channel():
         assert ops.folds_bias(x, w, b, "same", 1, 1) == (_triton.missing() is None)
         with ops.use_cuda_layout("channels_last"):
             assert not ops.folds_bias(x, w, b, "same", 1, 1)
+
+
+@pytest.mark.parametrize("dims,size", [(1, (32,)), (2, (12, 8))], ids=["1D", "2D"])
+def test_checkpointed_steps_recompute_in_the_forwards_layout_on_another_thread(cpu_stand_in, dims, size):
+    """On CUDA the autograd engine runs backward, and so gradient checkpointing's recompute, on its own thread per
+    device, where the layout a thread selected (``use_cuda_layout``, per thread) is not: the recompute must run in
+    the forward's layout (1D: otherwise its saved tensors' shapes differ and torch's checkpoint raises). On the CPU
+    the backward is run from another thread to stand for it."""
+    import threading
+    r = _rim(dims, size)
+    y, x_true = torch.randn(2, 1, *size), torch.randn(2, 1, *size)
+    grads = {}
+    for checkpointing in (False, True):
+        r.gradient_checkpointing = checkpointing
+        r.zero_grad(set_to_none=True)
+        with ops.use_backend("kernels"), ops.use_cuda_layout("channels_last"):
+            loss = r.loss_fn(y, x_true)
+        failures, calls = [], {}
+
+        def backward():
+            try:
+                with ops.use_backend("kernels"), ops.trace() as traced:
+                    loss.backward()
+                calls.update(traced)
+            except Exception as err:  # noqa: BLE001 - reported below
+                failures.append(err)
+        thread = threading.Thread(target=backward)
+        thread.start()
+        thread.join()
+        assert not failures, failures
+        recomputed = {impl for (op, impl) in calls if op in CONV_OPS}
+        assert recomputed == ({"cudnn_channels_last"} if checkpointing else set()), calls
+        grads[checkpointing] = {n: p.grad.clone() for n, p in r.model.named_parameters()}
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-6, msg=name)

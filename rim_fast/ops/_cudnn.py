@@ -32,7 +32,9 @@ from ._dispatch import functorch_active
 
 Tensor = torch.Tensor
 LAYOUTS = ("auto", "contiguous", "channels_last")
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: float64 is not among them: aten runs cuDNN's float64 convolutions in NCHW whatever the input's layout
+#: (``cudnn_conv_suggest_memory_format``), so the layout would only add conversions
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _read_layout() -> str:
@@ -87,6 +89,8 @@ def why_not(x, *args) -> str:
         return "not under torch.compile (Inductor chooses the layout)"
     if functorch_active():
         return "not under torch.func transforms"
+    if x.dtype == torch.float64:
+        return "float64: aten runs cuDNN's float64 convolutions in NCHW whatever the layout"
     return f"{x.dtype} / {x.dim() - 2} spatial dims not covered"
 
 
