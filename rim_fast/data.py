@@ -73,13 +73,30 @@ def _epoch_sampler(loader: DataLoader):
     return None
 
 
-def _pinned(config: FitConfig, device: torch.device) -> bool:
+def _pinned(config: FitConfig, device: torch.device, dataset=None, name: str = "dataset") -> bool:
+    """Whether fit's DataLoader pins its batches: by default on a GPU, unless ``dataset`` yields tensors that are
+    not on the CPU already (a dataset kept on the GPU: only CPU tensors can be pinned)."""
     if device.type != "cuda":
         if config.pin_memory:
             _log.info("pin_memory=True: the RIM runs on %s, batches are not pinned (pinning serves copies to a GPU)",
                       device)
         return False
+    elsewhere = _off_cpu(_first_item(dataset)) if dataset is not None else None
+    if elsewhere is not None:
+        if config.pin_memory:
+            raise ValueError(f"pin_memory=True, but {name} yields tensors on {elsewhere} (only CPU tensors can be "
+                             f"pinned): leave pin_memory out")
+        return False
     return True if config.pin_memory is None else config.pin_memory
+
+
+def _off_cpu(item) -> Optional[torch.device]:
+    """The device of the first tensor of a sample that is not on the CPU, else None."""
+    from torch.utils._pytree import tree_flatten
+    for leaf in tree_flatten(item)[0] if item is not None else ():
+        if isinstance(leaf, torch.Tensor) and leaf.device.type != "cpu":
+            return leaf.device
+    return None
 
 
 def _check_user_loader(loader: DataLoader, config: FitConfig, group, name: str) -> None:
@@ -120,7 +137,7 @@ def train_loader(dataset, config: FitConfig, group, device: torch.device, sample
                                  "n_iterations_in_epoch") from None
         return dataset, _epoch_sampler(dataset), bool(dataset.pin_memory) and device.type == "cuda", n
     check_length(dataset, "dataset")
-    pinned = _pinned(config, device)
+    pinned = _pinned(config, device, dataset, "dataset")
     kwargs = _worker_options(config, pinned)
     if group.on:
         from torch.utils.data.distributed import DistributedSampler
@@ -170,7 +187,7 @@ def val_loader(val, config: FitConfig, group, device: torch.device) -> tuple:
                                                                                        group.world), **kwargs),
                 bool(val.pin_memory) and device.type == "cuda")
     n = check_length(val, "val_dataset")
-    pinned = _pinned(config, device)
+    pinned = _pinned(config, device, val, "val_dataset")
     sampler = ShardSampler(n, group.rank, group.world) if group.on else None
     loader = DataLoader(val, batch_size=config.val_batch_size or config.batch_size, sampler=sampler, shuffle=False,
                         drop_last=False, **_worker_options(config, pinned))

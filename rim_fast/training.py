@@ -162,15 +162,23 @@ def fit(rim, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size
     return train(rim, dataset, config, val_dataset)
 
 
+def _check_precision(precision: str, device: torch.device) -> None:
+    """bfloat16 needs a GPU that computes in it (compute capability 8.0 on: A100, H100, ...); on older ones torch
+    emulates it (``torch.cuda.is_bf16_supported()`` says yes), far slower than float32."""
+    if precision == "bf16-mixed" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"precision='bf16-mixed' needs a GPU that computes in bfloat16 (compute capability 8.0 or "
+                         f"later); {device} has {major}.{minor}, where it is emulated (precision='16-mixed' runs "
+                         f"float16 with a GradScaler)")
+
+
 def train(rim, dataset, config: FitConfig, val_dataset=None) -> list:
     """``fit`` with its arguments as a ``FitConfig``: returns the list of this call's epoch losses."""
     _check_inputs(rim, dataset, config, val_dataset)
     directory, logname = _directory_name(config)
     loggers = fit_loggers.resolve(config.loggers, directory)
     device = rim.device
-    if config.precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision='bf16-mixed' needs a GPU with bfloat16 support; {device} has none "
-                         f"(precision='16-mixed' runs float16 with a GradScaler)")
+    _check_precision(config.precision, device)
     with _messages():
         group = distributed.setup(rim)
         previous_checkpointing = rim.gradient_checkpointing
@@ -333,7 +341,10 @@ def _window_size(i: int, n: int, k: int) -> int:
 def _load_candidate(files: ckpt.CheckpointFiles, device):
     """(model state, optimizer state or None, train state or None); RuntimeError naming the file on failure."""
     model_state = ckpt.load_file(files.model, map_location=device)
-    opt_state = ckpt.load_file(files.optimizer, map_location=device) if files.optimizer else None
+    # to the CPU: Optimizer.load_state_dict puts each tensor where its policy wants it (moments on the parameters'
+    # device, a plain optimizer's step counter on the host; loaded onto a GPU, e.g. Adagrad's would cost a host
+    # sync per parameter and step)
+    opt_state = ckpt.load_file(files.optimizer, map_location="cpu") if files.optimizer else None
     train_state = ckpt.load_file(files.trainstate, map_location=device) if files.trainstate else None
     if train_state is not None and (not isinstance(train_state, dict)
                                     or train_state.get("format") != TRAINSTATE_FORMAT):
@@ -872,7 +883,10 @@ def _validate(run: _Run, epoch: int) -> dict:
                     estimate, loss = _estimate_and_loss(rim, y, x_true, args, w, run.time_weights)
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"val_dataset, batch {i}: {e}") from e
-                values = fit_metrics.image_metrics(estimate.float(), x_true.float(), config.data_range, names)
+                # in float32 whatever the precision: SSIM's variances are differences of nearly equal moments,
+                # which bfloat16 convolutions lose (and float16 overflows on large intensities)
+                with torch.autocast(device.type, enabled=False):
+                    values = fit_metrics.image_metrics(estimate.float(), x_true.float(), config.data_range, names)
                 B = y.shape[0]
                 sums += torch.stack([loss.double() * B, *(values[n].double().sum() for n in names),
                                      torch.full((), float(B), dtype=torch.float64, device=device)])

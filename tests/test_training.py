@@ -192,6 +192,61 @@ def test_fit_bf16_mixed_trains():
     assert all(p.dtype == torch.float32 for p in r.model.parameters())
 
 
+def test_validation_metrics_are_computed_in_float32_under_mixed_precision(monkeypatch, one_thread):
+    """SSIM's variances are differences of nearly equal moments: under a bfloat16 autocast its convolutions lose
+    them (val_ssim of 1.0x for images of SSIM 0.98), so the metrics run with autocast off."""
+    from rim_fast import metrics as fit_metrics
+    seen, original = [], fit_metrics.image_metrics
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(fit_metrics, "image_metrics", spy)
+    _, _, data = _data(8)
+    _rim().fit(data, epochs=1, batch_size=4, precision="bf16-mixed", val_dataset=data, verbose=-1)
+    assert seen and not any(seen)
+
+
+def test_bf16_mixed_needs_a_gpu_that_computes_in_bfloat16(monkeypatch):
+    """Compute capability 8.0 on (torch.cuda.is_bf16_supported() also says yes where it emulates bfloat16)."""
+    cuda = torch.device("cuda", 0)
+    for capability, ok in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        if ok:
+            training._check_precision("bf16-mixed", cuda)
+        else:
+            with pytest.raises(ValueError, match=rf"compute capability 8.0 or later\); cuda:0 has "
+                                                 rf"{capability[0]}.{capability[1]}, where it is emulated"):
+                training._check_precision("bf16-mixed", cuda)
+        training._check_precision("16-mixed", cuda)
+    training._check_precision("bf16-mixed", torch.device("cpu"))
+
+
+def test_a_dataset_already_on_the_device_is_not_pinned():
+    """Only CPU tensors can be pinned: fit's DataLoader pins nothing for a dataset kept on the GPU (meta tensors
+    stand for it here), and pin_memory=True for one is an error naming the argument and the dataset."""
+    from rim_fast import data as fit_data
+    from rim_fast.fit_config import FitConfig
+    cuda = torch.device("cuda", 0)
+    on_gpu = torch.utils.data.TensorDataset(torch.empty(4, 1, 8, device="meta"), torch.empty(4, 1, 8, device="meta"))
+    _, _, on_cpu = _data(4)
+    assert fit_data._pinned(FitConfig(), cuda, on_cpu) and not fit_data._pinned(FitConfig(), cuda, on_gpu)
+    with pytest.raises(ValueError, match=r"pin_memory=True, but val_dataset yields tensors on meta \(only CPU "
+                                         r"tensors can be pinned\)"):
+        fit_data._pinned(FitConfig(pin_memory=True), cuda, on_gpu, "val_dataset")
+
+
+def test_the_optimizer_file_is_loaded_to_the_cpu(monkeypatch, tmp_path):
+    """Optimizer.load_state_dict places each state tensor by its own policy (the moments on the parameters' device,
+    a plain optimizer's step counter on the host): a file loaded onto a GPU would leave e.g. Adagrad's step
+    counters there, a host sync per parameter and step."""
+    files = ckpt.CheckpointFiles(index=1, score=None, model="m.pt", optimizer="o.pt", trainstate=None)
+    calls = []
+    monkeypatch.setattr(ckpt, "load_file", lambda path, map_location: calls.append((path, map_location)) or {})
+    training._load_candidate(files, torch.device("cuda", 0))
+    assert calls == [("m.pt", torch.device("cuda", 0)), ("o.pt", "cpu")]
+
+
 # ---- loss weights -------------------------------------------------------------------------------------------
 
 def test_time_weights_and_pixel_weights_match_the_trajectory():
