@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
 import torch
@@ -173,10 +173,24 @@ def _init(launch: Launch, device: torch.device) -> None:
                            f"({type(e).__name__}: {e})") from e
 
 
+def unnamed_local_rank(rank: int, current_cuda: Optional[int], cuda_count: int) -> int:
+    """The local rank of a process in a group its caller formed without saying it (no ``LOCAL_RANK`` nor
+    ``SLURM_LOCALID``, as with ``torch.multiprocessing.spawn``): the GPU the process selected
+    (``torch.cuda.set_device``) where it selected one other than 0, else ``rank`` modulo the GPUs it sees (every
+    process on GPU 0 would make NCCL fail)."""
+    if current_cuda not in (None, 0):
+        return current_cuda
+    return rank % cuda_count if cuda_count > 1 else 0
+
+
 def setup(rim) -> Group:
     """Form (or join) the process group of a ``fit`` call, placing the RIM on this process' GPU first. Raises
     when several processes are detected but no group can be formed."""
     found = launch()
+    if (found.source == "process_group" and _int(os.environ, "LOCAL_RANK") is None
+            and _int(os.environ, "SLURM_LOCALID") is None and torch.cuda.is_available()):
+        found = replace(found, local_rank=unnamed_local_rank(found.rank, torch.cuda.current_device(),
+                                                             torch.cuda.device_count()))
     device = rim.device
     if found.several:
         chosen = local_device(device, found, torch.cuda.device_count() if torch.cuda.is_available() else 0)

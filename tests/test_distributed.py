@@ -43,6 +43,37 @@ def test_each_local_process_takes_its_gpu_when_the_device_is_left_at_its_default
     assert D.local_device(cuda0, D.Launch("single"), cuda_count=4) == cuda0
 
 
+def test_a_group_formed_without_local_rank_takes_the_gpu_each_process_selected():
+    """torch.multiprocessing.spawn and a hand-made init_process_group set no LOCAL_RANK: a process' GPU is the one
+    it selected, else its rank modulo the GPUs it sees, never GPU 0 for all (NCCL refuses duplicate GPUs)."""
+    assert D.unnamed_local_rank(3, current_cuda=3, cuda_count=4) == 3  # torch.cuda.set_device(rank)
+    assert D.unnamed_local_rank(5, current_cuda=0, cuda_count=4) == 1  # nothing selected
+    assert D.unnamed_local_rank(0, current_cuda=0, cuda_count=4) == 0
+    assert D.unnamed_local_rank(2, current_cuda=0, cuda_count=1) == 0  # one GPU visible per process
+    assert D.unnamed_local_rank(1, current_cuda=None, cuda_count=0) == 0
+
+
+def test_the_default_device_of_one_of_several_processes_is_its_gpu(monkeypatch):
+    """Under torchrun (or srun with a GPU per local process) a RIM built with the default device goes to
+    cuda:LOCAL_RANK from the start, not to GPU 0 in every process; one process keeps torch_rim's cuda:0."""
+    from rim_fast import definitions
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert definitions._default_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "6")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert definitions._default_device() == torch.device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU visible per process
+    assert definitions._default_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "two")
+    assert definitions._default_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert definitions._default_device() == torch.device("cpu")
+
+
 @pytest.mark.parametrize("env,message", [
     ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, r"WORLD_SIZE=2 says this is one of several processes, but "
                                                           r"MASTER_ADDR \(or SLURM_JOB_NODELIST\) is not set"),
