@@ -17,6 +17,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Mapping, Optional
 
 import torch
@@ -148,6 +149,13 @@ class Group:
         return box[0]
 
 
+#: how long a collective waits for the other processes: gloo's default, 30 minutes, for NCCL too (whose default is
+#: 10): rank 0 alone writes the checkpoints (a slow shared filesystem) and runs the on_checkpoint and on_epoch_end
+#: hooks (an upload) while the others wait at the next collective, and NCCL's watchdog ends a process that waits
+#: longer
+TIMEOUT = timedelta(minutes=30)
+
+
 def _init(launch: Launch, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     where = {"torchrun": "torchrun's WORLD_SIZE", "slurm": "SLURM_NTASKS"}[launch.source]
@@ -163,10 +171,10 @@ def _init(launch: Launch, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if launch.source == "torchrun":
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=TIMEOUT)
         else:
             dist.init_process_group(backend=backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                                    rank=launch.rank, world_size=launch.world_size)
+                                    rank=launch.rank, world_size=launch.world_size, timeout=TIMEOUT)
     except Exception as e:  # noqa: BLE001 - rendezvous failures come as many types
         raise RuntimeError(f"{where}={launch.world_size}: the process group could not be formed at "
                            f"{launch.master_addr}:{launch.master_port} as rank {launch.rank} "

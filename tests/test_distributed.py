@@ -74,6 +74,17 @@ def test_the_default_device_of_one_of_several_processes_is_its_gpu(monkeypatch):
     assert definitions._default_device() == torch.device("cpu")
 
 
+def test_the_process_group_waits_as_long_under_nccl_as_under_gloo(monkeypatch):
+    """NCCL's default timeout is 10 minutes (gloo's 30): rank 0's checkpoint writing and hooks, which the other
+    ranks wait for at their next collective, get gloo's 30 under either backend."""
+    from datetime import timedelta
+    calls = []
+    monkeypatch.setattr(D.dist, "init_process_group", lambda **kw: calls.append(kw))
+    D._init(D.Launch("torchrun", 2, 1, 1, "h", 29500), torch.device("cpu"))
+    D._init(D.Launch("slurm", 2, 1, 1, "h", 29500), torch.device("cpu"))
+    assert [c["timeout"] for c in calls] == [timedelta(minutes=30)] * 2 and calls[0]["backend"] == "gloo"
+
+
 @pytest.mark.parametrize("env,message", [
     ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, r"WORLD_SIZE=2 says this is one of several processes, but "
                                                           r"MASTER_ADDR \(or SLURM_JOB_NODELIST\) is not set"),
