@@ -195,11 +195,11 @@ def setup(rim) -> Group:
     """Form (or join) the process group of a ``fit`` call, placing the RIM on this process' GPU first. Raises
     when several processes are detected but no group can be formed."""
     found = launch()
-    if (found.source == "process_group" and _int(os.environ, "LOCAL_RANK") is None
-            and _int(os.environ, "SLURM_LOCALID") is None and torch.cuda.is_available()):
+    device = rim.device
+    if (found.source == "process_group" and device.type == "cuda" and _int(os.environ, "LOCAL_RANK") is None
+            and _int(os.environ, "SLURM_LOCALID") is None):
         found = replace(found, local_rank=unnamed_local_rank(found.rank, torch.cuda.current_device(),
                                                              torch.cuda.device_count()))
-    device = rim.device
     if found.several:
         chosen = local_device(device, found, torch.cuda.device_count() if torch.cuda.is_available() else 0)
         if chosen != device:
