@@ -141,7 +141,7 @@ import rim
 import rim_fast
 from bench import kernel_time
 from bench.common import (MODEL, PRIORITY, SMOKE, T as DEFAULT_T, blur_kernel, end_to_end_workloads,
-                          machine_line, make_score_fn, synchronize)
+                          error_line, machine_line, make_score_fn, synchronize)
 
 PROVIDERS = ("torch_rim", "rim_fast_reference", "rim_fast", "rim_fast_nographs", "rim_fast_cl", "rim_fast_graphed",
              "rim_fast_graphed_cl", "rim_fast_compiled", "torch_rim_compiled")
@@ -781,7 +781,7 @@ def _check_call(r, mode, provider, predict_fn, loss_fn, optimizer, initial, y, x
             with hooks:
                 loss = loss_fn(y, x_true)
         except Exception as err:  # noqa: BLE001 - e.g. a recompilation that meets torch.func under the hooks
-            saved.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            saved.error = error_line(err)
             loss = loss_fn(y, x_true)
         loss.backward()
         synchronize(DEVICE)
@@ -985,7 +985,7 @@ def _kernel_counts(step) -> dict:
             synchronize(DEVICE)
         memory_ops, timed = cuda_kernels(prof.events())
     except Exception as err:  # noqa: BLE001 - the profiler is a measurement, not the case
-        return {"kernels_error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+        return {"kernels_error": error_line(err)}
     kernels = len(timed)
     result = {"cuda_kernels": kernels, "cuda_memory_ops": memory_ops,
               "kernels_per_step": kernels / T if kernels else None,

@@ -80,6 +80,12 @@ def machine_line() -> str:
             f"threads {torch.get_num_threads()} | python {platform.python_version()} | rev {git_revision()}")
 
 
+def error_line(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (its first ``limit`` characters), for a result row or a report cell."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

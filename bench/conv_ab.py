@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from bench.common import capture, machine_line, synchronize, to_channels_last
+from bench.common import capture, error_line, machine_line, synchronize, to_channels_last
 from rim_fast.layers.derived import per_call_cache
 from rim_fast.ops import _cudnn, reference
 from rim_fast.ops.conv import _conv_same_symmetric
@@ -122,10 +122,6 @@ def _timer(compute, device: str):
     return replay
 
 
-def _why(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-
-
 def _check(cases: dict) -> dict:
     """{key: relative error of its forward against its question's first variant that runs} (max |a - b| /
     max |b|): the variants compute the same thing (TF32 aside), so that no wrong one is timed; a variant that
@@ -136,7 +132,7 @@ def _check(cases: dict) -> dict:
             try:
                 out = fn(*inputs).float()
             except Exception as err:  # noqa: BLE001
-                errors[(question, variant)] = _why(err)
+                errors[(question, variant)] = error_line(err, 160)
                 continue
             ref = first.setdefault(question, out)
             errors[(question, variant)] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
@@ -169,14 +165,14 @@ def run(workloads, device: str, rounds: int, done: Optional[Callable[[dict], Non
                 try:
                     timers[key] = _timer(_compute(fn, inputs, mode), device)
                 except Exception as err:  # noqa: BLE001 - one variant's failure is a row, not the run's
-                    errors[key] = _why(err)
+                    errors[key] = error_line(err, 160)
             times = {key: [] for key in timers}
             for _ in range(rounds):
                 for key, timer in list(timers.items()):
                     try:
                         times[key].append(timer())
                     except Exception as err:  # noqa: BLE001
-                        errors[key] = _why(err)
+                        errors[key] = error_line(err, 160)
                         del timers[key]
             synchronize(device)
             first = {}

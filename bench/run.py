@@ -140,14 +140,8 @@ def main(argv=None) -> int:
 
 def _run_device(status: str):
     """The device the benchmark ran on, from its status file's run record (None where it has none)."""
-    import json
-    with open(status) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                if record.get("kind") == "run":
-                    return (record.get("settings") or {}).get("device")
-    return None
+    from bench.report import load
+    return load(status)["settings"].get("device")
 
 
 def _write_op_counts(status: str, out: str) -> None:
