@@ -140,6 +140,14 @@ class Group:
             for tensor in tensors:
                 dist.broadcast(tensor, src=0)
 
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        if not self.on:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
     def broadcast(self, value):
         """Rank 0's ``value`` on every rank (any picklable object)."""
         if not self.on:

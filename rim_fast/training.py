@@ -242,6 +242,20 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
+def _own_streams(rank: int) -> None:
+    """Under DDP every process would draw the same random numbers (the same ``seed``, or torch's fixed default one):
+    the same augmentation of its own samples, the same dropout masks, its DataLoader workers the same seeds. Rank
+    r > 0 reseeds torch (CPU and CUDA), numpy and random from a number drawn from its current stream and r; rank 0
+    keeps its stream (so one process runs as before)."""
+    if rank == 0:
+        return
+    draw = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+    words = [int(w) for w in np.random.SeedSequence([draw, rank]).generate_state(4)]
+    torch.manual_seed(words[0] << 32 | words[1])
+    np.random.seed(words[2])
+    random.seed(words[3])
+
+
 def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
@@ -469,6 +483,7 @@ def _prepare(rim, config: FitConfig, group: distributed.Group) -> _Run:
         # every rank must shuffle with the same seed
         seed = config.seed if config.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()).item())
         run.sampler_seed = group.broadcast(seed)
+        _own_streams(group.rank)
     run.best = math.inf if config.mode == "min" else -math.inf
     return run
 
@@ -599,20 +614,45 @@ def _restore(run: _Run, state: dict) -> None:
                            f"({type(e).__name__}: {e})") from e
     if run.group.on and state.get("sampler_seed") is not None:
         run.sampler_seed = int(state["sampler_seed"])
-    _set_rng_state(state["rng"], run.device)
+    _restore_rng(run, state)
     if run.patience <= 0 or run.patience > config.patience:
         run.patience = config.patience
+
+
+def _restore_rng(run: _Run, state: dict) -> None:
+    """This rank's RNG states as the checkpoint saved them; a rank the checkpoint has not (it was saved by fewer
+    processes, or before states were saved per rank) takes rank 0's and draws its own streams from them."""
+    saved = state.get("rng_ranks") or [state["rng"]]
+    rank = run.group.rank
+    _set_rng_state(saved[rank] if rank < len(saved) else saved[0], run.device)
+    if rank >= len(saved):
+        _own_streams(rank)
 
 
 def _loaders(run: _Run, dataset, val_dataset) -> None:
     config = run.config
     run.loader, run.sampler, run.pinned, n = fit_data.train_loader(dataset, config, run.group, run.device,
                                                                    run.sampler_seed)
-    run.n_iterations = config.n_iterations_in_epoch or n
+    run.n_iterations = config.n_iterations_in_epoch or _common_length(run, n)
     if val_dataset is not None:
         run.val_loader, run.val_pinned = fit_data.val_loader(val_dataset, config, run.group, run.device)
     n_epochs = config.epochs if config.max_epochs is None else max(0, config.max_epochs - run.start_epoch)
     run.end_epoch = run.start_epoch + n_epochs
+
+
+def _common_length(run: _Run, n: int) -> int:
+    """The batches per epoch of every process: the fewest any has. DDP's backward waits for every process, so all
+    must take the same number of steps; a DataLoader of the user's may give the processes unequal shards (fit's
+    own DistributedSampler evens them)."""
+    counts = run.group.gather(n)
+    if len(set(counts)) > 1:
+        n = min(counts)
+        if run.main:
+            warnings.warn(f"dataset: the processes' DataLoaders give {', '.join(map(str, counts))} batches per epoch "
+                          f"(rank order); each process takes {n} per epoch, as DDP needs the same number of steps on "
+                          f"every process, and the others' last batches are left out (n_iterations_in_epoch sets the "
+                          f"number: a shorter loader starts again)", RuntimeWarning, stacklevel=5)
+    return n
 
 
 def _wrap(run: _Run) -> None:
@@ -953,12 +993,14 @@ def _checkpoint(run: _Run, epoch: int, cost: float, val: dict, state, last: bool
     config = run.config
     index = run.next_index
     run.next_index += 1
+    # every process's own streams (they differ: _own_streams), so that each continues its own on a resume
+    rng = run.group.gather(_rng_state(run.device))
     if run.main:
         values = {"epoch": epoch + 1, "train_loss": cost, **val}
         train_state = {
             "format": TRAINSTATE_FORMAT, "epoch": epoch + 1, "step": run.step, "best_loss": run.best_loss,
             "monitor": config.monitored, "best": run.best, "patience": run.patience, "losses": run.history,
-            "sampler_seed": run.sampler_seed, "world_size": run.group.world, "rng": _rng_state(run.device),
+            "sampler_seed": run.sampler_seed, "world_size": run.group.world, "rng": rng[0], **({"rng_ranks": rng} if run.group.on else {}),
             "optimizer_class": type(run.optimizer).__name__, "config": config.to_dict(), "metrics": values}
         run.latest_good = _save(run, index, cost, train_state, values)
         state.checkpoint = index

@@ -9,6 +9,9 @@ Scenarios, each saving what the test compares to ``OUT_DIR/<scenario>_rank<r>.pt
 - ``ema_seeds``: fit with an EMA, each rank's RIM built with its own seed (other initial weights).
 - ``score_module``: fit with an ``nn.Module`` holding a parameter as the score function (a RIM submodule that
   gets no gradient).
+- ``unequal``: a DataLoader of the user's whose sampler gives the ranks 3 and 2 batches per epoch.
+- ``streams``: a dataset that draws noise from torch's stream at every read, trained 3 epochs with ``seed``, and
+  again 2 epochs, then resumed for the third.
 - ``user_loss``: the user's own loop: DistributedDataParallel(rim), the loss through DDP's forward
   (``ddp(y, x_true=x)``), the user's Adam and StepLR.
 - ``user_trajectory_bf16``: the same loop with the user's own loss on the trajectory (``ddp(y)``), under
@@ -59,6 +62,37 @@ def slurm_fit(rim, dataset, directory, **kw):
     """The fit call of the SLURM scenario (also the single-process reference of the test, at batch 4)."""
     return rim.fit(dataset, epochs=3, learning_rate=1e-3, val_dataset=val_data(), monitor="val_loss",
                    checkpoints_directory=directory, checkpoints=1, loss_curve=False, verbose=-1, **kw)
+
+
+class Noisy(torch.utils.data.Dataset):
+    """The samples of ``data()`` with noise drawn from torch's stream at every read (an augmentation), each draw
+    kept in ``draws``."""
+
+    def __init__(self):
+        self.x, self.y = data()
+        self.draws = []
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        noise = 0.05 * torch.randn(self.y[i].shape)
+        self.draws.append(noise)
+        return self.y[i] + noise, self.x[i]
+
+
+class UnequalShards(torch.utils.data.Sampler):
+    """A per-process sampler of the user's that gives rank 0 five of the 8 samples and rank 1 three."""
+
+    def __init__(self, rank: int):
+        self.num_replicas, self.rank = 2, rank
+        self.indices = list(range(5)) if rank == 0 else list(range(5, N))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
 
 
 class ScoreModule(torch.nn.Module):
@@ -142,6 +176,33 @@ def main(out):
     rim = build(score_fn=ScoreModule())
     losses = rim.fit(dataset, epochs=2, batch_size=2, learning_rate=1e-3, verbose=-1)
     torch.save({"losses": losses, "params": params(rim)}, os.path.join(out, f"score_module_rank{rank}.pt"))
+
+    # a user's sampler with unequal shards: 3 batches on rank 0, 2 on rank 1
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rim = build()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=UnequalShards(rank))
+        losses = rim.fit(loader, epochs=2, learning_rate=1e-3, verbose=-1)
+    torch.save({"losses": losses, "params": params(rim), "warnings": [str(w.message) for w in caught]},
+               os.path.join(out, f"unequal_rank{rank}.pt"))
+
+    # augmentations drawn from torch's stream: each rank its own; a run resumed after 2 of 3 epochs draws as the
+    # uninterrupted one on every rank
+    noisy = Noisy()
+    rim = build()
+    losses = rim.fit(noisy, epochs=3, batch_size=2, learning_rate=1e-3, seed=5, verbose=-1,
+                     checkpoints_directory=os.path.join(out, "streams_whole"), loss_curve=False)
+    whole = {"losses": losses, "params": params(rim), "draws": torch.stack(noisy.draws)}
+    part = Noisy()
+    build().fit(part, epochs=2, batch_size=2, learning_rate=1e-3, seed=5, verbose=-1,
+                checkpoints_directory=os.path.join(out, "streams_part"), loss_curve=False)
+    rest, rim = Noisy(), build()
+    losses = rim.fit(rest, epochs=1, batch_size=2, learning_rate=1e-3, seed=5, verbose=-1,
+                     checkpoints_directory=os.path.join(out, "streams_part"), loss_curve=False)
+    torch.save({"whole": whole, "first": torch.stack(part.draws),
+                "resumed": {"losses": losses, "params": params(rim), "draws": torch.stack(rest.draws)}},
+               os.path.join(out, f"streams_rank{rank}.pt"))
 
     rim = build()
     losses = user_loop(rim, rank, world)

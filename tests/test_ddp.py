@@ -36,7 +36,8 @@ def runs(tmp_path_factory):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {}
-    for scenario in ("fit", "accumulate", "ema_seeds", "score_module", "user_loss", "user_trajectory_bf16"):
+    for scenario in ("fit", "accumulate", "ema_seeds", "score_module", "unequal", "streams", "user_loss",
+                     "user_trajectory_bf16"):
         results[scenario] = [torch.load(os.path.join(out, f"{scenario}_rank{r}.pt")) for r in (0, 1)]
     results["dir"] = os.path.join(out, "run")
     results["stderr"] = proc.stderr
@@ -120,6 +121,30 @@ def test_fit_accumulation_under_ddp_matches_one_process(runs):
     losses = single.fit(_dataset(), epochs=2, batch_size=4, learning_rate=1e-3, verbose=-1)
     assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
     _assert_close_params(W.params(single), rank0["params"])
+
+
+def test_fit_takes_the_same_number_of_steps_on_ranks_with_unequal_shards(runs):
+    rank0, rank1 = runs["unequal"]
+    # both ranks finish (unequal steps would leave one waiting in DDP's backward) with the same weights
+    assert len(rank0["losses"]) == 2 and rank0["losses"] == rank1["losses"]
+    _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
+    notes = [w for w in rank0["warnings"] if "batches per epoch" in w]
+    assert len(notes) == 1 and "give 3, 2 batches" in notes[0] and "takes 2 per epoch" in notes[0]
+    assert not [w for w in rank1["warnings"] if "batches per epoch" in w]
+
+
+def test_fit_ranks_draw_their_own_random_numbers_and_resume_their_own_streams(runs):
+    rank0, rank1 = runs["streams"]
+    # 3 epochs x 4 samples per rank; the ranks' augmentations differ
+    assert rank0["whole"]["draws"].shape[0] == rank1["whole"]["draws"].shape[0] == 12
+    assert not torch.equal(rank0["whole"]["draws"], rank1["whole"]["draws"])
+    for rank in (rank0, rank1):
+        # the same seed, the same stream: the interrupted run's first 2 epochs, then its resumed third
+        assert torch.equal(rank["first"], rank["whole"]["draws"][:8])
+        assert torch.equal(rank["resumed"]["draws"], rank["whole"]["draws"][8:])
+        assert rank["resumed"]["losses"] == pytest.approx(rank["whole"]["losses"][2:], rel=1e-6)
+        _assert_close_params(rank["resumed"]["params"], rank["whole"]["params"])
+    assert rank0["whole"]["losses"] == rank1["whole"]["losses"]
 
 
 def test_user_loop_with_ddp_forward_loss(runs):

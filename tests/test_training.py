@@ -335,6 +335,33 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     assert second.fit(data, max_epochs=4, checkpoints_directory=str(tmp_path / "b"), **RESUME_KW) == []
 
 
+def test_resume_on_more_processes_gives_the_new_ranks_their_own_streams():
+    """A checkpoint saved by one process (or by fewer than resume it): rank 0 continues the saved streams, a rank
+    the checkpoint has not draws its own from them, the same on every resume."""
+    import random
+    import types
+    cpu = torch.device("cpu")
+
+    def draws(rank, state):
+        run = types.SimpleNamespace(group=types.SimpleNamespace(rank=rank), device=cpu)
+        training._restore_rng(run, state)
+        return torch.rand(4), random.random()
+
+    torch.manual_seed(3)
+    saved = {"rng": training._rng_state(cpu)}
+    expected = torch.rand(4)
+    assert torch.equal(draws(0, saved)[0], expected)
+    new_rank = draws(1, saved)
+    assert not torch.equal(new_rank[0], expected) and not torch.equal(new_rank[0], draws(2, saved)[0])
+    assert torch.equal(draws(1, saved)[0], new_rank[0]) and draws(1, saved)[1] == new_rank[1]
+    # saved per rank: each takes its own
+    torch.manual_seed(4)
+    mine = training._rng_state(cpu)
+    own = torch.rand(4)
+    per_rank = {"rng": saved["rng"], "rng_ranks": [saved["rng"], mine]}
+    assert torch.equal(draws(1, per_rank)[0], own) and torch.equal(draws(0, per_rank)[0], expected)
+
+
 def test_kill_9_at_any_moment_leaves_a_directory_that_loads_and_resumes_exactly(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("""
