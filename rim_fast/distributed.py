@@ -2,8 +2,8 @@
 process.
 
 ``launch()`` reads the environment: torchrun's ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` (with ``MASTER_ADDR`` and
-``MASTER_PORT``), else SLURM's ``SLURM_NTASKS``/``SLURM_PROCID``/``SLURM_LOCALID`` (``srun python train.py``): the
-master address is ``MASTER_ADDR`` when set, else the first host of ``SLURM_JOB_NODELIST`` (``SLURM_NODELIST``);
+``MASTER_PORT``), else, in a task srun started (``srun python train.py``; ``srun_task``), SLURM's
+``SLURM_STEP_NUM_TASKS`` (or ``SLURM_NTASKS``)/``SLURM_PROCID``/``SLURM_LOCALID``: the master address is ``MASTER_ADDR`` when set, else the first host of ``SLURM_JOB_NODELIST`` (``SLURM_NODELIST``);
 the port ``MASTER_PORT`` when set, else 15000 + the last four digits of ``SLURM_JOB_ID`` (Lightning's rule, so
 that two jobs sharing a node do not collide). ``setup(rim)`` then forms the group (NCCL for a CUDA RIM, gloo
 otherwise) and, when the RIM's device is left at its default under several processes, moves each process' RIM to
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 _log = logging.getLogger("rim_fast")
 
-__all__ = ["Launch", "Group", "launch", "first_host", "local_device", "setup"]
+__all__ = ["Launch", "Group", "launch", "first_host", "local_device", "setup", "srun_task"]
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,9 @@ def launch(environ: Mapping[str, str] = os.environ) -> Launch:
     if world is not None and world > 1:
         return Launch("torchrun", world, _int(environ, "RANK") or 0, _int(environ, "LOCAL_RANK") or 0,
                       environ.get("MASTER_ADDR"), _int(environ, "MASTER_PORT"))
-    ntasks = _int(environ, "SLURM_NTASKS")
+    ntasks = _int(environ, "SLURM_STEP_NUM_TASKS") or _int(environ, "SLURM_NTASKS")
     procid = _int(environ, "SLURM_PROCID")
-    # an interactive allocation (salloc's shell, srun --pty bash) is not a run of several processes
-    interactive = environ.get("SLURM_JOB_NAME") in ("bash", "interactive")
-    if ntasks is not None and ntasks > 1 and procid is not None and not interactive:
+    if ntasks is not None and ntasks > 1 and procid is not None and srun_task(environ):
         addr = environ.get("MASTER_ADDR")
         nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
         if not addr and nodelist:
@@ -93,6 +91,34 @@ def launch(environ: Mapping[str, str] = os.environ) -> Launch:
             port = 15000 + int(job[-4:])
         return Launch("slurm", ntasks, procid, _int(environ, "SLURM_LOCALID") or 0, addr or None, port)
     return Launch("single")
+
+
+#: step ids above this are SLURM's special steps (batch script, extern, interactive, pending), not srun's
+_LAST_STEP_ID = 0xFFFFFFF0
+
+
+def srun_task(environ: Mapping[str, str]) -> bool:
+    """Whether this process is one of the tasks of an srun step: its step has an id (``SLURM_STEP_ID``, or
+    ``SLURM_STEPID``), which a batch script that runs python itself and salloc's shell have not (both see the
+    job's ``SLURM_NTASKS`` and ``SLURM_PROCID=0``); ``srun --pty bash`` is an interactive shell. (The job's name,
+    Lightning's test of an interactive allocation, names the allocation, not the step: salloc's "interactive"
+    job runs its ``srun -n 4 python train.py`` as four processes.)"""
+    step = environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID")
+    if step is None or not step.strip().isdigit() or int(step) >= _LAST_STEP_ID:
+        return False
+    return "SLURM_PTY_PORT" not in environ
+
+
+def slurm_tasks_without_srun(environ: Mapping[str, str] = os.environ) -> Optional[int]:
+    """The job's ``SLURM_NTASKS`` when it is more than one but this process is not an srun task (``python
+    train.py`` in a batch script of ``--ntasks=4``): it trains alone, which its user may not have meant."""
+    try:
+        ntasks = _int(environ, "SLURM_NTASKS")
+    except ValueError:
+        return None
+    if ntasks is not None and ntasks > 1 and not srun_task(environ) and _int(environ, "WORLD_SIZE") is None:
+        return ntasks
+    return None
 
 
 def local_device(device: torch.device, launch: Launch, cuda_count: int) -> torch.device:
@@ -220,6 +246,10 @@ def setup(rim) -> Group:
             warnings.warn(f"RIM.device is {device} on local rank {found.local_rank}: processes may share one GPU; "
                           f"build the RIM with device=f'cuda:{{local_rank}}' (or leave the device at its default)",
                           RuntimeWarning)
+    if found.source == "single" and slurm_tasks_without_srun() is not None:
+        warnings.warn(f"SLURM_NTASKS={slurm_tasks_without_srun()}, but this process was not started by srun (no "
+                      f"SLURM_STEP_ID): it trains alone; `srun python train.py` starts one process per task",
+                      RuntimeWarning)
     created = False
     if found.source in ("torchrun", "slurm"):
         _init(found, device)

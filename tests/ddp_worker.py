@@ -18,7 +18,7 @@ Scenarios, each saving what the test compares to ``OUT_DIR/<scenario>_rank<r>.pt
   ``torch.autocast("cpu", torch.bfloat16)``, with gradient checkpointing.
 
 Run as ``python tests/ddp_worker.py OUT_DIR --slurm`` in two processes with SLURM's variables (SLURM_NTASKS,
-SLURM_PROCID, SLURM_LOCALID, SLURM_JOB_NODELIST, MASTER_PORT) and no torchrun variables, it saves
+SLURM_STEP_ID, SLURM_PROCID, SLURM_LOCALID, SLURM_JOB_NODELIST, MASTER_PORT) and no torchrun variables, it saves
 ``slurm_rank<r>.pt``:
 
 - ``fit`` forms the process group from SLURM's environment and reads through its DataLoader with

@@ -21,15 +21,52 @@ def test_launch_reads_torchrun_then_slurm():
     torchrun = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}
     assert D.launch(torchrun) == D.Launch("torchrun", 4, 3, 1, "h", 29500)
     slurm = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[12-13]",
-             "SLURM_JOB_ID": "4242137"}
+             "SLURM_JOB_ID": "4242137", "SLURM_STEP_ID": "0"}
     assert D.launch(slurm) == D.Launch("slurm", 8, 5, 1, "gpu12", 15000 + 2137)
     assert D.launch({**slurm, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}).master_addr == "10.0.0.1"
     # torchrun inside a SLURM job: torchrun's processes are the ones that train
     assert D.launch({**slurm, **torchrun}).source == "torchrun"
-    # one task, an interactive allocation, or nothing: one process
+    # one task or nothing: one process
     assert D.launch({**slurm, "SLURM_NTASKS": "1"}).source == "single"
-    assert D.launch({**slurm, "SLURM_JOB_NAME": "bash"}).source == "single"
     assert D.launch({}) == D.Launch("single")
+
+
+def test_slurm_processes_are_the_tasks_of_an_srun_step():
+    """Only srun's tasks form a group: a batch script of --ntasks=8 that runs python itself, salloc's shell (both
+    see SLURM_NTASKS=8 and SLURM_PROCID=0, no step) and ``srun --pty bash`` train as one process; srun inside an
+    allocation named "interactive" (salloc's) starts its tasks as a group, not as processes each rank 0."""
+    job = {"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu[12-13]",
+           "SLURM_JOB_ID": "4242137"}
+    assert D.launch(job).source == "single" and D.slurm_tasks_without_srun(job) == 8
+    for step in ("0", "3", " 12 "):
+        assert D.launch({**job, "SLURM_STEP_ID": step}).source == "slurm"
+    assert D.launch({**job, "SLURM_STEPID": "1"}).source == "slurm"  # the older name
+    step = {**job, "SLURM_STEP_ID": "0"}
+    assert D.launch({**step, "SLURM_JOB_NAME": "interactive"}) == D.Launch("slurm", 8, 0, 0, "gpu12", 17137)
+    assert D.slurm_tasks_without_srun(step) is None
+    # the step's own task count (srun -n 2 in an allocation of 8)
+    assert D.launch({**step, "SLURM_STEP_NUM_TASKS": "2"}).world_size == 2
+    # SLURM's special steps (batch 0xfffffffb, extern, interactive 0xfffffffa) and a pseudo-terminal
+    for special in ("4294967291", "4294967290", "extern", "batch", ""):
+        assert D.launch({**job, "SLURM_STEP_ID": special}).source == "single"
+    assert D.launch({**step, "SLURM_PTY_PORT": "40123"}).source == "single"
+    # torchrun's processes inside a batch script: no warning about srun
+    assert D.slurm_tasks_without_srun({**job, "WORLD_SIZE": "4"}) is None
+    assert D.slurm_tasks_without_srun({**job, "SLURM_NTASKS": "1"}) is None
+
+
+def test_fit_warns_when_a_batch_script_of_several_tasks_runs_python_itself(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_STEP_NUM_TASKS",
+                 "SLURM_PTY_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    torch.manual_seed(0)
+    r = rim_fast.RIM((16,), rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6), score_fn=lambda x, y: y - x,
+                     T=2, device="cpu")
+    data = torch.utils.data.TensorDataset(torch.randn(2, 1, 16), torch.randn(2, 1, 16))
+    with pytest.warns(RuntimeWarning, match=r"SLURM_NTASKS=4, but this process was not started by srun"):
+        assert len(r.fit(data, epochs=1, verbose=-1, loss_curve=False)) == 1
 
 
 def test_each_local_process_takes_its_gpu_when_the_device_is_left_at_its_default():
@@ -88,11 +125,13 @@ def test_the_process_group_waits_as_long_under_nccl_as_under_gloo(monkeypatch):
 @pytest.mark.parametrize("env,message", [
     ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, r"WORLD_SIZE=2 says this is one of several processes, but "
                                                           r"MASTER_ADDR \(or SLURM_JOB_NODELIST\) is not set"),
-    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "localhost"},
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "localhost",
+      "SLURM_STEP_ID": "0"},
      r"SLURM_NTASKS=2 says this is one of several processes, but MASTER_PORT \(or SLURM_JOB_ID\) is not set"),
 ], ids=["torchrun-no-master", "slurm-no-port"])
 def test_several_processes_without_a_group_raise_before_touching_the_directory(tmp_path, monkeypatch, env, message):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_JOB_NAME"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_PTY_PORT",
+                 "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
