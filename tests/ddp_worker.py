@@ -7,6 +7,7 @@ Scenarios, each saving what the test compares to ``OUT_DIR/<scenario>_rank<r>.pt
   call (in the same group) that resumes from it, with shuffle.
 - ``accumulate``: fit with accumulate_grad_batches=2 at per-process batch 1.
 - ``ema_seeds``: fit with an EMA, each rank's RIM built with its own seed (other initial weights).
+- ``compiled``: fit with ``compile=True`` (the RIM's loop compiled by Inductor, inside DDP's eager wrapper).
 - ``score_module``: fit with an ``nn.Module`` holding a parameter as the score function (a RIM submodule that
   gets no gradient).
 - ``unequal``: a DataLoader of the user's whose sampler gives the ranks 3 and 2 batches per epoch.
@@ -172,6 +173,10 @@ def main(out):
     rim = build(seed=rank)  # every rank its own initial weights; DDP starts them all from rank 0's
     losses = rim.fit(dataset, epochs=2, batch_size=2, learning_rate=1e-3, ema_decay=0.9, verbose=-1)
     torch.save({"losses": losses, "params": params(rim)}, os.path.join(out, f"ema_seeds_rank{rank}.pt"))
+
+    rim = build()
+    losses = rim.fit(dataset, epochs=2, batch_size=2, learning_rate=1e-3, compile=True, verbose=-1)
+    torch.save({"losses": losses, "params": params(rim)}, os.path.join(out, f"compiled_rank{rank}.pt"))
 
     rim = build(score_fn=ScoreModule())
     losses = rim.fit(dataset, epochs=2, batch_size=2, learning_rate=1e-3, verbose=-1)

@@ -36,7 +36,7 @@ def runs(tmp_path_factory):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {}
-    for scenario in ("fit", "accumulate", "ema_seeds", "score_module", "unequal", "streams", "user_loss",
+    for scenario in ("fit", "accumulate", "ema_seeds", "compiled", "score_module", "unequal", "streams", "user_loss",
                      "user_trajectory_bf16"):
         results[scenario] = [torch.load(os.path.join(out, f"{scenario}_rank{r}.pt")) for r in (0, 1)]
     results["dir"] = os.path.join(out, "run")
@@ -79,6 +79,15 @@ def test_fit_with_an_ema_from_ranks_built_with_other_seeds(runs):
     _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
     single = W.build(seed=0)
     losses = single.fit(_dataset(), epochs=2, batch_size=4, learning_rate=1e-3, ema_decay=0.9, verbose=-1)
+    assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
+    _assert_close_params(W.params(single), rank0["params"])
+
+
+def test_fit_compiled_under_ddp_matches_one_process_at_twice_the_batch(runs):
+    rank0, rank1 = runs["compiled"]
+    _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
+    single = W.build()
+    losses = single.fit(_dataset(), epochs=2, batch_size=4, learning_rate=1e-3, verbose=-1)
     assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
     _assert_close_params(W.params(single), rank0["params"])
 
