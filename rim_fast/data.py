@@ -205,8 +205,8 @@ def fresh_iter(loader):
 
 
 def to_device(value, device: torch.device, non_blocking: bool):
-    """A batch element on the RIM's device (``non_blocking`` only for pinned batches: an asynchronous copy from
-    pageable memory could be overwritten before it completes)."""
+    """A batch element on the RIM's device (``non_blocking`` only for pinned batches: from pageable memory CUDA
+    stages the copy through a pinned buffer before returning, so it would overlap nothing)."""
     return value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
 
 
