@@ -60,6 +60,16 @@ def _assert_close_params(a, b, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def _assert_trains_like_one_process_at_batch_4(ranks, single, **fit_kw):
+    """Both ranks end with the same weights, and with the losses and weights of ``single`` trained in one process
+    at batch 4 over the same samples."""
+    rank0, rank1 = ranks
+    _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
+    losses = single.fit(_dataset(), epochs=2, batch_size=4, learning_rate=1e-3, verbose=-1, **fit_kw)
+    assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
+    _assert_close_params(W.params(single), rank0["params"])
+
+
 def test_fit_ranks_agree_and_match_one_process_at_twice_the_batch(runs):
     rank0, rank1 = runs["fit"]
     _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
@@ -75,32 +85,17 @@ def test_fit_ranks_agree_and_match_one_process_at_twice_the_batch(runs):
 def test_fit_with_an_ema_from_ranks_built_with_other_seeds(runs):
     """DDP starts every rank from rank 0's weights, and the EMA's shadows follow: every rank ends with the same
     (EMA) weights, those of one process from rank 0's initial weights at twice the batch."""
-    rank0, rank1 = runs["ema_seeds"]
-    _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
-    single = W.build(seed=0)
-    losses = single.fit(_dataset(), epochs=2, batch_size=4, learning_rate=1e-3, ema_decay=0.9, verbose=-1)
-    assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
-    _assert_close_params(W.params(single), rank0["params"])
+    _assert_trains_like_one_process_at_batch_4(runs["ema_seeds"], W.build(seed=0), ema_decay=0.9)
 
 
 def test_fit_compiled_under_ddp_matches_one_process_at_twice_the_batch(runs):
-    rank0, rank1 = runs["compiled"]
-    _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
-    single = W.build()
-    losses = single.fit(_dataset(), epochs=2, batch_size=4, learning_rate=1e-3, verbose=-1)
-    assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
-    _assert_close_params(W.params(single), rank0["params"])
+    _assert_trains_like_one_process_at_batch_4(runs["compiled"], W.build())
 
 
 def test_fit_with_a_score_module_holding_a_parameter(runs):
     """A score function that is an nn.Module with a parameter is a RIM submodule without gradients: DDP ignores it
     (else it waits for its gradient and fails at the second step); the network trains as in one process."""
-    rank0, rank1 = runs["score_module"]
-    _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
-    single = W.build(score_fn=W.ScoreModule())
-    losses = single.fit(_dataset(), epochs=2, batch_size=4, learning_rate=1e-3, verbose=-1)
-    assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
-    _assert_close_params(W.params(single), rank0["params"])
+    _assert_trains_like_one_process_at_batch_4(runs["score_module"], W.build(score_fn=W.ScoreModule()))
 
 
 def test_fit_rank_zero_writes_and_both_resume(runs):
@@ -123,13 +118,8 @@ def test_fit_rank_zero_writes_and_both_resume(runs):
 
 
 def test_fit_accumulation_under_ddp_matches_one_process(runs):
-    rank0, rank1 = runs["accumulate"]
-    _assert_params_equal_across_ranks(rank0["params"], rank1["params"])
     # 2 processes x batch 1 x 2 accumulated batches = one process at batch 4
-    single = W.build()
-    losses = single.fit(_dataset(), epochs=2, batch_size=4, learning_rate=1e-3, verbose=-1)
-    assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
-    _assert_close_params(W.params(single), rank0["params"])
+    _assert_trains_like_one_process_at_batch_4(runs["accumulate"], W.build())
 
 
 def test_fit_takes_the_same_number_of_steps_on_ranks_with_unequal_shards(runs):
