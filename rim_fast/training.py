@@ -1000,8 +1000,10 @@ def _checkpoint(run: _Run, epoch: int, cost: float, val: dict, state, last: bool
         train_state = {
             "format": TRAINSTATE_FORMAT, "epoch": epoch + 1, "step": run.step, "best_loss": run.best_loss,
             "monitor": config.monitored, "best": run.best, "patience": run.patience, "losses": run.history,
-            "sampler_seed": run.sampler_seed, "world_size": run.group.world, "rng": rng[0], **({"rng_ranks": rng} if run.group.on else {}),
+            "sampler_seed": run.sampler_seed, "world_size": run.group.world, "rng": rng[0],
             "optimizer_class": type(run.optimizer).__name__, "config": config.to_dict(), "metrics": values}
+        if run.group.on:
+            train_state["rng_ranks"] = rng
         run.latest_good = _save(run, index, cost, train_state, values)
         state.checkpoint = index
         run.loggers("on_checkpoint", state, run.latest_good)
