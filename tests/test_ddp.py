@@ -179,7 +179,8 @@ def slurm_runs(tmp_path_factory):
     base = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("SLURM_")}
     # as srun's tasks see them (SLURM_STEP_ID: a step's tasks, not a batch script of --ntasks=2)
     base.update(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_STEP_ID="0", SLURM_JOB_NODELIST="localhost",
-                MASTER_PORT=str(_free_port()), PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+                MASTER_PORT=str(_free_port()),
+                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_worker.py"), out, "--slurm"],
                               env=dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
