@@ -4,8 +4,9 @@ process.
 ``launch()`` reads the environment: torchrun's ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` (with ``MASTER_ADDR`` and
 ``MASTER_PORT``), else, in a task srun started (``srun python train.py``; ``srun_task``), SLURM's
 ``SLURM_STEP_NUM_TASKS`` (or ``SLURM_NTASKS``)/``SLURM_PROCID``/``SLURM_LOCALID``: the master address is
-``MASTER_ADDR`` when set, else the first host of ``SLURM_JOB_NODELIST`` (``SLURM_NODELIST``); the port ``MASTER_PORT`` when set, else 15000 + the last four digits of ``SLURM_JOB_ID`` (Lightning's rule, so
-that two jobs sharing a node do not collide). ``setup(rim)`` then forms the group (NCCL for a CUDA RIM, gloo
+``MASTER_ADDR`` when set, else the first host of ``SLURM_JOB_NODELIST`` (``SLURM_NODELIST``); the port
+``MASTER_PORT`` when set, else 15000 + the last four digits of ``SLURM_JOB_ID`` (Lightning's rule, so that two jobs
+sharing a node do not collide). ``setup(rim)`` then forms the group (NCCL for a CUDA RIM, gloo
 otherwise) and, when the RIM's device is left at its default under several processes, moves each process' RIM to
 ``cuda:LOCAL_RANK``. When several processes are detected but no group can be formed, it raises: never several
 processes each training, and writing one checkpoints directory, as rank 0.
