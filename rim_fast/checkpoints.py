@@ -19,7 +19,6 @@ import json
 import os
 import re
 import tempfile
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -29,7 +28,7 @@ from torch.nn import Module
 from .architectures import ARCHITECTURES
 from .definitions import DEVICE
 from .metrics import MONITORS
-from .validation import choice
+from .validation import choice, warn
 
 _INDEX = re.compile(r"[0-9]+")
 _SCORE = re.compile(r"([0-9]{1}.[0-9]+e[+-][0-9]{2})")
@@ -228,7 +227,7 @@ def load_architecture(checkpoints_directory, model: Union[str, Module] = None, d
         try:
             state = load_file(files.model, map_location=device)
         except RuntimeError as e:
-            warnings.warn(f"{e}; trying the previous checkpoint", RuntimeWarning)
+            warn(f"{e}; trying the previous checkpoint")
             continue
         model.load_state_dict(state)
         break

@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import ops
+from .validation import warn
 
 Tensor = torch.Tensor
 
@@ -461,10 +462,10 @@ class GraphCache:
                 if family in self._warned_families:
                     return fn(*inputs)
                 self._warned_families.add(family)
-                warnings.warn(f"rim_fast: {self.max_values} CUDA graphs were recorded for calls that differ only in "
-                              f"the values of Python numbers (arguments or the RIM's settings); calls with new values "
-                              f"run eagerly. Pass a number that changes as a 0-dim tensor: it is copied into the graph "
-                              f"at each call", RuntimeWarning, stacklevel=3)
+                warn(f"rim_fast: {self.max_values} CUDA graphs were recorded for calls that differ only in "
+                     f"the values of Python numbers (arguments or the RIM's settings); calls with new values "
+                     f"run eagerly. Pass a number that changes as a 0-dim tensor: it is copied into the graph "
+                     f"at each call")
                 return fn(*inputs)
             entry = self._record(key, fn, inputs, tuple(variants))
             if entry is _EAGER:
@@ -500,10 +501,9 @@ class GraphCache:
         try:
             graph, out = self._capture(fn, static, variants[0] if variants else None)
         except Exception as err:  # noqa: BLE001 - whatever breaks a capture, the call runs eagerly
-            warnings.warn(f"rim_fast: this call cannot be recorded into a CUDA graph ({type(err).__name__}: {err}); "
-                          f"calls with the same signature run eagerly (a score function that synchronises with "
-                          f"the host, e.g. .item(), or allocates on the CPU cannot be captured)",
-                          RuntimeWarning, stacklevel=4)
+            warn(f"rim_fast: this call cannot be recorded into a CUDA graph ({type(err).__name__}: {err}); "
+                 f"calls with the same signature run eagerly (a score function that synchronises with "
+                 f"the host, e.g. .item(), or allocates on the CPU cannot be captured)")
             self._store(key, _EAGER)
             return _EAGER
         self.captures += 1
@@ -616,8 +616,8 @@ class TrainStepGraph:
                     tensor.grad = grad
         except Exception as err:  # noqa: BLE001 - whatever breaks a capture, the steps run eagerly
             self.reason = f"{type(err).__name__}: {err}"
-            warnings.warn(f"rim_fast: the training step cannot be recorded into a CUDA graph ({self.reason}); it runs "
-                          f"eagerly", RuntimeWarning, stacklevel=3)
+            warn(f"rim_fast: the training step cannot be recorded into a CUDA graph ({self.reason}); it runs "
+                 f"eagerly")
             self.eager = True
             entry = None
         finally:

@@ -11,13 +11,13 @@ its dataset with its batch size, workers (and their start method), collate_fn an
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .fit_config import FitConfig
+from .validation import warn
 
 _log = logging.getLogger("rim_fast")
 
@@ -108,10 +108,9 @@ def _check_user_loader(loader: DataLoader, config: FitConfig, group, name: str) 
         raise ValueError(f"batch_size={config.batch_size} but the DataLoader given as {name} has batch_size="
                          f"{loader.batch_size}; with a DataLoader, fit takes its batches (leave batch_size out)")
     if config.accumulate_grad_batches > 1 and loader.batch_size is None:
-        warnings.warn(f"accumulate_grad_batches={config.accumulate_grad_batches} with a DataLoader ({name}) that has "
-                      f"no fixed batch_size (a batch_sampler): each batch's mean loss counts equally in the accumulated "
-                      f"step, which equals one larger batch only when the batches have equal sizes", RuntimeWarning,
-                      stacklevel=4)
+        warn(f"accumulate_grad_batches={config.accumulate_grad_batches} with a DataLoader ({name}) that has "
+             f"no fixed batch_size (a batch_sampler): each batch's mean loss counts equally in the accumulated "
+             f"step, which equals one larger batch only when the batches have equal sizes")
     if group.on:
         sampler = per_process_sampler(loader)
         if sampler is None:
@@ -234,7 +233,7 @@ def check_batch_finite(y, x_true, mode: str, given, index: int) -> None:
             message = (f"{part} of batch {index} contains NaN or inf (fit's check_finite={given!r}; "
                        f"check_finite=False trains on it anyway)")
             if mode == "warn":
-                warnings.warn(message, RuntimeWarning, stacklevel=4)
+                warn(message)
             else:
                 raise ValueError(message)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Mapping, Optional
@@ -24,9 +23,11 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from .validation import warn
+
 _log = logging.getLogger("rim_fast")
 
-__all__ = ["Launch", "Group", "launch", "first_host", "local_device", "setup", "srun_task"]
+__all__ = ["Launch", "Group", "launch", "first_host", "local_device", "setup", "srun_task", "slurm_tasks_without_srun"]
 
 
 @dataclass(frozen=True)
@@ -94,20 +95,19 @@ def launch(environ: Mapping[str, str] = os.environ) -> Launch:
     return Launch("single")
 
 
-#: step ids above this are SLURM's special steps (batch script, extern, interactive, pending), not srun's
+#: step ids from this one up are SLURM's special steps (batch script, extern, interactive, pending), not srun's
 _LAST_STEP_ID = 0xFFFFFFF0
 
 
 def srun_task(environ: Mapping[str, str]) -> bool:
     """Whether this process is one of the tasks of an srun step: its step has an id (``SLURM_STEP_ID``, or
-    ``SLURM_STEPID``), which a batch script that runs python itself and salloc's shell have not (both see the
-    job's ``SLURM_NTASKS`` and ``SLURM_PROCID=0``); ``srun --pty bash`` is an interactive shell. (The job's name,
-    Lightning's test of an interactive allocation, names the allocation, not the step: salloc's "interactive"
-    job runs its ``srun -n 4 python train.py`` as four processes.)"""
+    ``SLURM_STEPID``), which a batch script that runs python itself has not (it sees the job's ``SLURM_NTASKS``
+    and ``SLURM_PROCID=0``), nor salloc's shell (or it has a special one: an interactive step). ``srun --pty
+    bash`` is a step of one task. (The job's name, Lightning's test of an interactive allocation, names the
+    allocation, not the step: ``srun -n 4 python train.py`` in salloc's "interactive" job starts four processes
+    that form one group.)"""
     step = environ.get("SLURM_STEP_ID") or environ.get("SLURM_STEPID")
-    if step is None or not step.strip().isdigit() or int(step) >= _LAST_STEP_ID:
-        return False
-    return "SLURM_PTY_PORT" not in environ
+    return step is not None and step.strip().isdigit() and int(step) < _LAST_STEP_ID
 
 
 def slurm_tasks_without_srun(environ: Mapping[str, str] = os.environ) -> Optional[int]:
@@ -193,7 +193,8 @@ TIMEOUT = timedelta(minutes=30)
 
 def _init(launch: Launch, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
-    where = {"torchrun": "torchrun's WORLD_SIZE", "slurm": "SLURM_NTASKS"}[launch.source]
+    where = ("torchrun's WORLD_SIZE" if launch.source == "torchrun"
+             else "SLURM_STEP_NUM_TASKS" if os.environ.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS")
     if not dist.is_available():
         raise RuntimeError(f"{where}={launch.world_size} says this is one of several processes, but this torch has "
                            f"no torch.distributed: training would run {launch.world_size} times as rank 0")
@@ -244,13 +245,11 @@ def setup(rim) -> Group:
             device = rim.device = chosen
         elif (device.type == "cuda" and device.index is not None and device.index != found.local_rank
               and torch.cuda.device_count() > 1):
-            warnings.warn(f"RIM.device is {device} on local rank {found.local_rank}: processes may share one GPU; "
-                          f"build the RIM with device=f'cuda:{{local_rank}}' (or leave the device at its default)",
-                          RuntimeWarning)
+            warn(f"RIM.device is {device} on local rank {found.local_rank}: processes may share one GPU; "
+                 f"build the RIM with device=f'cuda:{{local_rank}}' (or leave the device at its default)")
     if found.source == "single" and slurm_tasks_without_srun() is not None:
-        warnings.warn(f"SLURM_NTASKS={slurm_tasks_without_srun()}, but this process was not started by srun (no "
-                      f"SLURM_STEP_ID): it trains alone; `srun python train.py` starts one process per task",
-                      RuntimeWarning)
+        warn(f"SLURM_NTASKS={slurm_tasks_without_srun()}, but this process was not started by srun (no "
+             f"SLURM_STEP_ID): it trains alone; `srun python train.py` starts one process per task")
     created = False
     if found.source in ("torchrun", "slurm"):
         _init(found, device)

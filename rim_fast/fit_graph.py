@@ -20,13 +20,13 @@ lets a checkpoint of a run with graphs resume without them, and the other way ro
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 
 from .cuda_graphs import LR_FLOOR, TrainStepGraph, ema_decay, ema_update
 from .utils import NullEMA
+from .validation import warn as _warn
 
 __all__ = ["blocker", "optimizer_blocker", "capturable_optimizer", "warn", "training_state", "build", "before_step",
            "floor_lrs", "optimizer_form", "restore_optimizer_form"]
@@ -72,7 +72,7 @@ def optimizer_blocker(optimizer) -> Optional[str]:
 
 
 def warn(why: str) -> None:
-    warnings.warn(f"fit(cuda_graphs=True): {why}; training runs eagerly", RuntimeWarning, stacklevel=4)
+    _warn(f"fit(cuda_graphs=True): {why}; training runs eagerly")
 
 
 def training_state(rim, optimizer, ema=None) -> list:

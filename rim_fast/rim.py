@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -19,7 +18,7 @@ from .compat import Compat, CompatLike, resolve
 from .cuda_graphs import CudaRecorder, GraphCache, Identity, Variant, signature
 from .definitions import DEVICE
 from .layers import derived
-from .validation import as_device, choice, flag, function, integer, integers, same_device, tensor
+from .validation import as_device, choice, flag, function, integer, integers, same_device, tensor, warn
 
 _INITIALIZATIONS = ("zeros", "approximate_inverse", "model")
 _DEFAULTS = {"T": 10, "score_preprocessing_method": "Identity", "initialization_method": "zeros",
@@ -447,7 +446,7 @@ class RIM(nn.Module):
                 message = (f"{name} contains NaN or inf (check_finite={self.check_finite!r}; "
                            f"check_finite=False skips this check)")
                 if self.check_finite == "warn":
-                    warnings.warn(message, RuntimeWarning, stacklevel=4)
+                    warn(message)
                 else:
                     raise ValueError(message)
 

@@ -66,6 +66,7 @@ from . import loggers as fit_loggers
 from . import metrics as fit_metrics
 from .fit_config import FitConfig, ON_NAN, PRECISIONS
 from .utils import NullEMA
+from .validation import warn
 
 __all__ = ["fit", "train", "train_step", "FitConfig", "write_loss_curve", "PRECISIONS", "ON_NAN"]
 
@@ -444,8 +445,8 @@ def _make_optimizer(rim, config: FitConfig, graphs: bool):
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer: the callable must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if config.learning_rate != 1e-4:
-        warnings.warn(f"learning_rate={config.learning_rate} is unused: the optimizer callable sets the learning rate "
-                      f"({optimizer.param_groups[0]['lr']})", RuntimeWarning, stacklevel=5)
+        warn(f"learning_rate={config.learning_rate} is unused: the optimizer callable sets the learning rate "
+             f"({optimizer.param_groups[0]['lr']})")
     return optimizer
 
 
@@ -549,7 +550,7 @@ def _resume(run: _Run) -> None:
         except RuntimeError as e:
             if config.model_checkpoint is not None:
                 raise
-            warnings.warn(f"{e}; trying the previous checkpoint", RuntimeWarning)
+            warn(f"{e}; trying the previous checkpoint")
             continue
         _check_optimizer_kind(run, files, train_state)
         try:
@@ -645,13 +646,17 @@ def _common_length(run: _Run, n: int) -> int:
     must take the same number of steps; a DataLoader of the user's may give the processes unequal shards (fit's
     own DistributedSampler evens them)."""
     counts = run.group.gather(n)
+    empty = [rank for rank, count in enumerate(counts) if count == 0]
+    if empty:
+        raise ValueError("dataset: the DataLoader gives no batch" + (
+            f" on rank {', '.join(map(str, empty))} of {len(counts)}" if len(counts) > 1 else ""))
     if len(set(counts)) > 1:
         n = min(counts)
         if run.main:
-            warnings.warn(f"dataset: the processes' DataLoaders give {', '.join(map(str, counts))} batches per epoch "
-                          f"(rank order); each process takes {n} per epoch, as DDP needs the same number of steps on "
-                          f"every process, and the others' last batches are left out (n_iterations_in_epoch sets the "
-                          f"number: a shorter loader starts again)", RuntimeWarning, stacklevel=5)
+            warn(f"dataset: the processes' DataLoaders give {', '.join(map(str, counts))} batches per epoch "
+                 f"(rank order); each process takes {n} per epoch, as DDP needs the same number of steps on "
+                 f"every process, and the others' last batches are left out (n_iterations_in_epoch sets the "
+                 f"number: a shorter loader starts again)")
     return n
 
 
@@ -772,8 +777,8 @@ def _train_epoch(run: _Run, epoch: int, progress: _Progress) -> dict:
     totals = run.group.sum(totals).tolist()
     seconds = time.time() - start
     if totals[3] > 0 and run.main:
-        warnings.warn(f"epoch {epoch + 1}: skipped {int(totals[3])} optimizer step(s) with a non-finite loss "
-                      f"(on_nan='skip')", RuntimeWarning)
+        warn(f"epoch {epoch + 1}: skipped {int(totals[3])} optimizer step(s) with a non-finite loss "
+             f"(on_nan='skip')")
     return {"cost": totals[0] / totals[1] if totals[1] > 0 else float("nan"), "out_of_time": totals[2] > 0,
             "seconds": seconds, "steps_per_second": run.n_iterations / max(seconds, 1e-9),
             "learning_rate": learning_rate,
@@ -881,7 +886,7 @@ def _stop_on_nan(run: _Run, epoch: int, train: dict) -> None:
         message += f"; weights reloaded from the last good checkpoint {os.path.basename(run.latest_good.model)}"
     else:
         message += "; no checkpoint to go back to: the network holds the diverged weights"
-    warnings.warn(message, RuntimeWarning)
+    warn(message)
     state = _state(run, epoch, train, {}, None, False, train["seconds"])
     run.loggers("on_epoch_end", state)
     run.last_state = state

@@ -8,9 +8,25 @@ checks read Python values and tensor metadata only: no host sync, nothing that b
 from __future__ import annotations
 
 import numbers
+import os
+import sys
+import warnings
 from typing import Any, Iterable, Optional
 
 import torch
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_MODULE_CALL = os.path.join("torch", "nn", "modules", "module.py")
+
+
+def warn(message: str, category=RuntimeWarning) -> None:
+    """``warnings.warn`` at the user's line: the first frame outside rim_fast (and torch's ``nn.Module.__call__``),
+    however deep in fit or the RIM the condition was found (Python 3.12's ``skip_file_prefixes``, for 3.10 on)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                 or frame.f_code.co_filename.endswith(_MODULE_CALL)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
 
 
 def _prefix(owner: Optional[str]) -> str:

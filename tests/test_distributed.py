@@ -32,8 +32,8 @@ def test_launch_reads_torchrun_then_slurm():
 
 
 def test_slurm_processes_are_the_tasks_of_an_srun_step():
-    """Only srun's tasks form a group: a batch script of --ntasks=8 that runs python itself, salloc's shell (both
-    see SLURM_NTASKS=8 and SLURM_PROCID=0, no step) and ``srun --pty bash`` train as one process; srun inside an
+    """Only srun's tasks form a group: a batch script of --ntasks=8 that runs python itself (SLURM_NTASKS=8 and
+    SLURM_PROCID=0, no step), salloc's shell and ``srun --pty bash`` train as one process; srun inside an
     allocation named "interactive" (salloc's) starts its tasks as a group, not as processes each rank 0."""
     job = {"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "gpu[12-13]",
            "SLURM_JOB_ID": "4242137"}
@@ -46,10 +46,12 @@ def test_slurm_processes_are_the_tasks_of_an_srun_step():
     assert D.slurm_tasks_without_srun(step) is None
     # the step's own task count (srun -n 2 in an allocation of 8)
     assert D.launch({**step, "SLURM_STEP_NUM_TASKS": "2"}).world_size == 2
-    # SLURM's special steps (batch 0xfffffffb, extern, interactive 0xfffffffa) and a pseudo-terminal
+    # SLURM's special steps (batch 0xfffffffb, extern, interactive 0xfffffffa)
     for special in ("4294967291", "4294967290", "extern", "batch", ""):
         assert D.launch({**job, "SLURM_STEP_ID": special}).source == "single"
-    assert D.launch({**step, "SLURM_PTY_PORT": "40123"}).source == "single"
+    # srun --pty bash: a step of one task; srun in it starts a step of its own (its tasks inherit SLURM_PTY_PORT)
+    assert D.launch({**step, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PTY_PORT": "40123"}).source == "single"
+    assert D.launch({**step, "SLURM_STEP_NUM_TASKS": "4", "SLURM_PTY_PORT": "40123"}).world_size == 4
     # torchrun's processes inside a batch script: no warning about srun
     assert D.slurm_tasks_without_srun({**job, "WORLD_SIZE": "4"}) is None
     assert D.slurm_tasks_without_srun({**job, "SLURM_NTASKS": "1"}) is None

@@ -798,6 +798,26 @@ def test_deblur_run_with_validation_keeps_the_best_checkpoints_by_val_psnr(tmp_p
     assert torch.load(best.trainstate)["config"] == saved
 
 
+def test_an_empty_dataloader_is_refused():
+    _, _, data = _data(8)
+    with pytest.raises(ValueError, match="dataset: the DataLoader gives no batch$"):
+        _rim().fit(torch.utils.data.DataLoader(data, batch_size=10, drop_last=True), epochs=1, verbose=-1)
+
+
+def test_fits_warnings_point_at_the_users_line():
+    """However deep in fit a warning is raised, it names the caller's file and line (not rim.py's RIM.fit)."""
+    _, _, data = _data(4)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=[[0, 1], [2, 3]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        _rim().fit(loader, epochs=1, accumulate_grad_batches=2, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                   learning_rate=0.5, verbose=-1)
+    ours = [w for w in caught if "accumulate_grad_batches=2" in str(w.message) or "is unused" in str(w.message)]
+    assert len(ours) == 2
+    assert all((w.filename, w.lineno) == (__file__, line) for w in ours), [(w.filename, w.lineno) for w in ours]
+
+
 def test_your_dataloader_and_fits_workers_train_alike(one_thread):
     """fit(DataLoader) = fit(dataset) at the same batches; num_workers=2 (persistent) = num_workers=0 with a
     shuffled, seeded order; set_epoch is called on a sampler that has it; batches are not pinned on the CPU."""
