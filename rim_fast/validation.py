@@ -4,6 +4,7 @@ Each raises a ValueError (a TypeError where the kind of object is wrong) whose m
 what was expected and shows what was given: ``"T must be an int >= 1, got 0"``. ``owner`` prefixes the message
 with the class that owns the argument (``"GRUBlock: kernel_size ..."``) where the name alone is ambiguous. The
 checks read Python values and tensor metadata only: no host sync, nothing that breaks a torch.compile graph.
+``warn`` is the package's warning, shown at the user's line.
 """
 from __future__ import annotations
 
