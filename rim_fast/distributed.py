@@ -27,7 +27,8 @@ from .validation import warn
 
 _log = logging.getLogger("rim_fast")
 
-__all__ = ["Launch", "Group", "launch", "first_host", "local_device", "setup", "srun_task", "slurm_tasks_without_srun"]
+__all__ = ["Launch", "Group", "launch", "first_host", "local_device", "setup", "srun_task",
+           "slurm_tasks_without_srun"]
 
 
 @dataclass(frozen=True)
@@ -248,8 +249,9 @@ def setup(rim) -> Group:
             warn(f"RIM.device is {device} on local rank {found.local_rank}: processes may share one GPU; "
                  f"build the RIM with device=f'cuda:{{local_rank}}' (or leave the device at its default)")
     if found.source == "single" and slurm_tasks_without_srun() is not None:
-        warn(f"SLURM_NTASKS={slurm_tasks_without_srun()}, but this process was not started by srun (no "
-             f"SLURM_STEP_ID): it trains alone; `srun python train.py` starts one process per task")
+        warn(f"SLURM_NTASKS={slurm_tasks_without_srun()}, but this process is not a task of an srun step "
+             f"(SLURM_STEP_ID unset or special): it trains alone; `srun python train.py` starts one process per "
+             f"task")
     created = False
     if found.source in ("torchrun", "slurm"):
         _init(found, device)

@@ -67,7 +67,7 @@ def test_fit_warns_when_a_batch_script_of_several_tasks_runs_python_itself(monke
     r = rim_fast.RIM((16,), rim_fast.Hourglass(1, dimensions=1, nf=4, hidden_units=6), score_fn=lambda x, y: y - x,
                      T=2, device="cpu")
     data = torch.utils.data.TensorDataset(torch.randn(2, 1, 16), torch.randn(2, 1, 16))
-    with pytest.warns(RuntimeWarning, match=r"SLURM_NTASKS=4, but this process was not started by srun"):
+    with pytest.warns(RuntimeWarning, match=r"SLURM_NTASKS=4, but this process is not a task of an srun step"):
         assert len(r.fit(data, epochs=1, verbose=-1, loss_curve=False)) == 1
 
 
