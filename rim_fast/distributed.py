@@ -114,10 +114,7 @@ def srun_task(environ: Mapping[str, str]) -> bool:
 def slurm_tasks_without_srun(environ: Mapping[str, str] = os.environ) -> Optional[int]:
     """The job's ``SLURM_NTASKS`` when it is more than one but this process is not an srun task (``python
     train.py`` in a batch script of ``--ntasks=4``): it trains alone, which its user may not have meant."""
-    try:
-        ntasks = _int(environ, "SLURM_NTASKS")
-    except ValueError:
-        return None
+    ntasks = _int(environ, "SLURM_NTASKS")
     if ntasks is not None and ntasks > 1 and not srun_task(environ) and _int(environ, "WORLD_SIZE") is None:
         return ntasks
     return None
@@ -248,8 +245,9 @@ def setup(rim) -> Group:
               and torch.cuda.device_count() > 1):
             warn(f"RIM.device is {device} on local rank {found.local_rank}: processes may share one GPU; "
                  f"build the RIM with device=f'cuda:{{local_rank}}' (or leave the device at its default)")
-    if found.source == "single" and slurm_tasks_without_srun() is not None:
-        warn(f"SLURM_NTASKS={slurm_tasks_without_srun()}, but this process is not a task of an srun step "
+    alone = slurm_tasks_without_srun() if found.source == "single" else None
+    if alone is not None:
+        warn(f"SLURM_NTASKS={alone}, but this process is not a task of an srun step "
              f"(SLURM_STEP_ID unset or special): it trains alone; `srun python train.py` starts one process per "
              f"task")
     created = False

@@ -166,8 +166,10 @@ def fit(rim, dataset, epochs=100, learning_rate=1e-4, scheduler=None, batch_size
 def _check_precision(precision: str, device: torch.device) -> None:
     """bfloat16 needs a GPU that computes in it (compute capability 8.0 on: A100, H100, ...); on older ones torch
     emulates it (``torch.cuda.is_bf16_supported()`` says yes), far slower than float32."""
-    if precision == "bf16-mixed" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        major, minor = torch.cuda.get_device_capability(device)
+    if precision != "bf16-mixed" or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
         raise ValueError(f"precision='bf16-mixed' needs a GPU that computes in bfloat16 (compute capability 8.0 or "
                          f"later); {device} has {major}.{minor}, where it is emulated (precision='16-mixed' runs "
                          f"float16 with a GradScaler)")
